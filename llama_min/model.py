@@ -1,0 +1,315 @@
+"""The Llama transformer, exactly as Meta's reference computes it, in one file.
+
+Read top to bottom:
+  ModelArgs              the hyper-parameters (Meta's params.json fields, plus what HF/GGUF files add)
+  RMSNorm                root-mean-square layer norm
+  precompute_freqs_cis   rotary position embeddings (RoPE) as unit complex numbers, + Llama 3.1 scaling
+  apply_rotary_emb       rotate each adjacent pair of q/k features by its position's angle
+  repeat_kv              grouped-query attention: share each key/value head among H/K query heads
+  Attention              causal self-attention with an optional KV cache for generation
+  FeedForward            the SwiGLU MLP
+  TransformerBlock       pre-norm residual block: x + attn(norm(x)), then h + ffn(norm(h))
+  Transformer            embeddings -> blocks -> norm -> output projection, float32 logits
+
+Shapes: B batch, T tokens in this step, D model dim, H query heads, K key/value heads,
+hd head dim, S cached positions, V vocab. No biases anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None = n_heads (plain multi-head attention)
+    vocab_size: int = -1  # -1 = take it from the tokenizer / the embedding tensor
+    multiple_of: int = 256  # FFN hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None
+    hidden_dim: Optional[int] = None  # explicit FFN size (HF intermediate_size, GGUF); overrides the rule
+    head_dim: Optional[int] = None  # None = dim // n_heads; some models set it explicitly
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    use_scaled_rope: bool = False  # Llama 3.1+ frequency scaling
+    rope_scaling_factor: float = 8.0  # 8 for Llama 3.1/3.3, 32 for Llama 3.2 1B/3B
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_pos: int = 8192
+    rope_freq_divisors: Optional[list] = None  # GGUF `rope_freqs`: theta_i /= divisors[i]
+    tie_word_embeddings: bool = False  # output projection shares the embedding matrix
+    max_seq_len: int = 2048
+
+    @classmethod
+    def from_dict(cls, params: dict) -> "ModelArgs":
+        """Build from a params.json dict; nested {"model": {...}} is accepted, unknown keys are ignored."""
+        if isinstance(params.get("model"), dict):
+            params = params["model"]
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in params.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.dim // self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        """F from Meta's rule: int(2*4d/3), times ffn_dim_multiplier, rounded up to multiple_of."""
+        if self.hidden_dim is not None:
+            return self.hidden_dim
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, normalised in float32, cast back before the weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.type_as(x) * self.weight
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embeddings (RoPE)
+#
+# Split each head vector (hd features) into hd/2 adjacent pairs (x[2i], x[2i+1]) and read pair i
+# as one complex number z_i = x[2i] + j*x[2i+1]. At position m, RoPE rotates it:
+#     z_i  ->  z_i * exp(j * m * theta_i),        theta_i = base^(-2i/hd)
+# Rotation keeps lengths, and for a query at m and a key at n
+#     Re<q_m, k_n> = sum_i Re( q_i conj(k_i) exp(j (m - n) theta_i) )
+# depends on the positions only through m - n: attention sees relative distance.
+# theta_0 = 1 rad per token (pair 0 spins fast, resolving nearby tokens); the last pair turns
+# ~base^-1 per token (wavelength ~2*pi*base tokens), so it still tells far-apart positions apart.
+# exp(j*m*theta_i) is the same for every layer and head, so it is computed once: `freqs_cis`.
+# ---------------------------------------------------------------------------------------------
+
+
+def llama3_scale_frequencies(
+    freqs: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float, original_max_pos: int
+) -> torch.Tensor:
+    """Llama 3.1 long-context scaling of theta_i, judged by each pair's wavelength w_i = 2*pi/theta_i.
+
+    Short wavelengths (w < orig/high) are kept; long ones (w > orig/low) are slowed by `factor`;
+    in between, blend: s = (orig/w - low) / (high - low), theta' = (1-s) * theta/factor + s * theta.
+    """
+    wavelen = 2 * math.pi / freqs
+    smooth = (original_max_pos / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * freqs / factor + smooth * freqs
+    scaled = torch.where(wavelen > original_max_pos / low_freq_factor, freqs / factor, blended)
+    return torch.where(wavelen < original_max_pos / high_freq_factor, freqs, scaled)
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """theta_i = base^(-2i/hd) for i = 0 .. hd/2-1 (float32), with the checkpoint's scaling applied."""
+    hd = args.hd
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, device="cpu")[: hd // 2].float() / hd))
+    if args.use_scaled_rope:
+        freqs = llama3_scale_frequencies(
+            freqs, args.rope_scaling_factor, args.rope_low_freq_factor,
+            args.rope_high_freq_factor, args.rope_original_max_pos,
+        )
+    if args.rope_freq_divisors is not None:  # GGUF stores the scaling as per-pair divisors
+        freqs = freqs / torch.tensor(args.rope_freq_divisors, dtype=torch.float32, device="cpu")
+    return freqs
+
+
+def precompute_freqs_cis(freqs: torch.Tensor, end: int) -> torch.Tensor:
+    """freqs_cis[m, i] = exp(j * m * theta_i) for m = 0 .. end-1: (end, hd/2) complex64.
+
+    The angles m * theta_i are computed in float32: in bf16 they would be off by whole radians
+    at position ~8000. Unit complex numbers make the rotation a single multiplication.
+    """
+    positions = torch.arange(end, dtype=torch.float32, device=freqs.device)
+    angles = torch.outer(positions, freqs.float())  # (end, hd/2)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor):
+    """Rotate q (B,T,H,hd) and k (B,T,K,hd) by freqs_cis (T, hd/2): pairs (x[2i], x[2i+1]) as complex."""
+    q_c = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))  # (B, T, H, hd/2)
+    k_c = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))  # (B, T, K, hd/2)
+    rot = freqs_cis[None, :, None, :]  # (1, T, 1, hd/2): the same angle for every batch row and head
+    xq_out = torch.view_as_real(q_c * rot).flatten(3)  # back to (B, T, H, hd)
+    xk_out = torch.view_as_real(k_c * rot).flatten(3)
+    return xq_out.type_as(xq), xk_out.type_as(xk)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, S, K, hd) -> (B, S, K*n_rep, hd), equal to torch.repeat_interleave(x, n_rep, dim=2).
+
+    Query head h reads key/value head h // n_rep: each KV head serves a contiguous group.
+    """
+    if n_rep == 1:
+        return x
+    B, S, K, hd = x.shape
+    return x[:, :, :, None, :].expand(B, S, K, n_rep, hd).reshape(B, S, K * n_rep, hd)
+
+
+def causal_mask(T: int, start_pos: int, device=None) -> torch.Tensor:
+    """(T, start_pos+T) additive mask: 0 over the cached columns, then -inf above the diagonal."""
+    new = torch.full((T, T), float("-inf"), device=device).triu(1)  # row i sees new columns <= i
+    return torch.cat([torch.zeros(T, start_pos, device=device), new], dim=1)
+
+
+def attention_math(q, k, v, mask):
+    """softmax(q k^T / sqrt(hd) + mask) v with the softmax in float32; q (B,H,T,hd), k/v (B,H,S,hd).
+
+    The reference form. `Attention` uses F.scaled_dot_product_attention, which equals this within
+    float rounding (tests/test_model.py checks it) and is faster.
+    """
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    if mask is not None:
+        scores = scores + mask
+    return F.softmax(scores.float(), dim=-1).type_as(q) @ v  # (B, H, T, hd)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.hd
+        self.n_rep = self.n_heads // self.n_kv_heads
+        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+        self.use_sdpa = True  # False = the explicit `attention_math` (identical up to rounding)
+        self.cache_k: Optional[torch.Tensor] = None  # (B, max_len, K, hd), set by Transformer.setup_cache
+        self.cache_v: Optional[torch.Tensor] = None
+
+    def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rotary_emb(q, k, freqs_cis)
+
+        if self.cache_k is not None:  # generation: keys are cached after RoPE, values as they are
+            self.cache_k[:B, start_pos : start_pos + T] = k
+            self.cache_v[:B, start_pos : start_pos + T] = v
+            k = self.cache_k[:B, : start_pos + T]  # (B, S, K, hd), S = start_pos + T
+            v = self.cache_v[:B, : start_pos + T]
+
+        k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)  # (B, S, H, hd)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T|S, hd)
+        if not self.use_sdpa:
+            out = attention_math(q, k, v, mask)
+        elif start_pos == 0 and T > 1:  # the mask is a plain causal square: let SDPA build it
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*hd)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2( silu(w1 x) * w3 x ), w1 = gate (F x D), w3 = up (F x D), w2 = down (D x F)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x, start_pos, freqs_cis, mask):
+        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, params: ModelArgs):
+        super().__init__()
+        self.params = params
+        self.vocab_size, self.n_layers = params.vocab_size, params.n_layers
+        self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
+        self.norm = RMSNorm(params.dim, eps=params.norm_eps)
+        self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
+        self.tie_weights()
+        # A plain attribute, not a buffer: model.to(bfloat16) would cast a complex buffer to a real
+        # dtype and silently drop its imaginary part. Meta precomputes twice the window.
+        self.freqs_cis = precompute_freqs_cis(rope_frequencies(params), params.max_seq_len * 2)
+
+    def tie_weights(self):
+        """Share the embedding matrix with the output projection when the checkpoint says so."""
+        if self.params.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def setup_cache(self, batch_size: int, max_len: int, device=None, dtype=None):
+        """Allocate per-layer KV caches (B, max_len, K, hd); size them to the request, not the window."""
+        ref = self.tok_embeddings.weight
+        if max_len > self.freqs_cis.shape[0]:
+            raise ValueError(f"cache of {max_len} positions exceeds RoPE table of {self.freqs_cis.shape[0]}")
+        for layer in self.layers:
+            att = layer.attention
+            shape = (batch_size, max_len, att.n_kv_heads, att.head_dim)
+            att.cache_k = torch.zeros(shape, device=device or ref.device, dtype=dtype or ref.dtype)
+            att.cache_v = torch.zeros_like(att.cache_k)
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.attention.cache_k = layer.attention.cache_v = None
+
+    @property
+    def cache_len(self) -> int:
+        """Positions the KV cache can hold (0 when there is no cache: plain causal attention)."""
+        cache = self.layers[0].attention.cache_k if self.n_layers else None
+        return 0 if cache is None else cache.shape[1]
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
+        """tokens (B, T) at positions [start_pos, start_pos+T) -> float32 logits (B, T, V).
+
+        last_only=True returns only the last position's logits (B, 1, V): all generation needs.
+        """
+        B, T = tokens.shape
+        if start_pos + T > self.freqs_cis.shape[0]:
+            raise ValueError(f"positions up to {start_pos + T} exceed the RoPE table ({self.freqs_cis.shape[0]})")
+        if self.freqs_cis.device != tokens.device:
+            self.freqs_cis = self.freqs_cis.to(tokens.device)
+        freqs_cis = self.freqs_cis[start_pos : start_pos + T]
+        h = self.tok_embeddings(tokens)  # (B, T, D)
+
+        mask = None  # a single new token may look at every cached position
+        if T > 1:
+            mask = causal_mask(T, start_pos, tokens.device).to(h.dtype)  # (T, start_pos + T)
+
+        for layer in self.layers:
+            h = layer(h, start_pos, freqs_cis, mask)
+        if last_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h)).float()  # (B, T, V)
