@@ -453,7 +453,7 @@ def args_from_gguf(meta: dict) -> ModelArgs:
         vocab_size=int(get("vocab_size", len(meta.get("tokenizer.ggml.tokens", [])) or -1)),
         hidden_dim=int(get("feed_forward_length")),
         head_dim=int(get("attention.key_length", rot or dim // n_heads)),
-        norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        norm_eps=float(f'{get("attention.layer_norm_rms_epsilon", 1e-5):.7g}'),  # stored as float32
         rope_theta=float(get("rope.freq_base", 10000.0)),
         max_seq_len=min(int(get("context_length", 2048)), 8192),
     )
