@@ -95,15 +95,19 @@ class RMSNorm(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Rotary position embeddings (RoPE)
 #
+# q.k alone ignores token order; RoPE encodes position m by rotating q and k (not v), in every layer.
 # Split each head vector (hd features) into hd/2 adjacent pairs (x[2i], x[2i+1]) and read pair i
 # as one complex number z_i = x[2i] + j*x[2i+1]. At position m, RoPE rotates it:
 #     z_i  ->  z_i * exp(j * m * theta_i),        theta_i = base^(-2i/hd)
-# Rotation keeps lengths, and for a query at m and a key at n
-#     Re<q_m, k_n> = sum_i Re( q_i conj(k_i) exp(j (m - n) theta_i) )
-# depends on the positions only through m - n: attention sees relative distance.
+# Rotation keeps lengths, and the real dot product of a query at m and a key at n is
+#     q_m . k_n = sum_i Re( q_i conj(k_i) exp(j (m - n) theta_i) )
+# which depends on the positions only through m - n: attention sees relative distance.
 # theta_0 = 1 rad per token (pair 0 spins fast, resolving nearby tokens); the last pair turns
-# ~base^-1 per token (wavelength ~2*pi*base tokens), so it still tells far-apart positions apart.
-# exp(j*m*theta_i) is the same for every layer and head, so it is computed once: `freqs_cis`.
+# ~1/base rad per token (wavelength ~2*pi*base tokens), so it still tells far-apart positions apart.
+# exp(j*m*theta_i) is the same for every layer and head, so it is computed once: `freqs_cis`, unit
+# complex numbers (a rotation is then one complex multiply), angles in float32 (bf16 would be off
+# by radians). Llama 3.1+ turns the slow pairs slower still to reach long contexts (see below).
+# Pictures of all this: scripts/rope_viz.py.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -112,8 +116,10 @@ def llama3_scale_frequencies(
 ) -> torch.Tensor:
     """Llama 3.1 long-context scaling of theta_i, judged by each pair's wavelength w_i = 2*pi/theta_i.
 
-    Short wavelengths (w < orig/high) are kept; long ones (w > orig/low) are slowed by `factor`;
-    in between, blend: s = (orig/w - low) / (high - low), theta' = (1-s) * theta/factor + s * theta.
+    Short wavelengths (w < orig/high, 2048 tokens) are kept: local order stays as trained; long ones
+    (w > orig/low, 8192 = the original context) are slowed by `factor` (8, or 32 for Llama 3.2 1B/3B),
+    so far positions map onto angles seen in training; in between, blend:
+    s = (orig/w - low) / (high - low), theta' = (1-s) * theta/factor + s * theta.
     """
     wavelen = 2 * math.pi / freqs
     smooth = (original_max_pos / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
