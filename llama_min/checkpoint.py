@@ -209,6 +209,9 @@ def _atomic_write(dst: Path, write) -> None:
     """Call write(tmp_path) on a temp file in dst's folder, then rename it over dst."""
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
     try:
         write(tmp)
         os.replace(tmp, dst)
