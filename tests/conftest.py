@@ -1,0 +1,36 @@
+"""Shared test helpers.
+
+``require_asset(name)``: the cached path of a fetched asset (``python -m llama_min.assets fetch``). A
+missing asset skips the test locally but fails it under CI (env ``CI=true``), where .ci/run fetches them.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def require_asset(name: str) -> Path:
+    """Path of asset ``name``; skip (locally) or fail (CI=true) when it has not been fetched."""
+    from llama_min.assets import asset_path
+
+    try:
+        return asset_path(name, fetch=False)
+    except FileNotFoundError as err:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"asset missing in CI: {err}")
+        pytest.skip(str(err))
+
+
+@pytest.fixture(name="require_asset", scope="session")
+def require_asset_fixture():
+    """The ``require_asset`` helper as a fixture (usable from fixtures of any scope)."""
+    return require_asset
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    """The committed test fixtures folder (tests/fixtures)."""
+    return FIXTURES
