@@ -31,6 +31,10 @@ def read_gguf_metadata(path: str | Path, prefix: str | None = None) -> dict:
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise ValueError(f"{path}: not a GGUF file (no 'GGUF' magic)")
+        raw = f.read(4)
+        version = struct.unpack("<I", raw)[0] if len(raw) == 4 else 0
+        if version not in (2, 3):
+            raise ValueError(f"{path}: GGUF version {version} is not supported (expected 2 or 3)")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             try:
                 return _parse_kv(buf, prefix)
@@ -39,9 +43,7 @@ def read_gguf_metadata(path: str | Path, prefix: str | None = None) -> dict:
 
 
 def _parse_kv(buf, prefix: str | None) -> dict:
-    version, _n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-    if version not in (2, 3):
-        raise KeyError(f"GGUF version {version}, expected 2 or 3")
+    _n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
     pos, out = 24, {}
     for _ in range(n_kv):
         key, pos = _read_str(buf, pos)
@@ -54,6 +56,8 @@ def _parse_kv(buf, prefix: str | None) -> dict:
 
 def _read_str(buf, pos: int):
     (n,) = struct.unpack_from("<Q", buf, pos)
+    if pos + 8 + n > len(buf):
+        raise IndexError("string runs past the end of the file")
     return buf[pos + 8:pos + 8 + n].decode("utf-8"), pos + 8 + n
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import struct
 import sys
 from pathlib import Path
 
@@ -30,7 +29,6 @@ from llama_min.gguf_vocab import (byte_level_decode, hf_tokenizer_from_gguf, rea
 
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                   r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 LLAMA3_NUM_SPECIAL = 256
 # Special tokens 128000 + i. Llama 3.0 named i = 0, 1, 6, 7, 9 and numbered the rest in order
 # <|reserved_special_token_K|> (128002..128005 -> K 0..3, 128008 -> 4, 128010 -> 5, .., 128255 -> 250);
@@ -62,6 +60,9 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """Token ids of ``text`` (special-token-looking text stays plain), with BOS/EOS ids if asked."""
+        for asked, i, name in ((bos, self.bos_id, "BOS"), (eos, self.eos_id, "EOS")):
+            if asked and i < 0:
+                raise ValueError(f"this tokenizer has no {name} token")
         return [self.bos_id] * bos + self._encode(text) + [self.eos_id] * eos
 
     def _encode(self, text: str) -> list[int]:
@@ -112,7 +113,7 @@ class StreamDecoder:
 
     def __init__(self, tok: Tokenizer):
         self.tok = tok
-        self.ids: list[int] = []
+        self.ids: list[int] = []   # ids from the window start on (older ones are dropped)
         self.start = 0   # window start: the last chunk that printed text
         self.read = 0    # ids before this index have been emitted
 
@@ -131,7 +132,8 @@ class StreamDecoder:
         new = text[len(done):]
         if not final and (not new or new.endswith("\ufffd")):
             return ""
-        self.start, self.read = self.read, len(self.ids)
+        del self.ids[:self.read]            # the new window starts at the old read position
+        self.start, self.read = 0, len(self.ids)
         return new
 
 
@@ -368,9 +370,9 @@ def find_tokenizer_file(path: str | Path) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory (expected a tokenizer or checkpoint)")
     if path.is_file():
-        if path.suffix in (".pth", ".pt", ".bin", ".safetensors") or path.name == "params.json":
-            return find_tokenizer_file(path.parent)
-        return path
+        checkpoint_file = path.suffix in (".pth", ".pt", ".bin", ".safetensors") or path.name.endswith(
+            ".index.json") or path.name in ("params.json", "config.json", "generation_config.json")
+        return find_tokenizer_file(path.parent) if checkpoint_file else path
     for name in _SEARCH:
         if (path / name).is_file():
             return path / name

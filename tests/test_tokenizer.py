@@ -280,6 +280,13 @@ def test_tokenizer_json_with_hf_configs(tmp_path):
     tok = load_tokenizer(tmp_path)
     assert (tok.kind, tok.bos_id, tok.eos_id, tok.stop_ids, tok.chat_format) == ("tokenizers", 1, 2, {0, 2}, "chatml")
     assert tok.encode("<|im_end|> hi") == tok_of("smollm2-gguf").encode("<|im_end|> hi")
+    bare = tmp_path / "bare"                                 # no config files: no BOS/EOS known
+    bare.mkdir()
+    (tmp_path / "tokenizer.json").rename(bare / "tokenizer.json")
+    tok = load_tokenizer(bare / "tokenizer.json")
+    assert (tok.bos_id, tok.eos_id, tok.add_bos) == (-1, -1, False) and tok.stop_ids == {2}   # <|im_end|>
+    with pytest.raises(ValueError, match="no BOS token"):
+        tok.encode("hi", bos=True)
 
 
 @pytest.mark.assets
@@ -309,7 +316,9 @@ def _gguf_bytes(kv: dict) -> bytes:
     (b"{not json", "not a valid tokenizer.json"),
     (_gguf_bytes({"general.architecture": "llama"}), "no tokenizer"),
     (_gguf_bytes({"tokenizer.ggml.model": "bert"}), "no tokenizer"),
-    (b"GGUF\x01\x00\x00\x00", "GGUF"),
+    (b"GGUF\x01\x00\x00\x00", "GGUF version 1 is not supported"),
+    (b"GGUF\x03\x00", "GGUF version 0 is not supported"),
+    (_gguf_bytes({"tokenizer.ggml.model": "gpt2"})[:-3], "corrupt or unsupported GGUF metadata"),
 ])
 def test_bad_files_give_one_line_errors(tmp_path, content, match):
     path = tmp_path / ("tokenizer.json" if content.startswith(b"{") else "tokenizer.model")
