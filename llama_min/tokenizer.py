@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import sys
 from pathlib import Path
 
 from llama_min import chat
@@ -401,8 +400,3 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise ValueError(f"{path}: not a tokenizer (expected a sentencepiece or tiktoken tokenizer.model, "
                          "a tokenizer.json or a GGUF file)") from None
 
-
-if __name__ == "__main__":   # python -m llama_min.tokenizer PATH TEXT: print ids and pieces
-    _tok = load_tokenizer(sys.argv[1])
-    _ids = _tok.encode(" ".join(sys.argv[2:]))
-    print(_tok, _ids, [_tok.decode([i]) for i in _ids], sep="\n")
