@@ -117,10 +117,15 @@ class Llama:
 
     @staticmethod
     def build(ckpt_path=None, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
-              device=None, dtype=None, seed: int = 1) -> "Llama":
-        """Load a checkpoint (Meta dir, HF dir, .gguf, own dir; None = the default model) and its tokenizer."""
+              device=None, dtype=None, seed: int = 1, quantize: Optional[str] = None) -> "Llama":
+        """Load a checkpoint (Meta dir, HF dir, .gguf, own dir; None = the default model) and its tokenizer.
+
+        quantize="int8" stores every linear layer as int8 with per-channel scales (see quantize.py).
+        """
         from .tokenizer import load_tokenizer
 
+        if quantize not in (None, "int8"):
+            raise ValueError(f"unknown quantization '{quantize}' (expected int8)")
         if ckpt_path is None:
             from .assets import default_model_path
 
@@ -134,16 +139,30 @@ class Llama:
             raise ValueError(f"{ckpt_path}: tokenizer has {tokenizer.n_words} tokens, model only {args.vocab_size}")
         args.max_seq_len = max_seq_len
         model = build_transformer(args, state_dict, device=device).eval().requires_grad_(False)
+        del state_dict
+        if quantize == "int8":
+            from .quantize import quantize_int8
+
+            quantize_int8(model)
         return Llama(model, tokenizer, max_seq_len, max_batch_size, seed)
 
+    def compile(self, mode: Optional[str] = None):
+        """torch.compile the model's forward (shapes dynamic: one graph for every position and length).
+
+        The first calls compile for a while (tens of seconds on a CPU); later decode steps run with less
+        Python and dispatch overhead per layer.
+        """
+        self.model.forward = torch.compile(self.model.forward, mode=mode, dynamic=True)
+        return self
+
     def weight_bytes_per_token(self) -> int:
-        """Bytes of weights one decode step reads (the embedding table only once if tied to the output)."""
+        """Bytes of weights one decode step reads: every tensor once, the embedding table only as the output."""
         seen, total = set(), 0
-        for name, p in self.model.named_parameters():
-            if id(p) in seen or (name == "tok_embeddings.weight" and not self.model.params.tie_word_embeddings):
+        for name, t in self.model.state_dict(keep_vars=True).items():
+            if name == "tok_embeddings.weight" or t.data_ptr() in seen:  # one row per token / tied copy
                 continue
-            seen.add(id(p))
-            total += p.numel() * p.element_size()
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
         return total
 
     @torch.inference_mode()

@@ -218,6 +218,8 @@ class Attention(nn.Module):
             k = self.cache_k[:B, : start_pos + T]  # (B, S, K, hd), S = start_pos + T
             v = self.cache_v[:B, : start_pos + T]
 
+        if T == 1 and self.use_sdpa:  # decoding: one query per head, no mask
+            return self.wo(self._decode_gqa(q, k, v).reshape(B, 1, -1))
         k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)  # (B, S, H, hd)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T|S, hd)
         if not self.use_sdpa:
@@ -228,6 +230,18 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*hd)
         return self.wo(out)
+
+    def _decode_gqa(self, q, k, v):
+        """Grouped-query attention for one new token without copying the cache n_rep times.
+
+        The n_rep query heads that share KV head g attend as n_rep "positions" of one head:
+        q (B, 1, H, hd) -> (B, K, n_rep, hd) against k, v (B, S, K, hd) -> (B, K, S, hd).
+        Same numbers as repeat_kv + per-head attention; returns (B, H, hd).
+        """
+        B = q.shape[0]
+        q = q.view(B, self.n_kv_heads, self.n_rep, self.head_dim)
+        out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2))  # (B, K, n_rep, hd)
+        return out.reshape(B, self.n_heads, self.head_dim)
 
 
 class FeedForward(nn.Module):

@@ -45,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--max-seq-len", type=int, default=2048, help="context window in tokens (default 2048)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="weights dtype (default: float32 on CPU, bfloat16 on a GPU)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 weight-only quantization (per-channel scales): ~4x fewer bytes per token than float32")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no timing report on stderr")
@@ -141,7 +143,7 @@ def main(argv=None) -> int:
     try:
         start = time.perf_counter()
         llama = Llama.build(args.ckpt, args.tokenizer, max_seq_len=args.max_seq_len, max_batch_size=1,
-                            device=args.device, dtype=dtype, seed=args.seed)
+                            device=args.device, dtype=dtype, seed=args.seed, quantize=args.quantize)
         load_s = time.perf_counter() - start
         if args.chat:
             run_chat(llama, args)

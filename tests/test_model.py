@@ -54,10 +54,12 @@ def test_rotation_keeps_norms():
 
 
 def test_qk_depends_only_on_relative_distance():
-    q, k = torch.randn(16), torch.randn(16)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(16, generator=g), torch.randn(16, generator=g)
     for offset in (0, 1, 7, 300):
         scores = [rotate(q[None], [m + offset])[0] @ rotate(k[None], [m])[0] for m in (0, 5, 123, 4000)]
-        torch.testing.assert_close(torch.stack(scores), scores[0].expand(4), atol=1e-4, rtol=1e-4)
+        # float32 angles at positions ~4000 carry ~1e-4 rad of rounding
+        torch.testing.assert_close(torch.stack(scores), scores[0].expand(4), atol=1e-3, rtol=1e-4)
     # ... while different offsets give different scores
     s1 = rotate(q[None], [10])[0] @ rotate(k[None], [0])[0]
     s2 = rotate(q[None], [11])[0] @ rotate(k[None], [0])[0]

@@ -1,0 +1,327 @@
+#!/usr/bin/env python
+"""Batch-1 speed of llama_min against transformers on the same weights, and against the memory ceiling.
+
+Decoding one token reads every weight once, so on a CPU decode speed is set by memory bandwidth:
+ceiling tok/s = measured GB/s / bytes of weights per token. The script measures that bandwidth in the
+same run (streaming a large float32 matrix through F.linear), then for each dtype:
+
+  load      load time and peak RSS (fresh processes, ours vs transformers' from_pretrained, same HF folder)
+  prefill   tokens/s of a --prefill-len token prompt (generate with one new token)
+  decode    tokens/s from the first to the last of --new-tokens tokens after a --prompt-len prompt
+  batch     decode tokens/s with --batch prompts at once (all rows together)
+
+Rounds are interleaved (ours, then transformers, in each round) and reported as median [min-max];
+ratios are taken within a round. Other processes distort timings on small machines: the report
+gives the share of CPU time that other processes used while measuring.
+
+Examples:
+  python scripts/benchmark.py --vs-transformers                       # default model (SmolLM2-135M)
+  python scripts/benchmark.py --config configs/tinyllama-1.1b.json --vs-transformers --dtypes float32 int8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--ckpt", help="checkpoint to measure (default: the default model, SmolLM2-135M-Instruct)")
+    src.add_argument("--config", help="params.json-style config (e.g. configs/tinyllama-1.1b.json): random weights")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "int8"],
+                   choices=["float32", "bfloat16", "int8"], help="what to measure (int8 = weight-only int8)")
+    p.add_argument("--vs-transformers", action="store_true", help="run transformers' LlamaForCausalLM side by side")
+    p.add_argument("--compile", action="store_true", help="also measure ours with torch.compile'd decode steps")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measurement (default 3)")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prefill-len", type=int, default=512)
+    p.add_argument("--batch", type=int, default=8, help="batch size of the batched-decode row (0: skip)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-load", action="store_true", help="skip the load time / peak RSS measurement")
+    p.add_argument("--json", help="also write the results as JSON to this file")
+    p.add_argument("--_load_child", nargs=2, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------
+# Measuring
+# ------------------------------------------------------------------------------------------------
+
+
+class CpuShare:
+    """Fraction of the machine's CPU time used by *other* processes between start() and stop()."""
+
+    @staticmethod
+    def _total_busy():
+        fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+        idle = fields[3] + fields[4]
+        return sum(fields) - idle, sum(fields)
+
+    def __enter__(self):
+        self.busy0, self.total0 = self._total_busy()
+        self.own0 = time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        busy1, total1 = self._total_busy()
+        tick = os.sysconf("SC_CLK_TCK")
+        own = (time.process_time() - self.own0) * tick
+        self.other = max(0.0, (busy1 - self.busy0) - own) / max(1, total1 - self.total0)
+
+
+def machine_bandwidth(rounds=5) -> float:
+    """GB/s of streaming a 256 MB float32 matrix through F.linear (what a decode step does)."""
+    w = torch.randn(8192, 8192)
+    x = torch.randn(1, 8192)
+    F.linear(x, w)
+    best = 0.0
+    for _ in range(rounds):
+        t = time.perf_counter()
+        F.linear(x, w)
+        best = max(best, w.numel() * 4 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def summary(xs):
+    return statistics.median(xs), min(xs), max(xs)
+
+
+def fmt(xs, unit=""):
+    med, lo, hi = summary(xs)
+    return f"{med:8.1f}{unit} [{lo:.1f}-{hi:.1f}]"
+
+
+# ------------------------------------------------------------------------------------------------
+# The two implementations on the same weights
+# ------------------------------------------------------------------------------------------------
+
+
+class Ours:
+    name = "llama_min"
+
+    def __init__(self, args, sd, dtype_name, compile_=False):
+        from llama_min.checkpoint import build_transformer
+        from llama_min.generation import Llama
+
+        dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
+        model = build_transformer(args, sd, dtype=dtype).eval().requires_grad_(False)
+        if dtype_name == "int8":
+            from llama_min.quantize import quantize_int8
+
+            quantize_int8(model)
+        self.llama = Llama(model, _NoTokenizer(), max_seq_len=args.max_seq_len, max_batch_size=64)
+        if compile_:
+            self.name = "llama_min+compile"
+            self.llama.compile()
+
+    def bytes_per_token(self):
+        return self.llama.weight_bytes_per_token()
+
+    def decode(self, prompts, new_tokens):
+        self.llama.generate(prompts, max_gen_len=new_tokens, temperature=0, stop_ids=set())
+        s = self.llama.stats
+        return len(prompts) * (new_tokens - 1) / s.decode_s
+
+    def prefill(self, prompt):
+        start = time.perf_counter()
+        self.llama.generate([prompt], max_gen_len=1, temperature=0, stop_ids=set())
+        return len(prompt) / (time.perf_counter() - start)
+
+
+class Transformers:
+    name = "transformers"
+
+    def __init__(self, args, sd, dtype_name):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from llama_min.checkpoint import to_hf
+
+        cfg, hf_sd = to_hf(args, sd)
+        dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
+        with torch.device("meta"):
+            model = LlamaForCausalLM(LlamaConfig(**cfg))
+        model.load_state_dict(hf_sd, strict=False, assign=True)
+        model.tie_weights()
+        self.model = model.to(dtype).eval()
+        self.model.generation_config.pad_token_id = 0
+
+    def _generate(self, prompts, n):
+        ids = torch.tensor(prompts)
+        with torch.inference_mode():
+            start = time.perf_counter()
+            self.model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None)
+            return time.perf_counter() - start
+
+    def decode(self, prompts, new_tokens):
+        # (time for n tokens) - (time for 1 token) = the n-1 decode steps, prefill excluded
+        return len(prompts) * (new_tokens - 1) / (self._generate(prompts, new_tokens) - self._generate(prompts, 1))
+
+    def prefill(self, prompt):
+        return len(prompt) / self._generate([prompt], 1)
+
+
+class _NoTokenizer:
+    """Generation here runs on token ids only."""
+
+    stop_ids: set = set()
+    n_words = 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Load time and peak RSS, each in a fresh process
+# ------------------------------------------------------------------------------------------------
+
+
+def load_child(which: str, path: str):
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    if which == "ours":
+        from llama_min import load_checkpoint
+        from llama_min.checkpoint import build_transformer
+
+        args, sd = load_checkpoint(path)
+        build_transformer(args, sd)
+    else:
+        from transformers import LlamaForCausalLM
+
+        LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+    elapsed = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"seconds": elapsed, "rss_mib": (peak - base) / 1024}))
+
+
+def measure_load(hf_dir: Path, weights_bytes: int, rounds: int):
+    rows = {}
+    for which in ("ours", "transformers"):
+        runs = []
+        for _ in range(rounds):
+            out = subprocess.run([sys.executable, __file__, "--_load_child", which, str(hf_dir)],
+                                 capture_output=True, text=True, check=True)
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows[which] = runs
+    print(f"\nload (HF folder, float32, {weights_bytes / 2**20:.0f} MiB of weights), {rounds} fresh processes each:")
+    for which, runs in rows.items():
+        secs = [r["seconds"] for r in runs]
+        rss = [r["rss_mib"] for r in runs]
+        print(f"  {which:13s} {fmt(secs, ' s')}   peak RSS added {fmt(rss, ' MiB')}"
+              f"  = {statistics.median(rss) * 2**20 / weights_bytes:.2f}x the weights")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def load_weights(opts):
+    from llama_min import ModelArgs, load_checkpoint
+
+    if opts.config:
+        args = ModelArgs.from_dict(json.loads(Path(opts.config).read_text()))
+        from llama_min.model import Transformer
+
+        torch.manual_seed(0)
+        model = Transformer(args)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim == 2:
+                    p.normal_(0, 0.02)
+        sd = model.state_dict()
+        label = f"{opts.config} (random weights)"
+    else:
+        path = opts.ckpt
+        if path is None:
+            from llama_min.assets import default_model_path
+
+            path = default_model_path()
+        args, sd = load_checkpoint(path, dtype=torch.float32)
+        label = str(path)
+    args.max_seq_len = max(opts.prefill_len, opts.prompt_len + opts.new_tokens) + 8
+    return args, sd, label
+
+
+def main(argv=None):
+    opts = parse_args(argv)
+    if opts._load_child:
+        return load_child(*opts._load_child)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    args, sd, label = load_weights(opts)
+    import transformers
+
+    print(f"model: {label}: dim {args.dim}, {args.n_layers} layers, {args.n_heads}/{args.kv_heads} heads, vocab {args.vocab_size}")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+          f"with {torch.get_num_threads()} threads, transformers {transformers.__version__}")
+    bw = machine_bandwidth()
+    print(f"memory bandwidth (F.linear over a 256 MB float32 matrix, best of 5): {bw:.1f} GB/s")
+
+    results = {"model": label, "threads": torch.get_num_threads(), "bandwidth_gbs": bw, "rows": []}
+    if not opts.no_load:
+        from llama_min.checkpoint import save_hf
+
+        with tempfile.TemporaryDirectory() as tmp:
+            save_hf(tmp, args, sd)
+            weights = sum(t.numel() * 4 for k, t in sd.items() if not (k == "output.weight" and args.tie_word_embeddings))
+            results["load"] = measure_load(Path(tmp), weights, opts.rounds)
+
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, args.vocab_size, (opts.prompt_len,), generator=g).tolist()
+    long_prompt = torch.randint(3, args.vocab_size, (opts.prefill_len,), generator=g).tolist()
+    batch = [torch.randint(3, args.vocab_size, (opts.prompt_len,), generator=g).tolist() for _ in range(opts.batch)]
+
+    for dtype_name in opts.dtypes:
+        impls = [Ours(args, sd, dtype_name)]
+        if opts.compile:
+            impls.append(Ours(args, sd, dtype_name, compile_=True))
+        if opts.vs_transformers:  # int8 is compared with transformers in float32
+            impls.append(Transformers(args, sd, "float32" if dtype_name == "int8" else dtype_name))
+        for impl in impls:  # warm up
+            impl.decode([prompt], 8)
+            impl.prefill(long_prompt[:64])
+        measure = {"decode": lambda i: i.decode([prompt], opts.new_tokens),
+                   "prefill": lambda i: i.prefill(long_prompt)}
+        if opts.batch:
+            measure[f"batch{opts.batch}"] = lambda i: i.decode(batch, opts.new_tokens // 2)
+        print(f"\n{dtype_name} (transformers in {'float32' if dtype_name == 'int8' else dtype_name}):")
+        for what, fn in measure.items():
+            per = {i.name: [] for i in impls}
+            with CpuShare() as share:
+                for _ in range(opts.rounds):
+                    for impl in impls:
+                        per[impl.name].append(fn(impl))
+            base = per.get("transformers")
+            for impl in impls:
+                xs = per[impl.name]
+                line = f"  {what:8s} {impl.name:18s} {fmt(xs, ' tok/s')}"
+                if what == "decode" and impl.name != "transformers":
+                    gbs = statistics.median(xs) * impl.bytes_per_token() / 1e9
+                    line += f"  {gbs:5.1f} GB/s = {gbs / bw:4.0%} of measured bandwidth"
+                if base and impl.name != "transformers":
+                    ratios = [a / b for a, b in zip(xs, base)]
+                    line += f"  x{statistics.median(ratios):.2f} vs transformers [{min(ratios):.2f}-{max(ratios):.2f}]"
+                print(line)
+                results["rows"].append({"dtype": dtype_name, "what": what, "impl": impl.name, "tok_s": xs})
+            if share.other > 0.05:
+                print(f"  (warning: other processes used {share.other:.0%} of the CPU during this measurement)")
+    if opts.json:
+        Path(opts.json).write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
