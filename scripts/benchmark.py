@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -156,9 +155,8 @@ class Transformers:
 
         cfg, hf_sd = to_hf(args, sd)
         dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
-        with torch.device("meta"):
-            model = LlamaForCausalLM(LlamaConfig(**cfg))
-        model.load_state_dict(hf_sd, strict=False, assign=True)
+        model = LlamaForCausalLM(LlamaConfig(**cfg))  # on the CPU: its rotary buffers need real init
+        model.load_state_dict(hf_sd, strict=False)
         model.tie_weights()
         self.model = model.to(dtype).eval()
         self.model.generation_config.pad_token_id = 0
@@ -190,21 +188,31 @@ class _NoTokenizer:
 # ------------------------------------------------------------------------------------------------
 
 
+def _vm_kib(field: str) -> int:
+    """VmRSS / VmHWM (peak RSS) of this process in KiB; ru_maxrss may carry the parent's peak over exec."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
 def load_child(which: str, path: str):
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _vm_kib("VmRSS")
     start = time.perf_counter()
     if which == "ours":
         from llama_min import load_checkpoint
         from llama_min.checkpoint import build_transformer
 
         args, sd = load_checkpoint(path)
-        build_transformer(args, sd)
+        model = build_transformer(args, sd)
     else:
         from transformers import LlamaForCausalLM
 
-        LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
     elapsed = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.inference_mode():  # touch every weight once, as the first real use does
+        model(torch.tensor([[1, 2]]))
+    peak = _vm_kib("VmHWM")
     print(json.dumps({"seconds": elapsed, "rss_mib": (peak - base) / 1024}))
 
 
@@ -217,7 +225,8 @@ def measure_load(hf_dir: Path, weights_bytes: int, rounds: int):
                                  capture_output=True, text=True, check=True)
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         rows[which] = runs
-    print(f"\nload (HF folder, float32, {weights_bytes / 2**20:.0f} MiB of weights), {rounds} fresh processes each:")
+    print(f"\nload (HF folder, float32, {weights_bytes / 2**20:.0f} MiB of weights; RSS after a first forward), "
+          f"{rounds} fresh processes each:")
     for which, runs in rows.items():
         secs = [r["seconds"] for r in runs]
         rss = [r["rss_mib"] for r in runs]
