@@ -296,31 +296,32 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 # --------------------------------------------------------------------------------------- tokenizers
 
 
-def tokenizer_files(tok, source) -> tuple[list, dict]:
-    """How to carry `tok` (loaded from `source`) into an own-format dir: (files to copy, {name: bytes}).
+def tokenizer_files(tok, source) -> dict:
+    """The files that carry `tok` (loaded from `source`) into a checkpoint dir: {file name: bytes}.
 
-    A tokenizer file or dir is copied as it is (tokenizer.json with its config files); a tokenizer that
-    lives inside a GGUF file is written out: sentencepiece -> tokenizer.model, byte-level BPE ->
-    tokenizer.json + tokenizer_config.json (BOS/EOS names and the chat template).
+    Names are the ones `load_tokenizer(dir)` looks for: a sentencepiece or tiktoken file becomes
+    `tokenizer.model`, a tokenizer.json keeps its config files beside it; a tokenizer that lives inside
+    a GGUF file is written out (sentencepiece -> tokenizer.model; byte-level BPE -> tokenizer.json +
+    tokenizer_config.json with the BOS/EOS names and the chat template).
     """
     from .tokenizer import find_tokenizer_file
 
     src = find_tokenizer_file(source)
-    with open(src, "rb") as f:
-        is_gguf = f.read(4) == b"GGUF"
-    if not is_gguf:
+    data = src.read_bytes()
+    if data[:4] != b"GGUF":
+        if tok.kind != "tokenizers":
+            return {"tokenizer.model": data}
         side = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
-        extra = [src.parent / n for n in side if src.suffix == ".json" and (src.parent / n).is_file()]
-        return [src, *extra], {}
+        return {"tokenizer.json": data, **{n: (src.parent / n).read_bytes() for n in side if (src.parent / n).is_file()}}
     if tok.kind == "sentencepiece":
-        return [], {"tokenizer.model": tok.sp.serialized_model_proto()}
+        return {"tokenizer.model": tok.sp.serialized_model_proto()}
     from .gguf_vocab import read_gguf_metadata
 
     template = read_gguf_metadata(src, prefix="tokenizer.").get("tokenizer.chat_template")
     config = {k: tok.tk.id_to_token(i) for k, i in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id)) if i >= 0}
     if template:
         config["chat_template"] = template
-    return [], {"tokenizer.json": tok.tk.to_str().encode(), "tokenizer_config.json": json.dumps(config).encode()}
+    return {"tokenizer.json": tok.tk.to_str().encode(), "tokenizer_config.json": json.dumps(config).encode()}
 
 
 def _load_tokenizer(path):
@@ -388,9 +389,8 @@ class Trainer:
         path = cfg.tokenizer or cfg.init or (own if self.resume and own.is_file() else None)
         if path is not None:
             tok = _load_tokenizer(path)
-            files, blobs = tokenizer_files(tok, path)
-            self.pending = {self.run_dir / "tokenizer" / name: blob for name, blob in blobs.items()}
-            return tok, files + list(self.pending)
+            self.pending = {self.run_dir / "tokenizer" / name: blob for name, blob in tokenizer_files(tok, path).items()}
+            return tok, list(self.pending)
         if self.args.vocab_size <= 0:
             raise ValueError(f"{cfg.config}: vocab_size must be set to train a tokenizer on the data")
         log(f"training a sentencepiece BPE tokenizer (vocab {self.args.vocab_size}, byte fallback) on the data; "

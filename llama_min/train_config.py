@@ -120,6 +120,10 @@ class TrainConfig:
             raise ValueError("give exactly one of --config (train from scratch) or --init (fine-tune a checkpoint)")
         if not self.out:
             raise ValueError("no run directory: give --out DIR")
+        if self.lora_rank:
+            from .lora import parse_targets
+
+            parse_targets(self.lora_targets)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

@@ -50,16 +50,13 @@ def convert(src, dst, to: str = "own", dtype: str | None = None) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}."))
     try:
-        files, blobs = tokenizer_files(tok, src) if tok is not None else ([], {})
-        for name, blob in blobs.items():
+        for name, blob in (tokenizer_files(tok, src) if tok is not None else {}).items():
             (tmp / name).write_bytes(blob)
         if to == "own":
             save_checkpoint(tmp, args, sd)
         else:
             save_hf(tmp, args, sd)
             _fix_hf_dtype(tmp / "config.json", sd)
-        for f in files:
-            shutil.copyfile(f, tmp / Path(f).name)
         umask = os.umask(0)
         os.umask(umask)
         for f in [*tmp.iterdir(), tmp]:

@@ -1,0 +1,106 @@
+"""scripts/convert.py: own <-> Hugging Face (transformers loads the output), dtypes, tokenizers, errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama_min import ModelArgs, Transformer, load_checkpoint, save_checkpoint
+from llama_min.checkpoint import build_transformer
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from convert import convert, main  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+SHAPES = {
+    "gqa": dict(n_kv_heads=2),
+    "tied": dict(n_kv_heads=2, tie_word_embeddings=True, rope_theta=100000.0),
+    "llama3-scaled": dict(n_kv_heads=1, rope_theta=500000.0, use_scaled_rope=True, rope_scaling_factor=32.0,
+                          rope_original_max_pos=32),
+}
+
+
+def random_own_checkpoint(path: Path, seed=0, tokenizer=None, **over) -> Path:
+    args = ModelArgs(**dict(dict(dim=64, n_layers=2, n_heads=4, vocab_size=128, hidden_dim=96, max_seq_len=128), **over))
+    torch.manual_seed(seed)
+    model = Transformer(args)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p)) if p.ndim == 1 else p.normal_(0, 0.1)
+    save_checkpoint(path, args, model.state_dict())
+    if tokenizer:
+        shutil.copyfile(tokenizer, path / "tokenizer.model")
+    return path
+
+
+def tokens(n=70):
+    return torch.randint(0, 128, (2, n), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_to_hf_loads_in_transformers_with_identical_logits(tmp_path, shape):
+    from transformers import LlamaForCausalLM
+
+    src = random_own_checkpoint(tmp_path / "own", **SHAPES[shape])
+    convert(src, tmp_path / "hf", to="hf")
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf").float().eval()
+    args, sd = load_checkpoint(src)
+    with torch.no_grad():
+        diff = (hf(tokens()).logits - build_transformer(args, sd).eval()(tokens())).abs().max().item()
+    print(f"[convert] {shape}: transformers vs ours max|dlogits| = {diff:.1e}")
+    assert diff <= 1e-5
+
+
+def test_hf_round_trip_is_exact(tmp_path):
+    src = random_own_checkpoint(tmp_path / "own", **SHAPES["gqa"])
+    convert(src, tmp_path / "hf", to="hf")
+    convert(tmp_path / "hf", tmp_path / "back", to="own")
+    (a_args, a), (b_args, b) = load_checkpoint(src), load_checkpoint(tmp_path / "back")
+    assert a_args.kv_heads == b_args.kv_heads and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dtype_and_tokenizer_go_along(tmp_path, fixtures_dir):
+    src = random_own_checkpoint(tmp_path / "own", tokenizer=fixtures_dir / "mistral-tokenizer.model.v1",
+                                vocab_size=32000)
+    convert(src, tmp_path / "bf16", to="own", dtype="bfloat16")
+    _, sd = load_checkpoint(tmp_path / "bf16")
+    _, ref = load_checkpoint(src)
+    assert all(t.dtype == torch.bfloat16 and torch.equal(t, ref[k].bfloat16()) for k, t in sd.items())
+    assert (tmp_path / "bf16" / "tokenizer.model").read_bytes() == \
+        (fixtures_dir / "mistral-tokenizer.model.v1").read_bytes()
+    convert(src, tmp_path / "hf16", to="hf", dtype="float16")
+    assert json.loads((tmp_path / "hf16" / "config.json").read_text())["torch_dtype"] == "float16"
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    src = random_own_checkpoint(tmp_path / "own")
+    assert main([str(tmp_path / "missing"), str(tmp_path / "x")]) == 1
+    assert main([str(src), str(src)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {tmp_path / 'missing'}: no such file or directory",
+                   f"error: {src}: already exists; choose a new destination"]
+    assert not (tmp_path / "x").exists()
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "convert.py"), str(src), str(tmp_path / "y"),
+                          "--to", "onnx"], capture_output=True, text=True)
+    assert res.returncode == 2 and "invalid choice" in res.stderr
+
+
+@pytest.mark.assets
+@pytest.mark.slow
+def test_gguf_to_own_keeps_weights_and_tokenizer(tmp_path, require_asset):
+    from llama_min.tokenizer import load_tokenizer
+
+    gguf = require_asset("smollm2")
+    convert(gguf, tmp_path / "own")
+    (a_args, a), (b_args, b) = load_checkpoint(gguf), load_checkpoint(tmp_path / "own")
+    assert a_args == b_args and all(torch.equal(a[k], b[k]) for k in a)
+    t1, t2 = load_tokenizer(gguf), load_tokenizer(tmp_path / "own")
+    dialog = [{"role": "user", "content": "What is the capital of France? <|im_end|>"}]
+    assert t1.encode_dialog(dialog) == t2.encode_dialog(dialog) and t1.stop_ids == t2.stop_ids
