@@ -34,3 +34,19 @@ def require_asset_fixture():
 def fixtures_dir() -> Path:
     """The committed test fixtures folder (tests/fixtures)."""
     return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The default model's GGUF (SmolLM2-135M-Instruct, Q4_1)."""
+    return require_asset("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+    """SmolLM2-135M-Instruct as a float32 CPU `Llama`, built once for the whole session."""
+    import torch
+
+    from llama_min import Llama
+
+    return Llama.build(smollm2_path, max_seq_len=256, max_batch_size=4, device="cpu", dtype=torch.float32)

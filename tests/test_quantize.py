@@ -1,7 +1,5 @@
 """int8 weight-only quantization: exact math on the quantized weights, bounded error, real-model agreement."""
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -41,18 +39,13 @@ def test_quantize_int8_replaces_every_linear():
 
 
 @pytest.mark.assets
-def test_smollm2_int8_agrees_with_float32():
+@pytest.mark.slow
+def test_smollm2_int8_agrees_with_float32(smollm2, smollm2_path):
     from llama_min import Llama
-    from llama_min.assets import asset_path
 
-    try:
-        path = asset_path("smollm2", fetch=False)
-    except FileNotFoundError as e:
-        if os.environ.get("CI") == "true":
-            pytest.fail(str(e))
-        pytest.skip(str(e))
-    ref = Llama.build(path, max_seq_len=128, max_batch_size=4, device="cpu", dtype=torch.float32)
-    q8 = Llama.build(path, max_seq_len=128, max_batch_size=4, device="cpu", dtype=torch.float32, quantize="int8")
+    ref = smollm2
+    q8 = Llama.build(smollm2_path, max_seq_len=128, max_batch_size=4, device="cpu", dtype=torch.float32,
+                     quantize="int8")
     assert q8.weight_bytes_per_token() < 0.3 * ref.weight_bytes_per_token()
     prompts = ["Once upon a time, there was a little", "The capital of France is", "def fibonacci(n):",
                "The three primary colors are"]
