@@ -4,7 +4,7 @@
   Trainer.fit       the loop: AdamW, warmup + cosine, gradient accumulation, clipping, bf16 autocast,
                     eval loss / perplexity + a sample, metrics.jsonl, checkpoints, final export
   lr_at             the learning-rate schedule
-  save_state / load_state   resumable checkpoints (safetensors + JSON, no pickle), written atomically
+  (checkpoints, metrics and torchrun ranks: llama_min.train_state; data: llama_min.data; LoRA: llama_min.lora)
 
 Exact resume: a checkpoint holds the trainable weights, AdamW's moments and step counts, every rank's RNG
 state and the data position (samples consumed; the order is a pure function of seed and position, see
@@ -29,7 +29,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -38,64 +37,8 @@ from .data import BatchOrder, PackedData, encode_records, read_records, train_se
 from .lora import apply_lora, merge_state_dict
 from .model import ModelArgs, Transformer
 from .train_config import TrainConfig, read_json_file, resolve_model_config
-
-CKPT_DIR = "checkpoints"
-
-
-def log(msg: str) -> None:
-    if Dist.rank == 0:
-        print(msg, file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------------------------------------ processes
-
-
-class Dist:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
-
-    rank, world, local_rank = 0, 1, 0
-
-    @classmethod
-    def setup(cls, device_flag) -> torch.device:
-        """Join the torchrun process group (gloo on CPU, nccl on GPUs) and pick this process's device."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        cls.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        cuda = torch.cuda.is_available() and (device_flag or "cuda").startswith("cuda")
-        device = torch.device(device_flag or (f"cuda:{cls.local_rank}" if cuda else "cpu"))
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", cls.local_rank)
-        if world > 1 and not dist.is_initialized():
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if dist.is_initialized():
-            cls.rank, cls.world = dist.get_rank(), dist.get_world_size()
-        return device
-
-    @staticmethod
-    def barrier():
-        if dist.is_initialized():
-            dist.barrier()
-
-    @staticmethod
-    def all_sum(t: torch.Tensor) -> torch.Tensor:
-        if dist.is_initialized():
-            dist.all_reduce(t)
-        return t
-
-    @staticmethod
-    def broadcast_object(obj):
-        """rank 0's `obj` on every rank."""
-        if not dist.is_initialized():
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    @staticmethod
-    def teardown():
-        if dist.is_initialized():
-            dist.destroy_process_group()
+from .train_state import (CKPT_DIR, Dist, atomic_json, finish_dir, full_tensor, list_checkpoints, load_state, log,
+                          save_state, tokenizer_files, truncate_metrics)
 
 
 # ------------------------------------------------------------------------------------------- pieces
@@ -147,189 +90,6 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
                              eps=cfg.adam_eps, foreach=False)
 
 
-def trainable_named(model: nn.Module) -> list:
-    """(name, parameter) of the trainable parameters, names as in the unwrapped model."""
-    return [(n.removeprefix("module."), p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on the CPU (an FSDP2 shard is all-gathered: every rank must call this)."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(t, DTensor):
-        t = t.full_tensor()
-    return t.detach().cpu().contiguous()
-
-
-def like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """`full` laid out like `param`: sharded the same way for an FSDP2 parameter, else on its device."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    full = full.to(device=param.device, dtype=param.dtype)
-    if isinstance(param, DTensor):
-        return distribute_tensor(full, param.device_mesh, param.placements)
-    return full
-
-
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
-def _finish_dir(path: Path) -> None:
-    """Make a temp dir's files durable and readable like normal files (mkdtemp/mkstemp give 0700/0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for f in [*path.iterdir(), path]:
-        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-# ------------------------------------------------------------------------------- resumable checkpoints
-
-
-def rng_states(device: torch.device) -> dict:
-    """Every rank's torch RNG state (CPU, and CUDA when used), gathered to all ranks."""
-    mine = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        mine["cuda"] = torch.cuda.get_rng_state(device)
-    states = [mine]
-    if dist.is_initialized():
-        states = [None] * Dist.world
-        dist.all_gather_object(states, mine)
-    return {f"rng.{kind}.{r}": t for r, s in enumerate(states) for kind, t in s.items()}
-
-
-def save_state(run_dir: Path, step: int, model, opt, state: dict, device, keep: int) -> None:
-    """Write checkpoints/step_N/ (model.safetensors, optimizer.safetensors, state.json) atomically.
-
-    The files go to a temp dir that is renamed into place once complete; older checkpoints beyond `keep`
-    are deleted only after that, so a kill at any moment leaves the last complete checkpoint usable.
-    Every rank must call this (FSDP shards are gathered); only rank 0 writes.
-    """
-    from safetensors.torch import save_file
-
-    weights = {name: full_tensor(p) for name, p in trainable_named(model)}
-    optim = {}
-    for name, p in trainable_named(model):
-        for key, value in opt.state.get(p, {}).items():
-            optim[f"{name}.{key}"] = full_tensor(value) if value.ndim else value.detach().cpu().reshape(())
-    rng = rng_states(device)
-    if Dist.rank == 0:
-        root = run_dir / CKPT_DIR
-        root.mkdir(parents=True, exist_ok=True)
-        final = root / f"step_{step:08d}"
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step_{step:08d}-"))
-        save_file(weights, str(tmp / "model.safetensors"))
-        save_file({**optim, **rng}, str(tmp / "optimizer.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "world_size": Dist.world}, indent=2))
-        _finish_dir(tmp)
-        if final.exists():  # the same step saved again (stop-after on a resumed run): swap it out
-            old = root / f".old-{final.name}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, final)
-        for stale in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(stale, ignore_errors=True)
-    Dist.barrier()
-
-
-def list_checkpoints(run_dir: Path) -> list:
-    """Complete checkpoint dirs, oldest first (temp dirs of an interrupted save are ignored)."""
-    root = Path(run_dir) / CKPT_DIR
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.name.startswith("step_") and (p / "state.json").is_file())
-
-
-def load_state(ckpt: Path, model, opt, device) -> dict:
-    """Restore weights, AdamW state and this rank's RNG from `ckpt`; return its state.json."""
-    from safetensors.torch import load_file
-
-    state = json.loads((ckpt / "state.json").read_text())
-    weights = load_file(str(ckpt / "model.safetensors"))
-    extra = load_file(str(ckpt / "optimizer.safetensors"))
-    with torch.no_grad():
-        for name, p in trainable_named(model):
-            if name not in weights:
-                raise ValueError(f"{ckpt}: no weights for '{name}' (was it saved by a different run setup?)")
-            p.copy_(like(p, weights[name]))
-            keys = [k for k in extra if k.startswith(name + ".") and "." not in k[len(name) + 1:]]
-            if keys:
-                opt.state[p] = {k[len(name) + 1:]: extra[k].clone() if extra[k].ndim == 0 else like(p, extra[k])
-                                for k in keys}
-    if state.get("world_size") == Dist.world:
-        torch.set_rng_state(extra[f"rng.cpu.{Dist.rank}"])
-        if device.type == "cuda" and f"rng.cuda.{Dist.rank}" in extra:
-            torch.cuda.set_rng_state(extra[f"rng.cuda.{Dist.rank}"], device)
-    else:
-        log(f"note: {ckpt} was written by {state.get('world_size')} processes, now {Dist.world}: "
-            "RNG states (only dropout uses them) are reseeded")
-        torch.manual_seed(state["step"] * 7919 + Dist.rank)
-    return state
-
-
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Keep the metrics lines of steps <= last_step (one per step), dropping what a killed run added after."""
-    if not path.is_file():
-        return
-    kept, seen = [], set()
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-        if isinstance(rec, dict) and rec.get("step", math.inf) <= last_step and rec["step"] not in seen:
-            seen.add(rec["step"])
-            kept.append(line)
-    tmp = path.with_name(".metrics.jsonl.tmp")
-    tmp.write_text("".join(k + "\n" for k in kept))
-    os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------------------- tokenizers
-
-
-def tokenizer_files(tok, source) -> dict:
-    """The files that carry `tok` (loaded from `source`) into a checkpoint dir: {file name: bytes}.
-
-    Names are the ones `load_tokenizer(dir)` looks for: a sentencepiece or tiktoken file becomes
-    `tokenizer.model`, a tokenizer.json keeps its config files beside it; a tokenizer that lives inside
-    a GGUF file is written out (sentencepiece -> tokenizer.model; byte-level BPE -> tokenizer.json +
-    tokenizer_config.json with the BOS/EOS names and the chat template).
-    """
-    from .tokenizer import find_tokenizer_file
-
-    src = find_tokenizer_file(source)
-    data = src.read_bytes()
-    if data[:4] != b"GGUF":
-        if tok.kind != "tokenizers":
-            return {"tokenizer.model": data}
-        side = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
-        return {"tokenizer.json": data, **{n: (src.parent / n).read_bytes() for n in side if (src.parent / n).is_file()}}
-    if tok.kind == "sentencepiece":
-        return {"tokenizer.model": tok.sp.serialized_model_proto()}
-    from .gguf_vocab import read_gguf_metadata
-
-    template = read_gguf_metadata(src, prefix="tokenizer.").get("tokenizer.chat_template")
-    config = {k: tok.tk.id_to_token(i) for k, i in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id)) if i >= 0}
-    if template:
-        config["chat_template"] = template
-    return {"tokenizer.json": tok.tk.to_str().encode(), "tokenizer_config.json": json.dumps(config).encode()}
-
-
-def _load_tokenizer(path):
-    from .tokenizer import load_tokenizer
-
-    return load_tokenizer(path)
-
-
 # -------------------------------------------------------------------------------------------- trainer
 
 
@@ -356,6 +116,8 @@ class Trainer:
         self.args = self._model_args()
         self.chat = any("messages" in r for r in records)
         self.tok, self.tok_files = self._tokenizer(records)
+        if self.args.vocab_size <= 0:  # params.json with vocab_size -1: take it from the tokenizer
+            self.args.vocab_size = self.tok.n_words
         if self.tok.n_words > self.args.vocab_size:
             raise ValueError(f"the tokenizer has {self.tok.n_words} tokens but the model's vocab_size is "
                              f"{self.args.vocab_size}")
@@ -388,7 +150,7 @@ class Trainer:
         cfg, own = self.cfg, self.run_dir / "tokenizer.model"
         path = cfg.tokenizer or cfg.init or (own if self.resume and own.is_file() else None)
         if path is not None:
-            tok = _load_tokenizer(path)
+            tok = load_tokenizer(path)
             self.pending = {self.run_dir / "tokenizer" / name: blob for name, blob in tokenizer_files(tok, path).items()}
             return tok, list(self.pending)
         if self.args.vocab_size <= 0:
@@ -401,15 +163,13 @@ class Trainer:
         self.pending = {own: proto}
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "tokenizer.model").write_bytes(proto)
-            tok = _load_tokenizer(Path(tmp) / "tokenizer.model")
+            tok = load_tokenizer(Path(tmp) / "tokenizer.model")
         return tok, [own]
 
     def _build_model(self) -> None:
         cfg, args = self.cfg, self.args
         torch.manual_seed(cfg.seed)
         if cfg.config:
-            if args.vocab_size <= 0:
-                args.vocab_size = self.tok.n_words
             with torch.device("meta"):
                 model = Transformer(args)
             model.to_empty(device=self.device)
@@ -456,7 +216,7 @@ class Trainer:
                 tmp = target.with_name(f".{target.name}.tmp")
                 tmp.write_bytes(blob)
                 os.replace(tmp, target)
-            _atomic_json(self.run_dir / "run.json", asdict(self.cfg))
+            atomic_json(self.run_dir / "run.json", asdict(self.cfg))
         Dist.barrier()
         if not ckpts:
             if self.resume:
@@ -481,6 +241,8 @@ class Trainer:
         self.autocast = cfg.bf16 if cfg.bf16 is not None else (
             self.device.type == "cuda" and torch.cuda.is_bf16_supported())
         self._announce(step)
+        if step == 0 and cfg.eval_every:  # the "before" picture: val loss and sample of the initial model
+            self._log_eval(0, self.evaluate(), None)
         bar = self._progress(step)
         while step < cfg.max_steps:
             t0 = time.perf_counter()
@@ -623,10 +385,15 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tok_per_s']:.0f}")
         if "val_loss" in rec:
-            msg = f"step {rec['step']}: val loss {rec['val_loss']:.4f}, perplexity {rec['val_ppl']:.2f}"
-            if "sample" in rec:
-                msg += f"\n  sample: {rec['sample']['prompt']!r} -> {rec['sample']['text']!r}"
-            bar.write(msg, file=sys.stderr)
+            self._log_eval(rec["step"], rec, bar)
+
+    def _log_eval(self, step: int, rec: dict, bar) -> None:
+        if Dist.rank or "val_loss" not in rec:
+            return
+        msg = f"step {step}: val loss {rec['val_loss']:.4f}, perplexity {rec['val_ppl']:.2f}"
+        if "sample" in rec:
+            msg += f"\n  sample: {rec['sample']['prompt']!r} -> {rec['sample']['text']!r}"
+        bar.write(msg, file=sys.stderr) if bar is not None else log(msg)
 
     def save(self, step: int, rec: dict) -> None:
         state = {"samples_seen": self.samples, "loss": rec["loss"], "config": asdict(self.cfg)}
@@ -640,7 +407,7 @@ class Trainer:
         if Dist.rank == 0:
             tmp = Path(tempfile.mkdtemp(dir=self.run_dir, prefix=".final-"))
             save_checkpoint(tmp, self.args, sd, tokenizer_files=self.tok_files)
-            _finish_dir(tmp)
+            finish_dir(tmp)
             old = self.run_dir / ".final-old"
             shutil.rmtree(old, ignore_errors=True)
             if final.exists():
@@ -659,6 +426,12 @@ class _restore_sync(contextlib.AbstractContextManager):
     def __exit__(self, *exc):
         self.module.set_requires_gradient_sync(True)
         return False
+
+
+def load_tokenizer(path):
+    from .tokenizer import load_tokenizer as load
+
+    return load(path)
 
 
 def train(cfg: TrainConfig, resume: bool = False, stop_after=None):

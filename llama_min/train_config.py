@@ -146,7 +146,7 @@ def read_json_file(path, what: str) -> dict:
 def resolve_model_config(name_or_path: str) -> Path:
     """A model config path; a bare name ('tiny', 'stories15M') means configs/<name>.json of this checkout."""
     path = Path(name_or_path)
-    if path.exists() or path.suffix:
+    if path.exists() or path.suffix == ".json":
         return path
     bundled = Path(__file__).resolve().parent.parent / "configs" / f"{name_or_path}.json"
     return bundled if bundled.exists() else path

@@ -22,6 +22,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -116,7 +117,8 @@ def main(argv=None) -> int:
 
         train(cfg, resume=resume, stop_after=stop_after)
     except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; say it once
+            print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; the last complete checkpoint (if any) can be resumed with --resume", file=sys.stderr)

@@ -348,3 +348,38 @@ def test_existing_run_needs_resume(workdir, tmp_path):
     with pytest.raises(ValueError, match="already holds a run"):
         Trainer.prepare(TrainConfig().updated(cfg, "test"))
     shutil.rmtree(tmp_path / "r")
+
+
+# ------------------------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("name,ffn,params_m", [
+    ("llama2-7b", 11008, 6738), ("llama3-8b", 14336, 8030), ("llama3.2-1b", 8192, 1236), ("smollm2-135m", 1536, 135),
+    ("tinyllama-1.1b", 5632, 1100), ("stories15M", 768, 15), ("stories110M", 2048, 110)])
+def test_model_configs_have_the_real_shapes(name, ffn, params_m):
+    from llama_min.checkpoint import expected_shapes
+    from llama_min.train_config import read_json_file, resolve_model_config
+
+    args = ModelArgs.from_dict(read_json_file(resolve_model_config(name), "model config"))
+    shapes = expected_shapes(args)
+    if args.tie_word_embeddings:
+        shapes.pop("output.weight")
+    n = sum(torch.Size(s).numel() for s in shapes.values())
+    assert args.ffn_hidden == ffn and round(n / 1e6) == params_m, (args.ffn_hidden, n)
+
+
+@pytest.mark.parametrize("name", ["train_scratch", "train_finetune", "train_lora"])
+def test_training_configs_load(name):
+    from llama_min.train_config import read_json_file, resolve_model_config
+
+    cfg = TrainConfig().updated(read_json_file(resolve_model_config(name), "training config"), name)
+    cfg.updated({"config": "tiny", "data": ["x.txt"], "out": "o"}, "test").check()
+
+
+def test_grad_checkpointing_gives_the_same_losses(workdir, tmp_path):
+    kw = dict(config=str(workdir / "tiny.json"), data=[str(workdir / "text.txt")], max_steps=3, batch_size=2,
+              seq_len=32, sample_tokens=0, eval_every=0)
+    run_in_process(out=str(tmp_path / "a"), **kw)
+    run_in_process(out=str(tmp_path / "b"), grad_checkpointing=True, tokenizer=str(tmp_path / "a" / "tokenizer.model"),
+                   **kw)
+    assert [m["loss"] for m in metrics(tmp_path / "a")] == [m["loss"] for m in metrics(tmp_path / "b")]
