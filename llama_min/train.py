@@ -173,9 +173,11 @@ class Trainer:
             with torch.device("meta"):
                 model = Transformer(args)
             model.to_empty(device=self.device)
+            model.tie_weights()  # to_empty gives each module its own new tensor: tie them again
             init_weights(model)
         else:
             model = build_transformer(args, self.init_sd, device=self.device, dtype=torch.float32)
+            model.tie_weights()
             del self.init_sd
         if cfg.lora_rank:
             n = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)

@@ -383,3 +383,15 @@ def test_grad_checkpointing_gives_the_same_losses(workdir, tmp_path):
     run_in_process(out=str(tmp_path / "b"), grad_checkpointing=True, tokenizer=str(tmp_path / "a" / "tokenizer.model"),
                    **kw)
     assert [m["loss"] for m in metrics(tmp_path / "a")] == [m["loss"] for m in metrics(tmp_path / "b")]
+
+
+def test_tied_embeddings_stay_tied(workdir, tmp_path):
+    """A tied config trains one matrix for input and output, and final/ holds exactly what was trained."""
+    (tmp_path / "tied.json").write_text(json.dumps(dict(TINY_MODEL, tie_word_embeddings=True)))
+    t = run_in_process(config=str(tmp_path / "tied.json"), data=[str(workdir / "text.txt")], out=str(tmp_path / "r"),
+                       max_steps=2, batch_size=2, seq_len=32, sample_tokens=0, eval_every=0)
+    assert t.model.output.weight is t.model.tok_embeddings.weight
+    args, sd = load_checkpoint(tmp_path / "r" / "final")
+    x = torch.randint(0, args.vocab_size, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(build_transformer(args, sd).eval()(x), t.model.eval()(x))
