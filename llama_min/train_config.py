@@ -38,7 +38,8 @@ DOC = {
     "sample_tokens": "new tokens in that sample (0 = no sample)",
     "save_every": "write a resumable checkpoint every N steps (0 = only with --stop-after)",
     "keep_checkpoints": "how many recent checkpoints to keep",
-    "bf16": "bfloat16 autocast (null = on where it pays: a CUDA GPU with bf16; off on CPU, where it is slower)",
+    "bf16": "bfloat16 autocast over float32 master weights (null = on for a CUDA GPU with bf16, off on CPU: "
+            "there it is not bit-exact and its speed depends on the CPU's bf16 support)",
     "grad_checkpointing": "recompute each block's activations in the backward pass: less memory, ~30% more time",
     "fsdp": "under torchrun: shard parameters, gradients and optimizer state (FSDP2 fully_shard) instead of DDP",
     "device": "cpu | cuda | cuda:N (default: the GPU of this process if there is one, else cpu)",

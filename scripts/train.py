@@ -42,11 +42,11 @@ def parse_args(argv=None):
                 formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
     g = p.add_argument_group("model and data")
     src = g.add_mutually_exclusive_group()
-    src.add_argument("--config", metavar="MODEL.json", help=DOC["config"])
-    src.add_argument("--init", metavar="CKPT", help=DOC["init"])
-    g.add_argument("--tokenizer", metavar="PATH", help=DOC["tokenizer"])
-    g.add_argument("--data", metavar="FILE", nargs="+", help=DOC["data"])
-    g.add_argument("--out", metavar="DIR", help=DOC["out"])
+    src.add_argument("--config", metavar="MODEL.json", help=_help("config"))
+    src.add_argument("--init", metavar="CKPT", help=_help("init"))
+    g.add_argument("--tokenizer", metavar="PATH", help=_help("tokenizer"))
+    g.add_argument("--data", metavar="FILE", nargs="+", help=_help("data"))
+    g.add_argument("--out", metavar="DIR", help=_help("out"))
     g.add_argument("--train-config", metavar="TRAIN.json",
                    help="training settings as JSON (the keys below, underscores for dashes); flags override it")
 
@@ -66,9 +66,8 @@ def parse_args(argv=None):
                    "(its saved settings are used; flags given now override them)")
 
     g = p.add_argument_group("speed, memory and devices")
-    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, help=DOC["bf16"])
-    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, help=DOC["grad_checkpointing"])
-    g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, help=DOC["fsdp"])
+    for name in ("bf16", "grad_checkpointing", "fsdp"):
+        g.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction, help=_help(name))
     _add(g, "device", str)
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
 
@@ -78,10 +77,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _help(name: str) -> str:
+    return DOC[name].replace("%", "%%")  # argparse formats help strings with %
+
+
 def _add(group, name: str, typ) -> None:
     default = getattr(TrainConfig, name, None)
     group.add_argument("--" + name.replace("_", "-"), type=typ, metavar=name.split("_")[-1].upper(),
-                       help=f"{DOC[name]} (default {default})")
+                       help=_help(name) + ("" if default is None else f" (default {default})"))
 
 
 def build_config(ns) -> tuple:

@@ -395,3 +395,17 @@ def test_tied_embeddings_stay_tied(workdir, tmp_path):
     x = torch.randint(0, args.vocab_size, (1, 20))
     with torch.no_grad():
         assert torch.equal(build_transformer(args, sd).eval()(x), t.model.eval()(x))
+
+
+def test_help_explains_every_flag(capsys):
+    sys.path.insert(0, str(SCRIPT.parent))
+    import train as train_script
+
+    with pytest.raises(SystemExit) as exc:
+        train_script.main(["--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0
+    for flag in ("--config", "--init", "--tokenizer", "--data", "--out", "--train-config", "--max-steps",
+                 "--batch-size", "--seq-len", "--lr", "--seed", "--save-every", "--stop-after", "--resume",
+                 "--lora-rank", "--fsdp", "--bf16", "--grad-checkpointing"):
+        assert flag in out
