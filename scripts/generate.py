@@ -55,6 +55,12 @@ def parse_args(argv=None):
         p.error("give --prompt TEXT, or --chat")
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be >= 1")
+    from llama_min.generation import Sampling
+
+    try:  # check the sampling flags before spending time on loading
+        Sampling(args.temperature, args.top_p, args.top_k, args.min_p, args.repetition_penalty)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
