@@ -87,7 +87,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.adam_eps, foreach=False)
+                             eps=cfg.adam_eps)
 
 
 # -------------------------------------------------------------------------------------------- trainer
@@ -149,6 +149,9 @@ class Trainer:
         """
         cfg, own = self.cfg, self.run_dir / "tokenizer.model"
         path = cfg.tokenizer or cfg.init or (own if self.resume and own.is_file() else None)
+        if path == own:  # resuming a run whose tokenizer was trained on its data
+            self.pending = {}
+            return load_tokenizer(own), [own]
         if path is not None:
             tok = load_tokenizer(path)
             self.pending = {self.run_dir / "tokenizer" / name: blob for name, blob in tokenizer_files(tok, path).items()}
@@ -243,6 +246,9 @@ class Trainer:
         self.autocast = cfg.bf16 if cfg.bf16 is not None else (
             self.device.type == "cuda" and torch.cuda.is_bf16_supported())
         self._announce(step)
+        if stop_after is not None and stop_after <= step:
+            log(f"nothing to do: the run is already at step {step} (--stop-after {stop_after})")
+            return None
         if step == 0 and cfg.eval_every:  # the "before" picture: val loss and sample of the initial model
             self._log_eval(0, self.evaluate(), None)
         bar = self._progress(step)
@@ -260,7 +266,8 @@ class Trainer:
             if step == stop_after or (cfg.save_every and step % cfg.save_every == 0):
                 self.save(step, rec)
             if step == stop_after and step < cfg.max_steps:
-                bar.close() if bar else None
+                if bar is not None:
+                    bar.close()
                 log(f"stopped after step {step}; continue with --resume")
                 return None
         if bar:
