@@ -429,16 +429,6 @@ def save_hf(out_dir, args: ModelArgs, state_dict: dict) -> Path:
 # ----------------------------------------------------------------------------------------------
 
 
-def gguf_metadata(reader) -> dict:
-    """All scalar/array metadata fields of a GGUFReader as plain Python values."""
-    meta = {}
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF."):
-            continue
-        meta[name] = field.contents()
-    return meta
-
-
 def args_from_gguf(meta: dict) -> ModelArgs:
     arch = meta.get("general.architecture", "llama")
     if arch != "llama":
@@ -474,35 +464,46 @@ def gguf_to_meta_name(name: str) -> Optional[str]:
     raise ValueError(f"unknown GGUF tensor '{name}'")
 
 
-def gguf_tensor(t, dtype) -> torch.Tensor:
-    """Dequantize one GGUF tensor to a torch tensor in Meta's (row-major) shape."""
+def gguf_tensor(data, dims: tuple, ggml_type: int, offset: int, dtype) -> torch.Tensor:
+    """Dequantize one GGUF tensor (at `offset` in the memory-mapped file `data`) to Meta's row-major shape."""
+    import numpy as np
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf.quants import dequantize
 
-    shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims innermost-first
-    arr = dequantize(t.data, t.tensor_type).reshape(shape)
-    return _cast(torch.from_numpy(arr.copy() if not arr.flags.writeable else arr), dtype or torch.float32)
+    qtype = GGMLQuantizationType(ggml_type)
+    shape = tuple(int(s) for s in reversed(dims))  # GGUF lists dims innermost-first
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    n_bytes = int(np.prod(shape)) * type_size // block
+    raw = data[offset : offset + n_bytes]
+    if len(raw) != n_bytes:
+        raise ValueError(f"tensor data runs past the end of the file (truncated download?)")
+    if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        arr = raw.view(np.float32 if qtype == GGMLQuantizationType.F32 else np.float16)
+    else:  # blocks of bytes, one row of blocks per output row
+        arr = raw.reshape(-1, shape[-1] * type_size // block)
+    arr = dequantize(arr, qtype).reshape(shape)
+    return _cast(torch.from_numpy(np.array(arr, dtype=np.float32, copy=False)), dtype or torch.float32)
 
 
 def _load_gguf(path: Path, dtype):
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable GGUF file ({e})") from None
-    meta = gguf_metadata(reader)
-    args = args_from_gguf(meta)
-    sd = {}
+    import numpy as np
     from tqdm import tqdm
 
-    for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor", leave=False, disable=None):
-        if t.name == "rope_freqs.weight":  # Llama 3.1+ scaling as per-pair divisors of theta_i
-            args.rope_freq_divisors = [float(x) for x in gguf_tensor(t, torch.float32)]
-            continue
+    from .gguf_vocab import read_gguf_tensor_infos
+
+    meta, infos = read_gguf_tensor_infos(path)
+    args = args_from_gguf(meta)
+    data = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: float32 tensors stay views
+    sd = {}
+    for name, dims, ggml_type, offset in tqdm(infos, desc="dequantizing", unit="tensor", leave=False, disable=None):
         try:
-            sd[gguf_to_meta_name(t.name)] = gguf_tensor(t, dtype)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+            t = gguf_tensor(data, dims, ggml_type, offset, dtype)
+            if name == "rope_freqs.weight":  # Llama 3.1+ scaling as per-pair divisors of theta_i
+                args.rope_freq_divisors = [float(x) for x in t.float()]
+                continue
+            sd[gguf_to_meta_name(name)] = t
+        except (ValueError, KeyError, NotImplementedError) as e:
+            raise ValueError(f"{path}: tensor '{name}': {e}") from None
     if "output.weight" not in sd:
         args.tie_word_embeddings = True
     if args.vocab_size <= 0:

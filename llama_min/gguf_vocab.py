@@ -2,6 +2,7 @@
 
 - ``read_gguf_metadata``: the key/value header of a GGUF file (a fast stdlib reader: ``gguf.GGUFReader``
   takes ~9 s on Llama 3's 128256-token vocab because it wraps every string in a numpy view).
+- ``read_gguf_tensor_infos``: the tensor directory after that header (name, ggml dims, type, byte offset).
 - ``spm_model_from_gguf_vocab``: a sentencepiece ``ModelProto`` (BPE, byte fallback, identity normalizer)
   from a ``'llama'`` vocab. Written with a tiny protobuf encoder so no ``protobuf`` package is needed.
   With ``meta_llama2=True`` it carries Meta's training settings and is byte-identical to Meta's file.
@@ -27,6 +28,15 @@ def read_gguf_metadata(path: str | Path, prefix: str | None = None) -> dict:
 
     Arrays come back as Python lists, strings as str.
     """
+    return _read_header(path, prefix, tensors=False)[0]
+
+
+def read_gguf_tensor_infos(path: str | Path):
+    """(metadata, tensors): tensors = [(name, dims in ggml order, ggml type, absolute byte offset), ...]."""
+    return _read_header(path, None, tensors=True)
+
+
+def _read_header(path, prefix, tensors: bool):
     path = Path(path)
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
@@ -37,12 +47,13 @@ def read_gguf_metadata(path: str | Path, prefix: str | None = None) -> dict:
             raise ValueError(f"{path}: GGUF version {version} is not supported (expected 2 or 3)")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             try:
-                return _parse_kv(buf, prefix)
+                meta, pos = _parse_kv(buf, prefix)
+                return meta, (_parse_tensor_infos(buf, pos, meta) if tensors else None)
             except (struct.error, IndexError, KeyError, UnicodeDecodeError) as err:
                 raise ValueError(f"{path}: corrupt or unsupported GGUF metadata ({err!r})") from None
 
 
-def _parse_kv(buf, prefix: str | None) -> dict:
+def _parse_kv(buf, prefix: str | None):
     _n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
     pos, out = 24, {}
     for _ in range(n_kv):
@@ -51,7 +62,23 @@ def _parse_kv(buf, prefix: str | None) -> dict:
         value, pos = _read_value(buf, pos + 4, vtype)
         if prefix is None or key.startswith(prefix):
             out[key] = value
-    return out
+    return out, pos
+
+
+def _parse_tensor_infos(buf, pos: int, meta: dict) -> list:
+    """Each tensor: name, u32 n_dims, n_dims x u64 dims, u32 type, u64 offset (from the aligned data start)."""
+    (n_tensors,) = struct.unpack_from("<Q", buf, 8)
+    infos = []
+    for _ in range(n_tensors):
+        name, pos = _read_str(buf, pos)
+        (n_dims,) = struct.unpack_from("<I", buf, pos)
+        dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+        ggml_type, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
+        pos += 4 + 8 * n_dims + 12
+        infos.append((name, tuple(dims), ggml_type, offset))
+    align = int(meta.get("general.alignment", 32))
+    start = (pos + align - 1) // align * align
+    return [(name, dims, t, start + off) for name, dims, t, off in infos]
 
 
 def _read_str(buf, pos: int):
