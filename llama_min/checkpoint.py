@@ -186,6 +186,14 @@ def _safetensors_open(path: Path):
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def _torch_load(path: Path) -> dict:
+    """A .pth/.bin state dict, memory-mapped, refusing anything but tensors (never unpickles code)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot load as a weights-only PyTorch file ({e})") from None
+
+
 def _load_safetensors(path: Path, dtype) -> dict:
     """Tensors of one safetensors file, memory-mapped (copy-on-write) by the safetensors library."""
     f = _safetensors_open(path)
@@ -271,12 +279,7 @@ def _load_meta(path: Path, dtype):
     params = _read_json(path / "params.json")
     args = ModelArgs.from_dict(params)
     files = sorted(path.glob("consolidated.*.pth"))
-    shards = []
-    for f in files:
-        try:
-            shards.append(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
-        except Exception as e:
-            raise ValueError(f"{f}: cannot load as a weights-only PyTorch file ({e})") from None
+    shards = [_torch_load(f) for f in files]
     keys = [k for k in shards[0] if k != "rope.freqs"]  # rope.freqs (Llama 1/2) is recomputed
     for f, s in zip(files[1:], shards[1:]):
         if set(k for k in s if k != "rope.freqs") != set(keys):
@@ -375,7 +378,7 @@ def _load_hf(path: Path, dtype):
         if f.suffix == ".safetensors":
             tensors = _load_safetensors(f, dtype)
         else:
-            tensors = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            tensors = _torch_load(f)
         for key, t in tensors.items():
             try:
                 name = hf_to_meta_name(key)

@@ -96,6 +96,20 @@ def default_dtype(device) -> torch.dtype:
     return torch.float32
 
 
+def optimize_for_inference(model: Transformer, quantize: Optional[str] = None, cpu_layout: bool = True):
+    """int8 weights (quantize="int8"), or float32 CPU weights of wide layers stored transposed (fast.py)."""
+    weight = model.norm.weight
+    if quantize == "int8":
+        from .quantize import quantize_int8
+
+        quantize_int8(model)
+    elif cpu_layout and weight.device.type == "cpu" and weight.dtype == torch.float32:
+        from .fast import transpose_wide_layers
+
+        transpose_wide_layers(model)
+    return model
+
+
 @dataclass
 class Stats:
     """Timing of the last generate call (seconds, token counts), for tokens/s reports."""
@@ -111,16 +125,18 @@ class Llama:
     def __init__(self, model: Transformer, tokenizer, max_seq_len: int, max_batch_size: int, seed: int = 1):
         self.model, self.tokenizer = model, tokenizer
         self.max_seq_len, self.max_batch_size = max_seq_len, max_batch_size
-        self.device = model.tok_embeddings.weight.device
+        self.device = model.norm.weight.device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.stats = Stats()
 
     @staticmethod
     def build(ckpt_path=None, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
-              device=None, dtype=None, seed: int = 1, quantize: Optional[str] = None) -> "Llama":
+              device=None, dtype=None, seed: int = 1, quantize: Optional[str] = None,
+              cpu_layout: bool = True) -> "Llama":
         """Load a checkpoint (Meta dir, HF dir, .gguf, own dir; None = the default model) and its tokenizer.
 
         quantize="int8" stores every linear layer as int8 with per-channel scales (see quantize.py).
+        cpu_layout: in float32 on the CPU, store wide layers transposed for faster decoding (see fast.py).
         """
         from .tokenizer import load_tokenizer
 
@@ -140,10 +156,7 @@ class Llama:
         args.max_seq_len = max_seq_len
         model = build_transformer(args, state_dict, device=device).eval().requires_grad_(False)
         del state_dict
-        if quantize == "int8":
-            from .quantize import quantize_int8
-
-            quantize_int8(model)
+        optimize_for_inference(model, quantize, cpu_layout)
         return Llama(model, tokenizer, max_seq_len, max_batch_size, seed)
 
     def compile(self, mode: Optional[str] = None):
@@ -216,10 +229,11 @@ class Llama:
                 token_logprobs[:, prev_pos + 1 : cur_pos + 1] = (
                     torch.log_softmax(logits, dim=-1).gather(-1, targets)[..., 0])
             generated = ~is_prompt[:, cur_pos]
-            if on_token is not None:
-                for row in torch.nonzero(generated & ~done).flatten().tolist():
+            stopped = generated & torch.isin(next_token, stop)
+            if on_token is not None:  # stream the new tokens (a stop token is not part of the text)
+                for row in torch.nonzero(generated & ~done & ~stopped).flatten().tolist():
                     on_token(row, int(next_token[row]))
-            done |= (generated & torch.isin(next_token, stop)) | (cur_pos + 1 >= limit)
+            done |= stopped | (cur_pos + 1 >= limit)
             if cur_pos == min(lens):
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()

@@ -292,7 +292,7 @@ class Transformer(nn.Module):
 
     def setup_cache(self, batch_size: int, max_len: int, device=None, dtype=None):
         """Allocate per-layer KV caches (B, max_len, K, hd); size them to the request, not the window."""
-        ref = self.tok_embeddings.weight
+        ref = self.norm.weight  # device and activation dtype (linear layers may be int8)
         if max_len > self.freqs_cis.shape[0]:
             raise ValueError(f"cache of {max_len} positions exceeds RoPE table of {self.freqs_cis.shape[0]}")
         for layer in self.layers:

@@ -118,14 +118,11 @@ class Ours:
 
     def __init__(self, args, sd, dtype_name, compile_=False):
         from llama_min.checkpoint import build_transformer
-        from llama_min.generation import Llama
+        from llama_min.generation import Llama, optimize_for_inference
 
         dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
         model = build_transformer(args, sd, dtype=dtype).eval().requires_grad_(False)
-        if dtype_name == "int8":
-            from llama_min.quantize import quantize_int8
-
-            quantize_int8(model)
+        optimize_for_inference(model, quantize="int8" if dtype_name == "int8" else None)  # as Llama.build does
         self.llama = Llama(model, _NoTokenizer(), max_seq_len=args.max_seq_len, max_batch_size=64)
         if compile_:
             self.name = "llama_min+compile"

@@ -182,6 +182,11 @@ def test_on_token_streams_every_generated_token():
     out, _ = llama.generate(PROMPTS[:2], max_gen_len=6, temperature=0, stop_ids=set(),
                             on_token=lambda row, t: seen[row].append(t))
     assert seen[0] == out[0] and seen[1] == out[1]
+    stop = out[0][2]
+    seen = {0: []}
+    out, _ = llama.generate(PROMPTS[:1], max_gen_len=6, temperature=0, stop_ids={stop},
+                            on_token=lambda row, t: seen[row].append(t))
+    assert seen[0] == out[0] and stop not in seen[0]  # the stop token is never streamed
 
 
 def test_text_completion_and_chat_completion_shapes():
