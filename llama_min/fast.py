@@ -25,7 +25,8 @@ class TransposedLinear(nn.Module):
         self.register_buffer("weight_t", weight.detach().t().contiguous())  # (in, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight_t
+        y = x.reshape(-1, self.in_features) @ self.weight_t  # 2-D: one GEMM, the weight read once
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, stored transposed"
@@ -40,7 +41,8 @@ class TransposedEmbedding(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         weight_t = self.output[0].weight_t  # (D, V): token t's embedding is column t
-        return weight_t.index_select(1, tokens.flatten()).t().reshape(*tokens.shape, -1)  # (B, T, D)
+        rows = weight_t.index_select(1, tokens.flatten()).t().contiguous()  # (B*T, D), a normal layout
+        return rows.view(*tokens.shape, -1)  # (B, T, D)
 
 
 def transpose_wide_layers(model: nn.Module) -> nn.Module:
