@@ -3,8 +3,8 @@
 Each output row (channel) n of a weight W (N, K) gets one scale s_n = max_k |W[n, k]| / 127 and
 int8 values q[n, k] = round(W[n, k] / s_n); then  y = x W^T ~= (x q^T) * s.  Activations stay in
 floating point. On the CPU the product runs in PyTorch's int8 x bf16 kernel
-(`aten._weight_int8pack_mm`), which streams the int8 weights directly; elsewhere the weights are
-dequantized on the fly. Embeddings and norms are not quantized (one row / a few numbers per token).
+(`aten._weight_int8pack_mm`), which streams the int8 weights directly; elsewhere, and for prompts
+of many tokens (where the work is arithmetic, not memory), the weights are dequantized on the fly. Embeddings and norms are not quantized (one row / a few numbers per token).
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+PREFILL_ROWS = 32  # from this many rows on, a float GEMM on dequantized weights beats the int8 kernel
 
 
 def quantize_per_channel(w: torch.Tensor):
@@ -38,6 +41,9 @@ class Int8Linear(nn.Module):
         self._scales_bf16 = scales.to(torch.bfloat16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if rows >= PREFILL_ROWS:  # a long prompt: compute-bound, so dequantize once and use a float GEMM
+            return F.linear(x, self.weight.to(x.dtype) * self.scales[:, None].to(x.dtype))
         if x.device.type == "cpu" and _has_int8pack_mm():
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
             if self._scales_bf16.device != x.device:

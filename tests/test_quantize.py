@@ -27,6 +27,8 @@ def test_int8_linear_equals_dequantized_matmul():
     # the CPU kernel takes bf16 activations: agreement to bf16 precision
     torch.testing.assert_close(got, want, atol=0.05 * want.abs().max().item(), rtol=0.02)
     assert (got - F.linear(x, lin.weight)).abs().max() < 0.1 * want.abs().max()
+    long = torch.randn(2, 40, 128)  # many rows (a prompt): float GEMM on the dequantized weights
+    torch.testing.assert_close(qlin(long), F.linear(long, qlin.weight.float() * qlin.scales[:, None]))
 
 
 def test_quantize_int8_replaces_every_linear():
