@@ -15,15 +15,14 @@ never holds two full copies of the model.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from .files import atomic_write
 from .model import ModelArgs, Transformer
 
 HF_TO_META = {
@@ -213,22 +212,6 @@ def _load_own(path: Path, dtype):
     return args, _load_safetensors(path / "model.safetensors", dtype)
 
 
-def _atomic_write(dst: Path, write) -> None:
-    """Call write(tmp_path) on a temp file in dst's folder, then rename it over dst."""
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
-    try:
-        write(tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_checkpoint(out_dir, args: ModelArgs, state_dict: dict, tokenizer_files=()) -> Path:
     """Write the own format: model.safetensors (Meta names), then params.json, then tokenizer files.
 
@@ -242,11 +225,11 @@ def save_checkpoint(out_dir, args: ModelArgs, state_dict: dict, tokenizer_files=
     tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
     if args.tie_word_embeddings:
         tensors.pop("output.weight", None)
-    _atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "llama_min"}))
-    _atomic_write(out / "params.json", lambda tmp: Path(tmp).write_text(json.dumps(args.to_dict(), indent=2)))
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "llama_min"}))
+    atomic_write(out / "params.json", lambda tmp: Path(tmp).write_text(json.dumps(args.to_dict(), indent=2)))
     for src in tokenizer_files:
         src = Path(src)
-        _atomic_write(out / src.name, lambda tmp: shutil.copyfile(src, tmp))
+        atomic_write(out / src.name, lambda tmp: shutil.copyfile(src, tmp))
     return out
 
 
@@ -422,8 +405,8 @@ def save_hf(out_dir, args: ModelArgs, state_dict: dict) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg, tensors = to_hf(args, state_dict)
-    _atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2)))
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2)))
     return out
 
 
@@ -479,7 +462,7 @@ def gguf_tensor(data, dims: tuple, ggml_type: int, offset: int, dtype) -> torch.
     n_bytes = int(np.prod(shape)) * type_size // block
     raw = data[offset : offset + n_bytes]
     if len(raw) != n_bytes:
-        raise ValueError(f"tensor data runs past the end of the file (truncated download?)")
+        raise ValueError("tensor data runs past the end of the file (truncated download?)")
     if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
         arr = raw.view(np.float32 if qtype == GGMLQuantizationType.F32 else np.float16)
     else:  # blocks of bytes, one row of blocks per output row

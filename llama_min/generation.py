@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from .checkpoint import build_transformer, load_checkpoint
 from .model import Transformer

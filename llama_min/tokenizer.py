@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 
 from llama_min import chat
+from llama_min.files import atomic_write
 from llama_min.gguf_vocab import (byte_level_decode, hf_tokenizer_from_gguf, read_gguf_metadata,
                                   spm_model_from_gguf_vocab)
 
@@ -167,7 +168,7 @@ class SentencePieceTokenizer(Tokenizer):
         return i if self.sp.id_to_piece(i) == text else None
 
     def save(self, out_dir):
-        return _atomic_write(Path(out_dir) / "tokenizer.model", self.sp.serialized_model_proto())
+        return atomic_write(Path(out_dir) / "tokenizer.model", self.sp.serialized_model_proto())
 
 
 # --------------------------------------------------------------------------------------------- tiktoken
@@ -202,7 +203,7 @@ class TiktokenTokenizer(Tokenizer):
 
     def save(self, out_dir):
         lines = (base64.b64encode(t) + b" %d\n" % r for t, r in sorted(self.ranks.items(), key=lambda x: x[1]))
-        return _atomic_write(Path(out_dir) / "tokenizer.model", b"".join(lines))
+        return atomic_write(Path(out_dir) / "tokenizer.model", b"".join(lines))
 
 
 def llama3_special_name(i: int) -> str:
@@ -254,8 +255,8 @@ class HFTokenizer(Tokenizer):
         name = {i: self.tk.id_to_token(i) for i in (self.bos_id, self.eos_id) if i >= 0}
         config = {"bos_token": name.get(self.bos_id), "eos_token": name.get(self.eos_id),
                   "add_bos_token": self.add_bos, "chat_template": self.chat_template}
-        _atomic_write(Path(out_dir) / "tokenizer_config.json", json.dumps(config, indent=2).encode())
-        return _atomic_write(Path(out_dir) / "tokenizer.json", self.tk.to_str().encode())
+        atomic_write(Path(out_dir) / "tokenizer_config.json", json.dumps(config, indent=2).encode())
+        return atomic_write(Path(out_dir) / "tokenizer.json", self.tk.to_str().encode())
 
 
 def load_tokenizer_json(path: Path) -> HFTokenizer:
@@ -287,15 +288,6 @@ def load_tokenizer_json(path: Path) -> HFTokenizer:
     return HFTokenizer(tk, token("bos"), token("eos"), stop_ids=stops, chat_template=template,
                        default_system=chat.default_system_from_template(template),
                        add_bos=configs["tokenizer_config.json"].get("add_bos_token"))
-
-
-def _atomic_write(path: Path, data: bytes) -> Path:
-    """Write ``data`` to a temp file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-    return path
 
 
 def _read_json(path: Path) -> dict:

