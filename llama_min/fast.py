@@ -45,13 +45,12 @@ class TransposedEmbedding(nn.Module):
         return rows.view(*tokens.shape, -1)  # (B, T, D)
 
 
-def transpose_wide_layers(model: nn.Module) -> nn.Module:
-    """Replace every nn.Linear with out_features >= in_features by a TransposedLinear, in place.
+def transpose_wide_layers(model) -> nn.Module:
+    """In a Transformer, replace every nn.Linear with out_features >= in_features by a TransposedLinear.
 
     In a tied model the embedding then reads its rows from the transposed output matrix.
     """
-    tied = getattr(model, "output", None) is not None and getattr(model.output, "weight", None) is getattr(
-        getattr(model, "tok_embeddings", None), "weight", None)
+    tied = model.output.weight is model.tok_embeddings.weight
     _swap(model)
     if tied and isinstance(model.output, TransposedLinear):
         model.tok_embeddings = TransposedEmbedding(model.output)
