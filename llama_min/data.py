@@ -91,7 +91,7 @@ def _check_record(rec, where: str) -> dict:
 
 def encode_text(tok, text: str) -> tuple[list[int], list[int]]:
     """BOS text EOS (BOS unless the vocabulary is ChatML-style, which uses none); loss on all but BOS."""
-    bos = getattr(tok, "add_bos", getattr(tok, "chat_format", "") != "chatml") and tok.bos_id >= 0
+    bos = tok.add_bos  # the tokenizer decides (never for ChatML, never without a BOS id)
     ids = tok.encode(text, bos=bos, eos=tok.eos_id >= 0)
     return ids, [0] * bos + [1] * (len(ids) - bos)
 

@@ -267,7 +267,7 @@ class Llama:
                         max_gen_len: Optional[int] = None, logprobs: bool = False, echo: bool = False, **extras):
         """Complete plain-text prompts -> [{"generation": str, "tokens": [...], "logprobs": [...]}, ...]."""
         tok = self.tokenizer
-        prompt_tokens = [tok.encode(p, bos=getattr(tok, "add_bos", True), eos=False) for p in prompts]
+        prompt_tokens = [tok.encode(p, bos=tok.add_bos, eos=False) for p in prompts]
         out, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, **extras)
         results = []
         for i, row in enumerate(out):

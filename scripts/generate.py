@@ -95,7 +95,7 @@ def stream_printer(tokenizer):
 def run_completion(llama, args):
     on_token, decoder = stream_printer(llama.tokenizer)
     tok = llama.tokenizer
-    prompt = tok.encode(args.prompt, bos=getattr(tok, "add_bos", True), eos=False)
+    prompt = tok.encode(args.prompt, bos=tok.add_bos, eos=False)
     llama.generate([prompt], max_gen_len=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                    on_token=lambda row, t: on_token(t))
