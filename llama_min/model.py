@@ -48,6 +48,27 @@ class ModelArgs:
     tie_word_embeddings: bool = False  # output projection shares the embedding matrix
     max_seq_len: int = 2048
 
+    def __post_init__(self):
+        """Check sizes and divisibility now, not later as a shape error deep in a forward pass."""
+        for name in ("dim", "n_layers", "n_heads", "multiple_of", "max_seq_len"):
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in ("n_kv_heads", "hidden_dim", "head_dim"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), minimum=1)
+        _check_int("vocab_size", self.vocab_size, minimum=-1)
+        if self.vocab_size == 0:
+            raise ValueError("vocab_size must be positive (or -1: take it from the tokenizer)")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})")
+        if self.head_dim is None and self.dim % self.n_heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads}), or give head_dim")
+        if self.hd % 2:
+            raise ValueError(f"head dim {self.hd} must be even (RoPE rotates pairs of features)")
+        for name in ("norm_eps", "rope_theta", "rope_scaling_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+
     @classmethod
     def from_dict(cls, params: dict) -> "ModelArgs":
         """Build from a params.json dict; nested {"model": {...}} is accepted, unknown keys are ignored."""
@@ -76,6 +97,11 @@ class ModelArgs:
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+def _check_int(name: str, value, minimum: int):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 class RMSNorm(nn.Module):

@@ -48,7 +48,7 @@ def test_hf_parity(hf_dirs, name):
 def test_negative_control_without_unpermute(hf_dirs, monkeypatch):
     """The parity test notices a loader that forgets to undo HF's q/k permutation."""
     path, expected = hf_dirs["gqa-5e5"]
-    monkeypatch.setattr("llama_min.checkpoint._unpermute_inplace", lambda w, n_heads: w)
+    monkeypatch.setattr("llama_min.formats.hf.unpermute_inplace", lambda w, n_heads: w)
     with torch.no_grad():
         diff = (ours(path)(tokens()) - expected).abs().max().item()
     print(f"[parity] negative control (no unpermute): max|dlogits| = {diff:.2f}")
@@ -58,10 +58,10 @@ def test_negative_control_without_unpermute(hf_dirs, monkeypatch):
 def test_wk_unpermuted_with_kv_heads_not_query_heads(hf_dirs, monkeypatch):
     """The classic GQA bug (H heads for wk) must give different logits."""
     path, expected = hf_dirs["gqa-5e5"]
-    from llama_min import checkpoint
+    from llama_min.formats import hf
 
-    real = checkpoint._unpermute_inplace
-    monkeypatch.setattr(checkpoint, "_unpermute_inplace", lambda w, n: real(w, 4))
+    real = hf.unpermute_inplace
+    monkeypatch.setattr(hf, "unpermute_inplace", lambda w, n: real(w, 4))
     with torch.no_grad():
         assert (ours(path)(tokens()) - expected).abs().max().item() > 1e-2
 
