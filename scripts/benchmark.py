@@ -118,11 +118,12 @@ class Ours:
 
     def __init__(self, args, sd, dtype_name, compile_=False):
         from llama_min.checkpoint import build_transformer
-        from llama_min.generation import Llama, optimize_for_inference
+        from llama_min.generation import Llama
+        from llama_min.transforms import apply_transforms
 
         dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
         model = build_transformer(args, sd, dtype=dtype).eval().requires_grad_(False)
-        optimize_for_inference(model, quantize="int8" if dtype_name == "int8" else None)  # as Llama.build does
+        apply_transforms(model, quantize="int8" if dtype_name == "int8" else None)  # as Llama.build does
         self.llama = Llama(model, _NoTokenizer(), max_seq_len=args.max_seq_len, max_batch_size=64)
         if compile_:
             self.name = "llama_min+compile"
