@@ -20,6 +20,7 @@ import torch
 from .checkpoint import build_transformer, load_checkpoint
 from .errors import LlamaMinError
 from .model import KVCache, Transformer
+from .stops import StopStrings
 
 
 @dataclass
@@ -200,7 +201,9 @@ class Llama:
     def generate(self, prompt_tokens: list, max_gen_len: Optional[int] = None, temperature: float = 0.6,
                  top_p: float = 0.9, logprobs: bool = False, echo: bool = False, top_k: Optional[int] = None,
                  min_p: Optional[float] = None, repetition_penalty: float = 1.0, seed: Optional[int] = None,
-                 stop_ids=None, on_token: Optional[Callable[[int, int], Optional[bool]]] = None):
+                 stop_ids=None, stop: Optional[list] = None,
+                 on_token: Optional[Callable[[int, int], Optional[bool]]] = None,
+                 on_text: Optional[Callable[[int, str], None]] = None):
         """Generate continuations of token-id prompts -> (tokens per row, logprobs per row or None).
 
         Meta's loop: rows run in lockstep from the shortest prompt's length; a longer prompt is fed its own
@@ -209,13 +212,18 @@ class Llama:
         is then cut to its prompt + max_gen_len and before its first stop token (`stop_ids`, default: the
         tokenizer's). Sampling draws from torch's global generator (`torch.manual_seed(S)` beforehand fixes the
         samples, as with Meta's code) unless `seed` is given, which uses a private generator.
-        `on_token(row, id)` is called for each new token that will be part of the row's output (streaming);
-        if it returns True the row stops there (how stop strings are matched, see stops.py).
+        `stop`: strings that end a row when its generated text contains one (matched across token
+        boundaries, see stops.py; the returned tokens end with the token that completed it).
+        `on_token(row, id)` is called for each new token that will be part of the row's output; if it
+        returns True the row stops there. `on_text(row, text)` streams each row's text as it forms (whole
+        characters, never a stop string).
         """
         s = Sampling(temperature, top_p, top_k, min_p, repetition_penalty)
         generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
         max_gen_len = self._check_request(prompt_tokens, max_gen_len)
         lens = [len(p) for p in prompt_tokens]
+        texts = StopStrings(self.tokenizer, stop, len(lens), on_text) if stop or on_text else None
+        on_token = _with_stop_strings(on_token, texts)
         bsz, total_len = len(lens), min(self.max_seq_len, max_gen_len + max(lens))
         stop = torch.tensor(sorted(self.tokenizer.stop_ids if stop_ids is None else stop_ids), device=self.device)
         pad = -1
@@ -258,6 +266,8 @@ class Llama:
         finally:
             self.model.clear_cache()
         self.stats.decode_s = _elapsed(start, self.device) - self.stats.prefill_s
+        for row in range(bsz if texts is not None else 0):
+            texts.finish(row)  # stream what the row's decoder still holds
         return self._collect(tokens, token_logprobs, lens, max_gen_len, echo, ended, by_string)
 
     @staticmethod
@@ -281,7 +291,7 @@ class Llama:
                 out_logprobs.append(token_logprobs[i, begin:end].tolist())
             if by_string[i]:
                 reasons.append("stop string")
-            elif int(ended[i]) < n + max_gen_len:
+            elif int(ended[i]) < min(n + max_gen_len, total_len):
                 reasons.append("end of turn")
             else:
                 reasons.append("max-new-tokens" if n + max_gen_len <= total_len else "window full")
@@ -297,7 +307,9 @@ class Llama:
         out, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, **extras)
         results = []
         for i, row in enumerate(out):
-            r = {"generation": tok.decode(row)}
+            text = tok.decode(row)
+            begin = len(tok.decode(prompt_tokens[i])) if echo else 0  # stop strings count in new text only
+            r = {"generation": text[:begin] + cut_at_stop(text[begin:], extras.get("stop"))}
             if logprobs:
                 r.update(tokens=[tok.decode([t]) for t in row], logprobs=lps[i])
             results.append(r)
@@ -310,12 +322,31 @@ class Llama:
         out, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, **extras)
         results = []
         for i, row in enumerate(out):
-            r = {"generation": {"role": "assistant", "content": self.tokenizer.decode(row)}}
+            text = cut_at_stop(self.tokenizer.decode(row), extras.get("stop"))
+            r = {"generation": {"role": "assistant", "content": text}}
             if logprobs:
                 r.update(tokens=[self.tokenizer.decode([t]) for t in row], logprobs=lps[i])
             results.append(r)
         return results
 
+
+
+def _with_stop_strings(on_token, texts: Optional[StopStrings]):
+    """The per-token callback, extended to feed the stop-string matcher (which may end the row)."""
+    if texts is None:
+        return on_token
+
+    def callback(row: int, token_id: int) -> bool:
+        asked = bool(on_token(row, token_id)) if on_token is not None else False
+        return texts.push(row, token_id) or asked
+
+    return callback
+
+
+def cut_at_stop(text: str, stop: Optional[list]) -> str:
+    """The text before the first occurrence of any stop string."""
+    hits = [i for i in (text.find(s) for s in (stop or []) if s) if i >= 0]
+    return text[: min(hits)] if hits else text
 
 
 def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,11 @@ class CharTokenizer:
     def decode(self, ids):
         return "".join(chr(i) for i in ids)
 
+    def stream_decoder(self):
+        from llama_min.tokenizer import StreamDecoder
+
+        return StreamDecoder(self)
+
     def encode_dialog(self, dialog):
         ids = [1]
         for m in dialog:
