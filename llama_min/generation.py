@@ -4,7 +4,6 @@
   sample_next        temperature, top-k, Meta's top-p, min-p, repetition penalty; greedy at T = 0
   Llama.generate     ragged batches in lockstep from the shortest prompt (longer prompts are teacher-forced),
                      stop sets, logprobs of the generated tokens, echo, a per-token callback for streaming
-  ChatSession        a multi-turn chat that keeps its KV cache: a new turn prefills only its new tokens
 
 The KV cache is sized to each request (prompt + new tokens, capped by max_seq_len).
 """
@@ -360,71 +359,3 @@ def _elapsed(start: float, device) -> float:
         torch.cuda.synchronize()
     return time.perf_counter() - start
 
-
-class ChatSession:
-    """A multi-turn chat (batch 1) that keeps its KV cache between turns.
-
-    Each turn encodes the whole dialog, finds how much of it is already in the cache (the longest
-    common prefix with the tokens fed so far) and prefills only the rest, then decodes until a stop
-    token. `reset()` forgets the dialog (the system message stays).
-    """
-
-    def __init__(self, llama: Llama, system: Optional[str] = None, seed: Optional[int] = None, **sampling):
-        self.llama, self.system = llama, system
-        self.sampling = Sampling(**sampling)
-        self.generator = None if seed is None else torch.Generator(llama.device).manual_seed(seed)
-        self.reset()
-
-    def reset(self):
-        self.dialog = [{"role": "system", "content": self.system}] if self.system else []
-        self.cached: list = []  # token ids whose keys/values sit in the cache, in order
-        self.llama.model.clear_cache()
-
-    def _ensure_cache(self, needed: int):
-        """Grow the cache (doubling, capped by the window), keeping the positions it holds."""
-        model = self.llama.model
-        have = model.cache_len
-        if needed <= have:
-            return
-        size = min(self.llama.max_seq_len, max(needed, 2 * have, 256))
-        if not have:
-            model.setup_cache(1, size)
-            return
-        for layer in model.layers:  # a bigger cache holding the same positions
-            old = layer.attention.cache
-            layer.attention.cache = KVCache(1, size, *old.k.shape[2:], old.k.dtype, old.k.device)
-            layer.attention.cache.update(0, old.k, old.v)
-
-    @torch.inference_mode()
-    def ask(self, text: str, max_gen_len: int = 512, on_token: Optional[Callable[[int], None]] = None) -> str:
-        llama, tok = self.llama, self.llama.tokenizer
-        dialog = self.dialog + [{"role": "user", "content": text}]
-        ids = tok.encode_dialog(dialog)
-        if len(ids) >= llama.max_seq_len:
-            raise LlamaMinError(f"the dialog is {len(ids)} tokens, the window {llama.max_seq_len}: /reset to start over")
-        keep = 0
-        while keep < min(len(ids) - 1, len(self.cached)) and ids[keep] == self.cached[keep]:
-            keep += 1
-        total = min(llama.max_seq_len, len(ids) + max_gen_len)
-        self._ensure_cache(total)
-        llama.stats = Stats(prompt_tokens=len(ids) - keep)
-        start = time.perf_counter()
-        logits = llama.model(torch.tensor([ids[keep:]], device=llama.device), keep, last_only=True)
-        llama.stats.prefill_s = _elapsed(start, llama.device)
-        fed, reply = list(ids), []
-        while len(fed) < total:
-            history = torch.tensor([fed], device=llama.device) if self.sampling.repetition_penalty != 1 else None
-            nxt = int(sample_next(logits[:, -1], self.sampling, history, self.generator)[0])
-            if nxt in tok.stop_ids:
-                break
-            reply.append(nxt)
-            if on_token is not None:
-                on_token(nxt)
-            logits = llama.model(torch.tensor([[nxt]], device=llama.device), len(fed), last_only=True)
-            fed.append(nxt)
-        llama.stats.new_tokens = len(reply)
-        llama.stats.decode_s = _elapsed(start, llama.device) - llama.stats.prefill_s
-        self.cached = fed
-        answer = tok.decode(reply)
-        self.dialog = dialog + [{"role": "assistant", "content": answer}]
-        return answer

@@ -104,7 +104,7 @@ def run_completion(llama, args):
 
 
 def run_chat(llama, args):
-    from llama_min.generation import ChatSession
+    from llama_min.session import ChatSession
 
     session = ChatSession(llama, system=args.system, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty)
