@@ -151,6 +151,9 @@ class Llama:
         torch.manual_seed(seed)
         tokenizer = load_tokenizer(tokenizer_path or ckpt_path)
         args, state_dict = load_checkpoint(ckpt_path, dtype=dtype)
+        if tokenizer.n_words > args.vocab_size:  # (more embedding rows than pieces is normal: padding)
+            raise LlamaMinError(f"{ckpt_path}: the tokenizer has {tokenizer.n_words} tokens, the model only "
+                                f"{args.vocab_size} embedding rows: wrong tokenizer for this checkpoint?")
         args.max_seq_len = max_seq_len
         model = build_transformer(args, state_dict, device=device).eval().requires_grad_(False)
         del state_dict
