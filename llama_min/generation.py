@@ -92,6 +92,27 @@ def sample_next(logits: torch.Tensor, s: Sampling, history: Optional[torch.Tenso
     return sample_top_p(probs, s.top_p, generator)
 
 
+def free_memory(device) -> Optional[int]:
+    """Bytes that can still be allocated on the device (None when unknown)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_memory(n_bytes: int, what: str, device) -> None:
+    """Refuse, before allocating, a request that cannot fit the device's free memory (with the numbers)."""
+    free = free_memory(device)
+    if free is not None and n_bytes > free:
+        raise LlamaMinError(f"{what} needs {n_bytes / 2**30:.1f} GiB, but only {free / 2**30:.1f} GiB is free "
+                            f"on {device}: ask for fewer positions (max_seq_len / max_gen_len) or a smaller batch")
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -142,6 +163,8 @@ class Llama:
 
         if quantize not in (None,) + QUANTIZE_CHOICES:
             raise LlamaMinError(f"unknown quantization '{quantize}' (expected one of {', '.join(QUANTIZE_CHOICES)})")
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
+            raise LlamaMinError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
         if ckpt_path is None:
             from .assets import default_model_path
 
@@ -155,6 +178,7 @@ class Llama:
             raise LlamaMinError(f"{ckpt_path}: the tokenizer has {tokenizer.n_words} tokens, the model only "
                                 f"{args.vocab_size} embedding rows: wrong tokenizer for this checkpoint?")
         args.max_seq_len = max_seq_len
+        check_memory(2 * max_seq_len * args.hd // 2 * 8, f"the RoPE table for max_seq_len {max_seq_len}", device)
         model = build_transformer(args, state_dict, device=device).eval().requires_grad_(False)
         del state_dict
         apply_transforms(model, optimize=optimize, quantize=quantize)
@@ -241,6 +265,9 @@ class Llama:
 
         self.stats = Stats(prompt_tokens=sum(lens))
         start, prev_pos = time.perf_counter(), 0
+        params, item = self.model.params, self.model.norm.weight.element_size()
+        check_memory(2 * params.n_layers * bsz * total_len * params.kv_heads * params.hd * item,
+                     f"a KV cache of {bsz} x {total_len} positions", self.device)
         self.model.setup_cache(bsz, total_len)
         try:
             for cur_pos in range(min(lens), total_len):
