@@ -93,6 +93,13 @@ def test_every_command_has_help(capsys, name):
     assert "--data" in out if name == "train" else "--" in out
 
 
+def test_debug_before_the_command_reaches_it(capsys):
+    code, out, err = run_cli(capsys, "--debug", "train", "--help")  # train's own parser never sees --debug
+    assert code == 0 and "--data" in out
+    code, _, err = run_cli(capsys, "--debug", "generate", "-p", "x", "--min-p", "2")
+    assert code == 2 and err[0] == "Traceback (most recent call last):" and err[-1].startswith("error: --min-p 2.0")
+
+
 def test_short_flags_mean_the_long_ones():
     short = build_parser().parse_args("-m ck -p hi -n 5 -c 64 -t 2 -s 7".split())
     long = build_parser().parse_args("--ckpt ck --prompt hi --max-new-tokens 5 --max-seq-len 64 --threads 2 "

@@ -21,4 +21,5 @@ def evaluation_entry():
 
 
 def main(argv=None, prog: Optional[str] = None) -> int:
-    return run_main(lambda argv: evaluation_entry()(argv), argv)
+    """`prog` is unused: the command's own parser names itself. --debug is taken here, not passed on."""
+    return run_main(lambda argv: evaluation_entry()([a for a in argv if a != "--debug"]), argv)

@@ -33,4 +33,5 @@ def training_entry():
 
 
 def main(argv=None, prog: Optional[str] = None) -> int:
-    return run_main(lambda argv: training_entry()(argv), argv)
+    """`prog` is unused: the command's own parser names itself. --debug is taken here, not passed on."""
+    return run_main(lambda argv: training_entry()([a for a in argv if a != "--debug"]), argv)
