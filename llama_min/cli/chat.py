@@ -78,7 +78,8 @@ def run_chat(llama, args) -> int:
             continue
         if text == "/reset":
             session.reset()
-            say("[conversation cleared]")
+            if not args.quiet:
+                say("[conversation cleared]")
             continue
         on_token, decoder = stream_printer(llama.tokenizer)
         try:

@@ -75,7 +75,7 @@ def classify(e: BaseException, debug: bool = False) -> tuple:
     if isinstance(e, (LlamaMinError, ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError)):
         return USER_ERROR, _one_line(e)
     if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
-        return ENV_FAILURE, f"out of memory ({_one_line(e) or 'no details'}); try a smaller --max-seq-len or dtype"
+        return ENV_FAILURE, f"out of memory ({_one_line(e) or 'no details'})"
     if isinstance(e, OSError):
         return ENV_FAILURE, _os_message(e)
     hint = "" if debug else " (unexpected: run again with --debug for the traceback)"
@@ -91,8 +91,7 @@ def _one_line(e: BaseException) -> str:
 def _os_message(e: OSError) -> str:
     """'<file>: <reason>' (e.g. 'runs/x: Read-only file system') instead of '[Errno 30] ...'."""
     if e.strerror:
-        where = e.filename if e.filename is not None else ""
-        return f"{where}: {e.strerror}" if where != "" else e.strerror
+        return e.strerror if e.filename is None else f"{e.filename}: {e.strerror}"
     return " ".join(str(e).split()) or type(e).__name__
 
 
