@@ -18,7 +18,7 @@ import torch
 
 from .checkpoint import build_transformer, load_checkpoint
 from .errors import LlamaMinError
-from .model import KVCache, Transformer
+from .model import Transformer
 from .stops import StopStrings
 
 

@@ -34,17 +34,28 @@ class _Input:
     def __init__(self, stdin=None):
         self.stdin = stdin or sys.stdin
         self.interactive = self.stdin.isatty()
+        self.line_no = 0
         if self.interactive:
             _enable_readline()
 
     def line(self, prompt: str):
-        """One line without its newline; None at end of input."""
+        """One line without its newline; None at end of input. Piped bytes must be UTF-8 (else one error)."""
+        self.line_no += 1
         if self.interactive:
             try:
                 return input(prompt)
             except EOFError:
                 return None
-        line = self.stdin.readline()
+        raw = getattr(self.stdin, "buffer", None)
+        if raw is None:  # a text-only stream (tests)
+            line = self.stdin.readline()
+        else:
+            data = raw.readline()
+            try:
+                line = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise LlamaMinError(f"stdin line {self.line_no}: not valid UTF-8 (byte 0x{data[e.start]:02x} "
+                                    f"at offset {e.start})") from None
         return None if not line else line.rstrip("\n")
 
     def message(self):
@@ -161,6 +172,11 @@ def chat_loop(session, max_new_tokens: int, verbose: bool = False, quiet: bool =
     while True:
         try:
             text = reader.message()
+        except LlamaMinError as e:  # bad bytes at the keyboard: say so and go on (piped: fatal)
+            if not reader.interactive:
+                raise
+            _note(f"error: {e}")
+            continue
         except KeyboardInterrupt:
             interrupts += 1
             if interrupts >= 2:
