@@ -32,11 +32,12 @@ class Terminal:
         self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
                                      preexec_fn=_controlling_terminal)
         os.close(slave)
-        self.seen = ""
+        self.seen, self.pos = "", 0  # everything read; where the next expect starts looking
 
     def expect(self, pattern: str, timeout: float = 120.0) -> str:
+        """Wait for `pattern` in the output that came after the previous match."""
         deadline = time.monotonic() + timeout
-        while not re.search(pattern, self.seen):
+        while not re.search(pattern, self.seen[self.pos:]):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise AssertionError(f"timed out waiting for {pattern!r}; screen so far:\n{self.seen[-2000:]}")
@@ -45,8 +46,10 @@ class Terminal:
                     self.seen += os.read(self.master, 65536).decode("utf-8", "replace")
                 except OSError:  # the child closed the terminal
                     break
-        assert re.search(pattern, self.seen), self.seen[-2000:]
-        return self.seen
+        match = re.search(pattern, self.seen[self.pos:])
+        assert match, self.seen[-2000:]
+        self.pos += match.end()
+        return match.group(0)
 
     def send(self, text: str):
         os.write(self.master, text.encode())
