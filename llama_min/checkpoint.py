@@ -7,6 +7,9 @@ Internal form = Meta's: `ModelArgs` + a state dict with Meta's key names (`layer
   HF      config.json + model*.safetensors (or pytorch_model*.bin); q/k rows un-permuted per head
   GGUF    one .gguf file; quantized tensors dequantized with the `gguf` package; q/k already Meta order
   own     params.json (ModelArgs) + model.safetensors with Meta names, written by `save_checkpoint`
+  llama2c karpathy/llama2.c's train.py `.pt` or export.py `.bin` (versions 0, 1, 2)
+
+A Hugging Face hub id or HF cache folder is first resolved to a local folder (llama_min.hub).
 
 Each format lives in llama_min/formats/; this module detects which one a path holds and dispatches.
 
