@@ -38,7 +38,7 @@ def resolve_checkpoint(path_or_id) -> Path:
     path = Path(text).expanduser()
     if path.exists():
         return cache_folder_snapshot(path) if is_cache_folder(path) else path
-    if not HUB_ID.fullmatch(text):
+    if not HUB_ID.fullmatch(text) or ".." in text:
         return path
     repo_id, _, revision = text.partition("@")
     return hub_snapshot(repo_id, revision or None)
@@ -61,9 +61,9 @@ def cache_folder_snapshot(folder: Path, revision: Optional[str] = None, strict: 
         return snapshots / ref.read_text().strip()
     if revision and (snapshots / revision).is_dir():
         return snapshots / revision
-    found = sorted((p for p in snapshots.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
-    if strict or (revision and not found):
+    if strict:
         return None
+    found = sorted((p for p in snapshots.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
     if not found:
         raise LlamaMinError(f"{folder}: Hugging Face cache folder without snapshots (an interrupted download?)")
     return found[-1]

@@ -178,8 +178,10 @@ def save_hf(out_dir, args: ModelArgs, state_dict: dict, tokenizer=None) -> Path:
     if tokenizer is not None:
         cfg.update(_tokenizer_ids(tokenizer))
         _save_tokenizer(out, tokenizer)
-        gen = {**_tokenizer_ids(tokenizer), "eos_token_id": _stop_ids(tokenizer)}
-        atomic_write(out / "generation_config.json", json.dumps(gen, indent=2))
+        path = out / "generation_config.json"  # a copied one keeps its sampling settings
+        gen = read_json(path, "generation_config.json") if path.is_file() else {}
+        gen.update(_tokenizer_ids(tokenizer), eos_token_id=_stop_ids(tokenizer))
+        atomic_write(path, json.dumps(gen, indent=2))
     atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(out / "config.json", json.dumps(cfg, indent=2))
     return out
