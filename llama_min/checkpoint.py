@@ -54,7 +54,8 @@ def detect_format(path) -> str:
             return "gguf"
         if is_llama2c(path):
             return "llama2c"
-        raise LlamaMinError(f"{path}: not a GGUF file or llama2.c .pt/.bin; expected one of those or a checkpoint directory")
+        raise LlamaMinError(f"{path}: not a GGUF file or llama2.c .pt/.bin; expected one of those or a "
+                            "checkpoint directory")
     if (path / "params.json").is_file() and (path / "model.safetensors").is_file():
         return "own"
     if (path / "params.json").is_file() and sorted(path.glob("consolidated.*.pth")):

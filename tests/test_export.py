@@ -192,7 +192,8 @@ def test_convert_script_writes_gguf(tmp_path, fixtures_dir):
     save_checkpoint(tmp_path / "own", args, sd)
     shutil.copyfile(fixtures_dir / "mistral-tokenizer.model.v1", tmp_path / "own" / "tokenizer.model")
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "convert.py"), str(tmp_path / "own"),
-                        str(tmp_path / "m.gguf"), "--to", "gguf", "--gguf-type", "q8_0"], capture_output=True, text=True)
+                        str(tmp_path / "m.gguf"), "--to", "gguf", "--gguf-type", "q8_0"],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert reader_field(tmp_path / "m.gguf", "general.file_type") == 7
     assert load_tokenizer(tmp_path / "m.gguf").encode("Hello world") == [22557, 1526]
