@@ -1,8 +1,10 @@
-"""Convert any checkpoint llama_min loads into llama_min's own format or a Hugging Face folder.
+"""Convert any checkpoint llama_min loads into llama_min's own format, a Hugging Face folder or a GGUF file.
 
   convert(src, dst, to="own")  dst/params.json + dst/model.safetensors (Meta names and q/k layout) + tokenizer
-  convert(src, dst, to="hf")   dst/config.json + dst/model.safetensors (HF names, HF q/k row order) + tokenizer:
-                               transformers' LlamaForCausalLM.from_pretrained(dst) loads it
+  convert(src, dst, to="hf")   dst/config.json + dst/model.safetensors (HF names, HF q/k row order) + tokenizer
+                               + generation_config.json: transformers' LlamaForCausalLM.from_pretrained(dst) loads it
+  convert(src, dst, to="gguf", gguf_type="f16")   one .gguf file (f32|f16|bf16|q8_0) with the tokenizer and
+                               chat template: llama.cpp, Ollama, LM Studio and transformers' GGUF loader read it
 
 `src` is anything load_checkpoint reads: a Meta dir (shards merged), a Hugging Face dir, a .gguf file
 (dequantized) or a llama_min dir. The tokenizer goes along: its file(s) are copied, or written out when it
@@ -11,20 +13,20 @@ lives inside a GGUF file. The command line is `llama-min convert` (llama_min/cli
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Optional
 
 from .errors import LlamaMinError
-from .files import publish_dir, read_json
+from .files import publish_dir
 
 DTYPES = ("float32", "bfloat16", "float16")
-FORMATS = ("own", "hf")
+FORMATS = ("own", "hf", "gguf")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 
-def convert(src, dst, to: str = "own", dtype: Optional[str] = None) -> Path:
-    """Load `src`, write it to `dst` in format `to` ('own' | 'hf'), cast to `dtype` if given; returns `dst`.
+def convert(src, dst, to: str = "own", dtype: Optional[str] = None, gguf_type: str = "f16") -> Path:
+    """Load `src`, write it to `dst` in format `to` ('own' | 'hf' | 'gguf'), cast to `dtype` if given.
 
     The output is built under a temp name beside `dst` and renamed into place when complete; an existing
     `dst` is refused (so nothing is overwritten by mistake).
@@ -41,8 +43,14 @@ def convert(src, dst, to: str = "own", dtype: Optional[str] = None) -> Path:
         raise LlamaMinError(f"--to {to!r}: expected one of {', '.join(FORMATS)}")
     if dtype is not None and dtype not in DTYPES:
         raise LlamaMinError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if to == "gguf" and gguf_type not in GGUF_TYPES:
+        raise LlamaMinError(f"--gguf-type {gguf_type!r}: expected one of {', '.join(GGUF_TYPES)}")
     args, sd = load_checkpoint(src, dtype=getattr(torch, dtype) if dtype else None)
     tok = _tokenizer_or_none(src)
+    if to == "gguf":
+        from .formats.gguf_write import save_gguf
+
+        return save_gguf(dst, args, sd, tok, gguf_type)
 
     def build(tmp: Path) -> None:
         for name, blob in (tokenizer_files(tok, src) if tok is not None else {}).items():
@@ -50,8 +58,7 @@ def convert(src, dst, to: str = "own", dtype: Optional[str] = None) -> Path:
         if to == "own":
             save_checkpoint(tmp, args, sd)
         else:
-            save_hf(tmp, args, sd)
-            _fix_hf_dtype(tmp / "config.json", sd)
+            save_hf(tmp, args, sd, tokenizer=tok)
 
     return publish_dir(dst, build)
 
@@ -65,10 +72,3 @@ def _tokenizer_or_none(src):
     except FileNotFoundError:
         print(f"note: no tokenizer found with {src}; converting the weights only", file=sys.stderr)
         return None
-
-
-def _fix_hf_dtype(config_path: Path, sd: dict) -> None:
-    """Record the weights' real dtype in config.json (save_hf writes float32); the folder is still private."""
-    cfg = read_json(config_path, "Hugging Face config")
-    cfg["torch_dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")
-    config_path.write_text(json.dumps(cfg, indent=2))

@@ -77,7 +77,7 @@ def test_dtype_and_tokenizer_go_along(tmp_path, fixtures_dir):
     assert (tmp_path / "bf16" / "tokenizer.model").read_bytes() == \
         (fixtures_dir / "mistral-tokenizer.model.v1").read_bytes()
     convert(src, tmp_path / "hf16", to="hf", dtype="float16")
-    assert json.loads((tmp_path / "hf16" / "config.json").read_text())["torch_dtype"] == "float16"
+    assert json.loads((tmp_path / "hf16" / "config.json").read_text())["dtype"] == "float16"
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
