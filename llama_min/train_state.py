@@ -249,7 +249,7 @@ def tokenizer_files(tok, source) -> dict:
         return {"tokenizer.json": data, **{n: (src.parent / n).read_bytes() for n in side if (src.parent / n).is_file()}}
     if tok.kind == "sentencepiece":
         return {"tokenizer.model": tok.sp.serialized_model_proto()}
-    from .gguf_vocab import read_gguf_metadata
+    from .gguf_file import read_gguf_metadata
 
     template = read_gguf_metadata(src, prefix="tokenizer.").get("tokenizer.chat_template")
     config = {k: tok.tk.id_to_token(i) for k, i in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id)) if i >= 0}
