@@ -62,7 +62,7 @@ import re
 from datetime import datetime
 from functools import lru_cache
 
-from llama_min.errors import LlamaMinError
+from llama_min.errors import EnvironmentFailure, LlamaMinError
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -317,9 +317,12 @@ def _template_followup(tok, messages, add_generation_prompt, template_vars) -> l
 @lru_cache(maxsize=16)
 def _compile(template: str):
     """The template compiled in a sandbox, with transformers' helpers (tojson, raise_exception, strftime_now)."""
-    import jinja2
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    try:
+        import jinja2
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise EnvironmentFailure("chat templates need the jinja2 package: pip install 'jinja2>=3.1.6'") from None
 
     if tuple(int(x) for x in re.findall(r"\d+", jinja2.__version__)[:3]) < (3, 1, 6):
         raise LlamaMinError(f"chat templates need jinja2>=3.1.6 (older sandboxes can be escaped); "

@@ -24,7 +24,8 @@ LLAMA_TEMPLATES = ["llama31-template", "llama32-template", "llama33-template", "
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 DIALOGS = {
     "system+user": [SYSTEM, {"role": "user", "content": "What is the capital of France?"}],
-    "multi-turn": [SYSTEM, {"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How can I help?"},
+    "multi-turn": [SYSTEM, {"role": "user", "content": "Hi!"},
+                   {"role": "assistant", "content": "Hello! How can I help?"},
                    {"role": "user", "content": "  Tell me a joke, 2+2 times.\n"}],
     "no-system": [{"role": "user", "content": "Héllo wörld 🦙"}, {"role": "assistant", "content": " Bonjour. "},
                   {"role": "user", "content": "中文字符 テスト"}],
@@ -195,7 +196,8 @@ def test_hf_folder_uses_its_own_files_and_template(tmp_path):
         "chat_template": [{"name": "default", "template": t31}, {"name": "tool_use", "template": t32}]}))
     (hf / "generation_config.json").write_text(json.dumps({"eos_token_id": [128001, 128008, 128009]}))
     tok = load_tokenizer(hf)
-    assert (tok.kind, tok.chat_format, sorted(tok.chat_templates)) == ("tokenizers", "template", ["default", "tool_use"])
+    assert (tok.kind, tok.chat_format) == ("tokenizers", "template")
+    assert sorted(tok.chat_templates) == ["default", "tool_use"]
     assert tok.stop_ids == {128001, 128008, 128009} and tok.eos_id == 128009
     assert tok.encode_dialog(SPEC_DIALOG, date_string=DATE) == \
         ours("llama31-template").encode_dialog(SPEC_DIALOG, date_string=DATE)
