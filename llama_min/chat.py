@@ -42,7 +42,9 @@ before rendering; after rendering the wraps are removed and their spans protecte
 then split at the special-token strings outside protected spans (those become their ids) and every piece
 between them is encoded as plain text. A dialog with no special-token text in it thus gives exactly
 transformers' ids; with such text, transformers (by default) turns it into control tokens, llama_min does
-not. (Caller strings lose any U+FDD0..U+FDD3 they contain.)
+not, and encodes such a message exactly as ``tok.encode(text)`` would. (Caller strings lose any
+U+FDD0..U+FDD3 they contain.) With a sentencepiece vocabulary each piece after a special token gets
+sentencepiece's leading-space marker, as Meta's Llama 2 format has it after BOS.
 
 **Continuing a dialog** (a chat REPL that keeps its KV cache, or training data built turn by turn): after
 generating the reply ids ``r`` for ``ids = encode_dialog(d)``, feed ``encode_followup(new_messages)``: it

@@ -173,9 +173,9 @@ def test_smollm2_template_from_its_gguf(smollm2_ref):
 # ------------------------------------------------------------------------------- folders and choices
 
 
-SPEC_IDS = [128000, 128006, 9125, 128007, 271, 2675, 527, 11190, 13, 128009, 128006, 882, 128007, 271, 13347, 0,
+META_IDS = [128000, 128006, 9125, 128007, 271, 2675, 527, 11190, 13, 128009, 128006, 882, 128007, 271, 13347, 0,
             128009, 128006, 78191, 128007, 271]          # Meta's format for [system "You are helpful.", user "Hi!"]
-SPEC_DIALOG = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Hi!"}]
+META_DIALOG = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Hi!"}]
 
 
 @pytest.mark.slow
@@ -199,9 +199,9 @@ def test_hf_folder_uses_its_own_files_and_template(tmp_path):
     assert (tok.kind, tok.chat_format) == ("tokenizers", "template")
     assert sorted(tok.chat_templates) == ["default", "tool_use"]
     assert tok.stop_ids == {128001, 128008, 128009} and tok.eos_id == 128009
-    assert tok.encode_dialog(SPEC_DIALOG, date_string=DATE) == \
-        ours("llama31-template").encode_dialog(SPEC_DIALOG, date_string=DATE)
-    assert tok.encode_dialog(SPEC_DIALOG, chat_format="meta") == SPEC_IDS        # Meta's format on request
+    assert tok.encode_dialog(META_DIALOG, date_string=DATE) == \
+        ours("llama31-template").encode_dialog(META_DIALOG, date_string=DATE)
+    assert tok.encode_dialog(META_DIALOG, chat_format="meta") == META_IDS        # Meta's format on request
 
 
 @pytest.mark.assets
@@ -212,8 +212,8 @@ def test_template_files_in_a_folder(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": t31}))
     tok = load_tokenizer(tmp_path)
     assert (tok.kind, tok.chat_format, tok.chat_template) == ("tiktoken", "template", t31)
-    assert tok.encode_dialog(SPEC_DIALOG, chat_format="meta") == SPEC_IDS
-    assert load_tokenizer(tmp_path, chat_format="meta").encode_dialog(SPEC_DIALOG) == SPEC_IDS
+    assert tok.encode_dialog(META_DIALOG, chat_format="meta") == META_IDS
+    assert load_tokenizer(tmp_path, chat_format="meta").encode_dialog(META_DIALOG) == META_IDS
     (tmp_path / "chat_template.jinja").write_text(t32)                      # the separate file wins
     tok = load_tokenizer(tmp_path)
     assert tok.chat_template == t32
@@ -228,17 +228,17 @@ def test_meta_folder_uses_metas_format(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(require_asset("llama3-tokenizer").read_bytes())
     (tmp_path / "params.json").write_text(json.dumps({"rope_theta": 500000.0, "use_scaled_rope": True}))
     tok = load_tokenizer(tmp_path)
-    assert (tok.chat_format, tok.chat_templates) == ("llama3", {}) and tok.encode_dialog(SPEC_DIALOG) == SPEC_IDS
-    prefill = SPEC_DIALOG + [{"role": "assistant", "content": "Hello "}]
-    assert tok.encode_dialog(prefill, continue_final_message=True) == SPEC_IDS + tok.encode("Hello")
+    assert (tok.chat_format, tok.chat_templates) == ("llama3", {}) and tok.encode_dialog(META_DIALOG) == META_IDS
+    prefill = META_DIALOG + [{"role": "assistant", "content": "Hello "}]
+    assert tok.encode_dialog(prefill, continue_final_message=True) == META_IDS + tok.encode("Hello")
     with pytest.raises(LlamaMinError, match="no chat template"):
-        tok.encode_dialog(SPEC_DIALOG, chat_format="template")
+        tok.encode_dialog(META_DIALOG, chat_format="template")
     with pytest.raises(LlamaMinError, match="date_string need chat_format='template'"):
-        tok.encode_dialog(SPEC_DIALOG, date_string=DATE)
+        tok.encode_dialog(META_DIALOG, date_string=DATE)
     with pytest.raises(LlamaMinError, match="chat_format 'chatml'"):
         load_tokenizer(tmp_path, chat_format="chatml")
     with pytest.raises(LlamaMinError, match="expected one of template, meta"):
-        tok.encode_dialog(SPEC_DIALOG, chat_format="alpaca")
+        tok.encode_dialog(META_DIALOG, chat_format="alpaca")
 
 
 @pytest.mark.assets
@@ -246,7 +246,7 @@ def test_template_errors_are_one_line():
     tok = ours("llama31-template")
     bad = load_tokenizer(require_asset("llama3-tokenizer"), chat_template="{% if %}")
     with pytest.raises(LlamaMinError, match="syntax error on line 1") as err:
-        bad.encode_dialog(SPEC_DIALOG)
+        bad.encode_dialog(META_DIALOG)
     assert "\n" not in str(err.value)
     with pytest.raises(LlamaMinError, match="only supports single tool-calls"):     # the template's raise_exception
         tok.encode_dialog([{"role": "assistant", "tool_calls": [{"function": {"name": "a", "arguments": {}}}] * 2}])
@@ -256,4 +256,4 @@ def test_template_errors_are_one_line():
     sandboxed = load_tokenizer(require_asset("llama3-tokenizer"),
                                chat_template="{{ messages.__class__.__mro__ }}")
     with pytest.raises(LlamaMinError, match="chat template"):
-        sandboxed.encode_dialog(SPEC_DIALOG)
+        sandboxed.encode_dialog(META_DIALOG)

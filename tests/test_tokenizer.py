@@ -1,7 +1,7 @@
 """Tokenizers and chat formats against the real Llama 2 / Llama 3 / Mistral / SmolLM2 vocabularies.
 
 The expected ids come from outside this project: llama.cpp's test vectors (``*.gguf.inp/.out``), Meta's
-published ids (SPEC.md section 4), Meta's file hashes, and transformers' own GGUF tokenizer.
+published ids (Meta's Llama 3 prompt-format example), Meta's file hashes, and transformers' own GGUF tokenizer.
 """
 
 import hashlib
