@@ -361,11 +361,13 @@ def load_tokenizer_json(path: Path, **kw) -> HFTokenizer:
     """``tokenizer.json`` + BOS/EOS/stop ids and chat template from the HF files beside it (when present)."""
     from tokenizers import Tokenizer as TkTokenizer
 
-    data = with_tiktoken_rule(read_json(path, "tokenizer.json"))
+    whole_pieces = needs_whole_piece_rule(read_json(path, "tokenizer.json"))
     try:
-        tk = TkTokenizer.from_str(json.dumps(data))
+        tk = TkTokenizer.from_file(str(path))
     except Exception as err:
         raise LlamaMinError(f"{path}: not a valid tokenizer.json ({str(err).splitlines()[0]})") from None
+    if whole_pieces:
+        tk.model.ignore_merges = True
     configs = {n: _read_json_if_there(path.parent / n) for n in
                ("tokenizer_config.json", "config.json", "generation_config.json")}
 
@@ -390,20 +392,19 @@ def load_tokenizer_json(path: Path, **kw) -> HFTokenizer:
                        add_bos=configs["tokenizer_config.json"].get("add_bos_token"), **kw)
 
 
-def with_tiktoken_rule(data: dict) -> dict:
-    """A Llama 3 tokenizer.json set to encode exactly as Meta's tiktoken ``tokenizer.model`` does.
+def needs_whole_piece_rule(data: dict) -> bool:
+    """Whether a tokenizer.json is a Llama 3 BPE without ``ignore_merges`` (then llama_min turns it on).
 
     tiktoken looks a whole pre-token piece up in the vocabulary before merging: a piece that is a
     vocabulary entry is one token. Plain BPE only merges pairs in rank order, and for ~600 entries
     (``" việc"``, ``" jeho"``, mostly Vietnamese, Czech, Turkish, Persian words) that order never builds
     the whole word. The ``tokenizers`` option ``ignore_merges`` is that whole-piece lookup; Llama 3 files
-    exported without it (older conversions) get it here when the pre-tokenizer is Llama 3's split regex.
+    exported without it (older conversions) get it when the pre-tokenizer is Llama 3's split regex, so
+    they encode exactly as Meta's tiktoken ``tokenizer.model``.
     """
     model = data.get("model")
-    if isinstance(model, dict) and model.get("type") == "BPE" and not model.get("ignore_merges") \
-            and _has_llama3_split(data.get("pre_tokenizer")):
-        model["ignore_merges"] = True
-    return data
+    return isinstance(model, dict) and model.get("type") == "BPE" and not model.get("ignore_merges") \
+        and _has_llama3_split(data.get("pre_tokenizer"))
 
 
 def _has_llama3_split(pre) -> bool:
