@@ -285,7 +285,8 @@ def llama3_names_of(path: Path) -> str:
     """Which Llama 3 special-token names fit the checkpoint around tokenizer.model ``path``: "3.1" or "3.0".
 
     The tiktoken file is identical for Llama 3.0 .. 3.3, so the checkpoint's config decides: Meta's
-    ``params.json`` with ``use_scaled_rope`` (3.1+) or without (3.0), or an HF ``config.json`` with
+    ``params.json`` with ``use_scaled_rope`` (3.1+; llama_min's own params.json may carry the scaling as
+    ``rope_freq_divisors``) or without (3.0), or an HF ``config.json`` with
     ``rope_scaling`` of type ``llama3`` (3.1+) or none at 8192 positions (3.0). Nothing beside: "3.1",
     the names of every release since July 2024 (under 3.0 those ids were reserved and never trained).
     """
@@ -293,7 +294,7 @@ def llama3_names_of(path: Path) -> str:
     for folder in folders:
         if (folder / "params.json").is_file():
             params = read_json(folder / "params.json", "params.json")
-            return "3.1" if params.get("use_scaled_rope") else "3.0"
+            return "3.1" if params.get("use_scaled_rope") or params.get("rope_freq_divisors") else "3.0"
         if (folder / "config.json").is_file():
             config = read_json(folder / "config.json", "config.json")
             scaling = config.get("rope_scaling") or {}

@@ -221,6 +221,9 @@ def test_template_files_in_a_folder(tmp_path):
     saved.mkdir()
     tok.save(saved)                                                         # the template travels along
     assert load_tokenizer(saved).chat_template == t32
+    from llama_min.train_state import tokenizer_files                      # and into converted checkpoints
+
+    assert tokenizer_files(tok, tmp_path)["chat_template.jinja"] == t32.encode()
 
 
 @pytest.mark.assets
