@@ -15,7 +15,7 @@ from datetime import datetime
 
 import pytest
 
-from conftest import require_asset
+from conftest import FIXTURES, require_asset
 from llama_min.errors import LlamaMinError
 from llama_min.tokenizer import load_tokenizer
 
@@ -260,3 +260,30 @@ def test_template_errors_are_one_line():
                                chat_template="{{ messages.__class__.__mro__ }}")
     with pytest.raises(LlamaMinError, match="chat template"):
         sandboxed.encode_dialog(META_DIALOG)
+
+
+# Llama 2 chat's template as Hugging Face ships it (system folded into the first user turn, BOS per turn)
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+
+
+def test_sentencepiece_template_matches_sentencepiece_pieces():
+    """A sentencepiece vocabulary with a template: each piece after <s>/</s> encoded as sentencepiece does."""
+    import sentencepiece
+
+    path = FIXTURES / "mistral-tokenizer.model.v1"
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    tok = load_tokenizer(path, chat_template=LLAMA2_TEMPLATE)
+    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi <s> there"},
+              {"role": "assistant", "content": " Hello! "}, {"role": "user", "content": "Who?"}]
+    first = "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi <s> there [/INST]"
+    expected = [1] + sp.encode(first + " Hello! ") + [2, 1] + sp.encode("[INST] Who? [/INST]")
+    assert tok.encode_dialog(dialog) == expected
+    assert tok.encode_dialog(dialog) == tok.encode_dialog(dialog, chat_format="meta")   # Meta's Llama 2 format
