@@ -535,10 +535,16 @@ def load_tokenizer(path: str | Path, chat_format: str | None = None,
     None: the checkpoint's template when it ships one, else the vocabulary's built-in format).
     ``chat_template``: a Jinja template (text, or a path to a ``.jinja`` file) replacing the checkpoint's.
     """
-    path = find_tokenizer_file(path)
+    from llama_min.formats.llama2c import llama2c_tokenizer_file, spm_model_from_tokenizer_bin
+    from llama_min.hub import resolve_checkpoint
+
     kw = {"chat_format": chat_format}
     if chat_template is not None:
         kw["chat_templates"] = _template_arg(chat_template)
+    path = resolve_checkpoint(path)  # hub ids and HF cache folders -> a local folder
+    if (vocab := llama2c_tokenizer_file(path)) is not None:  # llama2.c's tokenizer.bin
+        return SentencePieceTokenizer(spm_model_from_tokenizer_bin(vocab), name=str(vocab), **kw)
+    path = find_tokenizer_file(path)
     with open(path, "rb") as f:
         head = f.read(64)
     if head.startswith(b"GGUF"):
