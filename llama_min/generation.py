@@ -150,13 +150,15 @@ class Llama:
     @staticmethod
     def build(ckpt_path=None, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
               device=None, dtype=None, seed: int = 1, quantize: Optional[str] = None,
-              optimize: bool = True) -> "Llama":
+              optimize: bool = True, chat_format: Optional[str] = None) -> "Llama":
         """Load a checkpoint (Meta dir, HF dir, .gguf, own dir; None = the default model) and its tokenizer.
 
         seed: `torch.manual_seed(seed)`, as Meta's build does; sampling then draws from torch's global
         generator, so the same seed gives Meta's samples on the same weights.
         quantize: "int8" (see quantize.py). optimize: apply the inference transforms (transforms.py);
         False keeps exactly model.py's classes, the reference computation.
+        chat_format: "template" (the checkpoint's Jinja chat template), "meta" (Meta's Llama 2/3 formats) or
+        "chatml"; None = the template when the checkpoint ships one, else the vocabulary's built-in format.
         """
         from .tokenizer import load_tokenizer
         from .transforms import QUANTIZE_CHOICES, apply_transforms
@@ -172,7 +174,7 @@ class Llama:
         device = torch.device(device or default_device())
         dtype = dtype or default_dtype(device)
         torch.manual_seed(seed)
-        tokenizer = load_tokenizer(tokenizer_path or ckpt_path)
+        tokenizer = load_tokenizer(tokenizer_path or ckpt_path, chat_format=chat_format)
         args, state_dict = load_checkpoint(ckpt_path, dtype=dtype)
         if tokenizer.n_words > args.vocab_size:  # (more embedding rows than pieces is normal: padding)
             raise LlamaMinError(f"{ckpt_path}: the tokenizer has {tokenizer.n_words} tokens, the model only "
@@ -346,8 +348,12 @@ class Llama:
 
     def chat_completion(self, dialogs: list, temperature: float = 0.6, top_p: float = 0.9,
                         max_gen_len: Optional[int] = None, logprobs: bool = False, **extras):
-        """Answer dialogs ([{"role", "content"}, ...] ending with a user turn) in the tokenizer's chat format."""
-        prompt_tokens = [self.tokenizer.encode_dialog(d) for d in dialogs]
+        """Answer dialogs ([{"role", "content"}, ...]) in the tokenizer's chat format.
+
+        A dialog that ends with an assistant message is a prefill: the answer continues that message
+        (the returned content is the continuation only)."""
+        prompt_tokens = [self.tokenizer.encode_dialog(d, continue_final_message=d[-1]["role"] == "assistant")
+                         for d in dialogs]
         out, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, **extras)
         results = []
         for i, row in enumerate(out):

@@ -88,12 +88,17 @@ class ChatSession:
         return logits
 
     @torch.inference_mode()
-    def ask(self, text: str, max_gen_len: int = 512, on_token: Optional[Callable[[int], None]] = None) -> str:
-        """Answer `text` and remember the exchange. Ctrl-C (KeyboardInterrupt) while answering keeps the
-        answer so far in the dialog, with the cache consistent, then re-raises."""
+    def ask(self, text: str, max_gen_len: int = 512, on_token: Optional[Callable[[int], None]] = None,
+            prefill: str = "") -> str:
+        """Answer `text` and remember the exchange; the answer starts with `prefill` (which the model then
+        continues). Ctrl-C (KeyboardInterrupt) while answering keeps the answer so far in the dialog, with the
+        cache consistent, then re-raises. Returns the answer (prefill included)."""
         llama, tok = self.llama, self.llama.tokenizer
         dialog = self.dialog + [{"role": "user", "content": text}]
-        ids = tok.encode_dialog(dialog)
+        if prefill:
+            ids = tok.encode_dialog(dialog + [{"role": "assistant", "content": prefill}], continue_final_message=True)
+        else:
+            ids = tok.encode_dialog(dialog)
         if len(ids) >= llama.max_seq_len:
             raise LlamaMinError(f"the dialog is {len(ids)} tokens, the window {llama.max_seq_len}: /reset to start over")
         total = min(llama.max_seq_len, len(ids) + max_gen_len)
@@ -115,5 +120,5 @@ class ChatSession:
         finally:  # also on Ctrl-C: keep what was said
             llama.stats.new_tokens = len(reply)
             llama.stats.decode_s = _elapsed(start, llama.device) - llama.stats.prefill_s
-            self.dialog = dialog + [{"role": "assistant", "content": tok.decode(reply)}]
+            self.dialog = dialog + [{"role": "assistant", "content": prefill + tok.decode(reply)}]
         return self.dialog[-1]["content"]

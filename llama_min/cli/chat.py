@@ -23,6 +23,8 @@ from .loading import add_model_flags, add_sampling_flags, check_flags, load_llam
 def build_parser(prog: Optional[str] = None) -> Parser:
     p = Parser(prog=prog, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--system", help="system message of the conversation (/system TEXT changes it)")
+    p.add_argument("--prefill", default="", metavar="TEXT",
+                   help="start every answer with TEXT, which the model continues (e.g. '{' for JSON)")
     p.add_argument("--verbose", action="store_true", help="timing after every answer (default: once at exit)")
     add_model_flags(p)
     add_sampling_flags(p)
@@ -46,4 +48,5 @@ def run_chat(llama, args) -> int:
     from .repl import chat_loop
 
     session = ChatSession(llama, system=args.system, **sampling_kwargs(args))
-    return chat_loop(session, args.max_new_tokens, verbose=getattr(args, "verbose", False), quiet=args.quiet)
+    return chat_loop(session, args.max_new_tokens, verbose=getattr(args, "verbose", False), quiet=args.quiet,
+                     prefill=getattr(args, "prefill", ""))

@@ -32,6 +32,9 @@ def add_model_flags(p) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("-s", "--seed", type=int, default=1, help="random seed (default 1)")
+    p.add_argument("--chat-format", choices=["template", "meta", "chatml"], default=None,
+                   help="chat format: the checkpoint's own Jinja template (the default when it ships one), "
+                   "Meta's Llama 2/3 format, or ChatML")
     p.add_argument("--quiet", action="store_true", help="nothing on stderr but errors (no loading line, no timing)")
 
 
@@ -88,7 +91,8 @@ def load_llama(args):
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     start = time.perf_counter()
     llama = Llama.build(path, args.tokenizer, max_seq_len=args.max_seq_len, max_batch_size=1,
-                        device=args.device, dtype=dtype, seed=args.seed, quantize=args.quantize)
+                        device=args.device, dtype=dtype, seed=args.seed, quantize=args.quantize,
+                        chat_format=args.chat_format)
     return llama, time.perf_counter() - start
 
 

@@ -143,16 +143,17 @@ class _Timing:
             _note(f"[chat: {self.tokens} tokens generated at {self.tokens / self.seconds:.1f} tok/s]")
 
 
-def answer(session, text: str, max_new_tokens: int) -> None:
-    """Stream one answer to stdout; Ctrl-C stops it (what was said is kept)."""
+def answer(session, text: str, max_new_tokens: int, prefill: str = "") -> None:
+    """Stream one answer to stdout (starting with `prefill`); Ctrl-C stops it (what was said is kept)."""
     decoder = session.llama.tokenizer.stream_decoder()
+    sys.stdout.write(prefill)
 
     def show(token_id: int):
         sys.stdout.write(decoder.push(token_id))
         sys.stdout.flush()
 
     try:
-        session.ask(text, max_gen_len=max_new_tokens, on_token=show)
+        session.ask(text, max_gen_len=max_new_tokens, on_token=show, prefill=prefill)
     except KeyboardInterrupt:
         sys.stdout.write(decoder.flush() + "\n")
         _note("[answer stopped]")
@@ -164,7 +165,8 @@ def answer(session, text: str, max_new_tokens: int) -> None:
     sys.stdout.flush()
 
 
-def chat_loop(session, max_new_tokens: int, verbose: bool = False, quiet: bool = False, stdin=None) -> int:
+def chat_loop(session, max_new_tokens: int, verbose: bool = False, quiet: bool = False, stdin=None,
+              prefill: str = "") -> int:
     """Run the chat until /exit, end of input, or two Ctrl-C in a row at the prompt. Returns 0."""
     reader, timing, interrupts = _Input(stdin), _Timing(), 0
     if reader.interactive and not quiet:
@@ -193,7 +195,7 @@ def chat_loop(session, max_new_tokens: int, verbose: bool = False, quiet: bool =
                 break
             continue
         start = time.perf_counter()
-        answer(session, text.strip(), max_new_tokens)
+        answer(session, text.strip(), max_new_tokens, prefill)
         session.llama.stats.decode_s = session.llama.stats.decode_s or time.perf_counter() - start
         timing.add(session.llama.stats, verbose and not quiet)
     if not quiet:
