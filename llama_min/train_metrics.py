@@ -72,8 +72,9 @@ class RunLog:
         losses = f"train loss {rec['loss']:.4f}" if "loss" in rec else "no step run"
         if "val_loss" in rec:
             losses += f", val loss {rec['val_loss']:.4f} (perplexity {rec['val_ppl']:.2f})"
+        prompt = " ".join(prompt.split()) or "The"  # one line to copy
         try_it = (f"llama-min chat --ckpt {shlex.quote(str(final))}" if chat else
-                  f"llama-min generate --ckpt {shlex.quote(str(final))} --prompt {shlex.quote(prompt or 'The')}")
+                  f"llama-min generate --ckpt {shlex.quote(str(final))} --prompt {shlex.quote(prompt)}")
         log(f"done: steps {self.first_step} -> {rec.get('step', self.first_step)} in {format_seconds(seconds)}; "
             f"{losses}\nfinal model: {final}\ntry it: {try_it}")
 
