@@ -37,7 +37,7 @@ from .errors import LlamaMinError
 from .lora import merge_state_dict
 from .train_config import TrainConfig
 from .train_metrics import RunLog
-from .train_parallel import Dist, full_tensor, log, no_sync, wrap_model
+from .train_parallel import Dist, full_tensor, log, no_sync, trainable_named, wrap_model
 from .train_prepare import build_model, init_weights, prepare_inputs  # noqa: F401  (init_weights: re-export)
 from .train_state import CKPT_DIR, RunDir
 
@@ -78,6 +78,9 @@ class Trainer:
         self.data, self.tok, self.args = self.inputs.data, self.inputs.tok, self.inputs.args
         self.model = build_model(cfg, self.inputs, self.device)  # the plain Transformer (export, samples)
         self.wrapped = wrap_model(self.model, self.device, cfg.fsdp)  # what the training step calls
+        # the trainable parameters as the optimizer holds them (an FSDP2 root module shows its unsharded
+        # tensors instead after a forward without backward, e.g. an evaluation): checkpoints use these
+        self.named = trainable_named(self.wrapped)
         self.opt = build_optimizer(self.wrapped, cfg)
         torch.manual_seed(cfg.seed + Dist.rank)  # dropout streams differ per rank
         self.order = BatchOrder(self.data.n_train, cfg.seed)
@@ -94,7 +97,7 @@ class Trainer:
 
     def _restore(self) -> None:
         """Load the newest readable checkpoint of the run (weights, AdamW, RNG, data position)."""
-        state = self.run.restore(self.wrapped, self.opt, self.device)
+        state = self.run.restore(self.named, self.opt, self.device)
         if state is None:
             log(f"note: no checkpoint in {self.run.path / CKPT_DIR}; starting at step 0")
             return
@@ -247,7 +250,7 @@ class Trainer:
     def save(self, rec: dict) -> None:
         """A resumable checkpoint of the current step (every rank calls this)."""
         state = {"samples_seen": self.samples, "loss": rec["loss"], "config": asdict(self.cfg)}
-        self.run.save(self.step, self.wrapped, self.opt, state, self.device, self.cfg.keep_checkpoints)
+        self.run.save(self.step, self.named, self.opt, state, self.device, self.cfg.keep_checkpoints)
 
     def export(self) -> Path:
         """Write DIR/final/: plain (LoRA-merged) weights in the own format plus the tokenizer file(s)."""

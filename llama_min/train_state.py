@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -25,7 +27,7 @@ import torch
 
 from .errors import EnvironmentFailure, LlamaMinError
 from .files import atomic_write, clean_stale_temps, publish_dir, read_json
-from .train_parallel import Dist, full_tensor, like, log, trainable_named
+from .train_parallel import Dist, full_tensor, like, log
 
 CKPT_DIR = "checkpoints"
 RUN_ENTRIES = ("run.json", "metrics.jsonl", CKPT_DIR, "final", "tokenizer.model", "tokenizer")  # what a run writes
@@ -40,8 +42,10 @@ def writing(target: Path, what: str):
         yield
     except OSError as e:
         raise EnvironmentFailure(f"{target}: {e.strerror or e} (while writing {what})") from None
-    except SafetensorError as e:
-        raise EnvironmentFailure(f"{target}: {e} (while writing {what})") from None
+    except SafetensorError as e:  # safetensors reports an I/O failure as "... (os error N) ..."
+        code = re.search(r"os error (\d+)", str(e))
+        reason = os.strerror(int(code.group(1))) if code else str(e)
+        raise EnvironmentFailure(f"{target}: {reason} (while writing {what})") from None
 
 
 class RunDir:
@@ -106,13 +110,15 @@ class RunDir:
             return []
         return sorted(p for p in self.ckpt_root.iterdir() if p.name.startswith("step_") and p.is_dir())
 
-    def save(self, step: int, model, opt, state: dict, device, keep: int) -> None:
+    def save(self, step: int, named: list, opt, state: dict, device, keep: int) -> None:
         """Write checkpoints/step_N/ as one published folder, then prune to the `keep` newest.
 
-        Every rank must call this (FSDP shards are gathered); only rank 0 writes. A failed write removes its
-        temp folder and raises an EnvironmentFailure on every rank; the earlier checkpoints stay.
+        `named`: the trainable (name, parameter) pairs as the optimizer holds them (`trainable_named`, taken
+        right after wrapping). Every rank must call this (FSDP shards are gathered); only rank 0 writes. A
+        failed write removes its temp folder and raises an EnvironmentFailure on every rank; the earlier
+        checkpoints stay.
         """
-        tensors = checkpoint_tensors(model, opt, device)
+        tensors = checkpoint_tensors(named, opt, device)
         target = self.ckpt_root / f"step_{step:08d}"
         error = None
         if Dist.rank == 0:
@@ -134,7 +140,7 @@ class RunDir:
         for stale in [c for c in ckpts if c.name > newest.name] + older[: max(0, len(older) - (keep - 1))]:
             shutil.rmtree(stale, ignore_errors=True)
 
-    def restore(self, model, opt, device) -> dict | None:
+    def restore(self, named: list, opt, device) -> dict | None:
         """Load the newest checkpoint that reads back completely; return its state.json (None: no checkpoint).
 
         A damaged one (cut-off file, broken JSON, missing tensor) is reported on stderr and the one before it
@@ -143,11 +149,11 @@ class RunDir:
         ckpts = self.checkpoints()
         for i in range(len(ckpts) - 1, -1, -1):
             try:
-                loaded = read_checkpoint(ckpts[i], model)
+                loaded = read_checkpoint(ckpts[i], named)
             except LlamaMinError as e:
                 log(f"warning: {e}; " + (f"falling back to {ckpts[i - 1]}" if i else "no earlier checkpoint"))
                 continue
-            apply_checkpoint(loaded, model, opt, device)
+            apply_checkpoint(loaded, named, opt, device)
             return loaded[0]
         if ckpts:
             raise LlamaMinError(f"{self.ckpt_root}: no checkpoint reads back completely; "
@@ -238,11 +244,11 @@ def rng_states(device: torch.device) -> dict:
     return {f"rng.{kind}.{r}": t for r, s in enumerate(states) for kind, t in s.items()}
 
 
-def checkpoint_tensors(model, opt, device) -> tuple:
+def checkpoint_tensors(named: list, opt, device) -> tuple:
     """(trainable weights, AdamW state + RNG states): whole CPU tensors; every rank must call this."""
-    weights = {name: full_tensor(p) for name, p in trainable_named(model)}
+    weights = {name: full_tensor(p) for name, p in named}
     extra = {}
-    for name, p in trainable_named(model):
+    for name, p in named:
         for key, value in opt.state.get(p, {}).items():
             extra[f"{name}.{key}"] = full_tensor(value) if value.ndim else value.detach().cpu().reshape(())
     return weights, {**extra, **rng_states(device)}
@@ -257,7 +263,7 @@ def write_checkpoint(folder: Path, weights: dict, extra: dict, state: dict) -> N
     (folder / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
 
 
-def read_checkpoint(ckpt: Path, model) -> tuple:
+def read_checkpoint(ckpt: Path, named: list) -> tuple:
     """(state, weights, extra) of a checkpoint, read completely and checked against the model's trainable
     parameters before anything is applied; a LlamaMinError naming the file if it does not read back."""
     from safetensors import SafetensorError
@@ -273,17 +279,17 @@ def read_checkpoint(ckpt: Path, model) -> tuple:
         except (SafetensorError, OSError) as e:
             raise LlamaMinError(f"{ckpt / name}: does not read back ({e})") from None
     weights, extra = tensors
-    for name, _ in trainable_named(model):
+    for name, _ in named:
         if name not in weights:
             raise LlamaMinError(f"{ckpt}: no weights for '{name}' (saved by a different run setup?)")
     return state, weights, extra
 
 
-def apply_checkpoint(loaded: tuple, model, opt, device) -> None:
+def apply_checkpoint(loaded: tuple, named: list, opt, device) -> None:
     """Copy a read checkpoint into the (possibly sharded) model, the AdamW state and this rank's RNG."""
     state, weights, extra = loaded
     with torch.no_grad():
-        for name, p in trainable_named(model):
+        for name, p in named:
             p.copy_(like(p, weights[name]))
             prefix = name + "."
             keys = [k for k in extra if k.startswith(prefix) and "." not in k[len(prefix):]]

@@ -269,17 +269,24 @@ def test_lora_starts_at_the_base_model():
 
 @pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_two_processes_match_one(workdir, tmp_path, mode):
-    """torchrun --nproc_per_node 2 (gloo) with the same global batch logs the 1-process loss curve."""
+    """torchrun --nproc_per_node 2 (gloo) with the same global batch logs the 1-process loss curve.
+
+    FSDP2 is stopped after step 3 (just after an evaluation, which leaves the root module's parameters
+    unsharded) and resumed: the checkpoint must still hold every parameter's AdamW state.
+    """
     common = ["--config", workdir / "tiny.json", "--data", workdir / "text.txt", "--max-steps", 5,
-              "--batch-size", 4, "--seq-len", 32, "--eval-every", 5, "--lr", 3e-3, "--sample-tokens", 0]
+              "--batch-size", 4, "--seq-len", 32, "--eval-every", 3, "--lr", 3e-3, "--sample-tokens", 0]
     one = cli(*common, "--out", tmp_path / "one")
     assert one.returncode == 0, one.stderr
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(SCRIPT), *map(str, common), "--out", str(tmp_path / "two"),
-           "--tokenizer", str(tmp_path / "one" / "tokenizer.model")] + (["--fsdp"] if mode == "fsdp" else [])
-    two = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180, cwd=ROOT)
-    assert two.returncode == 0, two.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT)]
+    cmd = [*torchrun, *map(str, common), "--out", str(tmp_path / "two"),
+           "--tokenizer", str(tmp_path / "one" / "tokenizer.model")]
+    cmds = [cmd] if mode == "ddp" else [cmd + ["--fsdp", "--stop-after", "3"],
+                                        [*torchrun, "--out", str(tmp_path / "two"), "--resume"]]
+    for cmd in cmds:
+        two = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180, cwd=ROOT)
+        assert two.returncode == 0, two.stderr[-3000:]
     a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert len(a) == len(b) == 5
     for x, y in zip(a, b):
