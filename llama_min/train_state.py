@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .errors import EnvironmentFailure, LlamaMinError
-from .files import atomic_write, clean_stale_temps, publish_dir, read_json
+from .files import TEMP_PREFIX, atomic_write, clean_stale_temps, publish_dir, read_json
 from .train_parallel import Dist, full_tensor, like, log
 
 CKPT_DIR = "checkpoints"
@@ -70,8 +70,8 @@ class RunDir:
             if not (p / "run.json").is_file():
                 raise LlamaMinError(f"{p}: holds no run (no run.json); --resume continues a run started there")
             return
-        if overwrite or not p.is_dir() or not any(p.iterdir()):
-            return
+        if overwrite or not p.is_dir() or not any(not e.name.startswith(TEMP_PREFIX) for e in p.iterdir()):
+            return  # new, empty, or holding only the temp leftovers of a start that was killed
         if (p / "run.json").is_file():
             raise LlamaMinError(f"{p}: already holds a run; add --resume to continue it, --overwrite to start "
                                 "it again, or pick another --out")
