@@ -282,3 +282,21 @@ def test_evaluate_before_fit_writes_nothing(shared, tmp_path):
     assert rec["val_ppl"] == pytest.approx(math.exp(rec["val_loss"]))
     assert isinstance(rec["sample"]["text"], str)
     assert not out.exists()
+
+
+def test_temp_leftovers_of_a_killed_start_do_not_block(shared, tmp_path):
+    """A folder holding only temp files (a first start killed while writing) is reused; the temps go."""
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / ".tmp-run.json.k1ll3d.tmp").write_text("{")
+    rc, err = _main(shared, out, "--max-steps", 2)
+    assert rc == 0, err
+    assert not _temps(out) and (out / "final" / "model.safetensors").is_file()
+
+
+def test_debug_shows_the_traceback(shared, tmp_path):
+    bad = ["--config", str(shared / "tiny.json"), "--data", str(tmp_path / "none.txt"), "--out", str(tmp_path / "o")]
+    rc, err = _capture_main(bad)
+    assert rc == 2 and "Traceback" not in err and _one_error_line(err).endswith("none.txt: no such file")
+    rc, err = _capture_main([*bad, "--debug"])
+    assert rc == 2 and "Traceback" in err and err.strip().splitlines()[-1].endswith("none.txt: no such file")
