@@ -181,6 +181,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow  # a fresh Python process (~10 s on a busy 2-core machine)
 def test_kill_9_while_saving_then_resume(shared, tmp_path):
     """A process killed (SIGKILL) in the middle of writing a checkpoint: --resume ignores and removes the temp
     folder and logs exactly the losses of the uninterrupted run."""
