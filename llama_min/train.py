@@ -39,7 +39,7 @@ from .train_config import TrainConfig
 from .train_metrics import RunLog
 from .train_parallel import Dist, full_tensor, log, no_sync, trainable_named, wrap_model
 from .train_prepare import build_model, init_weights, prepare_inputs  # noqa: F401  (init_weights: re-export)
-from .train_state import CKPT_DIR, RunDir
+from .train_state import CKPT_DIR, RunDir, tokenizer_files  # noqa: F401  (tokenizer_files: re-export)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
