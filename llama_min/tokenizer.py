@@ -375,6 +375,12 @@ def find_tokenizer_file(path: str | Path) -> Path:
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load the tokenizer of ``path``: a tokenizer file, a checkpoint dir, or a ``.gguf`` file."""
+    from llama_min.formats.llama2c import llama2c_tokenizer_file, spm_model_from_tokenizer_bin
+    from llama_min.hub import resolve_checkpoint
+
+    path = resolve_checkpoint(path)  # hub ids and HF cache folders -> a local folder
+    if (vocab := llama2c_tokenizer_file(path)) is not None:  # llama2.c's tokenizer.bin
+        return SentencePieceTokenizer(spm_model_from_tokenizer_bin(vocab), name=str(vocab))
     path = find_tokenizer_file(path)
     with open(path, "rb") as f:
         head = f.read(64)
