@@ -232,15 +232,15 @@ class Trainer:
         from .generation import Llama
 
         prompt = self.sample_prompt()
-        llama = Llama(self.model, self.tok, max_seq_len=min(self.args.max_seq_len, 512), max_batch_size=1,
-                      seed=cfg.seed)
-        self.model.eval()
+        llama = Llama(self.model, self.tok, max_seq_len=min(self.args.max_seq_len, 512), max_batch_size=1)
+        opts = dict(temperature=0.8, max_gen_len=cfg.sample_tokens, seed=cfg.seed)  # a private generator:
+        self.model.eval()                                                         # training's RNG is untouched
         try:
             if self.inputs.chat:
                 dialog = [{"role": "user", "content": prompt or "Hello!"}]
-                text = llama.chat_completion([dialog], temperature=0.8, max_gen_len=cfg.sample_tokens)
+                text = llama.chat_completion([dialog], **opts)
                 return {"prompt": prompt, "text": text[0]["generation"]["content"]}
-            text = llama.text_completion([prompt], temperature=0.8, max_gen_len=cfg.sample_tokens)
+            text = llama.text_completion([prompt], **opts)
             return {"prompt": prompt, "text": text[0]["generation"]}
         finally:
             self.model.train()

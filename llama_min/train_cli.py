@@ -24,27 +24,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-import traceback
 
-from .errors import EnvironmentFailure, LlamaMinError
+from .cli.common import Parser, classify, run_main
+from .errors import LlamaMinError
 from .files import read_json
 from .train_config import DOC, TrainConfig
+from .train_parallel import log
 from .train_state import RunDir
 
 RUN_FLAGS = ("train_config", "resume", "stop_after", "threads", "overwrite", "debug")  # not training settings
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2, like every other user error here
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_args(argv=None, prog=None) -> argparse.Namespace:
     """The flags; only those given appear in the namespace (so a resumed run keeps its saved settings)."""
-    p = _Parser(prog=prog, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
+    p = Parser(prog=prog, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+               argument_default=argparse.SUPPRESS)  # one-line flag errors; --debug shows tracebacks
     g = p.add_argument_group("model and data")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--config", metavar="MODEL.json", help=_help("config"))
@@ -72,7 +66,6 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
         g.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction, help=_help(name))
     _add(g, "device", str)
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    g.add_argument("--debug", action="store_true", help="show the traceback of an error")
     _add_all(p.add_argument_group("LoRA"), (("lora_rank", int), ("lora_alpha", float), ("lora_dropout", float),
                                             ("lora_targets", str)))
     return p.parse_args(argv)
@@ -110,8 +103,9 @@ def build_config(ns: argparse.Namespace) -> TrainConfig:
     return cfg.updated(flags, "flags")
 
 
-def run(ns: argparse.Namespace) -> None:
-    """Build the settings from the flags and train (errors propagate)."""
+def run(argv=None, prog=None) -> None:
+    """Parse the flags, build the settings and train; errors propagate (`main` turns them into exit codes)."""
+    ns = parse_args(argv, prog)
     cfg = build_config(ns)
     stop_after = getattr(ns, "stop_after", None)
     if stop_after is not None and stop_after < 1:
@@ -122,39 +116,23 @@ def run(ns: argparse.Namespace) -> None:
         torch.set_num_threads(ns.threads)
     from .train import train
 
-    train(cfg, resume=getattr(ns, "resume", False), stop_after=stop_after, overwrite=getattr(ns, "overwrite", False))
+    try:
+        train(cfg, resume=getattr(ns, "resume", False), stop_after=stop_after,
+              overwrite=getattr(ns, "overwrite", False))
+    except KeyboardInterrupt:
+        log("the last complete checkpoint (if any) continues with --resume")
+        raise
 
 
 def main(argv=None, prog=None) -> int:
-    """Run the command; a mistake is one line `error: ...` and exit code 2 (1 when the machine is at fault)."""
-    ns = parse_args(argv, prog)
-    try:
-        run(ns)
-    except KeyboardInterrupt:
-        _say("interrupted; the last complete checkpoint (if any) continues with --resume")
-        return 130
-    except Exception as err:
-        if getattr(ns, "debug", False):
-            traceback.print_exc()
-        code, msg = _describe(err)
-        if code is None:
-            raise
-        _say(f"error: {msg}")
-        return code
+    """Run the command; a mistake is one line `error: ...` and exit code 2, 1 when the machine is at fault
+    (the rule of llama_min.cli.common.run_main). Under torchrun only rank 0 prints the line."""
+    if os.environ.get("RANK", "0") == "0":
+        return run_main(lambda args: run(args, prog), argv)
+    try:  # another rank of a torchrun job: it fails like rank 0, which says why
+        run(argv, prog)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 0
+    except BaseException as e:  # noqa: BLE001 - the exit code only
+        return classify(e)[0]
     return 0
-
-
-def _describe(err: Exception) -> tuple:
-    """(exit code, one-line message) of an error a user or the machine caused; (None, None) for a bug."""
-    if isinstance(err, EnvironmentFailure):
-        return 1, str(err)
-    if isinstance(err, (LlamaMinError, ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError)):
-        return 2, str(err)
-    if isinstance(err, OSError):  # disk full, no permission, read-only folder outside the checked writes
-        return 1, f"{err.filename}: {err.strerror}" if err.filename else str(err)
-    return None, None
-
-
-def _say(line: str) -> None:
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; say it once
-        print(line, file=sys.stderr, flush=True)

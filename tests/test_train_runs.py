@@ -278,7 +278,9 @@ def test_evaluate_before_fit_writes_nothing(shared, tmp_path):
                                      out=str(out), tokenizer=str(shared / "tokenizer.model"), batch_size=2,
                                      seq_len=16, sample_tokens=3), "test")
     trainer = Trainer(cfg)
+    rng = torch.get_rng_state()
     rec = trainer.evaluate()
+    assert torch.equal(torch.get_rng_state(), rng)  # the sample draws from its own generator
     assert abs(rec["val_loss"] - math.log(320)) < 0.05, rec
     assert rec["val_ppl"] == pytest.approx(math.exp(rec["val_loss"]))
     assert isinstance(rec["sample"]["text"], str)
