@@ -140,7 +140,7 @@ def test_sentencepiece_vocab_is_embedded(tmp_path, fixtures_dir):
 
 
 def test_byte_level_vocab_matches_llama_cpps_smollm2_file(tmp_path, smollm2_path):
-    from llama_min.gguf_vocab import read_gguf_metadata
+    from llama_min.gguf_file import read_gguf_metadata
 
     tok = load_tokenizer(smollm2_path)
     args, sd = random_model(vocab_size=49152, n_layers=1)
@@ -160,7 +160,7 @@ def test_byte_level_vocab_matches_llama_cpps_smollm2_file(tmp_path, smollm2_path
 @pytest.mark.slow
 def test_tiktoken_vocab_matches_llama_cpps_llama3_file(tmp_path, require_asset):
     """Llama 3's tiktoken ranks -> GGUF 'gpt2' vocabulary: the 280147 merges llama.cpp's file carries."""
-    from llama_min.gguf_vocab import read_gguf_metadata
+    from llama_min.gguf_file import read_gguf_metadata
 
     tok = load_tokenizer(require_asset("llama3-tokenizer"))
     reference = read_gguf_metadata(require_asset("llama3-vocab-gguf"), prefix="tokenizer.")
@@ -171,7 +171,9 @@ def test_tiktoken_vocab_matches_llama_cpps_llama3_file(tmp_path, require_asset):
     assert out["tokenizer.ggml.token_type"] == reference["tokenizer.ggml.token_type"]
     differ = [i for i, (a, b) in enumerate(zip(out["tokenizer.ggml.tokens"], reference["tokenizer.ggml.tokens"]))
               if a != b]
-    assert differ == [128008]  # llama.cpp's file has Llama 3.0's name for it; 3.1 calls it <|eom_id|>
+    # llama.cpp's file has Llama 3.0's special-token names; llama_min gives a lone tokenizer.model 3.1's
+    # (<|finetune_right_pad_id|> 128004, <|eom_id|> 128008, <|python_tag|> 128010, reserved ones renumbered)
+    assert differ == [128004, 128005, 128008, *range(128010, 128256)]
     assert out["tokenizer.ggml.pre"] == "llama-bpe" and out["tokenizer.ggml.eot_token_id"] == 128009
     back = load_tokenizer(tmp_path / "m.gguf")
     for text in TEXTS:

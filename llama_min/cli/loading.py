@@ -61,6 +61,9 @@ def check_flags(args) -> None:
         check_utf8("--" + flag, getattr(args, flag, None))
     check_device(args.device)
     if args.ckpt is not None:
+        from ..hub import resolve_checkpoint
+
+        args.ckpt = str(resolve_checkpoint(args.ckpt))  # a hub id or HF cache folder -> its local snapshot
         checkpoint_format(args.ckpt)
     if args.tokenizer is not None and not Path(args.tokenizer).exists():
         raise FileNotFoundError(f"--tokenizer {args.tokenizer}: no such file or directory")

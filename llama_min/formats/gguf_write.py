@@ -234,7 +234,7 @@ def spm_vocab(proto: bytes) -> tuple:
 
 def _pre_tokenizer_name(pre: Optional[dict]) -> str:
     """GGUF `tokenizer.ggml.pre` for a tokenizer.json pre-tokenizer llama_min's GGUF reader knows."""
-    from ..tokenizer import LLAMA3_PATTERN
+    from ..gguf_vocab import LLAMA3_PATTERN
 
     if pre and pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt2"
