@@ -33,5 +33,5 @@ def training_entry():
 
 
 def main(argv=None, prog: Optional[str] = None) -> int:
-    """`prog` is unused: the command's own parser names itself. --debug is taken here, not passed on."""
-    return run_main(lambda argv: training_entry()([a for a in argv if a != "--debug"]), argv)
+    """The training command applies the exit-code rule (and --debug) itself; `prog` names it in messages."""
+    return run_main(lambda argv: training_entry()(argv, prog=prog), argv)
