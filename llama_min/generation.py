@@ -234,43 +234,31 @@ class Llama:
                  on_text: Optional[Callable[[int, str], None]] = None):
         """Generate continuations of token-id prompts -> (tokens per row, logprobs per row or None).
 
-        Meta's loop: rows run in lockstep from the shortest prompt's length; a longer prompt is fed its own
-        tokens until it runs out (padding is never embedded); the loop ends when every row has produced a
-        stop token or the batch reaches total_len = min(max_seq_len, max_gen_len + longest prompt). Each row
-        is then cut to its prompt + max_gen_len and before its first stop token (`stop_ids`, default: the
-        tokenizer's). Sampling draws from torch's global generator (`torch.manual_seed(S)` beforehand fixes the
-        samples, as with Meta's code) unless `seed` is given, which uses a private generator.
-        `stop`: strings that end a row when its generated text contains one (matched across token
-        boundaries, see stops.py; the returned tokens end with the token that completed it).
-        `on_token(row, id)` is called for each new token that will be part of the row's output; if it
-        returns True the row stops there. `on_text(row, text)` streams each row's text as it forms (whole
-        characters, never a stop string).
+        Meta's loop: rows run in lockstep from the shortest prompt (a longer prompt is fed its own tokens);
+        it ends when every row has produced a stop token (`stop_ids`, default the tokenizer's) or at
+        total_len = min(max_seq_len, max_gen_len + longest prompt); each row is cut to prompt + max_gen_len
+        and before its stop token. Draws come from torch's global generator, as in Meta's code, unless
+        `seed` is given (a private generator). `stop`: strings ending a row when its text contains one
+        (stops.py). `on_token(row, id)` sees each new output token (True ends the row); `on_text(row, text)`
+        streams each row's text (whole characters, never a stop string).
         """
-        s = Sampling(temperature, top_p, top_k, min_p, repetition_penalty)
-        generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+        s, generator = Sampling(temperature, top_p, top_k, min_p, repetition_penalty), _generator(seed, self.device)
         max_gen_len = self._check_request(prompt_tokens, max_gen_len)
         lens = [len(p) for p in prompt_tokens]
         texts = StopStrings(self.tokenizer, stop, len(lens), on_text) if stop or on_text else None
         on_token = _with_stop_strings(on_token, texts)
         bsz, total_len = len(lens), min(self.max_seq_len, max_gen_len + max(lens))
         stop = torch.tensor(sorted(self.tokenizer.stop_ids if stop_ids is None else stop_ids), device=self.device)
-        pad = -1
-        tokens = torch.full((bsz, total_len), pad, dtype=torch.long, device=self.device)
-        for i, p in enumerate(prompt_tokens):
-            tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=self.device)
-        is_prompt = tokens != pad
+        tokens = self._padded(prompt_tokens, total_len)  # (B, total_len), -1 where nothing is known yet
+        is_prompt = tokens != -1
         token_logprobs = torch.zeros(bsz, total_len, device=self.device) if logprobs else None
         eos_reached = torch.zeros(bsz, dtype=torch.bool, device=self.device)
         row_end = torch.tensor([n + max_gen_len for n in lens], device=self.device)  # output cut per row
         ended = torch.full((bsz,), total_len, device=self.device)  # where a row's output stops
         by_string = torch.zeros(bsz, dtype=torch.bool, device=self.device)
-
         self.stats = Stats(prompt_tokens=sum(lens))
         start, prev_pos = time.perf_counter(), 0
-        params, item = self.model.params, self.model.norm.weight.element_size()
-        check_memory(2 * params.n_layers * bsz * total_len * params.kv_heads * params.hd * item,
-                     f"a KV cache of {bsz} x {total_len} positions", self.device)
-        self.model.setup_cache(bsz, total_len)
+        self._setup_cache(bsz, total_len)
         try:
             for cur_pos in range(min(lens), total_len):
                 logits = self.model(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
@@ -279,8 +267,8 @@ class Llama:
                 next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
                 tokens[:, cur_pos] = next_token
                 if logprobs:  # log p(token t+1 | tokens <= t): position t's logits score the token after it
-                    targets = tokens[:, prev_pos + 1 : cur_pos + 1]
-                    token_logprobs[:, prev_pos + 1 : cur_pos + 1] = _token_logprobs(logits, targets)
+                    scored = slice(prev_pos + 1, cur_pos + 1)
+                    token_logprobs[:, scored] = _token_logprobs(logits, tokens[:, scored])
                 new = ~is_prompt[:, cur_pos] & ~eos_reached
                 stopped = new & torch.isin(next_token, stop)
                 ended = torch.where(stopped, cur_pos, ended)
@@ -297,9 +285,21 @@ class Llama:
         finally:
             self.model.clear_cache()
         self.stats.decode_s = _elapsed(start, self.device) - self.stats.prefill_s
-        for row in range(bsz if texts is not None else 0):
-            texts.finish(row)  # stream what the row's decoder still holds
-        return self._collect(tokens, token_logprobs, lens, max_gen_len, echo, ended, by_string)
+        return self._collect(tokens, token_logprobs, lens, max_gen_len, echo, ended, by_string, texts)
+
+    def _padded(self, prompt_tokens: list, total_len: int) -> torch.Tensor:
+        """(B, total_len) token ids: each prompt, then -1 (Meta's pad id, never embedded)."""
+        tokens = torch.full((len(prompt_tokens), total_len), -1, dtype=torch.long, device=self.device)
+        for i, p in enumerate(prompt_tokens):
+            tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=self.device)
+        return tokens
+
+    def _setup_cache(self, bsz: int, total_len: int) -> None:
+        """A KV cache for this request, after checking that it fits in free memory."""
+        params, item = self.model.params, self.model.norm.weight.element_size()
+        check_memory(2 * params.n_layers * bsz * total_len * params.kv_heads * params.hd * item,
+                     f"a KV cache of {bsz} x {total_len} positions", self.device)
+        self.model.setup_cache(bsz, total_len)
 
     @staticmethod
     def _stream(on_token, next_token: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -310,9 +310,11 @@ class Llama:
                 stop_here[row] = True
         return stop_here
 
-    def _collect(self, tokens, token_logprobs, lens, max_gen_len, echo, ended, by_string):
+    def _collect(self, tokens, token_logprobs, lens, max_gen_len, echo, ended, by_string, texts):
         """Cut each row to its generated part (plus the prompt with echo): at most max_gen_len new tokens,
         ending before its stop token (or after the token where a stop string completed)."""
+        for row in range(len(lens) if texts is not None else 0):
+            texts.finish(row)  # stream what the row's decoder still holds
         out_tokens, out_logprobs, reasons = [], [], []
         total_len = tokens.shape[1]
         for i, n in enumerate(lens):
@@ -352,8 +354,8 @@ class Llama:
 
         A dialog that ends with an assistant message is a prefill: the answer continues that message
         (the returned content is the continuation only)."""
-        prompt_tokens = [self.tokenizer.encode_dialog(d, continue_final_message=d[-1]["role"] == "assistant")
-                         for d in dialogs]
+        prompt_tokens = [self.tokenizer.encode_dialog(d, continue_final_message=True)
+                         if d[-1]["role"] == "assistant" else self.tokenizer.encode_dialog(d) for d in dialogs]
         out, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, **extras)
         results = []
         for i, row in enumerate(out):
@@ -382,6 +384,11 @@ def cut_at_stop(text: str, stop: Optional[list]) -> str:
     """The text before the first occurrence of any stop string."""
     hits = [i for i in (text.find(s) for s in (stop or []) if s) if i >= 0]
     return text[: min(hits)] if hits else text
+
+
+def _generator(seed: Optional[int], device):
+    """None (torch's global generator, as Meta's code) or a private generator seeded with `seed`."""
+    return None if seed is None else torch.Generator(device).manual_seed(seed)
 
 
 def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
