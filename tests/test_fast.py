@@ -85,7 +85,7 @@ def _built(tmp_path, **kw):
 
     orig = tk.load_tokenizer
     try:
-        tk.load_tokenizer = lambda path: CharTokenizer()
+        tk.load_tokenizer = lambda path, **kw: CharTokenizer()
         return Llama.build(folder, max_seq_len=64, device="cpu", dtype=torch.float32, **kw)
     finally:
         tk.load_tokenizer = orig
