@@ -158,12 +158,23 @@ class Llama:
         return Llama(model, tokenizer, max_seq_len, max_batch_size)
 
     def compile(self, mode: Optional[str] = None):
-        """torch.compile the model's forward (shapes dynamic: one graph for every position and length).
+        """Run one-token decode steps through torch.compile (fast.compile_decode); prompts stay eager.
 
-        The first calls compile for a while (tens of seconds on a CPU); later decode steps run with less
-        Python and dispatch overhead per layer.
+        Compiles now, on a dummy one-token step, and keeps the seconds it took in `self.compile_s`
+        (tens of seconds on a CPU). One graph serves every position and cache length; a batch of more
+        than one row compiles once more on first use.
         """
-        self.model.forward = torch.compile(self.model.forward, mode=mode, dynamic=True)
+        from .fast import compile_decode
+
+        compile_decode(self.model, mode=mode)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            self.model.setup_cache(1, 8)
+            try:
+                self.model(torch.zeros(1, 1, dtype=torch.long, device=self.device), 0)
+            finally:
+                self.model.clear_cache()
+        self.compile_s = _elapsed(start, self.device)
         return self
 
     def weight_bytes_per_token(self) -> int:
@@ -200,7 +211,8 @@ class Llama:
     def generate(self, prompt_tokens: list, max_gen_len: Optional[int] = None, temperature: float = 0.6,
                  top_p: float = 0.9, logprobs: bool = False, echo: bool = False, top_k: Optional[int] = None,
                  min_p: Optional[float] = None, repetition_penalty: float = 1.0, seed: Optional[int] = None,
-                 stop_ids=None, on_token: Optional[Callable[[int, int], Optional[bool]]] = None):
+                 stop_ids=None, on_token: Optional[Callable[[int, int], Optional[bool]]] = None,
+                 draft: Optional["Llama"] = None, draft_tokens: int = 4):
         """Generate continuations of token-id prompts -> (tokens per row, logprobs per row or None).
 
         Meta's loop: rows run in lockstep from the shortest prompt's length; a longer prompt is fed its own
@@ -211,10 +223,18 @@ class Llama:
         samples, as with Meta's code) unless `seed` is given, which uses a private generator.
         `on_token(row, id)` is called for each new token that will be part of the row's output (streaming);
         if it returns True the row stops there (how stop strings are matched, see stops.py).
+        draft: a second Llama with the same vocabulary proposes `draft_tokens` tokens per step and this model
+        checks them in one forward (speculative.py; one prompt at a time): greedy output is the same, sampled
+        output has the same distribution.
         """
         s = Sampling(temperature, top_p, top_k, min_p, repetition_penalty)
         generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
         max_gen_len = self._check_request(prompt_tokens, max_gen_len)
+        if draft is not None:
+            from .speculative import speculative_generate
+
+            return speculative_generate(self, draft, prompt_tokens, max_gen_len, s, draft_tokens, generator,
+                                        stop_ids, on_token, logprobs, echo)
         lens = [len(p) for p in prompt_tokens]
         bsz, total_len = len(lens), min(self.max_seq_len, max_gen_len + max(lens))
         stop = torch.tensor(sorted(self.tokenizer.stop_ids if stop_ids is None else stop_ids), device=self.device)
