@@ -47,6 +47,13 @@ def parse_args(argv=None):
                    help="weights dtype (default: float32 on CPU, bfloat16 on a GPU)")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8 weight-only quantization (per-channel scales): ~4x fewer bytes per token than float32")
+    p.add_argument("--compile", action="store_true", help="run one-token decode steps through torch.compile "
+                   "(compiles for tens of seconds first; the time goes to stderr)")
+    p.add_argument("--draft", metavar="CKPT", help="speculative decoding: a smaller checkpoint with the same "
+                   "tokenizer proposes tokens, the model checks them in one pass (same output distribution)")
+    p.add_argument("--draft-quantize", choices=["int8", "int4"], default=None,
+                   help="quantize the draft; without --draft, the draft is the checkpoint itself quantized")
+    p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per step (default 4)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no timing report on stderr")
@@ -55,6 +62,10 @@ def parse_args(argv=None):
         p.error("give --prompt TEXT, or --chat")
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be >= 1")
+    if args.draft_tokens < 1:
+        p.error("--draft-tokens must be >= 1")
+    if (args.draft or args.draft_quantize) and args.chat:
+        p.error("--draft/--draft-quantize work with --prompt, not --chat")
     from llama_min.generation import Sampling
 
     try:  # check the sampling flags before spending time on loading
@@ -78,6 +89,10 @@ def report(llama, load_s=None):
         rate = (s.new_tokens - 1) / s.decode_s
         gbs = rate * llama.weight_bytes_per_token() / 1e9
         parts.append(f"generated {s.new_tokens} tok at {rate:.1f} tok/s ({gbs:.1f} GB/s of weights)")
+    if "acceptance_rate" in s.extra:
+        e = s.extra
+        parts.append(f"draft accepted {e['acceptance_rate']:.0%} of {e['proposed']} proposed tokens "
+                     f"(k={e['draft_tokens']}), {s.new_tokens / max(1, e['target_passes']):.2f} tok per target pass")
     log("[" + ", ".join(parts) + "]")
 
 
@@ -92,13 +107,13 @@ def stream_printer(tokenizer):
     return on_token, decoder
 
 
-def run_completion(llama, args):
+def run_completion(llama, args, draft=None):
     on_token, decoder = stream_printer(llama.tokenizer)
     tok = llama.tokenizer
     prompt = tok.encode(args.prompt, bos=tok.add_bos, eos=False)
     llama.generate([prompt], max_gen_len=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                   on_token=lambda row, t: on_token(t))
+                   on_token=lambda row, t: on_token(t), draft=draft, draft_tokens=args.draft_tokens)
     sys.stdout.write(decoder.flush() + "\n")
     sys.stdout.flush()
 
@@ -150,11 +165,20 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         llama = Llama.build(args.ckpt, args.tokenizer, max_seq_len=args.max_seq_len, max_batch_size=1,
                             device=args.device, dtype=dtype, seed=args.seed, quantize=args.quantize)
+        draft = None
+        if args.draft or args.draft_quantize:  # speculative decoding (llama_min/speculative.py)
+            draft = Llama.build(args.draft or args.ckpt, args.tokenizer if not args.draft else None,
+                                max_seq_len=args.max_seq_len, max_batch_size=1, device=args.device, dtype=dtype,
+                                seed=args.seed, quantize=args.draft_quantize)
         load_s = time.perf_counter() - start
+        if args.compile:
+            llama.compile()
+            if not args.quiet:
+                log(f"[compiled the decode step in {llama.compile_s:.1f} s]")
         if args.chat:
             run_chat(llama, args)
         else:
-            run_completion(llama, args)
+            run_completion(llama, args, draft)
             if not args.quiet:
                 report(llama, load_s)
     except (ValueError, FileNotFoundError) as e:
