@@ -4,6 +4,10 @@
                          without copying the cache n_rep times, and a prompt from position 0 lets the
                          fused kernel build its causal mask itself.
   transpose_wide_layers  float32 CPU weights of wide layers stored transposed (below).
+  fuse_projections       q/k/v from one matrix product, the FFN's gate/up from another (FusedAttention,
+                         FusedFeedForward): fewer, larger products per layer.
+  compile_decode         one-token steps through torch.compile (CompiledDecode): one graph for every
+                         position, RoPE in real arithmetic (see the section near the end).
 
 Wide layers stored transposed:
 
@@ -260,14 +264,14 @@ class CompiledDecode:
         for t in ks + vs:
             torch._dynamo.maybe_mark_dynamic(t, 1)  # one graph for every cache length
         tokens = tokens.new_empty(tokens.shape).copy_(tokens)  # fresh strides: a slice's would be guarded
+        if self.cos.device != tokens.device:
+            self.cos, self.sin = self.cos.to(tokens.device), self.sin.to(tokens.device)
         pos = torch.tensor([start_pos], device=tokens.device)
         return self.compiled(tokens, pos, ks, vs)
 
     def step(self, tokens: torch.Tensor, pos: torch.Tensor, ks: list, vs: list) -> torch.Tensor:
         """tokens (B, 1) at position pos (a 1-element tensor) -> float32 logits (B, 1, V); writes the caches."""
         m = self.model
-        if self.cos.device != tokens.device:
-            self.cos, self.sin = self.cos.to(tokens.device), self.sin.to(tokens.device)
         cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)  # (1, hd/2)
         visible = (torch.arange(ks[0].shape[1], device=tokens.device) <= pos).view(1, 1, 1, -1)  # (1,1,1,S)
         h = m.tok_embeddings(tokens)  # (B, 1, D)
