@@ -189,6 +189,12 @@ class Transformers:
         return len(prompt) / self._generate([prompt], 1)
 
 
+def _runs(impl, what: str) -> bool:
+    """Whether an implementation takes part in a row ("batch8" is a "batch" row); all of them unless it says."""
+    rows = getattr(impl, "rows", None)
+    return rows is None or what.rstrip("0123456789") in rows
+
+
 class _NoTokenizer:
     """Generation here runs on token ids only."""
 
@@ -317,9 +323,9 @@ def main(argv=None):
             impls.append(Transformers(args, sd, "float32" if dtype_name == "int8" else dtype_name))
         for impl in impls:  # warm up (a compiled step compiles once more for a batch of several rows)
             impl.decode([prompt], 8)
-            if "prefill" in getattr(impl, "rows", ("prefill",)):
+            if _runs(impl, "prefill"):
                 impl.prefill(long_prompt[:64])
-            if opts.batch and "batch" in getattr(impl, "rows", ("batch",)):
+            if opts.batch and _runs(impl, "batch"):
                 impl.decode(batch, 4)
         measure = {"decode": lambda i: i.decode([prompt], opts.new_tokens),
                    "prefill": lambda i: i.prefill(long_prompt)}
@@ -327,7 +333,7 @@ def main(argv=None):
             measure[f"batch{opts.batch}"] = lambda i: i.decode(batch, opts.new_tokens // 2)
         print(f"\n{dtype_name} (transformers in {'float32' if dtype_name == 'int8' else dtype_name}):")
         for what, fn in measure.items():
-            here = [i for i in impls if what.rstrip("0123456789") in getattr(i, "rows", (what,))]
+            here = [i for i in impls if _runs(i, what)]
             per = {i.name: [] for i in here}
             with CpuShare() as share:
                 for _ in range(opts.rounds):
