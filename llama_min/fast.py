@@ -174,7 +174,8 @@ class FusedAttention(FastAttention):
     def from_reference(cls, ref: Attention, transposed: bool = False) -> "FusedAttention":
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
-        fused.n_heads, fused.n_kv_heads, fused.head_dim, fused.n_rep = ref.n_heads, ref.n_kv_heads, ref.head_dim, ref.n_rep
+        for name in ("n_heads", "n_kv_heads", "head_dim", "n_rep"):
+            setattr(fused, name, getattr(ref, name))
         fused.wqkv = fuse_linears([ref.wq, ref.wk, ref.wv], transposed)
         fused.wo, fused.cache = ref.wo, ref.cache
         return fused

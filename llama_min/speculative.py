@@ -124,7 +124,8 @@ def speculative_generate(target, draft, prompt_tokens: list, max_gen_len: int, s
     """`Llama.generate` with a draft model (batch 1): the same (tokens, logprobs) result and stop rules.
 
     target, draft: `Llama` objects with the same vocabulary; draft_tokens: k, tokens proposed per round.
-    Llama.stats.extra gets draft_tokens, proposed, accepted, acceptance_rate and target_passes.
+    Llama.stats.extra gets draft_tokens, proposed, accepted, acceptance_rate (accepted / proposed),
+    target_passes and effective_tok_s (new tokens / seconds after the prompt's prefill).
     """
     _check(target, draft, prompt_tokens, draft_tokens)
     prompt = list(prompt_tokens[0])
@@ -155,6 +156,7 @@ def speculative_generate(target, draft, prompt_tokens: list, max_gen_len: int, s
     stats.stop_reasons = [reason or ("max-new-tokens" if n0 + max_gen_len <= target.max_seq_len else "window full")]
     proposed = stats.extra["proposed"]
     stats.extra["acceptance_rate"] = stats.extra["accepted"] / proposed if proposed else 0.0
+    stats.extra["effective_tok_s"] = stats.new_tokens / stats.decode_s if stats.decode_s > 0 else 0.0
     begin = 0 if echo else n0
     return [tokens[begin:]], ([(prompt_lps if echo else []) + lps] if logprobs else None)
 
@@ -182,7 +184,7 @@ def _rounds(target, draft, prompt, total_len, k, choose, generator, stop, on_tok
         stats.extra["accepted"] += m
         stats.extra["target_passes"] += 1
         d_valid, t_valid = min(n + m, n + k_round - 1) if k_round else d_valid, n + m
-        for i, t in enumerate(new):
+        for t in new:
             if t in stop:
                 return tokens, lps[: len(tokens) - len(prompt)], "end of turn"
             tokens.append(t)
@@ -193,7 +195,8 @@ def _rounds(target, draft, prompt, total_len, k, choose, generator, stop, on_tok
 
 def _check(target, draft, prompt_tokens: list, k: int):
     if len(prompt_tokens) != 1:
-        raise LlamaMinError(f"speculative decoding (draft=) takes one prompt at a time, got a batch of {len(prompt_tokens)}")
+        raise LlamaMinError(f"speculative decoding (draft=) takes one prompt at a time, got a batch of "
+                            f"{len(prompt_tokens)}")
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise LlamaMinError(f"draft_tokens (--draft-tokens) must be an integer >= 1, got {k!r}")
     if draft.model.vocab_size != target.model.vocab_size:

@@ -47,8 +47,8 @@ def parse_args(argv=None):
                    help="weights dtype (default: float32 on CPU, bfloat16 on a GPU)")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8 weight-only quantization (per-channel scales): ~4x fewer bytes per token than float32")
-    p.add_argument("--compile", action="store_true", help="run one-token decode steps through torch.compile "
-                   "(compiles for tens of seconds first; the time goes to stderr)")
+    p.add_argument("--compile", action="store_true", help="run one-token decode steps (the draft's too) through "
+                   "torch.compile (compiles for tens of seconds first; the time goes to stderr)")
     p.add_argument("--draft", metavar="CKPT", help="speculative decoding: a smaller checkpoint with the same "
                    "tokenizer proposes tokens, the model checks them in one pass (same output distribution)")
     p.add_argument("--draft-quantize", choices=["int8", "int4"], default=None,
@@ -172,9 +172,10 @@ def main(argv=None) -> int:
                                 seed=args.seed, quantize=args.draft_quantize)
         load_s = time.perf_counter() - start
         if args.compile:
-            llama.compile()
-            if not args.quiet:
-                log(f"[compiled the decode step in {llama.compile_s:.1f} s]")
+            for model in [llama] + ([draft] if draft else []):
+                model.compile()
+                if not args.quiet:
+                    log(f"[compiled the {'draft' if model is draft else 'decode'} step in {model.compile_s:.1f} s]")
         if args.chat:
             run_chat(llama, args)
         else:
