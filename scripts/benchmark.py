@@ -48,6 +48,8 @@ def parse_args(argv=None):
                    choices=["float32", "bfloat16", "int8"], help="what to measure (int8 = weight-only int8)")
     p.add_argument("--vs-transformers", action="store_true", help="run transformers' LlamaForCausalLM side by side")
     p.add_argument("--compile", action="store_true", help="also measure ours with torch.compile'd decode steps")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode for --compile (e.g. "
+                   "max-autotune-no-cudagraphs; with TORCHINDUCTOR_FREEZING=1 the weights become constants)")
     p.add_argument("--draft-quantize", choices=["int8", "int4"], default=None,
                    help="also measure float32 speculative decoding with this quantized copy as the draft")
     p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per step (default 4)")
@@ -119,12 +121,12 @@ def fmt(xs, unit=""):
 class Ours:
     name = "llama_min"
 
-    def __init__(self, args, sd, dtype_name, compile_=False, draft=None, draft_tokens=4):
+    def __init__(self, args, sd, dtype_name, compile_=False, draft=None, draft_tokens=4, compile_mode=None):
         self.llama = self._build(args, sd, dtype_name)
         self.draft, self.draft_tokens = None, draft_tokens
         if compile_:
             self.name = "llama_min+compile"
-            self.llama.compile()
+            self.llama.compile(mode=compile_mode)
             print(f"  (compiled the decode step in {self.llama.compile_s:.1f} s)")
         if draft:  # speculative decoding, batch 1 only: the decode row
             self.name, self.rows = f"llama_min+draft-{draft}", ("decode",)
@@ -316,7 +318,7 @@ def main(argv=None):
     for dtype_name in opts.dtypes:
         impls = [Ours(args, sd, dtype_name)]
         if opts.compile:
-            impls.append(Ours(args, sd, dtype_name, compile_=True))
+            impls.append(Ours(args, sd, dtype_name, compile_=True, compile_mode=opts.compile_mode))
         if opts.draft_quantize and dtype_name == "float32":
             impls.append(Ours(args, sd, dtype_name, draft=opts.draft_quantize, draft_tokens=opts.draft_tokens))
         if opts.vs_transformers:  # int8 is compared with transformers in float32
