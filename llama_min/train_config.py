@@ -145,9 +145,29 @@ def read_json_file(path, what: str) -> dict:
 
 
 def resolve_model_config(name_or_path: str) -> Path:
-    """A model config path; a bare name ('tiny', 'stories15M') means configs/<name>.json of this checkout."""
+    """A model config path; a bare name ('tiny', 'stories15M') means the bundled configs/<name>.json.
+
+    The bundled configs are the checkout's top-level configs/ folder, which an installed wheel carries as the
+    package `llama_min.configs`. A name that is neither a file nor a bundled config comes back unchanged (the
+    reader then says the file is missing).
+    """
     path = Path(name_or_path)
     if path.exists() or path.suffix == ".json":
         return path
-    bundled = Path(__file__).resolve().parent.parent / "configs" / f"{name_or_path}.json"
-    return bundled if bundled.exists() else path
+    for bundled in _bundled_candidates(f"{name_or_path}.json"):
+        if bundled.is_file():
+            return bundled
+    return path
+
+
+def _bundled_candidates(file_name: str) -> list:
+    """Where a bundled config may live: the installed package data, then a checkout's configs/ folder."""
+    from importlib import resources
+
+    candidates = []
+    try:  # installed: site-packages/llama_min/configs/ (the package llama_min.configs)
+        candidates.append(Path(str(resources.files("llama_min.configs").joinpath(file_name))))
+    except ModuleNotFoundError:  # a checkout: configs/ sits beside llama_min/, not inside it
+        pass
+    candidates.append(Path(__file__).resolve().parent.parent / "configs" / file_name)
+    return candidates

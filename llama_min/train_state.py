@@ -244,15 +244,21 @@ def tokenizer_files(tok, source) -> dict:
     data = src.read_bytes()
     if data[:4] != b"GGUF":
         if tok.kind != "tokenizers":
-            return {"tokenizer.model": data}
-        side = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+            return {"tokenizer.model": data, **_template_file(tok)}
+        side = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                "chat_template.jinja")
         return {"tokenizer.json": data, **{n: (src.parent / n).read_bytes() for n in side if (src.parent / n).is_file()}}
     if tok.kind == "sentencepiece":
-        return {"tokenizer.model": tok.sp.serialized_model_proto()}
-    from .gguf_vocab import read_gguf_metadata
+        return {"tokenizer.model": tok.sp.serialized_model_proto(), **_template_file(tok)}
+    from .gguf_file import read_gguf_metadata
 
     template = read_gguf_metadata(src, prefix="tokenizer.").get("tokenizer.chat_template")
     config = {k: tok.tk.id_to_token(i) for k, i in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id)) if i >= 0}
     if template:
         config["chat_template"] = template
     return {"tokenizer.json": tok.tk.to_str().encode(), "tokenizer_config.json": json.dumps(config).encode()}
+
+
+def _template_file(tok) -> dict:
+    """The chat template beside a tokenizer.model, as `load_tokenizer` finds it: chat_template.jinja."""
+    return {"chat_template.jinja": tok.chat_template.encode("utf-8")} if tok.chat_template else {}
