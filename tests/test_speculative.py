@@ -144,6 +144,23 @@ def test_speculative_on_the_transformed_model_with_stops_logprobs_echo():
     assert got[0] == seen and len(seen) == 9 and target.stats.stop_reasons == ["stop string"]
 
 
+def test_speculative_with_stop_strings_and_streamed_text():
+    """Stop strings (matched on the text) and on_text streaming work through the draft path as without it."""
+    target = llama(tiny_model(scale=0.3))
+    drafter = llama(perturbed(tiny_model(scale=0.3), 0.01))
+    full, _ = plain(target, stop_ids=set())
+    text = CharTokenizer().decode(full[0])
+    stop = text[15:17]  # two characters the greedy text contains
+    runs = []
+    for draft in (None, drafter):
+        shown = []
+        out, _ = target.generate([PROMPT], max_gen_len=40, temperature=0, stop_ids=set(), stop=[stop],
+                                 on_text=lambda row, t: shown.append(t), draft=draft, draft_tokens=3)
+        runs.append((out, "".join(shown), target.stats.stop_reasons))
+    assert runs[0] == runs[1]
+    assert runs[1][2] == ["stop string"] and stop not in runs[1][1] and len(runs[1][0][0]) <= 17
+
+
 def test_sampled_speculative_runs_and_is_reproducible():
     target, drafter = llama(tiny_model(scale=0.3)), llama(perturbed(tiny_model(scale=0.3), 0.01))
     runs = [target.generate([PROMPT], max_gen_len=30, temperature=0.9, top_p=0.95, seed=11, stop_ids=set(),
