@@ -187,12 +187,23 @@ class Llama:
         return Llama(model, tokenizer, max_seq_len, max_batch_size)
 
     def compile(self, mode: Optional[str] = None):
-        """torch.compile the model's forward (shapes dynamic: one graph for every position and length).
+        """Run one-token decode steps through torch.compile (fast.compile_decode); prompts stay eager.
 
-        The first calls compile for a while (tens of seconds on a CPU); later decode steps run with less
-        Python and dispatch overhead per layer.
+        Compiles now, on a dummy one-token step, and keeps the seconds it took in `self.compile_s`
+        (tens of seconds on a CPU). One graph serves every position and cache length; a batch of more
+        than one row compiles once more on first use.
         """
-        self.model.forward = torch.compile(self.model.forward, mode=mode, dynamic=True)
+        from .fast import compile_decode
+
+        compile_decode(self.model, mode=mode)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            self.model.setup_cache(1, 8)
+            try:
+                self.model(torch.zeros(1, 1, dtype=torch.long, device=self.device), 0)
+            finally:
+                self.model.clear_cache()
+        self.compile_s = _elapsed(start, self.device)
         return self
 
     def weight_bytes_per_token(self) -> int:
@@ -231,7 +242,8 @@ class Llama:
                  min_p: Optional[float] = None, repetition_penalty: float = 1.0, seed: Optional[int] = None,
                  stop_ids=None, stop: Optional[list] = None,
                  on_token: Optional[Callable[[int, int], Optional[bool]]] = None,
-                 on_text: Optional[Callable[[int, str], None]] = None):
+                 on_text: Optional[Callable[[int, str], None]] = None,
+                 draft: Optional["Llama"] = None, draft_tokens: int = 4):
         """Generate continuations of token-id prompts -> (tokens per row, logprobs per row or None).
 
         Meta's loop: rows run in lockstep from the shortest prompt (a longer prompt is fed its own tokens);
@@ -241,12 +253,18 @@ class Llama:
         `seed` is given (a private generator). `stop`: strings ending a row when its text contains one
         (stops.py). `on_token(row, id)` sees each new output token (True ends the row); `on_text(row, text)`
         streams each row's text (whole characters, never a stop string).
+        `draft`: a second Llama with the same vocabulary proposes `draft_tokens` tokens per step, checked by
+        this model in one forward (speculative.py; one prompt at a time; the same greedy output, the same
+        sampling distribution).
         """
         s, generator = Sampling(temperature, top_p, top_k, min_p, repetition_penalty), _generator(seed, self.device)
         max_gen_len = self._check_request(prompt_tokens, max_gen_len)
         lens = [len(p) for p in prompt_tokens]
         texts = StopStrings(self.tokenizer, stop, len(lens), on_text) if stop or on_text else None
         on_token = _with_stop_strings(on_token, texts)
+        if draft is not None:
+            return self._speculative(draft, draft_tokens, prompt_tokens, max_gen_len, s, generator, stop_ids,
+                                     on_token, logprobs, echo, texts)
         bsz, total_len = len(lens), min(self.max_seq_len, max_gen_len + max(lens))
         stop = torch.tensor(sorted(self.tokenizer.stop_ids if stop_ids is None else stop_ids), device=self.device)
         tokens = self._padded(prompt_tokens, total_len)  # (B, total_len), -1 where nothing is known yet
@@ -286,6 +304,17 @@ class Llama:
             self.model.clear_cache()
         self.stats.decode_s = _elapsed(start, self.device) - self.stats.prefill_s
         return self._collect(tokens, token_logprobs, lens, max_gen_len, echo, ended, by_string, texts)
+
+    def _speculative(self, draft, draft_tokens, prompt_tokens, max_gen_len, s, generator, stop_ids, on_token,
+                     logprobs, echo, texts):
+        """generate() with a draft model (speculative.py)."""
+        from .speculative import speculative_generate
+
+        out = speculative_generate(self, draft, prompt_tokens, max_gen_len, s, draft_tokens, generator,
+                                   stop_ids, on_token, logprobs, echo)
+        if texts is not None:
+            texts.finish(0)
+        return out
 
     def _padded(self, prompt_tokens: list, total_len: int) -> torch.Tensor:
         """(B, total_len) token ids: each prompt, then -1 (Meta's pad id, never embedded)."""

@@ -5,12 +5,16 @@ weights) and is tested against the untouched reference in the tests named here:
 
   transform                  module        what it changes                       allowed difference (tests)
   quantize="int8"            quantize.py   nn.Linear -> Int8Linear (per-channel)  int8 rounding (test_quantize)
+  fuse_projections           fast.py       q/k/v in one product, w1/w3 in one     float rounding, <= 1e-4
+                                           (float layers only; built at load)     (test_fast)
   FastAttention              fast.py       decode GQA without cache copies,       float rounding, <= 1e-4
                                            SDPA's own causal mask                 (test_fast)
   transpose_wide_layers      fast.py       float32 CPU wide weights stored W^T    float rounding, <= 1e-4
                                                                                   (test_fast)
 
 `apply_transforms(model, optimize=False)` with no quantization leaves exactly model.py's classes.
+`Llama.compile()` adds one more, on demand: fast.compile_decode (one-token steps through torch.compile,
+RoPE in real arithmetic; float rounding, <= 1e-4, test_compile).
 """
 
 from __future__ import annotations
@@ -31,10 +35,12 @@ def apply_transforms(model: nn.Module, optimize: bool = True, quantize: Optional
         quantize_int8(model)
     if not optimize:
         return model
-    from .fast import transpose_wide_layers, use_fast_attention
+    from .fast import fuse_projections, transpose_wide_layers, use_fast_attention
 
-    use_fast_attention(model)
     weight = model.norm.weight
-    if quantize is None and weight.device.type == "cpu" and weight.dtype == torch.float32:
-        transpose_wide_layers(model)
+    cpu_float32 = quantize is None and weight.device.type == "cpu" and weight.dtype == torch.float32
+    fuse_projections(model, transposed=cpu_float32)  # fused weights built W^T at once on the CPU in float32
+    use_fast_attention(model)  # the attention layers left unfused (quantized projections)
+    if cpu_float32:
+        transpose_wide_layers(model)  # the rest: the output projection (and a tied embedding)
     return model

@@ -105,7 +105,12 @@ def report(llama, load_s=None) -> None:
     if s.new_tokens > 1 and s.decode_s > 0:
         rate = (s.new_tokens - 1) / s.decode_s
         gbs = rate * llama.weight_bytes_per_token() / 1e9
-        parts.append(f"generated {s.new_tokens} tok at {rate:.1f} tok/s ({gbs:.1f} GB/s of weights)")
+        weights = "" if "acceptance_rate" in s.extra else f" ({gbs:.1f} GB/s of weights)"  # a draft: not per token
+        parts.append(f"generated {s.new_tokens} tok at {rate:.1f} tok/s{weights}")
+    if "acceptance_rate" in s.extra:  # speculative decoding
+        e = s.extra
+        parts.append(f"draft accepted {e['acceptance_rate']:.0%} of {e['proposed']} proposed tokens "
+                     f"(k={e['draft_tokens']}), {s.new_tokens / max(1, e['target_passes']):.2f} tok per target pass")
     say("[" + ", ".join(parts) + "]")
 
 
