@@ -95,12 +95,12 @@ def default_dtype(device) -> torch.dtype:
 
 
 def optimize_for_inference(model: Transformer, quantize: Optional[str] = None, cpu_layout: bool = True):
-    """int8 weights (quantize="int8"), or float32 CPU weights of wide layers stored transposed (fast.py)."""
+    """int8/int4 weights (quantize="int8"/"int4"), or float32 CPU weights of wide layers stored transposed (fast.py)."""
     weight = model.norm.weight
-    if quantize == "int8":
-        from .quantize import quantize_int8
+    if quantize is not None:
+        from .quantize import quantize_model
 
-        quantize_int8(model)
+        quantize_model(model, quantize)
     elif cpu_layout and weight.device.type == "cpu" and weight.dtype == torch.float32:
         from .fast import transpose_wide_layers
 
@@ -130,24 +130,34 @@ class Llama:
     @staticmethod
     def build(ckpt_path=None, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
               device=None, dtype=None, seed: int = 1, quantize: Optional[str] = None,
-              cpu_layout: bool = True) -> "Llama":
+              cpu_layout: bool = True, packed: Optional[bool] = None) -> "Llama":
         """Load a checkpoint (Meta dir, HF dir, .gguf, own dir; None = the default model) and its tokenizer.
 
-        quantize="int8" stores every linear layer as int8 with per-channel scales (see quantize.py).
+        quantize="int8" stores every linear layer as int8 with per-channel scales, "int4" (or "int4-64",
+        "int4-128") as 4-bit codes with a scale and zero per group of 32 (64, 128) weights (see quantize.py).
+        packed: run a quantized GGUF at its own precision (formats/gguf_packed.py); None = yes when the file
+        is a quantized GGUF and neither dtype nor quantize is given; False = dequantize to float as before.
         cpu_layout: in float32 on the CPU, store wide layers transposed for faster decoding (see fast.py).
         """
+        from .formats.gguf_packed import load_gguf_packed, use_packed
+        from .quantize import parse_quantize
         from .tokenizer import load_tokenizer
 
-        if quantize not in (None, "int8"):
-            raise ValueError(f"unknown quantization '{quantize}' (expected int8)")
+        parse_quantize(quantize)  # a bad spec fails before loading
         if ckpt_path is None:
             from .assets import default_model_path
 
             ckpt_path = default_model_path()
+        packed = use_packed(ckpt_path, packed, dtype, quantize)
         device = torch.device(device or default_device())
         dtype = dtype or default_dtype(device)
         torch.manual_seed(seed)
         tokenizer = load_tokenizer(tokenizer_path or ckpt_path)
+        if packed:  # a quantized GGUF at its own precision: built directly from the file's blocks
+            model = load_gguf_packed(ckpt_path, device, dtype, max_seq_len)
+            if tokenizer.n_words > model.vocab_size:
+                raise ValueError(f"{ckpt_path}: tokenizer has {tokenizer.n_words} tokens, model only {model.vocab_size}")
+            return Llama(model, tokenizer, max_seq_len, max_batch_size, seed)
         args, state_dict = load_checkpoint(ckpt_path, dtype=dtype)
         if tokenizer.n_words > args.vocab_size:
             raise ValueError(f"{ckpt_path}: tokenizer has {tokenizer.n_words} tokens, model only {args.vocab_size}")
