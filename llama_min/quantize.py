@@ -13,11 +13,11 @@ int8, per output channel (row) n of W (N, K):
 int4, per group of g = 32, 64 or 128 consecutive weights of a row (gpt-fast's asymmetric scheme):
     scale = (max - min) / 15,   zero = min + 8 * scale,   q = round((w - min) / scale) in 0..15
     W ~= (q - 8) * scale + zero    (= q * scale + min)
-    error <= scale / 2 per weight (plus the bf16 rounding of scale and zero, relative 2^-9).
+    error <= scale / 2 per weight (plus the bf16 rounding of scale and zero, relative 2^-8).
     The kernels keep scale and zero in bf16, shaped (K/g, N, 2). CPU: `aten._weight_int4pack_mm_for_cpu`
     on weights repacked by `aten._convert_weight_to_int4pack_for_cpu`; CUDA: `aten._weight_int4pack_mm`;
     anywhere else the codes are kept plainly (two per byte) and dequantized for an F.linear.
-    The kernels take bf16 activations and return bf16: the product carries bf16 rounding (~2^-9 relative).
+    The kernels take bf16 activations and return bf16: the product carries bf16 rounding (~2^-8 relative).
 """
 
 from __future__ import annotations
