@@ -32,7 +32,12 @@ from .errors import LlamaMinError
 
 PREFILL_ROWS = 32  # from this many rows on, a float GEMM on dequantized int8 weights beats the int8 kernel
 INT4_GROUP_SIZES = (32, 64, 128)
-PACK_CHUNK_ROWS = 4096  # rows converted at a time (an int32 copy of this many rows is the peak extra memory)
+CHUNK_WEIGHTS = 1 << 20  # weights converted at a time: the temporaries of a conversion stay at a few MiB
+
+
+def chunk_rows(k: int) -> int:
+    """Rows per conversion chunk for rows of k weights: ~CHUNK_WEIGHTS weights, a multiple of 32 rows."""
+    return max(32, CHUNK_WEIGHTS // k // 32 * 32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +149,7 @@ def pack_int4(q: torch.Tensor, layout: str) -> torch.Tensor:
     'plain': byte j of a row holds element 2j in its low nibble and 2j+1 in its high nibble.
     """
     if layout == "cpu":  # the CPU tiles cover 32 rows each: rows pack independently in chunks of 32
-        chunk = PACK_CHUNK_ROWS if q.shape[0] % 32 == 0 else q.shape[0]
+        chunk = chunk_rows(q.shape[1]) if q.shape[0] % 32 == 0 else q.shape[0]
         pieces = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[r : r + chunk].to(torch.int32), 2)
                   for r in range(0, q.shape[0], chunk)]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
@@ -179,8 +184,8 @@ class Int4Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> "Int4Linear":
         w = linear.weight.detach()
         n, k = w.shape
-        chunks = ((r, *quantize_groupwise_int4(w[r : r + PACK_CHUNK_ROWS], group_size))
-                  for r in range(0, n, PACK_CHUNK_ROWS))
+        step = chunk_rows(k)
+        chunks = ((r, *quantize_groupwise_int4(w[r : r + step], group_size)) for r in range(0, n, step))
         return int4_from_rows(n, k, group_size, chunks, w.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import mmap
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -39,8 +40,8 @@ from torch import nn
 
 from ..errors import LlamaMinError
 from ..model import Transformer
-from ..quantize import (PACK_CHUNK_ROWS, Int4Embedding, Int8Embedding, int4_from_rows, int8_from_rows,
-                        pack_int4, quantize_per_channel)
+from ..quantize import (Int4Embedding, Int8Embedding, int4_from_rows, int8_from_rows,
+                        chunk_rows, pack_int4, quantize_per_channel)
 from .common import expected_shapes
 from .gguf import args_from_gguf, gguf_to_meta_name
 
@@ -55,7 +56,8 @@ def _fp16(b: torch.Tensor) -> torch.Tensor:
 
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """(..., 16) bytes -> (..., 32) codes: the low nibbles are elements 0-15, the high nibbles 16-31."""
+    """(..., 16) bytes -> (..., 32) int32 codes: the low nibbles are elements 0-15, the high nibbles 16-31."""
+    qs = qs.to(torch.int32)  # the CPU packing kernel takes int32: convert once, on half the elements
     return torch.cat([qs & 15, qs >> 4], dim=-1)
 
 
@@ -90,7 +92,7 @@ def decode_q4_k(b: torch.Tensor):
     r, nb = b.shape[:2]
     d, dmin = _fp16(b[..., 0:2])[..., None], _fp16(b[..., 2:4])[..., None]
     sc, mn = q4_k_scales_mins(b[..., 4:16])
-    qs = b[..., 16:144].reshape(r, nb, 4, 1, 32)
+    qs = b[..., 16:144].reshape(r, nb, 4, 1, 32).to(torch.int32)
     q = torch.cat([qs & 15, qs >> 4], dim=3)  # (r, nb, 4 chunks, low|high, 32): sub-blocks 2c, 2c+1
     scale = d * sc.float()
     return q.reshape(r, nb * 256), scale.reshape(r, nb * 8), (8 * scale - dmin * mn.float()).reshape(r, nb * 8)
@@ -126,17 +128,30 @@ class GGUFTensor:
         start = self.offset + r0 * self.row_bytes
         return np.frombuffer(self.buf, np.uint8, (r1 - r0) * self.row_bytes, start).reshape(r1 - r0, -1).copy()
 
-    def chunks(self, rows: int = PACK_CHUNK_ROWS):
-        """(row0, bytes) for consecutive chunks of `rows` rows (a multiple of 32)."""
-        n = self.shape[0]
-        for r0 in range(0, n, rows):
-            yield r0, self.raw_rows(r0, min(n, r0 + rows))
+    def release(self, start: int = 0, end: Optional[int] = None):
+        """Drop the file pages of bytes [start, end) of this tensor from the process (the OS page cache
+        keeps them): resident memory then holds the model being built, not the file as well."""
+        end = self.nbytes if end is None else end
+        page = mmap.PAGESIZE
+        first = (self.offset + start) // page * page
+        if end > start and hasattr(self.buf, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            self.buf.madvise(mmap.MADV_DONTNEED, first, self.offset + end - first)
 
-    def float_rows(self, rows: int = PACK_CHUNK_ROWS):
+    def chunks(self):
+        """(row0, bytes) for consecutive chunks of rows (a multiple of 32, ~1M weights each); each chunk's
+        file pages are released once copied."""
+        n, rows = self.shape[0], chunk_rows(self.shape[-1])
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            raw = self.raw_rows(r0, r1)
+            self.release(r0 * self.row_bytes, r1 * self.row_bytes)
+            yield r0, raw
+
+    def float_rows(self):
         """(row0, float32 (r, K)) chunks, dequantized by the gguf package."""
         from gguf.quants import dequantize
 
-        for r0, raw in self.chunks(rows):
+        for r0, raw in self.chunks():
             yield r0, torch.from_numpy(np.asarray(dequantize(raw, self.qtype), dtype=np.float32))
 
     def int4_rows(self):
@@ -156,13 +171,6 @@ class GGUFTensor:
         for r0, w in self.float_rows():
             out[r0 : r0 + len(w)] = w
         return out
-
-    def release(self):
-        """Drop this tensor's file pages from the process (they stay in the OS page cache)."""
-        page = mmap.PAGESIZE
-        start = self.offset // page * page
-        if hasattr(self.buf, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-            self.buf.madvise(mmap.MADV_DONTNEED, start, self.offset + self.nbytes - start)
 
 
 def warn_unsupported(t: GGUFTensor):
@@ -206,6 +214,18 @@ def packed_embedding(t: GGUFTensor, device, dtype) -> nn.Module:
     emb = nn.Embedding(v, dim, device="meta")
     emb.weight = nn.Parameter(t.to_float(dtype).to(device), requires_grad=False)
     return emb
+
+
+def return_freed_memory():
+    """Hand memory freed by the last tensor's temporaries back to the OS (glibc keeps it in its heap
+    otherwise, and resident memory would grow by the largest temporaries on top of the model)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
 
 
 def is_quantized_gguf(path) -> bool:
@@ -295,4 +315,5 @@ def load_gguf_packed(path, device="cpu", dtype=torch.float32, max_seq_len=None) 
             if meta_name == "tok_embeddings.weight" and args.tie_word_embeddings:
                 model.output = packed_linear(t, device, dtype)
             t.release()
+            return_freed_memory()
     return model.eval().requires_grad_(False)
