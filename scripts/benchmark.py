@@ -45,7 +45,8 @@ def parse_args(argv=None):
     src.add_argument("--ckpt", help="checkpoint to measure (default: the default model, SmolLM2-135M-Instruct)")
     src.add_argument("--config", help="params.json-style config (e.g. configs/tinyllama-1.1b.json): random weights")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "int8"],
-                   choices=["float32", "bfloat16", "int8"], help="what to measure (int8 = weight-only int8)")
+                   choices=["float32", "bfloat16", "int8", "int4"],
+                   help="what to measure (int8 / int4 = weight-only int8 / int4 in groups of 32)")
     p.add_argument("--vs-transformers", action="store_true", help="run transformers' LlamaForCausalLM side by side")
     p.add_argument("--compile", action="store_true", help="also measure ours with torch.compile'd decode steps")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measurement (default 3)")
@@ -122,7 +123,8 @@ class Ours:
 
         dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
         model = build_transformer(args, sd, dtype=dtype).eval().requires_grad_(False)
-        optimize_for_inference(model, quantize="int8" if dtype_name == "int8" else None)  # as Llama.build does
+        quant = dtype_name if dtype_name in ("int8", "int4") else None
+        optimize_for_inference(model, quantize=quant)  # as Llama.build does
         self.llama = Llama(model, _NoTokenizer(), max_seq_len=args.max_seq_len, max_batch_size=64)
         if compile_:
             self.name = "llama_min+compile"
@@ -295,8 +297,8 @@ def main(argv=None):
         impls = [Ours(args, sd, dtype_name)]
         if opts.compile:
             impls.append(Ours(args, sd, dtype_name, compile_=True))
-        if opts.vs_transformers:  # int8 is compared with transformers in float32
-            impls.append(Transformers(args, sd, "float32" if dtype_name == "int8" else dtype_name))
+        if opts.vs_transformers:  # int8 / int4 are compared with transformers in float32
+            impls.append(Transformers(args, sd, "float32" if dtype_name.startswith("int") else dtype_name))
         for impl in impls:  # warm up
             impl.decode([prompt], 8)
             impl.prefill(long_prompt[:64])
@@ -304,7 +306,7 @@ def main(argv=None):
                    "prefill": lambda i: i.prefill(long_prompt)}
         if opts.batch:
             measure[f"batch{opts.batch}"] = lambda i: i.decode(batch, opts.new_tokens // 2)
-        print(f"\n{dtype_name} (transformers in {'float32' if dtype_name == 'int8' else dtype_name}):")
+        print(f"\n{dtype_name} (transformers in {'float32' if dtype_name.startswith('int') else dtype_name}):")
         for what, fn in measure.items():
             per = {i.name: [] for i in impls}
             with CpuShare() as share:
