@@ -145,6 +145,9 @@ def main(argv=None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, EnvironmentFailure) else 2
+    except KeyboardInterrupt:
+        print("[interrupted]", file=sys.stderr)
+        return 130
     if args.json:
         print(json.dumps(r))
     else:

@@ -244,7 +244,11 @@ def use_packed(path, packed, dtype, quantize) -> bool:
     if packed is False:
         return False
     path = Path(path)
-    quantized = path.is_file() and path.open("rb").read(4) == b"GGUF" and is_quantized_gguf(path)
+    if not path.is_file():
+        quantized = False
+    else:
+        with open(path, "rb") as f:
+            quantized = f.read(4) == b"GGUF" and is_quantized_gguf(path)
     if packed and (not quantized or quantize is not None):
         raise LlamaMinError(f"{path}: packed=True needs a quantized GGUF file and no quantize= "
                             f"(got quantize={quantize!r})")
@@ -311,9 +315,12 @@ def load_gguf_packed(path, device="cpu", dtype=torch.float32, max_seq_len=None) 
         with torch.device("meta"):
             model = Transformer(args)
         for meta_name, t in tqdm(tensors.items(), desc="packing", unit="tensor", leave=False, disable=None):
-            _place(model, meta_name, t, device, dtype)
-            if meta_name == "tok_embeddings.weight" and args.tie_word_embeddings:
-                model.output = packed_linear(t, device, dtype)
+            try:
+                _place(model, meta_name, t, device, dtype)
+                if meta_name == "tok_embeddings.weight" and args.tie_word_embeddings:
+                    model.output = packed_linear(t, device, dtype)
+            except (ValueError, KeyError, NotImplementedError) as e:
+                raise LlamaMinError(f"{path}: tensor '{t.name}' ({t.type_name}): {e}") from None
             t.release()
             return_freed_memory()
     return model.eval().requires_grad_(False)
