@@ -56,12 +56,13 @@ def tiny_tensors(seed=0):
     hd = c["dim"] // c["n_heads"]
     shapes = {"token_embd.weight": (c["vocab"], c["dim"]), "output_norm.weight": (c["dim"],),
               "output.weight": (c["vocab"], c["dim"])}
+    d, kv, f = c["dim"], c["n_kv_heads"] * hd, c["hidden"]
     for i in range(c["n_layers"]):
-        shapes.update({f"blk.{i}.attn_norm.weight": (c["dim"],), f"blk.{i}.ffn_norm.weight": (c["dim"],),
-                       f"blk.{i}.attn_q.weight": (c["dim"], c["dim"]), f"blk.{i}.attn_k.weight": (c["n_kv_heads"] * hd, c["dim"]),
-                       f"blk.{i}.attn_v.weight": (c["n_kv_heads"] * hd, c["dim"]), f"blk.{i}.attn_output.weight": (c["dim"], c["dim"]),
-                       f"blk.{i}.ffn_gate.weight": (c["hidden"], c["dim"]), f"blk.{i}.ffn_up.weight": (c["hidden"], c["dim"]),
-                       f"blk.{i}.ffn_down.weight": (c["dim"], c["hidden"])})
+        shapes.update({f"blk.{i}.attn_norm.weight": (d,), f"blk.{i}.ffn_norm.weight": (d,),
+                       f"blk.{i}.attn_q.weight": (d, d), f"blk.{i}.attn_k.weight": (kv, d),
+                       f"blk.{i}.attn_v.weight": (kv, d), f"blk.{i}.attn_output.weight": (d, d),
+                       f"blk.{i}.ffn_gate.weight": (f, d), f"blk.{i}.ffn_up.weight": (f, d),
+                       f"blk.{i}.ffn_down.weight": (d, f)})
     return {n: (1 + 0.1 * rng.standard_normal(s) if len(s) == 1 else 0.1 * rng.standard_normal(s)).astype(np.float32)
             for n, s in shapes.items()}
 
@@ -326,10 +327,10 @@ def peak_rss_of_packed_run(path: Path) -> dict:
 def test_1b_shape_q4_0_loads_packed_within_1_3x_the_file(tmp_path):
     size = write_random_q4_0(tmp_path / "1b.gguf", **dict(LLAMA_1B, n_layers=8))  # 8 of 16 layers: time
     r = peak_rss_of_packed_run(tmp_path / "1b.gguf")
-    print(f"[rss] file {size / 2**20:.0f} MiB, peak RSS {r['peak'] / 2**20:.0f} MiB "
-          f"({r['peak'] / size:.2f}x), of which before loading {r['base'] / 2**20:.0f} MiB")
+    print(f"[rss] file {size / 2**20:.0f} MiB, peak RSS {r['peak'] / 2**20:.0f} MiB ({r['peak'] / size:.2f}x), "
+          f"of which before loading {r['base'] / 2**20:.0f} MiB")
     assert len(r["tokens"]) == 2
     # The bound is on what loading and generating add: the interpreter with torch and its meta-device
-    # kernels imported (~0.3 GB here) is a fixed cost the file size does not scale. The packed model itself is ~1.11x the file
-    # (bf16 scale + zero = 4 bytes per 32 weights where Q4_0 has a 2-byte d).
+    # kernels imported (~0.3 GB here) is a fixed cost the file size does not scale. The packed model itself
+    # is ~1.11x the file (bf16 scale + zero = 4 bytes per 32 weights where Q4_0 has a 2-byte d).
     assert r["peak"] - r["base"] <= 1.3 * size

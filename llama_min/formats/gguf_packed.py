@@ -19,8 +19,8 @@ ggml block layouts (little-endian, blocks along each row) and where they go:
   F32, F16, BF16 -> float (norms always; a float linear layer stays float)
   anything else (IQ*, TQ*, ...) -> float, with one warning line naming the tensor and its type
 
-"Exact up to bf16": the kernels keep scale and zero in bf16 (8 bits of mantissa), so d and zero are
-rounded to bf16, a relative change of at most 2^-8 (0.4%; bf16 keeps 8 significant bits) of d and of the zero: a weight moves by at most
+"Exact up to bf16": the kernels keep scale and zero in bf16 (8 significant bits), so d and zero are
+rounded to bf16, a relative change of at most 2^-8 (0.4%) of each: a weight moves by at most
 |q - 8| * |d| * 2^-8 + |zero| * 2^-8; nothing else changes. The codes q are the file's own.
 
 A quantized token_embd becomes an `Int4Embedding` (same 4-bit codes, unpacked per looked-up row) or an
