@@ -133,12 +133,14 @@ def quantize_groupwise_int4(w: torch.Tensor, group_size: int):
 def int4_layout(device, n: int, k: int, group_size: int) -> str:
     """'cpu' or 'cuda' when that device's int4 kernel takes this shape, else 'plain' (dequantize + F.linear).
 
-    The CPU kernel needs N % 16 == 0; the CUDA kernel (inner k tiles of 8) K % 1024 == 0 and N % 8 == 0.
+    The CPU kernel needs N % 16 == 0; the CUDA kernel (inner k tiles of 8) K % 1024 == 0, N % 8 == 0 and a
+    GPU of compute capability 8.0 or newer.
     """
     device = torch.device(device)
     if device.type == "cpu" and n % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         return "cpu"
-    if device.type == "cuda" and n % 8 == 0 and k % 1024 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm"):
+    if (device.type == "cuda" and n % 8 == 0 and k % 1024 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm")
+            and torch.cuda.get_device_capability(device)[0] >= 8):
         return "cuda"
     return "plain"
 
