@@ -180,7 +180,7 @@ class Llama:
         """Bytes of weights one decode step reads: every tensor once, the embedding table only as the output."""
         seen, total = set(), 0
         for name, t in self.model.state_dict(keep_vars=True).items():
-            if name == "tok_embeddings.weight" or t.data_ptr() in seen:  # one row per token / tied copy
+            if name.startswith("tok_embeddings.") or t.data_ptr() in seen:  # one row per token / tied copy
                 continue
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
