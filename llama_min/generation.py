@@ -150,40 +150,47 @@ class Llama:
     @staticmethod
     def build(ckpt_path=None, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
               device=None, dtype=None, seed: int = 1, quantize: Optional[str] = None,
-              optimize: bool = True, chat_format: Optional[str] = None) -> "Llama":
-        """Load a checkpoint (Meta dir, HF dir, .gguf, own dir; None = the default model) and its tokenizer.
+              optimize: bool = True, chat_format: Optional[str] = None, packed: Optional[bool] = None) -> "Llama":
+        """Load a checkpoint (Meta dir, HF dir, .gguf, llama2.c, own dir, hub id; None = the default model).
 
         seed: `torch.manual_seed(seed)`, as Meta's build does; sampling then draws from torch's global
         generator, so the same seed gives Meta's samples on the same weights.
-        quantize: "int8" (see quantize.py). optimize: apply the inference transforms (transforms.py);
-        False keeps exactly model.py's classes, the reference computation.
-        chat_format: "template" (the checkpoint's Jinja chat template), "meta" (Meta's Llama 2/3 formats) or
-        "chatml"; None = the template when the checkpoint ships one, else the vocabulary's built-in format.
+        quantize: "int8" (per-channel), "int4" / "int4-64" / "int4-128" (a scale and zero per group of 32 / 64 /
+        128 weights), see quantize.py. packed: run a quantized GGUF at its own precision
+        (formats/gguf_packed.py); None = yes when the file is a quantized GGUF and neither dtype nor quantize
+        is given; False = dequantize it to float. optimize: apply the inference transforms (transforms.py);
+        False keeps exactly model.py's classes. chat_format: "template" (the checkpoint's Jinja template),
+        "meta" or "chatml"; None = the template when the checkpoint ships one, else the built-in format.
         """
+        from .formats.gguf_packed import load_gguf_packed, use_packed
+        from .quantize import parse_quantize
         from .tokenizer import load_tokenizer
-        from .transforms import QUANTIZE_CHOICES, apply_transforms
+        from .transforms import apply_transforms
 
-        if quantize not in (None,) + QUANTIZE_CHOICES:
-            raise LlamaMinError(f"unknown quantization '{quantize}' (expected one of {', '.join(QUANTIZE_CHOICES)})")
+        parse_quantize(quantize)  # a bad spec fails before loading
         if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
             raise LlamaMinError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
         if ckpt_path is None:
             from .assets import default_model_path
 
             ckpt_path = default_model_path()
+        packed = use_packed(ckpt_path, packed, dtype, quantize)
         device = torch.device(device or default_device())
         dtype = dtype or default_dtype(device)
         torch.manual_seed(seed)
         tokenizer = load_tokenizer(tokenizer_path or ckpt_path, chat_format=chat_format)
-        args, state_dict = load_checkpoint(ckpt_path, dtype=dtype)
-        if tokenizer.n_words > args.vocab_size:  # (more embedding rows than pieces is normal: padding)
+        if packed:  # a quantized GGUF at its own precision: built directly from the file's blocks
+            model = load_gguf_packed(ckpt_path, device, dtype, max_seq_len)
+        else:
+            args, state_dict = load_checkpoint(ckpt_path, dtype=dtype)
+            args.max_seq_len = max_seq_len
+            check_memory(2 * max_seq_len * args.hd // 2 * 8, f"the RoPE table for max_seq_len {max_seq_len}", device)
+            model = build_transformer(args, state_dict, device=device)
+            del state_dict
+        if tokenizer.n_words > model.vocab_size:  # (more embedding rows than pieces is normal: padding)
             raise LlamaMinError(f"{ckpt_path}: the tokenizer has {tokenizer.n_words} tokens, the model only "
-                                f"{args.vocab_size} embedding rows: wrong tokenizer for this checkpoint?")
-        args.max_seq_len = max_seq_len
-        check_memory(2 * max_seq_len * args.hd // 2 * 8, f"the RoPE table for max_seq_len {max_seq_len}", device)
-        model = build_transformer(args, state_dict, device=device).eval().requires_grad_(False)
-        del state_dict
-        apply_transforms(model, optimize=optimize, quantize=quantize)
+                                f"{model.vocab_size} embedding rows: wrong tokenizer for this checkpoint?")
+        apply_transforms(model.eval().requires_grad_(False), optimize=optimize, quantize=quantize)
         return Llama(model, tokenizer, max_seq_len, max_batch_size)
 
     def compile(self, mode: Optional[str] = None):
@@ -210,7 +217,7 @@ class Llama:
         """Bytes of weights one decode step reads: every tensor once, the embedding table only as the output."""
         seen, total = set(), 0
         for name, t in self.model.state_dict(keep_vars=True).items():
-            if name == "tok_embeddings.weight" or t.data_ptr() in seen:  # one row per token / tied copy
+            if name.startswith("tok_embeddings.") or t.data_ptr() in seen:  # one row per token / tied copy
                 continue
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()

@@ -5,6 +5,9 @@ weights) and is tested against the untouched reference in the tests named here:
 
   transform                  module        what it changes                       allowed difference (tests)
   quantize="int8"            quantize.py   nn.Linear -> Int8Linear (per-channel)  int8 rounding (test_quantize)
+  quantize="int4[-64|-128]"  quantize.py   nn.Linear -> Int4Linear (per group)    int4 rounding (test_quantize)
+  (packed GGUF)              formats/gguf_packed.py  built from the file's blocks  bf16 rounding of scales
+                                           as Int4Linear / Int8Linear            (test_gguf_packed)
   fuse_projections           fast.py       q/k/v in one product, w1/w3 in one     float rounding, <= 1e-4
                                            (float layers only; built at load)     (test_fast)
   FastAttention              fast.py       decode GQA without cache copies,       float rounding, <= 1e-4
@@ -24,15 +27,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-QUANTIZE_CHOICES = ("int8",)
-
-
 def apply_transforms(model: nn.Module, optimize: bool = True, quantize: Optional[str] = None) -> nn.Module:
-    """Quantize (if asked), then the speed transforms (if optimize); returns the same model object."""
-    if quantize == "int8":
-        from .quantize import quantize_int8
+    """Quantize (if asked: "int8", "int4", "int4-64", "int4-128"), then the speed transforms (if optimize)."""
+    if quantize is not None:
+        from .quantize import quantize_model
 
-        quantize_int8(model)
+        quantize_model(model, quantize)
     if not optimize:
         return model
     from .fast import fuse_projections, transpose_wide_layers, use_fast_attention

@@ -45,7 +45,8 @@ def build_parser(prog: Optional[str] = None) -> Parser:
     src.add_argument("--config", help="model config, a name in configs/ (tiny, tinyllama-1.1b, ...) or a "
                      "params.json-style file: random weights of that shape")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "int8"],
-                   choices=["float32", "bfloat16", "int8"], help="what to measure (int8 = weight-only int8)")
+                   choices=["float32", "bfloat16", "int8", "int4"],
+                   help="what to measure (int8 / int4 = weight-only int8 / int4 in groups of 32)")
     p.add_argument("--vs-transformers", action="store_true", help="run transformers' LlamaForCausalLM side by side")
     p.add_argument("--compile", action="store_true", help="also measure ours with torch.compile'd decode steps")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode for --compile (e.g. "
@@ -321,8 +322,8 @@ def measure_dtype(opts, args, sd, dtype_name: str, prompts: dict, bw: float) -> 
         impls.append(Ours(args, sd, dtype_name, compile_=True, compile_mode=opts.compile_mode))
     if opts.draft_quantize and dtype_name == "float32":
         impls.append(Ours(args, sd, dtype_name, draft=opts.draft_quantize, draft_tokens=opts.draft_tokens))
-    if opts.vs_transformers:  # int8 is compared with transformers in float32
-        impls.append(Transformers(args, sd, "float32" if dtype_name == "int8" else dtype_name))
+    if opts.vs_transformers:  # int8 / int4 are compared with transformers in float32
+        impls.append(Transformers(args, sd, "float32" if dtype_name.startswith("int") else dtype_name))
     for impl in impls:  # warm up (a compiled step compiles once more for a batch of several rows)
         impl.decode([prompts["short"]], 8)
         if _runs(impl, "prefill"):
@@ -333,7 +334,7 @@ def measure_dtype(opts, args, sd, dtype_name: str, prompts: dict, bw: float) -> 
                "prefill": lambda i: i.prefill(prompts["long"])}
     if opts.batch:
         measure[f"batch{opts.batch}"] = lambda i: i.decode(prompts["batch"], opts.new_tokens // 2)
-    print(f"\n{dtype_name} (transformers in {'float32' if dtype_name == 'int8' else dtype_name}):")
+    print(f"\n{dtype_name} (transformers in {'float32' if dtype_name.startswith('int') else dtype_name}):")
     rows = []
     for what, fn in measure.items():
         here = [i for i in impls if _runs(i, what)]

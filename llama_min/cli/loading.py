@@ -27,8 +27,12 @@ def add_model_flags(p) -> None:
                    help="context window in tokens (default 2048); the KV cache is sized to each request")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="weights dtype (default: float32 on CPU, bfloat16 on a GPU)")
-    p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="int8 weight-only quantization (per-channel scales): ~4x fewer bytes per token than float32")
+    p.add_argument("--quantize", choices=["int8", "int4", "int4-64", "int4-128"], default=None,
+                   help="weight-only quantization of a float checkpoint: int8 (per-channel scales, ~4x fewer bytes "
+                   "per token than float32) or int4 (a scale and zero per group of 32, or 64/128: ~6x fewer)")
+    p.add_argument("--dequantize", action="store_true",
+                   help="a quantized GGUF runs at its own precision (4-bit/8-bit kernels) by default; this "
+                   "dequantizes it to float instead (as --dtype does)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("-s", "--seed", type=int, default=1, help="random seed (default 1)")
@@ -92,6 +96,7 @@ def load_llama(args):
     start = time.perf_counter()
     llama = Llama.build(path, args.tokenizer, max_seq_len=args.max_seq_len, max_batch_size=1,
                         device=args.device, dtype=dtype, seed=args.seed, quantize=args.quantize,
+                        packed=False if args.dequantize else None,
                         chat_format=args.chat_format)
     return llama, time.perf_counter() - start
 
