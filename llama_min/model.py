@@ -47,12 +47,13 @@ class ModelArgs:
     rope_freq_divisors: Optional[list] = None  # GGUF `rope_freqs`: theta_i /= divisors[i]
     tie_word_embeddings: bool = False  # output projection shares the embedding matrix
     max_seq_len: int = 2048
+    sliding_window: Optional[int] = None  # Mistral: keys older than this are masked; requests must fit inside it
 
     def __post_init__(self):
         """Check sizes and divisibility now, not later as a shape error deep in a forward pass."""
         for name in ("dim", "n_layers", "n_heads", "multiple_of", "max_seq_len"):
             _check_int(name, getattr(self, name), minimum=1)
-        for name in ("n_kv_heads", "hidden_dim", "head_dim"):
+        for name in ("n_kv_heads", "hidden_dim", "head_dim", "sliding_window"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), minimum=1)
         _check_int("vocab_size", self.vocab_size, minimum=-1)
