@@ -252,7 +252,7 @@ def torch_load(path: Path) -> dict:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         text = str(e)
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
         if found or "Weights only load failed" in text:
             what = f" ({found.group(1)})" if found else ""
             raise LlamaMinError(f"{path}: refused: the pickle holds objects other than tensors{what}; "

@@ -53,12 +53,11 @@ def args_from_gguf(meta: dict, source="GGUF file") -> ModelArgs:
     tokens = meta.get("tokenizer.ggml.tokens")
     n_tokens = len(tokens) if isinstance(tokens, list) and tokens else -1
     eps = r.number("attention.layer_norm_rms_epsilon", 1e-5)
-    head_dim = r.int("attention.key_length", None) or r.int("rope.dimension_count", None)
     args = build_args(
         source, GGUF_NAMES,
         dim=dim, n_layers=r.int("block_count"), n_heads=n_heads,
         n_kv_heads=r.int("attention.head_count_kv", n_heads), vocab_size=r.int("vocab_size", n_tokens, minimum=-1),
-        hidden_dim=r.int("feed_forward_length"), head_dim=head_dim,
+        hidden_dim=r.int("feed_forward_length"), head_dim=r.int("attention.key_length", None),
         norm_eps=float(f"{eps:.7g}"),  # stored as float32: 1e-5 reads back as 9.99999974738e-06
         rope_theta=r.number("rope.freq_base", 10000.0),
         max_seq_len=min(r.int("context_length", 2048), 8192),

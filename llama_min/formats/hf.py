@@ -11,6 +11,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from ..errors import LlamaMinError
 from ..files import atomic_write, read_json
 from ..model import ModelArgs
@@ -204,7 +206,18 @@ def load_hf(path: Path, dtype):
             elif name.endswith("attention.wk.weight"):
                 t = unpermute_inplace(t, args.kv_heads)
             sd[name] = cast(t, dtype)
+    _check_tied(args, sd, path)
     return args, sd
+
+
+def _check_tied(args: ModelArgs, sd: dict, path: Path) -> None:
+    """tie_word_embeddings with a separate, different lm_head on disk is ambiguous: transformers 4 ties
+    (uses the embedding), transformers 5 keeps the lm_head. Refuse rather than pick one silently."""
+    out, emb = sd.get("output.weight"), sd.get("tok_embeddings.weight")
+    if args.tie_word_embeddings and out is not None and emb is not None and out.shape == emb.shape:
+        if not torch.equal(out, emb):
+            raise LlamaMinError(f"{path / 'config.json'}: \"tie_word_embeddings\": true, but the weights hold a "
+                                "separate lm_head.weight that differs from the embedding; expected one of the two")
 
 
 def to_hf(args: ModelArgs, state_dict: dict):
