@@ -4,10 +4,12 @@ The property everywhere: a loader either succeeds or raises the project's error 
 tokenizer loaders: ValueError) as one line naming the file; never a KeyError, TypeError, struct.error,
 a traceback from deep inside a library, or a hang. Examples are bounded (max_examples) so the file runs in
 well under a minute on one thread; `deadline=None` because file writes vary in speed on a shared machine.
+LLAMA_MIN_FUZZ_SCALE=N multiplies every example count for a deeper run.
 """
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,7 @@ from test_errors import PARAMS, tiny_state_dict, write_gguf, write_own
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
+SCALE = int(os.environ.get("LLAMA_MIN_FUZZ_SCALE", "1"))  # e.g. 20 for a deeper local run
 FUZZ = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 SCALARS = (st.none() | st.booleans() | st.integers(-3, 70) | st.integers(-2**63, 2**64)
@@ -64,14 +67,14 @@ def own_dir(tmp_path_factory):
     return write_own(tmp_path_factory.mktemp("own") / "m")
 
 
-@settings(max_examples=60, **FUZZ)
+@settings(max_examples=60 * SCALE, **FUZZ)
 @given(params=mutated(PARAMS, PARAMS_KEYS))
 def test_fuzz_params_json(own_dir, params):
     (own_dir / "params.json").write_text(json.dumps(params))
     loads_or_refuses(lambda: load_checkpoint(own_dir), own_dir)
 
 
-@settings(max_examples=25, **FUZZ)
+@settings(max_examples=25 * SCALE, **FUZZ)
 @given(raw=st.binary(max_size=64) | JSON.map(lambda v: json.dumps(v).encode()))
 def test_fuzz_params_json_bytes(own_dir, raw):
     (own_dir / "params.json").write_bytes(raw)
@@ -98,7 +101,7 @@ HF_KEYS = ["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_v
            "attention_bias", "mlp_bias", "sliding_window", "bos_token_id", "eos_token_id"]
 
 
-@settings(max_examples=60, **FUZZ)
+@settings(max_examples=60 * SCALE, **FUZZ)
 @given(data=st.data())
 def test_fuzz_config_json(hf_dir, data):
     path, base = hf_dir
@@ -131,7 +134,7 @@ def safetensors_bytes(own_dir):
     return (own_dir / "model.safetensors").read_bytes()
 
 
-@settings(max_examples=40, **FUZZ)
+@settings(max_examples=40 * SCALE, **FUZZ)
 @given(data=st.data())
 def test_fuzz_safetensors(tmp_path, safetensors_bytes, data):
     path = write_own(tmp_path / "m", sd={})
@@ -146,7 +149,7 @@ def gguf_bytes(tmp_path_factory):
     return path.read_bytes()
 
 
-@settings(max_examples=60, **FUZZ)
+@settings(max_examples=60 * SCALE, **FUZZ)
 @given(data=st.data())
 def test_fuzz_tiny_gguf(tmp_path, gguf_bytes, data):
     path = tmp_path / "t.gguf"
@@ -154,7 +157,7 @@ def test_fuzz_tiny_gguf(tmp_path, gguf_bytes, data):
     loads_or_refuses(lambda: load_checkpoint(path), path)
 
 
-@settings(max_examples=15, **FUZZ)
+@settings(max_examples=15 * SCALE, **FUZZ)
 @given(raw=st.binary(max_size=48))
 def test_fuzz_gguf_magic_then_junk(tmp_path, raw):
     path = tmp_path / "j.gguf"
@@ -174,7 +177,7 @@ def smollm2_header():
         return f.read(min(offset for *_, offset in infos))
 
 
-@settings(max_examples=12, **FUZZ)
+@settings(max_examples=12 * SCALE, **FUZZ)
 @given(data=st.data())
 def test_fuzz_truncated_smollm2_header(tmp_path, smollm2_header, data):
     """SmolLM2's header cut anywhere: the checkpoint and tokenizer loaders both refuse cleanly."""
@@ -191,7 +194,7 @@ def spm_bytes():
     return require_asset("llama2-tokenizer").read_bytes()
 
 
-@settings(max_examples=12, **FUZZ)
+@settings(max_examples=12 * SCALE, **FUZZ)
 @given(data=st.data())
 def test_fuzz_sentencepiece_model(tmp_path, spm_bytes, data):
     path = tmp_path / "tokenizer.model"
@@ -201,7 +204,23 @@ def test_fuzz_sentencepiece_model(tmp_path, spm_bytes, data):
         tok.decode(tok.encode("Hello world"))
 
 
-@settings(max_examples=25, **FUZZ)
+@pytest.fixture(scope="module")
+def tiktoken_bytes():
+    """The first 3000 ranks of Meta's Llama 3 tiktoken file (small enough to load many times)."""
+    return b"".join(require_asset("llama3-tokenizer").read_bytes().splitlines(keepends=True)[:3000])
+
+
+@settings(max_examples=20 * SCALE, **FUZZ)
+@given(data=st.data())
+def test_fuzz_tiktoken_model(tmp_path, tiktoken_bytes, data):
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(_damage(tiktoken_bytes, data.draw, header_bytes=len(tiktoken_bytes)))
+    tok = loads_or_refuses(lambda: load_tokenizer(path), path, errors=(ValueError,))
+    if tok is not None:
+        tok.decode(tok.encode("Hello world"))
+
+
+@settings(max_examples=25 * SCALE, **FUZZ)
 @given(data=st.data())
 def test_fuzz_tokenizer_json(tmp_path, data):
     """A small byte-level BPE tokenizer.json (written by the tokenizers library), mutated as JSON and bytes."""
@@ -228,7 +247,7 @@ NUMBERS = st.none() | st.booleans() | st.integers(-3, 100) | st.floats(allow_nan
     | st.floats(0, 1) | st.text(max_size=3)
 
 
-@settings(max_examples=150, **FUZZ)
+@settings(max_examples=150 * SCALE, **FUZZ)
 @given(t=NUMBERS, p=NUMBERS, k=NUMBERS, m=NUMBERS, r=NUMBERS)
 def test_fuzz_sampling_checks(t, p, k, m, r):
     """Accepted settings really sample (valid ids, no NaN trouble); refused ones name the flag in one line."""
