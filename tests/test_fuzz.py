@@ -10,11 +10,10 @@ LLAMA_MIN_FUZZ_SCALE=N multiplies every example count for a deeper run.
 import json
 import math
 import os
-from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import require_asset
@@ -28,7 +27,8 @@ from test_errors import PARAMS, tiny_state_dict, write_gguf, write_own
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 SCALE = int(os.environ.get("LLAMA_MIN_FUZZ_SCALE", "1"))  # e.g. 20 for a deeper local run
-FUZZ = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = dict(deadline=None, database=None,
+            suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 SCALARS = (st.none() | st.booleans() | st.integers(-3, 70) | st.integers(-2**63, 2**64)
            | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=6))
