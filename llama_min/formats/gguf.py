@@ -66,6 +66,11 @@ def args_from_gguf(meta: dict, source="GGUF file") -> ModelArgs:
         value = r.int(key, None)
         if value is not None and value != args.hd:
             raise r.error(key, value, f"the head dimension {args.hd} (as in Llama)")
+    n_ids = args.vocab_size if args.vocab_size > 0 else n_tokens
+    for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+        value = top.int(key, None, minimum=0)
+        if value is not None and n_ids > 0 and value >= n_ids:
+            raise top.error(key, value, f"a token id below the vocabulary size {n_ids}")
     return args
 
 
