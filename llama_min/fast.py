@@ -1,4 +1,11 @@
-"""Inference-only weight layout for float32 decoding on the CPU: wide layers stored transposed.
+"""Inference transforms that change how the reference model computes, never what (within float rounding).
+
+  FastAttention          model.py's Attention with two shortcuts: one-token decoding attends per KV head
+                         without copying the cache n_rep times, and a prompt from position 0 lets the
+                         fused kernel build its causal mask itself.
+  transpose_wide_layers  float32 CPU weights of wide layers stored transposed (below).
+
+Wide layers stored transposed:
 
 A decode step multiplies one activation row by every weight matrix: y = x W^T, a matrix-vector
 product that only streams W from memory. With W stored as PyTorch keeps it, (out, in), the CPU
@@ -13,7 +20,62 @@ rounding order (tests/test_fast.py). Measured with scripts/benchmark.py; bf16 an
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from .model import Attention, apply_rotary_emb, repeat_kv
+
+
+class FastAttention(Attention):
+    """Attention, same weights and cache, with shortcuts that give the same numbers (tests/test_fast.py)."""
+
+    @classmethod
+    def from_reference(cls, ref: Attention) -> "FastAttention":
+        """Take over a reference Attention's projections (shared, not copied)."""
+        fast = cls.__new__(cls)
+        nn.Module.__init__(fast)
+        fast.n_heads, fast.n_kv_heads, fast.head_dim, fast.n_rep = ref.n_heads, ref.n_kv_heads, ref.head_dim, ref.n_rep
+        fast.wq, fast.wk, fast.wv, fast.wo = ref.wq, ref.wk, ref.wv, ref.wo
+        fast.cache = ref.cache
+        return fast
+
+    def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rotary_emb(q, k, freqs_cis)
+        if self.cache is not None:
+            k, v = self.cache.update(start_pos, k, v)  # (B, S, K, hd)
+        if T == 1:
+            out = self._decode_gqa(q, k, v)  # (B, H, hd)
+        else:
+            k, v = repeat_kv(k, self.n_rep).transpose(1, 2), repeat_kv(v, self.n_rep).transpose(1, 2)
+            if start_pos == 0:  # the mask is a plain causal square: the kernel builds it
+                out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True)
+            else:
+                out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask)
+            out = out.transpose(1, 2)  # (B, T, H, hd)
+        return self.wo(out.reshape(B, T, -1))
+
+    def _decode_gqa(self, q, k, v):
+        """One new token: the n_rep query heads sharing KV head g attend as n_rep "positions" of one head.
+
+        q (B, 1, H, hd) -> (B, K, n_rep, hd) against k, v (B, S, K, hd) -> (B, K, S, hd): the same numbers
+        as repeat_kv + per-head attention, without copying the cache. Returns (B, H, hd).
+        """
+        B = q.shape[0]
+        q = q.view(B, self.n_kv_heads, self.n_rep, self.head_dim)
+        out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2))  # (B, K, n_rep, hd)
+        return out.reshape(B, self.n_heads, self.head_dim)
+
+
+def use_fast_attention(model) -> nn.Module:
+    """Swap every layer's Attention for a FastAttention holding the same projections."""
+    for layer in model.layers:
+        if type(layer.attention) is Attention:
+            layer.attention = FastAttention.from_reference(layer.attention)
+    return model
 
 
 class TransposedLinear(nn.Module):

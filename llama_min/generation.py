@@ -4,7 +4,6 @@
   sample_next        temperature, top-k, Meta's top-p, min-p, repetition penalty; greedy at T = 0
   Llama.generate     ragged batches in lockstep from the shortest prompt (longer prompts are teacher-forced),
                      stop sets, logprobs of the generated tokens, echo, a per-token callback for streaming
-  ChatSession        a multi-turn chat that keeps its KV cache: a new turn prefills only its new tokens
 
 The KV cache is sized to each request (prompt + new tokens, capped by max_seq_len).
 """
@@ -18,7 +17,9 @@ from typing import Callable, Optional
 import torch
 
 from .checkpoint import build_transformer, load_checkpoint
+from .errors import LlamaMinError
 from .model import Transformer
+from .stops import StopStrings
 
 
 @dataclass
@@ -31,15 +32,17 @@ class Sampling:
     min_p: Optional[float] = None
     repetition_penalty: float = 1.0
 
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+    def __post_init__(self):  # `not (x >= 0)` also refuses NaN
+        if not 0 <= self.temperature < float("inf"):
+            raise LlamaMinError(f"temperature must be a number >= 0, got {self.temperature}")
+        if not 0 <= self.top_p <= 1:
+            raise LlamaMinError(f"top_p must be in [0, 1], got {self.top_p}")
+        if self.top_k is not None and not (isinstance(self.top_k, int) and self.top_k >= 1):
+            raise LlamaMinError(f"top_k must be an integer >= 1, got {self.top_k}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise LlamaMinError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not 0 < self.repetition_penalty < float("inf"):
+            raise LlamaMinError(f"repetition_penalty must be a number > 0, got {self.repetition_penalty}")
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -68,7 +71,12 @@ def sample_top_p(probs: torch.Tensor, p: float, generator=None) -> torch.Tensor:
 
 
 def sample_next(logits: torch.Tensor, s: Sampling, history: Optional[torch.Tensor] = None, generator=None):
-    """Choose the next token for each row of logits (B, V) under the sampling settings."""
+    """Choose the next token for each row of logits (B, V) under the sampling settings.
+
+    With the default settings this is Meta's code step for step: argmax at temperature 0, else
+    softmax(logits / T), then `sample_top_p`, one multinomial draw for the whole batch from `generator`
+    (None = torch's global generator, as Meta's code uses).
+    """
     if history is not None:
         logits = apply_repetition_penalty(logits, history, s.repetition_penalty)
     if s.temperature == 0:
@@ -79,8 +87,30 @@ def sample_next(logits: torch.Tensor, s: Sampling, history: Optional[torch.Tenso
         probs = probs.masked_fill(probs < kth, 0.0)
     if s.min_p is not None:
         probs = probs.masked_fill(probs < s.min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
-    probs = probs / probs.sum(dim=-1, keepdim=True)
+    if s.top_k is not None or s.min_p is not None:
+        probs = probs / probs.sum(dim=-1, keepdim=True)
     return sample_top_p(probs, s.top_p, generator)
+
+
+def free_memory(device) -> Optional[int]:
+    """Bytes that can still be allocated on the device (None when unknown)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_memory(n_bytes: int, what: str, device) -> None:
+    """Refuse, before allocating, a request that cannot fit the device's free memory (with the numbers)."""
+    free = free_memory(device)
+    if free is not None and n_bytes > free:
+        raise LlamaMinError(f"{what} needs {n_bytes / 2**30:.1f} GiB, but only {free / 2**30:.1f} GiB is free "
+                            f"on {device}: ask for fewer positions (max_seq_len / max_gen_len) or a smaller batch")
 
 
 def default_device() -> str:
@@ -94,20 +124,6 @@ def default_dtype(device) -> torch.dtype:
     return torch.float32
 
 
-def optimize_for_inference(model: Transformer, quantize: Optional[str] = None, cpu_layout: bool = True):
-    """int8 weights (quantize="int8"), or float32 CPU weights of wide layers stored transposed (fast.py)."""
-    weight = model.norm.weight
-    if quantize == "int8":
-        from .quantize import quantize_int8
-
-        quantize_int8(model)
-    elif cpu_layout and weight.device.type == "cpu" and weight.dtype == torch.float32:
-        from .fast import transpose_wide_layers
-
-        transpose_wide_layers(model)
-    return model
-
-
 @dataclass
 class Stats:
     """Timing of the last generate call (seconds, token counts), for tokens/s reports."""
@@ -116,30 +132,41 @@ class Stats:
     prefill_s: float = 0.0
     new_tokens: int = 0
     decode_s: float = 0.0
+    stop_reasons: list = field(default_factory=list)  # per row: why it ended (see STOP_REASONS)
     extra: dict = field(default_factory=dict)
 
 
+# Why a row ended: a stop token (end of turn / text), its max_gen_len, a stop string, or the window.
+STOP_REASONS = ("end of turn", "max-new-tokens", "stop string", "window full")
+
+
 class Llama:
-    def __init__(self, model: Transformer, tokenizer, max_seq_len: int, max_batch_size: int, seed: int = 1):
+    def __init__(self, model: Transformer, tokenizer, max_seq_len: int, max_batch_size: int):
         self.model, self.tokenizer = model, tokenizer
         self.max_seq_len, self.max_batch_size = max_seq_len, max_batch_size
         self.device = model.norm.weight.device
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.stats = Stats()
 
     @staticmethod
     def build(ckpt_path=None, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
               device=None, dtype=None, seed: int = 1, quantize: Optional[str] = None,
-              cpu_layout: bool = True) -> "Llama":
+              optimize: bool = True, chat_format: Optional[str] = None) -> "Llama":
         """Load a checkpoint (Meta dir, HF dir, .gguf, own dir; None = the default model) and its tokenizer.
 
-        quantize="int8" stores every linear layer as int8 with per-channel scales (see quantize.py).
-        cpu_layout: in float32 on the CPU, store wide layers transposed for faster decoding (see fast.py).
+        seed: `torch.manual_seed(seed)`, as Meta's build does; sampling then draws from torch's global
+        generator, so the same seed gives Meta's samples on the same weights.
+        quantize: "int8" (see quantize.py). optimize: apply the inference transforms (transforms.py);
+        False keeps exactly model.py's classes, the reference computation.
+        chat_format: "template" (the checkpoint's Jinja chat template), "meta" (Meta's Llama 2/3 formats) or
+        "chatml"; None = the template when the checkpoint ships one, else the vocabulary's built-in format.
         """
         from .tokenizer import load_tokenizer
+        from .transforms import QUANTIZE_CHOICES, apply_transforms
 
-        if quantize not in (None, "int8"):
-            raise ValueError(f"unknown quantization '{quantize}' (expected int8)")
+        if quantize not in (None,) + QUANTIZE_CHOICES:
+            raise LlamaMinError(f"unknown quantization '{quantize}' (expected one of {', '.join(QUANTIZE_CHOICES)})")
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
+            raise LlamaMinError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
         if ckpt_path is None:
             from .assets import default_model_path
 
@@ -147,15 +174,17 @@ class Llama:
         device = torch.device(device or default_device())
         dtype = dtype or default_dtype(device)
         torch.manual_seed(seed)
-        tokenizer = load_tokenizer(tokenizer_path or ckpt_path)
+        tokenizer = load_tokenizer(tokenizer_path or ckpt_path, chat_format=chat_format)
         args, state_dict = load_checkpoint(ckpt_path, dtype=dtype)
-        if tokenizer.n_words > args.vocab_size:
-            raise ValueError(f"{ckpt_path}: tokenizer has {tokenizer.n_words} tokens, model only {args.vocab_size}")
+        if tokenizer.n_words > args.vocab_size:  # (more embedding rows than pieces is normal: padding)
+            raise LlamaMinError(f"{ckpt_path}: the tokenizer has {tokenizer.n_words} tokens, the model only "
+                                f"{args.vocab_size} embedding rows: wrong tokenizer for this checkpoint?")
         args.max_seq_len = max_seq_len
+        check_memory(2 * max_seq_len * args.hd // 2 * 8, f"the RoPE table for max_seq_len {max_seq_len}", device)
         model = build_transformer(args, state_dict, device=device).eval().requires_grad_(False)
         del state_dict
-        optimize_for_inference(model, quantize, cpu_layout)
-        return Llama(model, tokenizer, max_seq_len, max_batch_size, seed)
+        apply_transforms(model, optimize=optimize, quantize=quantize)
+        return Llama(model, tokenizer, max_seq_len, max_batch_size)
 
     def compile(self, mode: Optional[str] = None):
         """torch.compile the model's forward (shapes dynamic: one graph for every position and length).
@@ -176,91 +205,129 @@ class Llama:
             total += t.numel() * t.element_size()
         return total
 
+    def _check_request(self, prompt_tokens: list, max_gen_len: Optional[int]) -> int:
+        """Validate a generate() request; returns max_gen_len (default: up to the window, as Meta's)."""
+        bsz = len(prompt_tokens)
+        if not 0 < bsz <= self.max_batch_size:
+            raise LlamaMinError(f"batch of {bsz} prompts; max_batch_size is {self.max_batch_size}")
+        lens = [len(p) for p in prompt_tokens]
+        if min(lens) == 0:
+            raise LlamaMinError("empty prompt: give at least one token")
+        if max(lens) > self.max_seq_len:
+            raise LlamaMinError(f"prompt of {max(lens)} tokens does not fit the window of {self.max_seq_len} tokens")
+        vocab = self.model.vocab_size
+        for p in prompt_tokens:
+            if any(not isinstance(t, int) or not 0 <= t < vocab for t in p):
+                raise LlamaMinError(f"prompt token ids must be integers in [0, {vocab}): got {p[:8]}...")
+        if max_gen_len is None:
+            return self.max_seq_len - 1
+        if max_gen_len < 0:
+            raise LlamaMinError(f"max_gen_len must be >= 0, got {max_gen_len}")
+        return max_gen_len
+
     @torch.inference_mode()
     def generate(self, prompt_tokens: list, max_gen_len: Optional[int] = None, temperature: float = 0.6,
                  top_p: float = 0.9, logprobs: bool = False, echo: bool = False, top_k: Optional[int] = None,
                  min_p: Optional[float] = None, repetition_penalty: float = 1.0, seed: Optional[int] = None,
-                 stop_ids=None, on_token: Optional[Callable[[int, int], None]] = None):
+                 stop_ids=None, stop: Optional[list] = None,
+                 on_token: Optional[Callable[[int, int], Optional[bool]]] = None,
+                 on_text: Optional[Callable[[int, str], None]] = None):
         """Generate continuations of token-id prompts -> (tokens per row, logprobs per row or None).
 
-        Rows run in lockstep from the shortest prompt; a longer prompt is fed its own tokens until it runs
-        out, so padding is never embedded. A row stops at a token in `stop_ids` (default: the tokenizer's),
-        which is not returned. `on_token(row, id)` is called for every new token as it is generated.
+        Meta's loop: rows run in lockstep from the shortest prompt's length; a longer prompt is fed its own
+        tokens until it runs out (padding is never embedded); the loop ends when every row has produced a
+        stop token or the batch reaches total_len = min(max_seq_len, max_gen_len + longest prompt). Each row
+        is then cut to its prompt + max_gen_len and before its first stop token (`stop_ids`, default: the
+        tokenizer's). Sampling draws from torch's global generator (`torch.manual_seed(S)` beforehand fixes the
+        samples, as with Meta's code) unless `seed` is given, which uses a private generator.
+        `stop`: strings that end a row when its generated text contains one (matched across token
+        boundaries, see stops.py; the returned tokens end with the token that completed it).
+        `on_token(row, id)` is called for each new token that will be part of the row's output; if it
+        returns True the row stops there. `on_text(row, text)` streams each row's text as it forms (whole
+        characters, never a stop string).
         """
         s = Sampling(temperature, top_p, top_k, min_p, repetition_penalty)
-        if seed is not None:
-            self.generator.manual_seed(seed)
-        bsz = len(prompt_tokens)
-        if not 0 < bsz <= self.max_batch_size:
-            raise ValueError(f"batch of {bsz} prompts; max_batch_size is {self.max_batch_size}")
+        generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+        max_gen_len = self._check_request(prompt_tokens, max_gen_len)
         lens = [len(p) for p in prompt_tokens]
-        if min(lens) == 0:
-            raise ValueError("empty prompt: give at least one token")
-        if max(lens) >= self.max_seq_len:
-            raise ValueError(f"prompt of {max(lens)} tokens does not fit the window of {self.max_seq_len} "
-                             "tokens (leave room for at least one new token)")
-        max_gen_len = self.max_seq_len - 1 if max_gen_len is None else max_gen_len
-        total_len = min(self.max_seq_len, max_gen_len + max(lens))
+        texts = StopStrings(self.tokenizer, stop, len(lens), on_text) if stop or on_text else None
+        on_token = _with_stop_strings(on_token, texts)
+        bsz, total_len = len(lens), min(self.max_seq_len, max_gen_len + max(lens))
         stop = torch.tensor(sorted(self.tokenizer.stop_ids if stop_ids is None else stop_ids), device=self.device)
-
         pad = -1
         tokens = torch.full((bsz, total_len), pad, dtype=torch.long, device=self.device)
         for i, p in enumerate(prompt_tokens):
-            tokens[i, : len(p)] = torch.tensor(p[:total_len], dtype=torch.long, device=self.device)
+            tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=self.device)
         is_prompt = tokens != pad
         token_logprobs = torch.zeros(bsz, total_len, device=self.device) if logprobs else None
-        done = torch.zeros(bsz, dtype=torch.bool, device=self.device)
-        limit = torch.tensor(lens, device=self.device) + max_gen_len  # each row's own end
+        eos_reached = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+        row_end = torch.tensor([n + max_gen_len for n in lens], device=self.device)  # output cut per row
+        ended = torch.full((bsz,), total_len, device=self.device)  # where a row's output stops
+        by_string = torch.zeros(bsz, dtype=torch.bool, device=self.device)
 
-        self.model.setup_cache(bsz, total_len)
         self.stats = Stats(prompt_tokens=sum(lens))
-        start = time.perf_counter()
-        prev_pos = 0
-        for cur_pos in range(min(lens), total_len):
-            logits = self.model(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
-            history = tokens[:, :cur_pos] if repetition_penalty != 1.0 else None
-            next_token = sample_next(logits[:, -1], s, history, self.generator)
-            next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
-            tokens[:, cur_pos] = next_token
-            if logprobs:  # log p(token t+1 | tokens <= t): logits of position t score the token after it
-                targets = tokens[:, prev_pos + 1 : cur_pos + 1, None]
-                token_logprobs[:, prev_pos + 1 : cur_pos + 1] = (
-                    torch.log_softmax(logits, dim=-1).gather(-1, targets)[..., 0])
-            generated = ~is_prompt[:, cur_pos]
-            stopped = generated & torch.isin(next_token, stop)
-            if on_token is not None:  # stream the new tokens (a stop token is not part of the text)
-                for row in torch.nonzero(generated & ~done & ~stopped).flatten().tolist():
-                    on_token(row, int(next_token[row]))
-            done |= stopped | (cur_pos + 1 >= limit)
-            if cur_pos == min(lens):
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                self.stats.prefill_s = time.perf_counter() - start
-            prev_pos = cur_pos
-            if done.all():
-                break
-        self.stats.decode_s = time.perf_counter() - start - self.stats.prefill_s
-        self.model.clear_cache()
-        return self._collect(tokens, token_logprobs, lens, max_gen_len, echo, stop)
-
-    def _collect(self, tokens, token_logprobs, lens, max_gen_len, echo, stop):
-        """Cut each row to its generated part (plus the prompt with echo), ending before the first stop."""
-        out_tokens, out_logprobs = [], []
-        stop_set = set(stop.tolist())
-        for i, n in enumerate(lens):
-            begin = 0 if echo else n
-            row = tokens[i, begin : n + max_gen_len].tolist()
-            probs = token_logprobs[i, begin : n + max_gen_len].tolist() if token_logprobs is not None else None
-            if -1 in row:  # generation ended early: the rest was never filled
-                cut = row.index(-1)
-                row, probs = row[:cut], probs[:cut] if probs is not None else None
-            for j, t in enumerate(row):
-                if j + begin >= n and t in stop_set:
-                    row, probs = row[:j], probs[:j] if probs is not None else None
+        start, prev_pos = time.perf_counter(), 0
+        params, item = self.model.params, self.model.norm.weight.element_size()
+        check_memory(2 * params.n_layers * bsz * total_len * params.kv_heads * params.hd * item,
+                     f"a KV cache of {bsz} x {total_len} positions", self.device)
+        self.model.setup_cache(bsz, total_len)
+        try:
+            for cur_pos in range(min(lens), total_len):
+                logits = self.model(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
+                history = tokens[:, :cur_pos] if repetition_penalty != 1.0 else None
+                next_token = sample_next(logits[:, -1], s, history, generator)
+                next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
+                tokens[:, cur_pos] = next_token
+                if logprobs:  # log p(token t+1 | tokens <= t): position t's logits score the token after it
+                    targets = tokens[:, prev_pos + 1 : cur_pos + 1]
+                    token_logprobs[:, prev_pos + 1 : cur_pos + 1] = _token_logprobs(logits, targets)
+                new = ~is_prompt[:, cur_pos] & ~eos_reached
+                stopped = new & torch.isin(next_token, stop)
+                ended = torch.where(stopped, cur_pos, ended)
+                if on_token is not None:  # stream, and let the callback end rows (stop strings)
+                    asked = self._stream(on_token, next_token, new & ~stopped & (cur_pos < row_end))
+                    ended, by_string = torch.where(asked, cur_pos + 1, ended), by_string | asked
+                    stopped |= asked
+                eos_reached |= stopped
+                if cur_pos == min(lens):
+                    self.stats.prefill_s = _elapsed(start, self.device)
+                prev_pos = cur_pos
+                if eos_reached.all():
                     break
-            self.stats.new_tokens += max(0, len(row) - (n - begin))
-            out_tokens.append(row)
-            out_logprobs.append(probs)
+        finally:
+            self.model.clear_cache()
+        self.stats.decode_s = _elapsed(start, self.device) - self.stats.prefill_s
+        for row in range(bsz if texts is not None else 0):
+            texts.finish(row)  # stream what the row's decoder still holds
+        return self._collect(tokens, token_logprobs, lens, max_gen_len, echo, ended, by_string)
+
+    @staticmethod
+    def _stream(on_token, next_token: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Hand each row's new token to the callback; the rows whose callback asked to stop."""
+        stop_here = torch.zeros_like(rows)
+        for row in torch.nonzero(rows).flatten().tolist():
+            if on_token(row, int(next_token[row])):
+                stop_here[row] = True
+        return stop_here
+
+    def _collect(self, tokens, token_logprobs, lens, max_gen_len, echo, ended, by_string):
+        """Cut each row to its generated part (plus the prompt with echo): at most max_gen_len new tokens,
+        ending before its stop token (or after the token where a stop string completed)."""
+        out_tokens, out_logprobs, reasons = [], [], []
+        total_len = tokens.shape[1]
+        for i, n in enumerate(lens):
+            begin, end = (0 if echo else n), min(int(ended[i]), n + max_gen_len)
+            out_tokens.append(tokens[i, begin:end].tolist())
+            if token_logprobs is not None:
+                out_logprobs.append(token_logprobs[i, begin:end].tolist())
+            if by_string[i]:
+                reasons.append("stop string")
+            elif int(ended[i]) < min(n + max_gen_len, total_len):
+                reasons.append("end of turn")
+            else:
+                reasons.append("max-new-tokens" if n + max_gen_len <= total_len else "window full")
+            self.stats.new_tokens += max(0, end - n)
+        self.stats.stop_reasons = reasons
         return out_tokens, (out_logprobs if token_logprobs is not None else None)
 
     def text_completion(self, prompts: list, temperature: float = 0.6, top_p: float = 0.9,
@@ -271,7 +338,9 @@ class Llama:
         out, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, **extras)
         results = []
         for i, row in enumerate(out):
-            r = {"generation": tok.decode(row)}
+            text = tok.decode(row)
+            begin = len(tok.decode(prompt_tokens[i])) if echo else 0  # stop strings count in new text only
+            r = {"generation": text[:begin] + cut_at_stop(text[begin:], extras.get("stop"))}
             if logprobs:
                 r.update(tokens=[tok.decode([t]) for t in row], logprobs=lps[i])
             results.append(r)
@@ -279,80 +348,50 @@ class Llama:
 
     def chat_completion(self, dialogs: list, temperature: float = 0.6, top_p: float = 0.9,
                         max_gen_len: Optional[int] = None, logprobs: bool = False, **extras):
-        """Answer dialogs ([{"role", "content"}, ...] ending with a user turn) in the tokenizer's chat format."""
-        prompt_tokens = [self.tokenizer.encode_dialog(d) for d in dialogs]
+        """Answer dialogs ([{"role", "content"}, ...]) in the tokenizer's chat format.
+
+        A dialog that ends with an assistant message is a prefill: the answer continues that message
+        (the returned content is the continuation only)."""
+        prompt_tokens = [self.tokenizer.encode_dialog(d, continue_final_message=d[-1]["role"] == "assistant")
+                         for d in dialogs]
         out, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, **extras)
         results = []
         for i, row in enumerate(out):
-            r = {"generation": {"role": "assistant", "content": self.tokenizer.decode(row)}}
+            text = cut_at_stop(self.tokenizer.decode(row), extras.get("stop"))
+            r = {"generation": {"role": "assistant", "content": text}}
             if logprobs:
                 r.update(tokens=[self.tokenizer.decode([t]) for t in row], logprobs=lps[i])
             results.append(r)
         return results
 
 
-class ChatSession:
-    """A multi-turn chat (batch 1) that keeps its KV cache between turns.
 
-    Each turn encodes the whole dialog, finds how much of it is already in the cache (the longest
-    common prefix with the tokens fed so far) and prefills only the rest, then decodes until a stop
-    token. `reset()` forgets the dialog (the system message stays).
-    """
+def _with_stop_strings(on_token, texts: Optional[StopStrings]):
+    """The per-token callback, extended to feed the stop-string matcher (which may end the row)."""
+    if texts is None:
+        return on_token
 
-    def __init__(self, llama: Llama, system: Optional[str] = None, **sampling):
-        self.llama, self.system = llama, system
-        self.sampling = Sampling(**sampling)
-        self.reset()
+    def callback(row: int, token_id: int) -> bool:
+        asked = bool(on_token(row, token_id)) if on_token is not None else False
+        return texts.push(row, token_id) or asked
 
-    def reset(self):
-        self.dialog = [{"role": "system", "content": self.system}] if self.system else []
-        self.cached: list = []  # token ids whose keys/values sit in the cache, in order
-        self.llama.model.clear_cache()
+    return callback
 
-    def _ensure_cache(self, needed: int):
-        """Grow the cache (doubling, capped by the window) keeping what it holds."""
-        model = self.llama.model
-        have = model.cache_len
-        if needed <= have:
-            return
-        size = min(self.llama.max_seq_len, max(needed, 2 * have, 256))
-        old = [(layer.attention.cache_k, layer.attention.cache_v) for layer in model.layers]
-        model.setup_cache(1, size)
-        if have:
-            for layer, (k, v) in zip(model.layers, old):
-                layer.attention.cache_k[:, :have] = k
-                layer.attention.cache_v[:, :have] = v
 
-    @torch.inference_mode()
-    def ask(self, text: str, max_gen_len: int = 512, on_token: Optional[Callable[[int], None]] = None) -> str:
-        llama, tok = self.llama, self.llama.tokenizer
-        dialog = self.dialog + [{"role": "user", "content": text}]
-        ids = tok.encode_dialog(dialog)
-        if len(ids) >= llama.max_seq_len:
-            raise ValueError(f"the dialog is {len(ids)} tokens, the window {llama.max_seq_len}: /reset to start over")
-        keep = 0
-        while keep < min(len(ids) - 1, len(self.cached)) and ids[keep] == self.cached[keep]:
-            keep += 1
-        total = min(llama.max_seq_len, len(ids) + max_gen_len)
-        self._ensure_cache(total)
-        llama.stats = Stats(prompt_tokens=len(ids) - keep)
-        start = time.perf_counter()
-        logits = llama.model(torch.tensor([ids[keep:]], device=llama.device), keep, last_only=True)
-        llama.stats.prefill_s = time.perf_counter() - start
-        fed, reply = list(ids), []
-        while len(fed) < total:
-            history = torch.tensor([fed], device=llama.device) if self.sampling.repetition_penalty != 1 else None
-            nxt = int(sample_next(logits[:, -1], self.sampling, history, llama.generator)[0])
-            if nxt in tok.stop_ids:
-                break
-            reply.append(nxt)
-            if on_token is not None:
-                on_token(nxt)
-            logits = llama.model(torch.tensor([[nxt]], device=llama.device), len(fed), last_only=True)
-            fed.append(nxt)
-        llama.stats.new_tokens = len(reply)
-        llama.stats.decode_s = time.perf_counter() - start - llama.stats.prefill_s
-        self.cached = fed
-        answer = tok.decode(reply)
-        self.dialog = dialog + [{"role": "assistant", "content": answer}]
-        return answer
+def cut_at_stop(text: str, stop: Optional[list]) -> str:
+    """The text before the first occurrence of any stop string."""
+    hits = [i for i in (text.find(s) for s in (stop or []) if s) if i >= 0]
+    return text[: min(hits)] if hits else text
+
+
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] per position: logits (B, T, V), targets (B, T) -> (B, T)."""
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0]
+
+
+def _elapsed(start: float, device) -> float:
+    """Seconds since `start`, after the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+

@@ -6,7 +6,9 @@ Read top to bottom:
   precompute_freqs_cis   rotary position embeddings (RoPE) as unit complex numbers, + Llama 3.1 scaling
   apply_rotary_emb       rotate each adjacent pair of q/k features by its position's angle
   repeat_kv              grouped-query attention: share each key/value head among H/K query heads
-  Attention              causal self-attention with an optional KV cache for generation
+  attention              softmax(q k^T / sqrt(hd) + mask) v, written out and as PyTorch's fused kernel
+  KVCache                keys and values of past positions, so generation computes each token once
+  Attention              causal self-attention (q, k, v projections, RoPE, GQA, output projection)
   FeedForward            the SwiGLU MLP
   TransformerBlock       pre-norm residual block: x + attn(norm(x)), then h + ffn(norm(h))
   Transformer            embeddings -> blocks -> norm -> output projection, float32 logits
@@ -51,24 +53,20 @@ class ModelArgs:
 
     def __post_init__(self):
         """Check sizes and divisibility now, not later as a shape error deep in a forward pass."""
-        for name in ("dim", "n_layers", "n_heads", "multiple_of", "max_seq_len"):
-            _check_int(name, getattr(self, name), minimum=1)
-        for name in ("n_kv_heads", "hidden_dim", "head_dim", "sliding_window"):
-            if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), minimum=1)
-        _check_int("vocab_size", self.vocab_size, minimum=-1)
-        if self.vocab_size == 0:
-            raise ValueError("vocab_size must be positive (or -1: take it from the tokenizer)")
-        if self.n_heads % self.kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})")
-        if self.head_dim is None and self.dim % self.n_heads:
-            raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads}), or give head_dim")
-        if self.hd % 2:
-            raise ValueError(f"head dim {self.hd} must be even (RoPE rotates pairs of features)")
+        for name in ("dim", "n_layers", "n_heads", "multiple_of", "max_seq_len", "n_kv_heads", "hidden_dim",
+                     "head_dim", "vocab_size", "sliding_window"):
+            value, optional = getattr(self, name), name in ("n_kv_heads", "hidden_dim", "head_dim", "sliding_window")
+            if not (optional and value is None or name == "vocab_size" and value == -1):  # -1: from the tokenizer
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name in ("norm_eps", "rope_theta", "rope_scaling_factor"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if self.n_heads % self.kv_heads or (self.head_dim is None and self.dim % self.n_heads) or self.hd % 2:
+            raise ValueError(f"heads do not divide: n_heads {self.n_heads} must be a multiple of n_kv_heads "
+                             f"{self.kv_heads}, dim {self.dim} divisible by n_heads (or head_dim given), and the "
+                             f"head dim ({self.hd}) even (RoPE rotates pairs)")
 
     @classmethod
     def from_dict(cls, params: dict) -> "ModelArgs":
@@ -98,11 +96,6 @@ class ModelArgs:
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
-
-
-def _check_int(name: str, value, minimum: int):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 class RMSNorm(nn.Module):
@@ -210,65 +203,59 @@ def causal_mask(T: int, start_pos: int, device=None) -> torch.Tensor:
 def attention_math(q, k, v, mask):
     """softmax(q k^T / sqrt(hd) + mask) v with the softmax in float32; q (B,H,T,hd), k/v (B,H,S,hd).
 
-    The reference form. `Attention` uses F.scaled_dot_product_attention, which equals this within
-    float rounding (tests/test_model.py checks it) and is faster.
-    """
+    Written out; `attention` computes the same with a fused kernel (equal within rounding: test_model.py)."""
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, S)
     if mask is not None:
         scores = scores + mask
     return F.softmax(scores.float(), dim=-1).type_as(q) @ v  # (B, H, T, hd)
 
 
+def attention(q, k, v, mask):
+    """`attention_math` computed by F.scaled_dot_product_attention (fused: no (T, S) scores in memory)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class KVCache:
+    """One layer's keys (after RoPE) and values of the positions seen so far, (B, max_len, K, hd) each.
+
+    Generation state, not weights: a plain object, never in the state dict."""
+
+    def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device=None):
+        shape = (batch_size, max_len, n_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, T, K, hd) at positions [start_pos, start_pos+T); return (B, start_pos+T, K, hd) each."""
+        B, T = k.shape[:2]
+        self.k[:B, start_pos : start_pos + T] = k
+        self.v[:B, start_pos : start_pos + T] = v
+        return self.k[:B, : start_pos + T], self.v[:B, : start_pos + T]
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.hd
-        self.n_rep = self.n_heads // self.n_kv_heads
+        self.n_rep = self.n_heads // self.n_kv_heads  # query heads per key/value head
         self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
-        self.use_sdpa = True  # False = the explicit `attention_math` (identical up to rounding)
-        self.cache_k: Optional[torch.Tensor] = None  # (B, max_len, K, hd), set by Transformer.setup_cache
-        self.cache_v: Optional[torch.Tensor] = None
+        self.cache: Optional[KVCache] = None  # set by Transformer.setup_cache for generation
 
     def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rotary_emb(q, k, freqs_cis)
-
-        if self.cache_k is not None:  # generation: keys are cached after RoPE, values as they are
-            self.cache_k[:B, start_pos : start_pos + T] = k
-            self.cache_v[:B, start_pos : start_pos + T] = v
-            k = self.cache_k[:B, : start_pos + T]  # (B, S, K, hd), S = start_pos + T
-            v = self.cache_v[:B, : start_pos + T]
-
-        if T == 1 and self.use_sdpa:  # decoding: one query per head, no mask
-            return self.wo(self._decode_gqa(q, k, v).reshape(B, 1, -1))
+        q, k = apply_rotary_emb(q, k, freqs_cis)  # positions [start_pos, start_pos+T)
+        if self.cache is not None:  # generation: attend to every position so far, not only this step's
+            k, v = self.cache.update(start_pos, k, v)  # (B, S, K, hd), S = start_pos + T
         k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)  # (B, S, H, hd)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T|S, hd)
-        if not self.use_sdpa:
-            out = attention_math(q, k, v, mask)
-        elif start_pos == 0 and T > 1:  # the mask is a plain causal square: let SDPA build it
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*hd)
-        return self.wo(out)
-
-    def _decode_gqa(self, q, k, v):
-        """Grouped-query attention for one new token without copying the cache n_rep times.
-
-        The n_rep query heads that share KV head g attend as n_rep "positions" of one head:
-        q (B, 1, H, hd) -> (B, K, n_rep, hd) against k, v (B, S, K, hd) -> (B, K, S, hd).
-        Same numbers as repeat_kv + per-head attention; returns (B, H, hd).
-        """
-        B = q.shape[0]
-        q = q.view(B, self.n_kv_heads, self.n_rep, self.head_dim)
-        out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2))  # (B, K, n_rep, hd)
-        return out.reshape(B, self.n_heads, self.head_dim)
+        out = attention(q, k, v, mask)  # (B, H, T, hd)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*hd) -> (B, T, D)
 
 
 class FeedForward(nn.Module):
@@ -317,31 +304,31 @@ class Transformer(nn.Module):
         if self.params.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
-    def setup_cache(self, batch_size: int, max_len: int, device=None, dtype=None):
-        """Allocate per-layer KV caches (B, max_len, K, hd); size them to the request, not the window."""
-        ref = self.norm.weight  # device and activation dtype (linear layers may be int8)
+    def setup_cache(self, batch_size: int, max_len: int):
+        """Give every layer a KV cache of max_len positions; size it to the request, not the window."""
         if max_len > self.freqs_cis.shape[0]:
             raise ValueError(f"cache of {max_len} positions exceeds RoPE table of {self.freqs_cis.shape[0]}")
+        ref = self.norm.weight  # device and activation dtype (linear layers may hold int8)
         for layer in self.layers:
             att = layer.attention
-            shape = (batch_size, max_len, att.n_kv_heads, att.head_dim)
-            att.cache_k = torch.zeros(shape, device=device or ref.device, dtype=dtype or ref.dtype)
-            att.cache_v = torch.zeros_like(att.cache_k)
+            att.cache = KVCache(batch_size, max_len, att.n_kv_heads, att.head_dim, ref.dtype, ref.device)
 
     def clear_cache(self):
+        """Back to plain causal attention over the given tokens (training, scoring)."""
         for layer in self.layers:
-            layer.attention.cache_k = layer.attention.cache_v = None
+            layer.attention.cache = None
 
     @property
     def cache_len(self) -> int:
-        """Positions the KV cache can hold (0 when there is no cache: plain causal attention)."""
-        cache = self.layers[0].attention.cache_k if self.n_layers else None
-        return 0 if cache is None else cache.shape[1]
+        """Positions the KV cache can hold (0 when there is none: plain causal attention)."""
+        cache = self.layers[0].attention.cache if self.n_layers else None
+        return 0 if cache is None else cache.k.shape[1]
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
         """tokens (B, T) at positions [start_pos, start_pos+T) -> float32 logits (B, T, V).
 
-        last_only=True returns only the last position's logits (B, 1, V): all generation needs.
+        last_only=True returns only the last position's logits (B, 1, V), the same numbers as
+        forward(...)[:, -1:]: all that sampling the next token needs (norm and output work per position).
         """
         B, T = tokens.shape
         if start_pos + T > self.freqs_cis.shape[0]:

@@ -7,6 +7,26 @@ from pathlib import Path
 
 import torch
 
+# The tiny reference model every test builds from (GQA: 4 query heads share 2 KV heads).
+TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, hidden_dim=160, max_seq_len=128)
+
+
+def tiny_model(seed: int = 0, scale: float = 0.15, **over):
+    """A llama_min Transformer of TINY's shape (overridable), every weight random: matrices N(0, scale),
+    norm weights around 1, so no test passes by a weight being exactly one or zero."""
+    from llama_min import ModelArgs, Transformer
+
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(**dict(TINY, **over))).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p)) if p.ndim == 1 else p.normal_(0, scale)
+    return model
+
+
+def rand_tokens(batch: int = 2, n: int = 40, seed: int = 1, vocab: int = 128) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, n), generator=torch.Generator().manual_seed(seed))
+
 # Tiny configs covering what real checkpoints vary: MHA/GQA, rope base, llama3 scaling (factor 8 and
 # 32, with original_max_position_embeddings small so test sequences pass it), tied output, head_dim.
 HF_CONFIGS = {

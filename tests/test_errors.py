@@ -114,8 +114,8 @@ def write_gguf(path, arch="llama", extra=(), sd=None, params=PARAMS, int_tensor=
     ({"rope_theta": "1e4"}, '"rope_theta"'),
     ({"use_scaled_rope": "false"}, '"use_scaled_rope": "false"'),
     ({"ffn_dim_multiplier": [1.3]}, '"ffn_dim_multiplier"'),
-    ({"n_kv_heads": 3}, "n_heads (2) must be a multiple of n_kv_heads (3)"),
-    ({"dim": 33}, "dim (33) must be divisible by n_heads"),
+    ({"n_kv_heads": 3}, "n_heads 2 must be a multiple of n_kv_heads 3"),
+    ({"dim": 34}, "dim 34 divisible by n_heads"),
     ({"use_scaled_rope": True, "rope_low_freq_factor": 4.0}, "high_freq_factor > low_freq_factor"),
 ])
 def test_bad_params_json(tmp_path, change, key):
@@ -200,7 +200,8 @@ def _hf_dir(tmp_path, name="mha-1e4", **cfg_changes):
     ({"hidden_size": None}, ['missing key "hidden_size"']),
     ({"num_attention_heads": 0}, ['"num_attention_heads": 0']),
     ({"vocab_size": "128"}, ['"vocab_size": "128"']),
-    ({"num_key_value_heads": 3}, ["num_attention_heads (4) must be a multiple of num_key_value_heads (3)"]),
+    ({"num_key_value_heads": 3}, ["num_attention_heads 4 must be a multiple of num_key_value_heads 3",
+                                  "head dim (16)"]),
     ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, ['"rope_parameters.factor"']),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, ['"rope_parameters.rope_type": "yarn"']),
     ({"rope_scaling": "llama3"}, ['"rope_scaling": "llama3"']),

@@ -169,7 +169,7 @@ def test_fuzz_gguf_magic_then_junk(tmp_path, raw):
 @pytest.fixture(scope="module")
 def smollm2_header():
     """The metadata + tensor directory of the cached SmolLM2 GGUF (everything before its tensor data)."""
-    from llama_min.gguf_vocab import read_gguf_tensor_infos
+    from llama_min.gguf_file import read_gguf_tensor_infos
 
     path = require_asset("smollm2")
     _, infos = read_gguf_tensor_infos(path)

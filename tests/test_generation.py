@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from llama_min import ModelArgs, Transformer
-from llama_min.generation import ChatSession, Llama, Sampling, apply_repetition_penalty, sample_next, sample_top_p
+from llama_min.session import ChatSession
+from llama_min.generation import Llama, Sampling, apply_repetition_penalty, sample_next, sample_top_p
 
 V = 128
 
@@ -20,6 +21,11 @@ class CharTokenizer:
 
     def decode(self, ids):
         return "".join(chr(i) for i in ids)
+
+    def stream_decoder(self):
+        from llama_min.tokenizer import StreamDecoder
+
+        return StreamDecoder(self)
 
     def encode_dialog(self, dialog):
         ids = [1]
@@ -90,7 +96,9 @@ def test_repetition_penalty_worked_example():
 
 
 def test_bad_sampling_settings():
-    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=0), dict(repetition_penalty=0)):
+    nan = float("nan")
+    for bad in (dict(temperature=-1), dict(temperature=nan), dict(top_p=1.5), dict(top_p=nan), dict(top_k=0),
+                dict(min_p=2.0), dict(repetition_penalty=0), dict(repetition_penalty=nan)):
         with pytest.raises(ValueError):
             Sampling(**bad)
 
@@ -223,3 +231,73 @@ def test_chat_session_reuses_cache_and_matches_full_prefill(monkeypatch):
     assert a2 == tok.decode(out[0])
     session.reset()
     assert session.cached == [] and session.dialog == [{"role": "system", "content": "sys"}]
+
+
+# ------------------------------------------------------------------------------------------------
+# Meta's random stream: the same samples as Meta's generate loop after the same torch.manual_seed
+# ------------------------------------------------------------------------------------------------
+
+
+def meta_generate(model, prompt_tokens, max_gen_len, temperature, top_p, stop_ids, max_seq_len):
+    """Meta's published Llama generate loop, re-typed here from its description as the test's oracle.
+
+    Global torch RNG; pad -1; run from the shortest prompt until every row has emitted a stop token or
+    total_len; one multinomial draw per step for the whole batch; each row cut at prompt + max_gen_len and
+    before its first stop token.
+    """
+    bsz = len(prompt_tokens)
+    min_len, max_len = min(map(len, prompt_tokens)), max(map(len, prompt_tokens))
+    total_len = min(max_seq_len, max_gen_len + max_len)
+    tokens = torch.full((bsz, total_len), -1, dtype=torch.long)
+    for k, t in enumerate(prompt_tokens):
+        tokens[k, : len(t)] = torch.tensor(t)
+    eos_reached = torch.tensor([False] * bsz)
+    input_text_mask = tokens != -1
+    stop = torch.tensor(sorted(stop_ids))
+    prev_pos = 0
+    model.setup_cache(bsz, total_len)
+    for cur_pos in range(min_len, total_len):
+        logits = model(tokens[:, prev_pos:cur_pos], prev_pos)
+        if temperature > 0:
+            probs = torch.softmax(logits[:, -1] / temperature, dim=-1)
+            probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+            probs_sum = torch.cumsum(probs_sort, dim=-1)
+            probs_sort[probs_sum - probs_sort > top_p] = 0.0
+            probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+            next_token = torch.gather(probs_idx, -1, torch.multinomial(probs_sort, num_samples=1))
+        else:
+            next_token = torch.argmax(logits[:, -1], dim=-1)
+        next_token = next_token.reshape(-1)
+        next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
+        tokens[:, cur_pos] = next_token
+        eos_reached |= (~input_text_mask[:, cur_pos]) & torch.isin(next_token, stop)
+        prev_pos = cur_pos
+        if all(eos_reached):
+            break
+    model.clear_cache()
+    out = []
+    for i, t in enumerate(tokens.tolist()):
+        toks = t[len(prompt_tokens[i]) : len(prompt_tokens[i]) + max_gen_len]
+        for s in stop_ids:
+            if s in toks:
+                toks = toks[: toks.index(s)]
+        out.append(toks)
+    return out
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.0, 0.9), (0.6, 0.9), (1.0, 0.5), (1.3, 0.9)])
+def test_generate_reproduces_metas_random_stream(temperature, top_p):
+    llama = tiny_llama(seed=3)
+    stop = {2, 5}
+    prompts = [[1, 10, 11, 12], [1, 20], [1, 30, 31, 32, 33, 34, 35]]  # ragged
+    with torch.no_grad():
+        torch.manual_seed(1234)
+        want = [meta_generate(llama.model, prompts, 24, temperature, top_p, stop, llama.max_seq_len),
+                meta_generate(llama.model, prompts[:1], 30, temperature, top_p, stop, llama.max_seq_len)]
+    torch.manual_seed(1234)
+    got = [llama.generate(prompts, 24, temperature, top_p, stop_ids=stop)[0],
+           llama.generate(prompts[:1], 30, temperature, top_p, stop_ids=stop)[0]]  # a second call, same stream
+    assert got == want
+    if temperature > 0:  # the samples really are random draws: another seed gives another stream
+        torch.manual_seed(99)
+        assert llama.generate(prompts, 24, temperature, top_p, stop_ids=stop)[0] != want[0]

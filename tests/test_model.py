@@ -7,6 +7,7 @@ import torch
 
 from llama_min import ModelArgs, Transformer
 from llama_min.checkpoint import build_transformer
+from _tiny import TINY, rand_tokens, tiny_model
 from llama_min.model import (
     apply_rotary_emb,
     attention_math,
@@ -16,22 +17,6 @@ from llama_min.model import (
     repeat_kv,
     rope_frequencies,
 )
-
-TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, hidden_dim=160, max_seq_len=128)
-
-
-def tiny_model(seed=0, **over) -> Transformer:
-    torch.manual_seed(seed)
-    model = Transformer(ModelArgs(**dict(TINY, **over))).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p)) if p.ndim == 1 else p.normal_(0, 0.15)
-    return model
-
-
-def rand_tokens(batch=2, n=40, seed=1):
-    return torch.randint(0, 128, (batch, n), generator=torch.Generator().manual_seed(seed))
-
 
 # ------------------------------------------------------------------------------------------------
 # RoPE
@@ -135,15 +120,15 @@ def test_causal_mask_with_cached_prefix():
     assert torch.equal(torch.isinf(m), torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 0, 1], [0, 0, 0, 0, 0]]).bool())
 
 
-def test_sdpa_equals_explicit_math():
+def test_sdpa_equals_explicit_math(monkeypatch):
+    """The model's fused-kernel attention equals the written-out softmax form, whole model, within rounding."""
     model = tiny_model()
     tokens = rand_tokens()
     with torch.no_grad():
-        fast = model(tokens)
-        for layer in model.layers:
-            layer.attention.use_sdpa = False
-        slow = model(tokens)
-    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+        fused = model(tokens)
+        monkeypatch.setattr("llama_min.model.attention", attention_math)
+        explicit = model(tokens)
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
 
 
 def test_attention_math_matches_sdpa_with_mask():
@@ -158,11 +143,11 @@ def test_attention_math_matches_sdpa_with_mask():
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("use_sdpa", [True, False])
-def test_kv_cache_one_token_at_a_time(use_sdpa):
+@pytest.mark.parametrize("explicit", [False, True])
+def test_kv_cache_one_token_at_a_time(explicit, monkeypatch):
     model = tiny_model()
-    for layer in model.layers:
-        layer.attention.use_sdpa = use_sdpa
+    if explicit:
+        monkeypatch.setattr("llama_min.model.attention", attention_math)
     tokens = rand_tokens(n=30)
     with torch.no_grad():
         full = model(tokens)
@@ -194,7 +179,7 @@ def test_last_only_logits():
 def test_cache_sized_to_request():
     model = tiny_model(max_seq_len=4096)
     model.setup_cache(1, 50)
-    assert model.layers[0].attention.cache_k.shape == (1, 50, 2, 16)
+    assert model.layers[0].attention.cache.k.shape == (1, 50, 2, 16)
     assert model.cache_len == 50
     model.clear_cache()
     assert model.cache_len == 0

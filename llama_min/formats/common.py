@@ -121,7 +121,7 @@ def build_args(source, renames: Optional[dict] = None, **values) -> ModelArgs:
     except (ValueError, TypeError) as e:
         msg = one_line(e)
         for field, key in (renames or {}).items():
-            msg = re.sub(rf"\b{field}\b", key, msg)
+            msg = re.sub(rf"(?<!head )\b{field}\b", key, msg)  # "head dim" is not the model dim
         raise LlamaMinError(f"{source}: {msg}") from None
     check_llama3_rope(args, source)
     return args
@@ -243,10 +243,11 @@ def safetensors_open(path: Path):
         raise LlamaMinError(f"{path}: not a readable safetensors file ({one_line(e)})") from None
 
 
-def torch_load(path: Path) -> dict:
-    """A .pth/.bin state dict {name: float tensor}, memory-mapped, weights-only (never unpickles code).
+def torch_load(path: Path):
+    """A .pth/.bin file's content, memory-mapped, weights-only (never unpickles code).
 
-    A pickle naming anything but tensors is refused in one line (torch's own message spans several).
+    A pickle naming anything but tensors and plain containers is refused in one line (torch's own
+    message spans several).
     """
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -258,6 +259,12 @@ def torch_load(path: Path) -> dict:
             raise LlamaMinError(f"{path}: refused: the pickle holds objects other than tensors{what}; "
                                 "llama_min reads weights-only files") from None
         raise LlamaMinError(f"{path}: cannot load as a PyTorch weights file ({one_line(e)})") from None
+    return sd
+
+
+def torch_weights(path: Path) -> dict:
+    """A .pth/.bin state dict: `torch_load`, then checked to be {name: floating-point tensor}."""
+    sd = torch_load(path)
     if not isinstance(sd, dict):
         raise LlamaMinError(f"{path}: holds a {type(sd).__name__}, expected a dict of tensors")
     for key, t in sd.items():

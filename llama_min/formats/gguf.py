@@ -118,7 +118,7 @@ def gguf_tensor(data, dims: tuple, ggml_type: int, offset: int, dtype) -> torch.
 
 def _read_infos(path: Path):
     """(metadata, tensor infos); a damaged header is one LlamaMinError naming the file."""
-    from ..gguf_vocab import read_gguf_tensor_infos
+    from ..gguf_file import read_gguf_tensor_infos
 
     try:
         return read_gguf_tensor_infos(path)

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import LlamaMinError
 from ..files import read_json
-from .common import args_from_params, cast, torch_load
+from .common import args_from_params, cast, torch_weights
 
 SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
 
@@ -40,7 +40,7 @@ def _merge_shards(key: str, parts: list, dim: int, files) -> torch.Tensor:
 def load_meta(path: Path, dtype):
     args = args_from_params(read_json(path / "params.json", "params.json"), path / "params.json")
     files = sorted(path.glob("consolidated.*.pth"))
-    shards = [torch_load(f) for f in files]
+    shards = [torch_weights(f) for f in files]
     keys = [k for k in shards[0] if k != "rope.freqs"]  # rope.freqs (Llama 1/2) is recomputed
     for f, s in zip(files[1:], shards[1:]):
         if set(k for k in s if k != "rope.freqs") != set(keys):
