@@ -4,7 +4,8 @@
 slips through plain `<` comparisons), booleans are not numbers, and each value must lie in its range:
 
   temperature         0 (greedy), or finite and >= 1e-3
-  top_p               in (0, 1]                 (Meta's nucleus: keep tokens whose mass before them <= p)
+  top_p               in [0, 1]                 (Meta's nucleus: keep tokens whose mass before them <= p;
+                                                 0 keeps only the most likely one)
   top_k               None or an integer >= 1
   min_p               None or in [0, 1]         (keep tokens with p >= min_p * p_max)
   repetition_penalty  in [1e-3, 1e3]            (1 = off)
@@ -36,8 +37,8 @@ def check_sampling(temperature, top_p, top_k=None, min_p=None, repetition_penalt
     if t != 0 and not t >= MIN_TEMPERATURE:
         raise LlamaMinError(f"temperature (--temperature): {temperature!r}; expected 0 (greedy) or a number "
                             f">= {MIN_TEMPERATURE}")
-    if not 0 < _number("top_p", top_p) <= 1:
-        raise LlamaMinError(f"top_p (--top-p): {top_p!r}; expected a number in (0, 1]")
+    if not 0 <= _number("top_p", top_p) <= 1:
+        raise LlamaMinError(f"top_p (--top-p): {top_p!r}; expected a number in [0, 1]")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise LlamaMinError(f"top_k (--top-k): {top_k!r}; expected an integer >= 1 (or none)")
     if min_p is not None and not 0 <= _number("min_p", min_p) <= 1:

@@ -262,7 +262,7 @@ def test_fuzz_sampling_checks(t, p, k, m, r):
     assert ids.shape == (2,) and 0 <= int(ids.min()) and int(ids.max()) < 11
 
 
-BAD_SAMPLING = [dict(temperature=math.nan), dict(min_p=2), dict(min_p=-0.5), dict(top_p=math.nan), dict(top_p=0),
+BAD_SAMPLING = [dict(temperature=math.nan), dict(min_p=2), dict(min_p=-0.5), dict(top_p=math.nan), dict(top_p=-0.1),
                 dict(top_k=0), dict(top_k=2.5), dict(temperature=math.inf), dict(repetition_penalty=0),
                 dict(repetition_penalty=math.nan), dict(temperature=True), dict(temperature=2e-43),
                 dict(repetition_penalty=1e300)]
@@ -280,6 +280,7 @@ def test_sampling_refuses_what_check_sampling_refuses(kw):
 def test_sampling_checks_examples():
     """Hand-picked cases the issue names, so the rules above are pinned, not only fuzzed."""
     check_sampling(0, 1.0)
+    check_sampling(0.7, 0.0)  # top_p 0: only the most likely token survives Meta's nucleus rule
     check_sampling(0.6, 0.9, top_k=40, min_p=0.0, repetition_penalty=1.1)
     for kw, flag in zip(BAD_SAMPLING, FLAGS):
         with pytest.raises(LlamaMinError, match=flag):
