@@ -1,7 +1,7 @@
 """Text generation with Meta's semantics: build, generate, text_completion, chat_completion, chat sessions.
 
   Llama.build        load any checkpoint + its tokenizer onto a device, in a dtype
-  sample_next        temperature, top-k, Meta's top-p, min-p, repetition penalty; greedy at T = 0
+  (sampling.py)      choosing the next token: temperature, top-k, Meta's top-p, min-p, repetition penalty
   Llama.generate     ragged batches in lockstep from the shortest prompt (longer prompts are teacher-forced),
                      stop sets, logprobs of the generated tokens, echo, a per-token callback for streaming
 
@@ -11,7 +11,6 @@ The KV cache is sized to each request (prompt + new tokens, capped by max_seq_le
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -19,69 +18,10 @@ import torch
 from .checkpoint import build_transformer, load_checkpoint
 from .errors import LlamaMinError
 from .model import Transformer
-from .sampling_checks import check_sampling
+from .sampling import Sampling, Stats, elapsed, logprobs_of, sample_next
+from .sampling import apply_repetition_penalty as apply_repetition_penalty  # re-exported: the sampling API
+from .sampling import sample_top_p as sample_top_p
 from .stops import StopStrings
-
-
-@dataclass
-class Sampling:
-    """How the next token is chosen. temperature 0 = greedy (argmax)."""
-
-    temperature: float = 0.6
-    top_p: float = 0.9
-    top_k: Optional[int] = None
-    min_p: Optional[float] = None
-    repetition_penalty: float = 1.0
-
-    def __post_init__(self):
-        check_sampling(self.temperature, self.top_p, self.top_k, self.min_p, self.repetition_penalty)
-
-
-def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style: for tokens already seen, divide positive logits by `penalty`, multiply negative ones.
-
-    logits (B, V); history (B, S) token ids (negative = padding, ignored).
-    """
-    if penalty == 1.0 or history.numel() == 0:
-        return logits
-    counts = torch.zeros_like(logits).scatter_add_(1, history.clamp(min=0), (history >= 0).to(logits.dtype))
-    seen = counts > 0
-    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
-
-
-def sample_top_p(probs: torch.Tensor, p: float, generator=None) -> torch.Tensor:
-    """Meta's nucleus sampling: keep each token whose cumulative mass *before* it is <= p.
-
-    So the token that crosses p is kept. probs (B, V) -> token ids (B,).
-    """
-    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
-    mass_before = torch.cumsum(probs_sort, dim=-1) - probs_sort
-    probs_sort = probs_sort.masked_fill(mass_before > p, 0.0)
-    probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)
-    choice = torch.multinomial(probs_sort, num_samples=1, generator=generator)  # (B, 1) index into sorted
-    return torch.gather(probs_idx, -1, choice).squeeze(-1)
-
-
-def sample_next(logits: torch.Tensor, s: Sampling, history: Optional[torch.Tensor] = None, generator=None):
-    """Choose the next token for each row of logits (B, V) under the sampling settings.
-
-    With the default settings this is Meta's code step for step: argmax at temperature 0, else
-    softmax(logits / T), then `sample_top_p`, one multinomial draw for the whole batch from `generator`
-    (None = torch's global generator, as Meta's code uses).
-    """
-    if history is not None:
-        logits = apply_repetition_penalty(logits, history, s.repetition_penalty)
-    if s.temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / s.temperature, dim=-1)
-    if s.top_k is not None and s.top_k < probs.shape[-1]:
-        kth = torch.topk(probs, s.top_k, dim=-1).values[:, -1:]
-        probs = probs.masked_fill(probs < kth, 0.0)
-    if s.min_p is not None:
-        probs = probs.masked_fill(probs < s.min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
-    if s.top_k is not None or s.min_p is not None:
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-    return sample_top_p(probs, s.top_p, generator)
 
 
 def free_memory(device) -> Optional[int]:
@@ -114,22 +54,6 @@ def default_dtype(device) -> torch.dtype:
     if str(device).startswith("cuda") and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
-
-
-@dataclass
-class Stats:
-    """Timing of the last generate call (seconds, token counts), for tokens/s reports."""
-
-    prompt_tokens: int = 0
-    prefill_s: float = 0.0
-    new_tokens: int = 0
-    decode_s: float = 0.0
-    stop_reasons: list = field(default_factory=list)  # per row: why it ended (see STOP_REASONS)
-    extra: dict = field(default_factory=dict)
-
-
-# Why a row ended: a stop token (end of turn / text), its max_gen_len, a stop string, or the window.
-STOP_REASONS = ("end of turn", "max-new-tokens", "stop string", "window full")
 
 
 class Llama:
@@ -202,7 +126,7 @@ class Llama:
                 self.model(torch.zeros(1, 1, dtype=torch.long, device=self.device), 0)
             finally:
                 self.model.clear_cache()
-        self.compile_s = _elapsed(start, self.device)
+        self.compile_s = elapsed(start, self.device)
         return self
 
     def weight_bytes_per_token(self) -> int:
@@ -285,7 +209,7 @@ class Llama:
                 tokens[:, cur_pos] = next_token
                 if logprobs:  # log p(token t+1 | tokens <= t): position t's logits score the token after it
                     scored = slice(prev_pos + 1, cur_pos + 1)
-                    token_logprobs[:, scored] = _token_logprobs(logits, tokens[:, scored])
+                    token_logprobs[:, scored] = logprobs_of(logits, tokens[:, scored])
                 new = ~is_prompt[:, cur_pos] & ~eos_reached
                 stopped = new & torch.isin(next_token, stop)
                 ended = torch.where(stopped, cur_pos, ended)
@@ -295,13 +219,13 @@ class Llama:
                     stopped |= asked
                 eos_reached |= stopped
                 if cur_pos == min(lens):
-                    self.stats.prefill_s = _elapsed(start, self.device)
+                    self.stats.prefill_s = elapsed(start, self.device)
                 prev_pos = cur_pos
                 if eos_reached.all():
                     break
         finally:
             self.model.clear_cache()
-        self.stats.decode_s = _elapsed(start, self.device) - self.stats.prefill_s
+        self.stats.decode_s = elapsed(start, self.device) - self.stats.prefill_s
         return self._collect(tokens, token_logprobs, lens, max_gen_len, echo, ended, by_string, texts)
 
     def _speculative(self, draft, draft_tokens, prompt_tokens, max_gen_len, s, generator, stop_ids, on_token,
@@ -424,16 +348,3 @@ def cut_at_stop(text: str, stop: Optional[list]) -> str:
 def _generator(seed: Optional[int], device):
     """None (torch's global generator, as Meta's code) or a private generator seeded with `seed`."""
     return None if seed is None else torch.Generator(device).manual_seed(seed)
-
-
-def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target] per position: logits (B, T, V), targets (B, T) -> (B, T)."""
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0]
-
-
-def _elapsed(start: float, device) -> float:
-    """Seconds since `start`, after the device has finished its queued work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-

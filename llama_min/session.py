@@ -16,7 +16,8 @@ import torch
 
 from .errors import LlamaMinError
 from .files import atomic_write
-from .generation import Llama, Sampling, Stats, _elapsed, sample_next
+from .generation import Llama
+from .sampling import Sampling, Stats, elapsed, sample_next
 from .model import KVCache
 
 
@@ -106,7 +107,7 @@ class ChatSession:
         llama.stats, start, reply = Stats(), time.perf_counter(), []
         try:
             logits = self._prefill(ids)
-            llama.stats.prefill_s = _elapsed(start, llama.device)
+            llama.stats.prefill_s = elapsed(start, llama.device)
             while len(self.cached) < total:
                 history = torch.tensor([self.cached], device=llama.device) if self.sampling.repetition_penalty != 1 else None
                 nxt = int(sample_next(llama.known_tokens(logits[:, -1]), self.sampling, history, self.generator)[0])
@@ -119,6 +120,6 @@ class ChatSession:
                 self.cached.append(nxt)
         finally:  # also on Ctrl-C: keep what was said
             llama.stats.new_tokens = len(reply)
-            llama.stats.decode_s = _elapsed(start, llama.device) - llama.stats.prefill_s
+            llama.stats.decode_s = elapsed(start, llama.device) - llama.stats.prefill_s
             self.dialog = dialog + [{"role": "assistant", "content": prefill + tok.decode(reply)}]
         return self.dialog[-1]["content"]

@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import torch
 
 from .errors import LlamaMinError
-from .generation import Sampling, Stats, _elapsed, _token_logprobs, apply_repetition_penalty
+from .sampling import Sampling, Stats, apply_repetition_penalty, elapsed, logprobs_of
 
 
 def sampling_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
@@ -143,15 +143,15 @@ def speculative_generate(target, draft, prompt_tokens: list, max_gen_len: int, s
             want_all = logprobs and echo
             logits = target.model(torch.tensor([prompt[:-1]], device=target.device), 0, last_only=not want_all)
             if want_all:  # positions 0 .. n0-2 score prompt tokens 1 .. n0-1
-                prompt_lps += _token_logprobs(logits, torch.tensor([prompt[1:]], device=target.device))[0].tolist()
+                prompt_lps += logprobs_of(logits, torch.tensor([prompt[1:]], device=target.device))[0].tolist()
             draft.model(torch.tensor([prompt[:-1]], device=draft.device), 0, last_only=True)
-        stats.prefill_s = _elapsed(start, target.device)
+        stats.prefill_s = elapsed(start, target.device)
         tokens, lps, reason = _rounds(target, draft, prompt, total_len, draft_tokens, choose, generator,
                                       stop, on_token, logprobs, stats)
     finally:
         target.model.clear_cache()
         draft.model.clear_cache()
-    stats.decode_s = _elapsed(start, target.device) - stats.prefill_s
+    stats.decode_s = elapsed(start, target.device) - stats.prefill_s
     stats.new_tokens = len(tokens) - n0
     stats.stop_reasons = [reason or ("max-new-tokens" if n0 + max_gen_len <= target.max_seq_len else "window full")]
     proposed = stats.extra["proposed"]
@@ -179,7 +179,7 @@ def _rounds(target, draft, prompt, total_len, k, choose, generator, stop, on_tok
             m, y = verify_sampled(dist, q, proposal, generator)
         new = proposal[:m] + [y]
         if logprobs:
-            lps += _token_logprobs(logits[None, : m + 1], torch.tensor([new], device=target.device))[0].tolist()
+            lps += logprobs_of(logits[None, : m + 1], torch.tensor([new], device=target.device))[0].tolist()
         stats.extra["proposed"] += k_round
         stats.extra["accepted"] += m
         stats.extra["target_passes"] += 1
