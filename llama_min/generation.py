@@ -124,18 +124,21 @@ class Llama:
         self.model, self.tokenizer = model, tokenizer
         self.max_seq_len, self.max_batch_size = max_seq_len, max_batch_size
         self.device = model.norm.weight.device
+        self.tensor_parallel = getattr(model, "tensor_parallel", None) is not None  # rank 0 decides tokens
         self.stats = Stats()
 
     @staticmethod
     def build(ckpt_path=None, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
               device=None, dtype=None, seed: int = 1, quantize: Optional[str] = None,
-              optimize: bool = True) -> "Llama":
+              optimize: bool = True, tensor_parallel: bool = False) -> "Llama":
         """Load a checkpoint (Meta dir, HF dir, .gguf, own dir; None = the default model) and its tokenizer.
 
         seed: `torch.manual_seed(seed)`, as Meta's build does; sampling then draws from torch's global
         generator, so the same seed gives Meta's samples on the same weights.
         quantize: "int8" (see quantize.py). optimize: apply the inference transforms (transforms.py);
         False keeps exactly model.py's classes, the reference computation.
+        tensor_parallel: run as one of the processes torchrun started; each reads and holds only its
+        slice of the weights (tensor_parallel.py). Call it with the same arguments on every rank.
         """
         from .tokenizer import load_tokenizer
         from .transforms import QUANTIZE_CHOICES, apply_transforms
@@ -149,6 +152,16 @@ class Llama:
         device = torch.device(device or default_device())
         dtype = dtype or default_dtype(device)
         torch.manual_seed(seed)
+        if tensor_parallel:  # every rank: the same seed, its slice of the weights; rank 0 decides tokens
+            from .formats.sliced import load_rank_model
+            from .tensor_parallel import build_rank
+
+            tokenizer = []
+            def load(rank, world, dev):
+                tokenizer.append(load_tokenizer(tokenizer_path or ckpt_path))
+                return load_rank_model(ckpt_path, rank, world, dev, dtype, max_seq_len)
+            model = build_rank(load, device, optimize=optimize, quantize=quantize)
+            return Llama(model, tokenizer[0], max_seq_len, max_batch_size)
         tokenizer = load_tokenizer(tokenizer_path or ckpt_path)
         args, state_dict = load_checkpoint(ckpt_path, dtype=dtype)
         args.max_seq_len = max_seq_len
@@ -238,6 +251,7 @@ class Llama:
                 history = tokens[:, :cur_pos] if repetition_penalty != 1.0 else None
                 next_token = sample_next(logits[:, -1], s, history, generator)
                 next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
+                next_token = _from_rank0(next_token) if self.tensor_parallel else next_token
                 tokens[:, cur_pos] = next_token
                 if logprobs:  # log p(token t+1 | tokens <= t): position t's logits score the token after it
                     targets = tokens[:, prev_pos + 1 : cur_pos + 1]
@@ -247,6 +261,7 @@ class Llama:
                 ended = torch.where(stopped, cur_pos, ended)
                 if on_token is not None:  # stream, and let the callback end rows (stop strings)
                     asked = self._stream(on_token, next_token, new & ~stopped & (cur_pos < row_end))
+                    asked = _from_rank0(asked) if self.tensor_parallel else asked
                     ended, by_string = torch.where(asked, cur_pos + 1, ended), by_string | asked
                     stopped |= asked
                 eos_reached |= stopped
@@ -323,6 +338,13 @@ def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0]
 
 
+def _from_rank0(t: torch.Tensor) -> torch.Tensor:
+    """Under tensor parallelism rank 0's choice wins on every rank (tensor_parallel.py)."""
+    from .tensor_parallel import broadcast_from_rank0
+
+    return broadcast_from_rank0(t)
+
+
 def _elapsed(start: float, device) -> float:
     """Seconds since `start`, after the device has finished its queued work."""
     if device.type == "cuda":
@@ -383,7 +405,8 @@ class ChatSession:
         fed, reply = list(ids), []
         while len(fed) < total:
             history = torch.tensor([fed], device=llama.device) if self.sampling.repetition_penalty != 1 else None
-            nxt = int(sample_next(logits[:, -1], self.sampling, history, self.generator)[0])
+            nxt = sample_next(logits[:, -1], self.sampling, history, self.generator)
+            nxt = int((_from_rank0(nxt) if llama.tensor_parallel else nxt)[0])
             if nxt in tok.stop_ids:
                 break
             reply.append(nxt)

@@ -1,0 +1,77 @@
+"""One rank of a tensor-parallel test run (started by tests/test_tensor_parallel.py, torchrun or by hand).
+
+    python tests/_tp_worker.py OUT_DIR JOB [JOB ...]
+
+JOB is `mem:<json of tiny_model overrides>` (a random tiny model built identically on every rank, then
+split in memory) or `ckpt:<path>` (Llama.build(path, tensor_parallel=True), the rank reading its slice;
+the tokenizer is <OUT_DIR>/tokenizer.json). For job i rank 0 writes OUT_DIR/job<i>.pt: full-forward logits,
+greedy and seeded-sampled generations (ragged batch, with logprobs). `hang` keeps generating forever
+(the kill test). A failure prints `error: <message>` on rank 0 only and exits 2 on every rank.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+PROMPTS = [[5, 17, 99, 3, 42, 8], [7, 1, 64, 23]]
+
+
+class NoTokenizer:
+    stop_ids: set = set()
+
+
+def run_job(job: str):
+    from _tiny import rand_tokens, tiny_model
+
+    import torch.distributed as dist
+    from llama_min import Llama
+    from llama_min.tensor_parallel import init_distributed, tensor_parallelize
+
+    if job.startswith("mem:"):
+        init_distributed(torch.device("cpu"))
+        model = tensor_parallelize(tiny_model(**json.loads(job[4:])))
+        llama = Llama(model, NoTokenizer(), max_seq_len=64, max_batch_size=2)
+    else:
+        out = Path(sys.argv[1])
+        llama = Llama.build(job[5:], out / "tokenizer.json", max_seq_len=64, max_batch_size=2, device="cpu",
+                            dtype=torch.float32, tensor_parallel=True, optimize=os.environ.get("TP_OPTIMIZE") == "1")
+    vocab = llama.model.vocab_size
+    with torch.inference_mode():
+        logits = llama.model(rand_tokens(2, 12, vocab=vocab))
+    greedy = llama.generate(PROMPTS, max_gen_len=10, temperature=0, logprobs=True)
+    sampled = llama.generate(PROMPTS, max_gen_len=10, temperature=1.0, top_p=0.95, seed=7)
+    while job == "hang" or os.environ.get("TP_HANG") == "1":  # the kill test: collectives forever
+        (Path(sys.argv[1]) / f"generating{dist.get_rank()}").touch()
+        llama.generate(PROMPTS, max_gen_len=10, temperature=0)
+    return dict(logits=logits, greedy=greedy, sampled=sampled)
+
+
+def main() -> int:
+    import torch.distributed as dist
+    from llama_min.tensor_parallel import is_rank0
+
+    torch.set_num_threads(1)
+    out = Path(sys.argv[1])
+    try:
+        for i, job in enumerate(sys.argv[2:]):
+            result = run_job(job)
+            if is_rank0():
+                torch.save(result, out / f"job{i}.pt")
+    except (ValueError, OSError, RuntimeError) as e:
+        if is_rank0():
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
