@@ -33,9 +33,9 @@ def run_job(job: str):
     from llama_min import Llama
     from llama_min.tensor_parallel import init_distributed, tensor_parallelize
 
-    if job.startswith("mem:"):
+    if job.startswith("mem:") or job == "hang":
         init_distributed(torch.device("cpu"))
-        model = tensor_parallelize(tiny_model(**json.loads(job[4:])))
+        model = tensor_parallelize(tiny_model(**json.loads(job[4:] or "{}")))
         llama = Llama(model, NoTokenizer(), max_seq_len=64, max_batch_size=2)
     else:
         out = Path(sys.argv[1])
@@ -46,7 +46,7 @@ def run_job(job: str):
         logits = llama.model(rand_tokens(2, 12, vocab=vocab))
     greedy = llama.generate(PROMPTS, max_gen_len=10, temperature=0, logprobs=True)
     sampled = llama.generate(PROMPTS, max_gen_len=10, temperature=1.0, top_p=0.95, seed=7)
-    while job == "hang" or os.environ.get("TP_HANG") == "1":  # the kill test: collectives forever
+    while job == "hang":  # the kill test: collectives forever
         (Path(sys.argv[1]) / f"generating{dist.get_rank()}").touch()
         llama.generate(PROMPTS, max_gen_len=10, temperature=0)
     return dict(logits=logits, greedy=greedy, sampled=sampled)

@@ -43,6 +43,7 @@ class MetaShards:
         if emb is None:
             raise LlamaMinError(f"{self.files[0]}: missing tensor 'tok_embeddings.weight'")
         n = len(self.files)
+        self.hint = f"found {n} consolidated.*.pth shard file(s): is one missing or extra?"
         self.emb_axis = 0 if n > 1 and emb.shape[1] == self.args.dim else 1  # Llama 3 rows, Llama 1/2 columns
         if self.args.vocab_size <= 0:
             self.args.vocab_size = emb.shape[0] * (n if self.emb_axis == 0 else 1)
@@ -100,6 +101,7 @@ class SafetensorsFiles:
         from .hf import HF_LAYER_TO_META, HF_TO_META, _hf_weight_files, args_from_hf_config
 
         self.path, self.hf, self.emb_axis = path, fmt == "hf", 1
+        self.hint = "the config does not match the weights"
         if self.hf:
             self.args = args_from_hf_config(read_json(path / "config.json", "config.json"))
             files = _hf_weight_files(path)
@@ -160,7 +162,7 @@ class GGUFSlices:
         from ..gguf_vocab import read_gguf_tensor_infos
         from .gguf import args_from_gguf, gguf_tensor, gguf_to_meta_name
 
-        self.path, self.emb_axis = path, 1
+        self.path, self.emb_axis, self.hint = path, 1, "the metadata does not match the tensors"
         meta, infos = read_gguf_tensor_infos(path)
         self.args = args_from_gguf(meta)
         self.data = np.memmap(path, dtype=np.uint8, mode="c")
@@ -237,7 +239,7 @@ def load_rank_slices(path, rank: int, world: int, dtype: Optional[torch.dtype] =
     for s in slices.values():
         if reader.shape(s.source) != want[s.source]:
             raise LlamaMinError(f"{path}: tensor '{s.source}' has shape {list(reader.shape(s.source))}, expected "
-                                f"{list(want[s.source])} (shard count or params.json do not match)")
+                                f"{list(want[s.source])} ({reader.hint})")
     sd = {name: cast(reader.read(s), dtype) for name, s in slices.items()}
     return args, layout, sd
 
