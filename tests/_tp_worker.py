@@ -2,7 +2,8 @@
 
     python tests/_tp_worker.py OUT_DIR JOB [JOB ...]
 
-JOB is `mem:<json of tiny_model overrides>` (a random tiny model built identically on every rank, then
+JOB is `rss:<path>` / `rss1:<path>` (peak memory of a tensor-parallel / one-process load, in rss<rank>.json),
+`mem:<json of tiny_model overrides>` (a random tiny model built identically on every rank, then
 split in memory) or `ckpt:<path>` (Llama.build(path, tensor_parallel=True), the rank reading its slice;
 the tokenizer is <OUT_DIR>/tokenizer.json). For job i rank 0 writes OUT_DIR/job<i>.pt: full-forward logits,
 greedy and seeded-sampled generations (ragged batch, with logprobs). `hang` keeps generating forever
@@ -52,6 +53,41 @@ def run_job(job: str):
     return dict(logits=logits, greedy=greedy, sampled=sampled)
 
 
+def memory_kib(key: str) -> int:
+    """A /proc/self/status line in KiB: VmRSS now, VmHWM the peak so far."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def rss_job(job: str):
+    """`rss:<path>` (tensor-parallel) or `rss1:<path>` (one process): peak RSS of load + one forward, in KiB."""
+    from llama_min import Llama
+
+    import llama_min.formats.sliced  # noqa: F401  (code is not weights: import before measuring)
+    from llama_min.tensor_parallel import init_distributed
+    from llama_min.tokenizer import load_tokenizer
+
+    from _tiny import tiny_model
+
+    kind, path = job.split(":", 1)
+    load_tokenizer(Path(sys.argv[1]) / "tokenizer.json")
+    with torch.inference_mode():  # torch's one-time kernel and library set-up (~80 MB here) is not weights
+        tiny_model()(torch.tensor([[1, 2, 3]]))
+    with torch.device("meta"):  # (the first module built on the meta device loads ~70 MB of code)
+        torch.nn.Embedding(8, 4)
+    if kind == "rss":  # the process group is not weights either
+        init_distributed(torch.device("cpu"))
+        torch.distributed.all_reduce(torch.ones(4))
+    before = memory_kib("VmRSS")
+    llama = Llama.build(path, Path(sys.argv[1]) / "tokenizer.json", max_seq_len=64, max_batch_size=1, device="cpu",
+                        dtype=torch.float32, optimize=False, tensor_parallel=kind == "rss")
+    with torch.inference_mode():  # touch every weight once, as generating does
+        llama.model(torch.tensor([[1, 2, 3]]))
+    return dict(before=before, peak=memory_kib("VmHWM"))
+
+
 def main() -> int:
     import torch.distributed as dist
     from llama_min.tensor_parallel import is_rank0
@@ -60,6 +96,11 @@ def main() -> int:
     out = Path(sys.argv[1])
     try:
         for i, job in enumerate(sys.argv[2:]):
+            if job.startswith("rss"):
+                result = rss_job(job)
+                rank = dist.get_rank() if dist.is_initialized() else 0
+                (out / f"rss{rank}.json").write_text(json.dumps(result))
+                continue
             result = run_job(job)
             if is_rank0():
                 torch.save(result, out / f"job{i}.pt")

@@ -110,18 +110,18 @@ class SafetensorsFiles:
             files = [path / "model.safetensors"]
         self.names = {v: k for k, v in HF_TO_META.items()} if self.hf else {}
         self.layer_names = {v: k for k, v in HF_LAYER_TO_META.items()}
-        self.where = {}  # file key -> (open file, tensor-or-slice getter)
+        self.where = {}  # file key -> (file, shape, memory-mapped tensors of a .bin file or None)
         for f in files:
             if not f.is_file():
                 raise FileNotFoundError(f"{f}: listed in the index but missing")
             if f.suffix == ".safetensors":
-                handle = safetensors_open(f)
-                for key in handle.keys():
-                    self.where[key] = (f, lambda k, h=handle: h.get_slice(k))
+                with safetensors_open(f) as handle:
+                    for key in handle.keys():
+                        self.where[key] = (f, tuple(handle.get_slice(key).get_shape()), None)
             else:
                 tensors = torch_load(f)
-                for key in tensors:
-                    self.where[key] = (f, lambda k, t=tensors: t[k])
+                for key, t in tensors.items():
+                    self.where[key] = (f, tuple(t.shape), tensors)
 
     def _key(self, name: str) -> str:
         if not self.hf:
@@ -131,26 +131,31 @@ class SafetensorsFiles:
         _, i, rest = name.split(".", 2)
         return f"model.layers.{i}.{self.layer_names[rest[: -len('.weight')]]}.weight"
 
-    def _get(self, name: str):
+    def shape(self, name: str) -> tuple:
         key = self._key(name)
         if key not in self.where:
             raise LlamaMinError(f"{self.path}: missing tensor '{key}'")
-        return self.where[key][1](key)
-
-    def shape(self, name: str) -> tuple:
-        t = self._get(name)
-        return tuple(t.get_shape() if hasattr(t, "get_shape") else t.shape)
+        return self.where[key][1]
 
     def read(self, s: Slice) -> torch.Tensor:
+        """The slice, copied out of a mapping opened for this tensor only and closed at once: the file
+        pages it touched leave the process's memory with it, only the rank's copy stays."""
+        self.shape(s.source)
+        key = self._key(s.source)
+        f, _, tensors = self.where[key]
         try:
-            t = take(self._get(s.source), s)
-        except LlamaMinError:
-            raise
+            if tensors is not None:
+                t = take(tensors[key], s)
+            else:
+                with safetensors_open(f) as handle:
+                    t = take(handle.get_slice(key), s)
         except Exception as e:  # a truncated file fails here
-            raise LlamaMinError(f"{self.where[self._key(s.source)][0]}: cannot read '{s.source}' ({e})") from None
+            raise LlamaMinError(f"{f}: cannot read '{key}' ({e})") from None
         if self.hf and s.source.endswith(("attention.wq.weight", "attention.wk.weight")):
             t = hf_to_meta_qk(t, t.shape[0] // self.args.hd)  # whole heads: un-permute each
-        return t if t.is_contiguous() else t.contiguous()
+        if not t.is_contiguous() or t.untyped_storage().nbytes() > t.nbytes:
+            t = t.clone(memory_format=torch.contiguous_format)  # get_slice may return a view of a bigger buffer
+        return t
 
 
 class GGUFSlices:
@@ -165,11 +170,13 @@ class GGUFSlices:
         self.path, self.emb_axis, self.hint = path, 1, "the metadata does not match the tensors"
         meta, infos = read_gguf_tensor_infos(path)
         self.args = args_from_gguf(meta)
-        self.data = np.memmap(path, dtype=np.uint8, mode="c")
+        self.size = path.stat().st_size
         self.infos = {}
         for name, dims, ggml_type, offset in infos:
             if name == "rope_freqs.weight":  # tiny: per-pair divisors of theta_i (Llama 3.1+)
-                t = gguf_tensor(self.data, dims, ggml_type, offset, torch.float32)
+                data = np.memmap(path, dtype=np.uint8, mode="r")
+                t = gguf_tensor(data, dims, ggml_type, offset, torch.float32)
+                del data
                 self.args.rope_freq_divisors = [float(x) for x in t]
                 continue
             self.infos[gguf_to_meta_name(name)] = (name, tuple(int(d) for d in reversed(dims)), ggml_type, offset)
@@ -193,10 +200,10 @@ class GGUFSlices:
         block, type_size = GGML_QUANT_SIZES[qtype]
         rows, cols = (1, shape[0]) if len(shape) == 1 else shape
         row_bytes = cols * type_size // block
-        raw = self.data[offset : offset + rows * row_bytes]
-        if len(raw) != rows * row_bytes:
+        if offset + rows * row_bytes > self.size:
             raise LlamaMinError(f"{self.path}: tensor '{gguf_name}' runs past the end of the file (truncated?)")
-        raw = raw.reshape(rows, row_bytes)
+        # a mapping of this tensor only, dropped after the copy below (its touched pages go with it)
+        raw = np.memmap(self.path, dtype=np.uint8, mode="r", offset=offset, shape=(rows, row_bytes))
         if s.axis == 0:
             raw, rows = raw[s.lo : s.hi], s.hi - s.lo
         elif s.axis == 1:
@@ -204,7 +211,7 @@ class GGUFSlices:
                 raise LlamaMinError(f"{self.path}: '{gguf_name}' ({qtype.name}, blocks of {block}) cannot be split "
                                     f"at column {s.lo if s.lo % block else s.hi}; use fewer processes")
             raw, cols = raw[:, s.lo // block * type_size : s.hi // block * type_size], s.hi - s.lo
-        raw = np.ascontiguousarray(raw)
+        raw = np.array(raw)  # the copy: rows, or whole blocks of columns
         if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
             arr = raw.view(np.float32 if qtype == GGMLQuantizationType.F32 else np.float16)
         else:
