@@ -13,6 +13,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -105,6 +106,7 @@ def run_completion(llama, args):
 
 def run_chat(llama, args):
     from llama_min.generation import ChatSession
+    from llama_min.tensor_parallel import read_on_rank0
 
     session = ChatSession(llama, system=args.system, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty)
@@ -115,7 +117,7 @@ def run_chat(llama, args):
         if interactive:
             sys.stderr.write("> ")
             sys.stderr.flush()
-        line = sys.stdin.readline()
+        line = read_on_rank0(sys.stdin.readline)  # under torchrun rank 0 reads, every rank gets the line
         if not line or line.strip() == "/exit":
             break
         text = line.strip()
@@ -141,6 +143,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
+    parallel = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun: split the model over the ranks
+    if parallel and os.environ.get("RANK", "0") != "0":  # only rank 0 prints
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+
     from llama_min import Llama
 
     if args.threads:
@@ -149,7 +155,8 @@ def main(argv=None) -> int:
     try:
         start = time.perf_counter()
         llama = Llama.build(args.ckpt, args.tokenizer, max_seq_len=args.max_seq_len, max_batch_size=1,
-                            device=args.device, dtype=dtype, seed=args.seed, quantize=args.quantize)
+                            device=args.device, dtype=dtype, seed=args.seed, quantize=args.quantize,
+                            tensor_parallel=parallel)
         load_s = time.perf_counter() - start
         if args.chat:
             run_chat(llama, args)

@@ -336,3 +336,19 @@ def test_two_ranks_each_hold_about_half(tmp_path):
     assert one_load > 0.85 * weights_kib  # the bound means something: the model (less the embedding) was resident
     for r in ranks:
         assert r["peak"] - r["before"] < 0.65 * one_load, (ranks, one)
+
+
+@pytest.mark.slow
+def test_generate_script_under_torchrun(ckpts):
+    """`torchrun --nproc_per_node 2 scripts/generate.py` prints the one-process completion, once (rank 0)."""
+    cmd = ["scripts/generate.py", "--ckpt", str(ckpts / "meta2"), "--tokenizer", str(ckpts / "tokenizer.json"),
+           "--prompt", "t5 t17 t99 t3", "--temperature", "0", "--max-new-tokens", "8", "--device", "cpu", "--quiet",
+           "--dtype", "float32"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", LLAMA_MIN_TP_TIMEOUT="30")
+    one = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_addr=127.0.0.1", f"--master_port={free_port()}", *cmd],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert len(one.stdout.split()) == 8 and two.stdout == one.stdout
