@@ -295,7 +295,7 @@ def init_distributed(device: torch.device, timeout_s: Optional[float] = None) ->
 
 
 def agree(error: Optional[BaseException]) -> None:
-    """Every rank reports whether its step failed; if any did, every rank raises rank 0's view of it.
+    """Every rank reports whether its step failed; if any did, every rank raises the first failure's message.
 
     So a rank that cannot load its slice stops all ranks with the same one-line message."""
     messages = [None] * dist.get_world_size()
@@ -327,9 +327,14 @@ def build_rank(load, device, optimize: bool = True, quantize: Optional[str] = No
     model, error = None, None
     try:
         model = load(dist.get_rank(), dist.get_world_size(), device)
-    except (ValueError, OSError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 (reported to every rank; re-raised below)
         error = e
-    agree(error)
+    try:
+        agree(error)
+    except LlamaMinError:
+        if error is not None and not isinstance(error, (ValueError, OSError)):
+            raise error from None  # a bug, not bad input: this rank keeps its traceback
+        raise
     apply_transforms(model, optimize=optimize, quantize=quantize)
     return add_collectives(model)
 

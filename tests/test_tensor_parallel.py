@@ -210,9 +210,11 @@ def test_two_processes_equal_one(tmp_path, ckpts):
 
 @pytest.mark.slow
 def test_four_processes_equal_one(tmp_path, ckpts):
-    """N=4: K=2 and K=1 fewer KV heads than ranks; 2 Meta shards re-split to 4 (both layouts), HF, GGUF."""
+    """N=4: K=2 and K=1 fewer KV heads than ranks; tied embeddings with a vocabulary N does not divide;
+    2 Meta shards re-split to 4 (both layouts), HF, GGUF."""
     tok = ckpts / "tokenizer.json"
-    jobs = {"_tok": tok, 'mem:{"n_kv_heads": 1}': oracle_mem(n_kv_heads=1)}
+    tied = dict(tie_word_embeddings=True, vocab_size=130)  # 130 rows: the last rank's logits are padded
+    jobs = {"_tok": tok, 'mem:{"n_kv_heads": 1}': oracle_mem(n_kv_heads=1), f"mem:{json.dumps(tied)}": oracle_mem(**tied)}
     for name in ("meta2", "meta2rows", "hf", "tiny.gguf"):
         jobs[f"ckpt:{ckpts / name}"] = oracle_ckpt(ckpts / name, tok)
     run_and_compare(tmp_path, 4, jobs)
@@ -352,3 +354,64 @@ def test_generate_script_under_torchrun(ckpts):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     assert len(one.stdout.split()) == 8 and two.stdout == one.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Each rank's slice read from the files equals the same slice cut from the model in memory (in-process)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["meta2", "meta2rows", "hf", "tiny.gguf"])
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_rank_slices_read_from_files(ckpts, name, n):
+    """Meta shards as they are (N=2) and re-split (N=1, 4), in both embedding layouts; HF (q/k un-permuted
+    per head on the slice); GGUF."""
+    from llama_min.formats.sliced import load_rank_slices
+
+    full = tiny_model(seed=3).state_dict()
+    for r in range(n):
+        args, layout, sd = load_rank_slices(ckpts / name, r, n)
+        want = shard_state_dict(full, layout)
+        assert layout.emb_axis == (0 if name == "meta2rows" else 1)
+        assert sd.keys() == want.keys()
+        for key in want:
+            assert torch.allclose(sd[key].float(), want[key], atol=1e-6, rtol=0), key
+
+
+def test_quantized_gguf_splits_on_whole_blocks(tmp_path):
+    """Q8_0 tensors: rows and 32-value blocks of columns are cut before dequantizing; the result equals the
+    whole-file loader's dequantized tensors cut afterwards. A split inside a block is one clear error."""
+    import gguf
+    import numpy as np
+
+    from llama_min.checkpoint import load_checkpoint
+    from llama_min.formats.sliced import load_rank_slices
+
+    model = tiny_model(seed=4, hidden_dim=128)
+    path = tmp_path / "q8.gguf"
+    write_gguf(path, model)
+    reader = gguf.GGUFReader(str(path))
+    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "llama")
+    for field in reader.fields.values():
+        if field.name.startswith("llama."):
+            value = field.parts[field.data[0]]
+            kind = field.types[0]
+            w.add_key_value(field.name, value[0] if len(value) == 1 else value, kind)
+    for t in reader.tensors:
+        arr = np.array(t.data, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+        if arr.ndim == 2:
+            q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(t.name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(t.name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    args, full = load_checkpoint(tmp_path / "q.gguf")
+    for r in range(2):
+        _, layout, sd = load_rank_slices(tmp_path / "q.gguf", r, 2)
+        for key, want in shard_state_dict(full, layout).items():
+            assert torch.equal(sd[key], want), key
+    with pytest.raises(LlamaMinError, match="cannot be split at column"):
+        load_rank_slices(tmp_path / "q.gguf", 0, 4)  # the embedding's 64 columns in 4: 16, half a block
