@@ -6,6 +6,8 @@ Everything here comes from PyPI through pip, never from the Hugging Face hub (se
 - ``llama{2,3}-vocab-gguf`` and ``llama{2,3}-vectors-{inp,out}``: llama.cpp's vocab-only GGUFs and test
   strings with their expected ids, inside the ``llama-cpp-python==0.3.36`` sdist (Meta's vocabularies,
   under Meta's licences: fetched, never committed).
+- ``llama31-template``, ``llama32-template``, ``llama33-template``, ``smollm3-template``: real Jinja chat
+  templates (``vendor/llama.cpp/models/templates/*.jinja``) from the same sdist: test inputs, never committed.
 - ``llama2-tokenizer`` / ``llama3-tokenizer``: Meta's ``tokenizer.model`` files, rebuilt byte for byte from
   those vocab GGUFs (see ``llama_min.tokenizer``) and checked against Meta's sha256.
 
@@ -82,6 +84,19 @@ ASSETS = {
     "llama3-vectors-out": Asset(
         "ggml-vocab-llama-bpe.gguf.out", "118abf2034a197fc5c9dec5204dfdeee7004c7c70952ae577f66b99e212fab9b",
         package="llama-cpp-python", member=_LLAMA_CPP_MODELS + "ggml-vocab-llama-bpe.gguf.out"),
+    # real chat templates, as llama.cpp's tests use them (Llama 3.1 and 3.3 ship the same text)
+    "llama31-template": Asset(
+        "meta-llama-Llama-3.1-8B-Instruct.jinja", "e10ca381b1ccc5cf9db52e371f3b6651576caee0a630b452e2816b2d404d4b65",
+        package="llama-cpp-python", member=_LLAMA_CPP_MODELS + "templates/meta-llama-Llama-3.1-8B-Instruct.jinja"),
+    "llama32-template": Asset(
+        "meta-llama-Llama-3.2-3B-Instruct.jinja", "5816fce10444e03c2e9ee1ef8a4a1ea61ae7e69e438613f3b17b69d0426223a4",
+        package="llama-cpp-python", member=_LLAMA_CPP_MODELS + "templates/meta-llama-Llama-3.2-3B-Instruct.jinja"),
+    "llama33-template": Asset(
+        "meta-llama-Llama-3.3-70B-Instruct.jinja", "e10ca381b1ccc5cf9db52e371f3b6651576caee0a630b452e2816b2d404d4b65",
+        package="llama-cpp-python", member=_LLAMA_CPP_MODELS + "templates/meta-llama-Llama-3.3-70B-Instruct.jinja"),
+    "smollm3-template": Asset(
+        "HuggingFaceTB-SmolLM3-3B.jinja", "19eacf64569032f07644ea92c8e2a87af06ee7008147557302c31e474912ca97",
+        package="llama-cpp-python", member=_LLAMA_CPP_MODELS + "templates/HuggingFaceTB-SmolLM3-3B.jinja"),
     "llama2-tokenizer": Asset(
         "llama2-tokenizer.model", "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347",
         source="llama2-vocab-gguf", build="rebuild_llama2_tokenizer_model"),

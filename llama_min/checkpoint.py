@@ -7,6 +7,9 @@ Internal form = Meta's: `ModelArgs` + a state dict with Meta's key names (`layer
   HF      config.json + model*.safetensors (or pytorch_model*.bin); q/k rows un-permuted per head
   GGUF    one .gguf file; quantized tensors dequantized with the `gguf` package; q/k already Meta order
   own     params.json (ModelArgs) + model.safetensors with Meta names, written by `save_checkpoint`
+  llama2c karpathy/llama2.c's train.py `.pt` or export.py `.bin` (versions 0, 1, 2)
+
+A Hugging Face hub id or HF cache folder is first resolved to a local folder (llama_min.hub).
 
 Each format lives in llama_min/formats/; this module detects which one a path holds and dispatches.
 
@@ -25,8 +28,10 @@ from .errors import LlamaMinError
 from .formats.common import check_state_dict, expected_shapes, hf_to_meta_qk, meta_to_hf_qk  # noqa: F401
 from .formats.gguf import load_gguf
 from .formats.hf import load_hf, save_hf, to_hf  # noqa: F401
+from .formats.llama2c import is_llama2c, load_llama2c
 from .formats.meta import load_meta
 from .formats.own import load_own, save_checkpoint  # noqa: F401
+from .hub import resolve_checkpoint
 from .model import ModelArgs, Transformer
 
 
@@ -40,14 +45,17 @@ def build_transformer(args: ModelArgs, state_dict: dict, device=None, dtype=None
 
 
 def detect_format(path) -> str:
-    """'gguf' | 'own' | 'meta' | 'hf' for a checkpoint path, or a ValueError saying what was expected."""
+    """'gguf' | 'llama2c' | 'own' | 'meta' | 'hf' for a checkpoint path, or a ValueError saying what was expected."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     if path.is_file():
         if _is_gguf(path):
             return "gguf"
-        raise LlamaMinError(f"{path}: not a GGUF file; expected a .gguf file or a checkpoint directory")
+        if is_llama2c(path):
+            return "llama2c"
+        raise LlamaMinError(f"{path}: not a GGUF file or llama2.c .pt/.bin; expected one of those or a "
+                            "checkpoint directory")
     if (path / "params.json").is_file() and (path / "model.safetensors").is_file():
         return "own"
     if (path / "params.json").is_file() and sorted(path.glob("consolidated.*.pth")):
@@ -71,9 +79,9 @@ def load_checkpoint(path, dtype: Optional[torch.dtype] = None):
     Tensors come as stored (GGUF: dequantized to float32) unless `dtype` is given. Tied embeddings
     appear as one tensor under both `tok_embeddings.weight` and `output.weight`.
     """
-    path = Path(path)
+    path = resolve_checkpoint(path)  # hub ids and HF cache folders -> a local folder (llama_min.hub)
     fmt = detect_format(path)
-    loader = {"gguf": load_gguf, "own": load_own, "meta": load_meta, "hf": load_hf}[fmt]
+    loader = {"gguf": load_gguf, "llama2c": load_llama2c, "own": load_own, "meta": load_meta, "hf": load_hf}[fmt]
     args, sd = loader(path, dtype)
     if "output.weight" not in sd and args.tie_word_embeddings and "tok_embeddings.weight" in sd:
         sd["output.weight"] = sd["tok_embeddings.weight"]

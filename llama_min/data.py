@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import LlamaMinError
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -31,18 +33,18 @@ def read_text(path: Path) -> str:
     """The file's text, decoded as strict UTF-8; a bad byte is reported with its line number."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise LlamaMinError(f"{path}: no such file")
     if not path.is_file():
-        raise ValueError(f"{path}: not a file (expected a .txt or .jsonl file)")
+        raise LlamaMinError(f"{path}: not a file (expected a .txt or .jsonl file)")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise ValueError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
+        raise LlamaMinError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
                          "save the file as UTF-8") from None
     if not text.strip():
-        raise ValueError(f"{path}: empty file (no text to train on)")
+        raise LlamaMinError(f"{path}: empty file (no text to train on)")
     return text.removeprefix("\ufeff")
 
 
@@ -63,10 +65,10 @@ def read_records(path) -> list[dict]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
+            raise LlamaMinError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
         records.append(_check_record(rec, f"{path}:{n}"))
     if not records:
-        raise ValueError(f"{path}: no records (expected one JSON object per line)")
+        raise LlamaMinError(f"{path}: no records (expected one JSON object per line)")
     return records
 
 
@@ -76,13 +78,13 @@ def _check_record(rec, where: str) -> dict:
         return {"text": rec["text"], "where": where}
     msgs = rec.get("messages") if isinstance(rec, dict) else None
     if not isinstance(msgs, list) or not msgs:
-        raise ValueError(f'{where}: expected a JSON object with "text" (a string) or "messages" (a list)')
+        raise LlamaMinError(f'{where}: expected a JSON object with "text" (a string) or "messages" (a list)')
     for i, m in enumerate(msgs):
         if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
-            raise ValueError(f'{where}: message {i} must be {{"role": "system"|"user"|"assistant", '
+            raise LlamaMinError(f'{where}: message {i} must be {{"role": "system"|"user"|"assistant", '
                              f'"content": "..."}}, got {json.dumps(m)[:80]}')
     if not any(m["role"] == "assistant" for m in msgs):
-        raise ValueError(f"{where}: chat record has no assistant message (nothing to train on)")
+        raise LlamaMinError(f"{where}: chat record has no assistant message (nothing to train on)")
     return {"messages": msgs, "where": where}
 
 
@@ -137,7 +139,7 @@ def encode_records(tok, records: list[dict]) -> tuple[torch.Tensor, torch.Tensor
             try:
                 ids, mask = encode_chat(tok, rec["messages"])
             except ValueError as e:
-                raise ValueError(f"{rec.get('where', 'chat record')}: {e}") from None
+                raise LlamaMinError(f"{rec.get('where', 'chat record')}: {e}") from None
         all_ids += ids
         all_mask += mask
     return torch.tensor(all_ids, dtype=torch.long), torch.tensor(all_mask, dtype=torch.bool)
@@ -157,7 +159,7 @@ def train_sentencepiece(texts: list[str], vocab_size: int) -> bytes:
 
     lines = [ln for t in texts for ln in t.split("\n") if ln.strip()]
     if not lines:
-        raise ValueError("no text to train a tokenizer on")
+        raise LlamaMinError("no text to train a tokenizer on")
     out = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=out, vocab_size=vocab_size, model_type="bpe",
@@ -184,12 +186,12 @@ class PackedData:
     def build(cls, ids, mask, seq_len: int, val_fraction: float, source: str = "data") -> "PackedData":
         n = (len(ids) - 1) // seq_len
         if n < 1:
-            raise ValueError(f"{source}: only {len(ids)} tokens, too few for one window of seq_len+1 = "
+            raise LlamaMinError(f"{source}: only {len(ids)} tokens, too few for one window of seq_len+1 = "
                              f"{seq_len + 1}; lower --seq-len or add text")
         n_val = min(n - 1, max(1, round(n * val_fraction))) if val_fraction > 0 else 0
         data = cls(ids, mask, seq_len, n_val)
         if not any(data.window(i)[2].any() for i in range(data.n_train)):
-            raise ValueError(f"{source}: no training targets (chat records need assistant text)")
+            raise LlamaMinError(f"{source}: no training targets (chat records need assistant text)")
         return data
 
     @property

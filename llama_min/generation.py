@@ -4,7 +4,6 @@
   sample_next        temperature, top-k, Meta's top-p, min-p, repetition penalty; greedy at T = 0
   Llama.generate     ragged batches in lockstep from the shortest prompt (longer prompts are teacher-forced),
                      stop sets, logprobs of the generated tokens, echo, a per-token callback for streaming
-  ChatSession        a multi-turn chat that keeps its KV cache: a new turn prefills only its new tokens
 
 The KV cache is sized to each request (prompt + new tokens, capped by max_seq_len).
 """
@@ -19,7 +18,8 @@ import torch
 
 from .checkpoint import build_transformer, load_checkpoint
 from .errors import LlamaMinError
-from .model import KVCache, Transformer
+from .model import Transformer
+from .stops import StopStrings
 
 
 @dataclass
@@ -92,6 +92,27 @@ def sample_next(logits: torch.Tensor, s: Sampling, history: Optional[torch.Tenso
     return sample_top_p(probs, s.top_p, generator)
 
 
+def free_memory(device) -> Optional[int]:
+    """Bytes that can still be allocated on the device (None when unknown)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_memory(n_bytes: int, what: str, device) -> None:
+    """Refuse, before allocating, a request that cannot fit the device's free memory (with the numbers)."""
+    free = free_memory(device)
+    if free is not None and n_bytes > free:
+        raise LlamaMinError(f"{what} needs {n_bytes / 2**30:.1f} GiB, but only {free / 2**30:.1f} GiB is free "
+                            f"on {device}: ask for fewer positions (max_seq_len / max_gen_len) or a smaller batch")
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -130,13 +151,16 @@ class Llama:
     @staticmethod
     def build(ckpt_path=None, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
               device=None, dtype=None, seed: int = 1, quantize: Optional[str] = None,
-              optimize: bool = True, tensor_parallel: bool = False) -> "Llama":
+              optimize: bool = True, chat_format: Optional[str] = None,
+              tensor_parallel: bool = False) -> "Llama":
         """Load a checkpoint (Meta dir, HF dir, .gguf, own dir; None = the default model) and its tokenizer.
 
         seed: `torch.manual_seed(seed)`, as Meta's build does; sampling then draws from torch's global
         generator, so the same seed gives Meta's samples on the same weights.
         quantize: "int8" (see quantize.py). optimize: apply the inference transforms (transforms.py);
         False keeps exactly model.py's classes, the reference computation.
+        chat_format: "template" (the checkpoint's Jinja chat template), "meta" (Meta's Llama 2/3 formats) or
+        "chatml"; None = the template when the checkpoint ships one, else the vocabulary's built-in format.
         tensor_parallel: run as one of the processes torchrun started; each reads and holds only its
         slice of the weights (tensor_parallel.py). Call it with the same arguments on every rank.
         """
@@ -145,6 +169,8 @@ class Llama:
 
         if quantize not in (None,) + QUANTIZE_CHOICES:
             raise LlamaMinError(f"unknown quantization '{quantize}' (expected one of {', '.join(QUANTIZE_CHOICES)})")
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
+            raise LlamaMinError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
         if ckpt_path is None:
             from .assets import default_model_path
 
@@ -158,13 +184,17 @@ class Llama:
 
             tokenizer = []
             def load(rank, world, dev):
-                tokenizer.append(load_tokenizer(tokenizer_path or ckpt_path))
-                return load_rank_model(ckpt_path, rank, world, dev, dtype, max_seq_len)
+                tokenizer.append(load_tokenizer(tokenizer_path or ckpt_path, chat_format=chat_format))
+                model = load_rank_model(ckpt_path, rank, world, dev, dtype, max_seq_len)
+                _check_vocab(tokenizer[0], model.vocab_size, ckpt_path)
+                return model
             model = build_rank(load, device, optimize=optimize, quantize=quantize)
             return Llama(model, tokenizer[0], max_seq_len, max_batch_size)
-        tokenizer = load_tokenizer(tokenizer_path or ckpt_path)
+        tokenizer = load_tokenizer(tokenizer_path or ckpt_path, chat_format=chat_format)
         args, state_dict = load_checkpoint(ckpt_path, dtype=dtype)
+        _check_vocab(tokenizer, args.vocab_size, ckpt_path)
         args.max_seq_len = max_seq_len
+        check_memory(2 * max_seq_len * args.hd // 2 * 8, f"the RoPE table for max_seq_len {max_seq_len}", device)
         model = build_transformer(args, state_dict, device=device).eval().requires_grad_(False)
         del state_dict
         apply_transforms(model, optimize=optimize, quantize=quantize)
@@ -213,7 +243,9 @@ class Llama:
     def generate(self, prompt_tokens: list, max_gen_len: Optional[int] = None, temperature: float = 0.6,
                  top_p: float = 0.9, logprobs: bool = False, echo: bool = False, top_k: Optional[int] = None,
                  min_p: Optional[float] = None, repetition_penalty: float = 1.0, seed: Optional[int] = None,
-                 stop_ids=None, on_token: Optional[Callable[[int, int], Optional[bool]]] = None):
+                 stop_ids=None, stop: Optional[list] = None,
+                 on_token: Optional[Callable[[int, int], Optional[bool]]] = None,
+                 on_text: Optional[Callable[[int, str], None]] = None):
         """Generate continuations of token-id prompts -> (tokens per row, logprobs per row or None).
 
         Meta's loop: rows run in lockstep from the shortest prompt's length; a longer prompt is fed its own
@@ -222,13 +254,18 @@ class Llama:
         is then cut to its prompt + max_gen_len and before its first stop token (`stop_ids`, default: the
         tokenizer's). Sampling draws from torch's global generator (`torch.manual_seed(S)` beforehand fixes the
         samples, as with Meta's code) unless `seed` is given, which uses a private generator.
-        `on_token(row, id)` is called for each new token that will be part of the row's output (streaming);
-        if it returns True the row stops there (how stop strings are matched, see stops.py).
+        `stop`: strings that end a row when its generated text contains one (matched across token
+        boundaries, see stops.py; the returned tokens end with the token that completed it).
+        `on_token(row, id)` is called for each new token that will be part of the row's output; if it
+        returns True the row stops there. `on_text(row, text)` streams each row's text as it forms (whole
+        characters, never a stop string).
         """
         s = Sampling(temperature, top_p, top_k, min_p, repetition_penalty)
         generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
         max_gen_len = self._check_request(prompt_tokens, max_gen_len)
         lens = [len(p) for p in prompt_tokens]
+        texts = StopStrings(self.tokenizer, stop, len(lens), on_text) if stop or on_text else None
+        on_token = _with_stop_strings(on_token, texts)
         bsz, total_len = len(lens), min(self.max_seq_len, max_gen_len + max(lens))
         stop = torch.tensor(sorted(self.tokenizer.stop_ids if stop_ids is None else stop_ids), device=self.device)
         pad = -1
@@ -244,6 +281,9 @@ class Llama:
 
         self.stats = Stats(prompt_tokens=sum(lens))
         start, prev_pos = time.perf_counter(), 0
+        params, item = self.model.params, self.model.norm.weight.element_size()
+        check_memory(2 * params.n_layers * bsz * total_len * params.kv_heads * params.hd * item,
+                     f"a KV cache of {bsz} x {total_len} positions", self.device)
         self.model.setup_cache(bsz, total_len)
         try:
             for cur_pos in range(min(lens), total_len):
@@ -273,6 +313,8 @@ class Llama:
         finally:
             self.model.clear_cache()
         self.stats.decode_s = _elapsed(start, self.device) - self.stats.prefill_s
+        for row in range(bsz if texts is not None else 0):
+            texts.finish(row)  # stream what the row's decoder still holds
         return self._collect(tokens, token_logprobs, lens, max_gen_len, echo, ended, by_string)
 
     @staticmethod
@@ -296,7 +338,7 @@ class Llama:
                 out_logprobs.append(token_logprobs[i, begin:end].tolist())
             if by_string[i]:
                 reasons.append("stop string")
-            elif int(ended[i]) < n + max_gen_len:
+            elif int(ended[i]) < min(n + max_gen_len, total_len):
                 reasons.append("end of turn")
             else:
                 reasons.append("max-new-tokens" if n + max_gen_len <= total_len else "window full")
@@ -312,7 +354,9 @@ class Llama:
         out, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, **extras)
         results = []
         for i, row in enumerate(out):
-            r = {"generation": tok.decode(row)}
+            text = tok.decode(row)
+            begin = len(tok.decode(prompt_tokens[i])) if echo else 0  # stop strings count in new text only
+            r = {"generation": text[:begin] + cut_at_stop(text[begin:], extras.get("stop"))}
             if logprobs:
                 r.update(tokens=[tok.decode([t]) for t in row], logprobs=lps[i])
             results.append(r)
@@ -320,17 +364,40 @@ class Llama:
 
     def chat_completion(self, dialogs: list, temperature: float = 0.6, top_p: float = 0.9,
                         max_gen_len: Optional[int] = None, logprobs: bool = False, **extras):
-        """Answer dialogs ([{"role", "content"}, ...] ending with a user turn) in the tokenizer's chat format."""
-        prompt_tokens = [self.tokenizer.encode_dialog(d) for d in dialogs]
+        """Answer dialogs ([{"role", "content"}, ...]) in the tokenizer's chat format.
+
+        A dialog that ends with an assistant message is a prefill: the answer continues that message
+        (the returned content is the continuation only)."""
+        prompt_tokens = [self.tokenizer.encode_dialog(d, continue_final_message=d[-1]["role"] == "assistant")
+                         for d in dialogs]
         out, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, **extras)
         results = []
         for i, row in enumerate(out):
-            r = {"generation": {"role": "assistant", "content": self.tokenizer.decode(row)}}
+            text = cut_at_stop(self.tokenizer.decode(row), extras.get("stop"))
+            r = {"generation": {"role": "assistant", "content": text}}
             if logprobs:
                 r.update(tokens=[self.tokenizer.decode([t]) for t in row], logprobs=lps[i])
             results.append(r)
         return results
 
+
+
+def _with_stop_strings(on_token, texts: Optional[StopStrings]):
+    """The per-token callback, extended to feed the stop-string matcher (which may end the row)."""
+    if texts is None:
+        return on_token
+
+    def callback(row: int, token_id: int) -> bool:
+        asked = bool(on_token(row, token_id)) if on_token is not None else False
+        return texts.push(row, token_id) or asked
+
+    return callback
+
+
+def cut_at_stop(text: str, stop: Optional[list]) -> str:
+    """The text before the first occurrence of any stop string."""
+    hits = [i for i in (text.find(s) for s in (stop or []) if s) if i >= 0]
+    return text[: min(hits)] if hits else text
 
 
 def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -345,78 +412,15 @@ def _from_rank0(t: torch.Tensor) -> torch.Tensor:
     return broadcast_from_rank0(t)
 
 
+def _check_vocab(tokenizer, vocab_size: int, ckpt_path) -> None:
+    if tokenizer.n_words > vocab_size:  # (more embedding rows than pieces is normal: padding)
+        raise LlamaMinError(f"{ckpt_path}: the tokenizer has {tokenizer.n_words} tokens, the model only "
+                            f"{vocab_size} embedding rows: wrong tokenizer for this checkpoint?")
+
+
 def _elapsed(start: float, device) -> float:
     """Seconds since `start`, after the device has finished its queued work."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
 
-
-class ChatSession:
-    """A multi-turn chat (batch 1) that keeps its KV cache between turns.
-
-    Each turn encodes the whole dialog, finds how much of it is already in the cache (the longest
-    common prefix with the tokens fed so far) and prefills only the rest, then decodes until a stop
-    token. `reset()` forgets the dialog (the system message stays).
-    """
-
-    def __init__(self, llama: Llama, system: Optional[str] = None, seed: Optional[int] = None, **sampling):
-        self.llama, self.system = llama, system
-        self.sampling = Sampling(**sampling)
-        self.generator = None if seed is None else torch.Generator(llama.device).manual_seed(seed)
-        self.reset()
-
-    def reset(self):
-        self.dialog = [{"role": "system", "content": self.system}] if self.system else []
-        self.cached: list = []  # token ids whose keys/values sit in the cache, in order
-        self.llama.model.clear_cache()
-
-    def _ensure_cache(self, needed: int):
-        """Grow the cache (doubling, capped by the window), keeping the positions it holds."""
-        model = self.llama.model
-        have = model.cache_len
-        if needed <= have:
-            return
-        size = min(self.llama.max_seq_len, max(needed, 2 * have, 256))
-        if not have:
-            model.setup_cache(1, size)
-            return
-        for layer in model.layers:  # a bigger cache holding the same positions
-            old = layer.attention.cache
-            layer.attention.cache = KVCache(1, size, *old.k.shape[2:], old.k.dtype, old.k.device)
-            layer.attention.cache.update(0, old.k, old.v)
-
-    @torch.inference_mode()
-    def ask(self, text: str, max_gen_len: int = 512, on_token: Optional[Callable[[int], None]] = None) -> str:
-        llama, tok = self.llama, self.llama.tokenizer
-        dialog = self.dialog + [{"role": "user", "content": text}]
-        ids = tok.encode_dialog(dialog)
-        if len(ids) >= llama.max_seq_len:
-            raise LlamaMinError(f"the dialog is {len(ids)} tokens, the window {llama.max_seq_len}: /reset to start over")
-        keep = 0
-        while keep < min(len(ids) - 1, len(self.cached)) and ids[keep] == self.cached[keep]:
-            keep += 1
-        total = min(llama.max_seq_len, len(ids) + max_gen_len)
-        self._ensure_cache(total)
-        llama.stats = Stats(prompt_tokens=len(ids) - keep)
-        start = time.perf_counter()
-        logits = llama.model(torch.tensor([ids[keep:]], device=llama.device), keep, last_only=True)
-        llama.stats.prefill_s = _elapsed(start, llama.device)
-        fed, reply = list(ids), []
-        while len(fed) < total:
-            history = torch.tensor([fed], device=llama.device) if self.sampling.repetition_penalty != 1 else None
-            nxt = sample_next(logits[:, -1], self.sampling, history, self.generator)
-            nxt = int((_from_rank0(nxt) if llama.tensor_parallel else nxt)[0])
-            if nxt in tok.stop_ids:
-                break
-            reply.append(nxt)
-            if on_token is not None:
-                on_token(nxt)
-            logits = llama.model(torch.tensor([[nxt]], device=llama.device), len(fed), last_only=True)
-            fed.append(nxt)
-        llama.stats.new_tokens = len(reply)
-        llama.stats.decode_s = _elapsed(start, llama.device) - llama.stats.prefill_s
-        self.cached = fed
-        answer = tok.decode(reply)
-        self.dialog = dialog + [{"role": "assistant", "content": answer}]
-        return answer

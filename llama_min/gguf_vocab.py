@@ -1,8 +1,7 @@
-"""GGUF tokenizer metadata and the conversions that turn it back into real tokenizers.
+"""GGUF vocabularies (``tokenizer.ggml.*`` metadata) turned back into real tokenizers.
 
-- ``read_gguf_metadata``: the key/value header of a GGUF file (a fast stdlib reader: ``gguf.GGUFReader``
-  takes ~9 s on Llama 3's 128256-token vocab because it wraps every string in a numpy view).
-- ``read_gguf_tensor_infos``: the tensor directory after that header (name, ggml dims, type, byte offset).
+The file itself is read by ``llama_min.gguf_file``; this module only converts vocabularies:
+
 - ``spm_model_from_gguf_vocab``: a sentencepiece ``ModelProto`` (BPE, byte fallback, identity normalizer)
   from a ``'llama'`` vocab. Written with a tiny protobuf encoder so no ``protobuf`` package is needed.
   With ``meta_llama2=True`` it carries Meta's training settings and is byte-identical to Meta's file.
@@ -12,99 +11,13 @@
 
 from __future__ import annotations
 
-import mmap
 import struct
-from pathlib import Path
 
-# ------------------------------------------------------------------------------------ GGUF metadata
+from llama_min.errors import LlamaMinError
 
-# GGUF value types: 0 u8, 1 i8, 2 u16, 3 i16, 4 u32, 5 i32, 6 f32, 7 bool, 8 string, 9 array,
-# 10 u64, 11 i64, 12 f64. A string is a u64 byte length + UTF-8; an array is u32 type, u64 count, items.
-_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-
-def read_gguf_metadata(path: str | Path, prefix: str | None = None) -> dict:
-    """All metadata key/values of a GGUF (v2/v3) file, or those whose key starts with ``prefix``.
-
-    Arrays come back as Python lists, strings as str.
-    """
-    return _read_header(path, prefix, tensors=False)[0]
-
-
-def read_gguf_tensor_infos(path: str | Path):
-    """(metadata, tensors): tensors = [(name, dims in ggml order, ggml type, absolute byte offset), ...]."""
-    return _read_header(path, None, tensors=True)
-
-
-def _read_header(path, prefix, tensors: bool):
-    path = Path(path)
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ValueError(f"{path}: not a GGUF file (no 'GGUF' magic)")
-        raw = f.read(4)
-        version = struct.unpack("<I", raw)[0] if len(raw) == 4 else 0
-        if version not in (2, 3):
-            raise ValueError(f"{path}: GGUF version {version} is not supported (expected 2 or 3)")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            try:
-                meta, pos = _parse_kv(buf, prefix)
-                return meta, (_parse_tensor_infos(buf, pos, meta) if tensors else None)
-            except (struct.error, IndexError, KeyError, UnicodeDecodeError) as err:
-                raise ValueError(f"{path}: corrupt or unsupported GGUF metadata ({err!r})") from None
-
-
-def _parse_kv(buf, prefix: str | None):
-    _n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
-    pos, out = 24, {}
-    for _ in range(n_kv):
-        key, pos = _read_str(buf, pos)
-        (vtype,) = struct.unpack_from("<I", buf, pos)
-        value, pos = _read_value(buf, pos + 4, vtype)
-        if prefix is None or key.startswith(prefix):
-            out[key] = value
-    return out, pos
-
-
-def _parse_tensor_infos(buf, pos: int, meta: dict) -> list:
-    """Each tensor: name, u32 n_dims, n_dims x u64 dims, u32 type, u64 offset (from the aligned data start)."""
-    (n_tensors,) = struct.unpack_from("<Q", buf, 8)
-    infos = []
-    for _ in range(n_tensors):
-        name, pos = _read_str(buf, pos)
-        (n_dims,) = struct.unpack_from("<I", buf, pos)
-        dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
-        ggml_type, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
-        pos += 4 + 8 * n_dims + 12
-        infos.append((name, tuple(dims), ggml_type, offset))
-    align = int(meta.get("general.alignment", 32))
-    start = (pos + align - 1) // align * align
-    return [(name, dims, t, start + off) for name, dims, t, off in infos]
-
-
-def _read_str(buf, pos: int):
-    (n,) = struct.unpack_from("<Q", buf, pos)
-    if pos + 8 + n > len(buf):
-        raise IndexError("string runs past the end of the file")
-    return buf[pos + 8:pos + 8 + n].decode("utf-8"), pos + 8 + n
-
-
-def _read_value(buf, pos: int, vtype: int):
-    if vtype == 8:
-        return _read_str(buf, pos)
-    if vtype != 9:
-        fmt = "<" + _SCALAR[vtype]
-        return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
-    item_type, count = struct.unpack_from("<IQ", buf, pos)
-    pos += 12
-    if item_type in _SCALAR:                          # numbers: one unpack for the whole array
-        fmt = f"<{count}{_SCALAR[item_type]}"
-        return list(struct.unpack_from(fmt, buf, pos)), pos + struct.calcsize(fmt)
-    items = []
-    for _ in range(count):
-        item, pos = _read_value(buf, pos, item_type)
-        items.append(item)
-    return items, pos
-
+# Llama 3's pre-tokenizer split pattern (tiktoken's ``pat_str``; the same regex as in Llama 3's tokenizer.json)
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 # ------------------------------------------------------------------------ sentencepiece ModelProto
 
@@ -199,7 +112,7 @@ def spm_model_from_gguf_vocab(tokens: list[str], scores: list[float] | None, typ
         for p, s, t in zip(tokens, scores, types))
     if meta_llama2:
         if len(tokens) != 32000:
-            raise ValueError(f"meta_llama2: expected 32000 tokens, got {len(tokens)}")
+            raise LlamaMinError(f"meta_llama2: expected 32000 tokens, got {len(tokens)}")
         trainer = META_LLAMA2_TRAINER
     else:
         names = {"vocab_size": len(tokens), "byte_fallback": 6 in types, "unk_id": unk_id, "bos_id": bos_id,
@@ -250,8 +163,6 @@ def hf_tokenizer_from_gguf(meta: dict, name: str = "GGUF file"):
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    from llama_min.tokenizer import LLAMA3_PATTERN
-
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     pre = meta.get("tokenizer.ggml.pre", "default")
@@ -271,7 +182,7 @@ def hf_tokenizer_from_gguf(meta: dict, name: str = "GGUF file"):
     elif pre in _GPT2_PRE:
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     else:
-        raise ValueError(f"{name}: unsupported tokenizer.ggml.pre {pre!r} (supported: "
+        raise LlamaMinError(f"{name}: unsupported tokenizer.ggml.pre {pre!r} (supported: "
                          f"{', '.join(sorted(_LLAMA3_PRE | _DIGITS_GPT2_PRE | _GPT2_PRE))})")
     tk.decoder = decoders.ByteLevel()
     tk.add_special_tokens([AddedToken(t, special=True, normalized=False)

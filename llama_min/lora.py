@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import LlamaMinError
+
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 
@@ -55,7 +57,7 @@ def parse_targets(targets) -> list[str]:
         targets = TARGETS if targets == "all" else [t.strip() for t in targets.split(",") if t.strip()]
     bad = [t for t in targets if t not in TARGETS]
     if bad or not targets:
-        raise ValueError(f"LoRA targets {bad or targets!r}: expected a comma-separated subset of {','.join(TARGETS)}")
+        raise LlamaMinError(f"LoRA targets {bad or targets!r}: expected a comma-separated subset of {','.join(TARGETS)}")
     return list(targets)
 
 
@@ -65,7 +67,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0, 
     Returns the number of trainable parameters. The adapters' init draws from torch's global RNG.
     """
     if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        raise LlamaMinError(f"LoRA rank must be >= 1, got {rank}")
     targets = set(parse_targets(targets))
     model.requires_grad_(False)
     for layer in model.layers:

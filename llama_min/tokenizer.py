@@ -5,7 +5,7 @@ Backends (``load_tokenizer`` picks one from the file):
 - **sentencepiece** ``tokenizer.model`` (Llama 1/2, Mistral, TinyLlama): a serialized ``ModelProto``.
   BOS/EOS ids come from the model (Llama: 1 and 2; no pad piece, pad = -1).
 - **tiktoken** ``tokenizer.model`` (Llama 3.x): text lines ``base64(token bytes) rank``, 128000 ranks, then
-  256 special tokens at ids 128000.. that are not in the file (named as in SPEC.md section 4).
+  256 special tokens at ids 128000.. that are not in the file (``llama3_special_name``).
 - **tokenizers** ``tokenizer.json`` (Hugging Face), with BOS/EOS from the ``tokenizer_config.json``,
   ``config.json`` and ``generation_config.json`` beside it.
 - **GGUF** metadata ``tokenizer.ggml.*``: a ``'llama'`` vocab (pieces, scores, types) becomes a sentencepiece
@@ -13,6 +13,9 @@ Backends (``load_tokenizer`` picks one from the file):
 
 Text that looks like a special token (``"<|eot_id|>"``, ``"<s>"``) is always encoded as plain text: special
 ids enter only through ``bos``/``eos`` and the chat formats (``llama_min.chat``), which insert them as ids.
+
+A chat template shipped with the tokenizer (``chat_template.jinja`` or ``tokenizer_config.json`` beside the
+file, or the GGUF's ``tokenizer.chat_template``) becomes ``tok.chat_templates`` and the default chat format.
 """
 
 from __future__ import annotations
@@ -23,121 +26,30 @@ import re
 from pathlib import Path
 
 from llama_min import chat
-from llama_min.files import atomic_write
-from llama_min.gguf_vocab import (byte_level_decode, hf_tokenizer_from_gguf, read_gguf_metadata,
-                                  spm_model_from_gguf_vocab)
+from llama_min.errors import LlamaMinError
+from llama_min.files import atomic_write, read_json
+from llama_min.gguf_file import read_gguf_metadata
+from llama_min.tokenizer_base import StreamDecoder, Tokenizer  # noqa: F401  (StreamDecoder: re-exported)
+from llama_min.gguf_vocab import LLAMA3_PATTERN, byte_level_decode, hf_tokenizer_from_gguf, spm_model_from_gguf_vocab
 
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 LLAMA3_NUM_SPECIAL = 256
-# Special tokens 128000 + i. Llama 3.0 named i = 0, 1, 6, 7, 9 and numbered the rest in order
-# <|reserved_special_token_K|> (128002..128005 -> K 0..3, 128008 -> 4, 128010 -> 5, .., 128255 -> 250);
-# Llama 3.1 renamed 128008 <|eom_id|> (SPEC.md), which is what this table says.
-LLAMA3_NAMED_SPECIALS = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 6: "<|start_header_id|>",
-                         7: "<|end_header_id|>", 8: "<|eom_id|>", 9: "<|eot_id|>"}
-
-
-class Tokenizer:
-    """The common interface; subclasses implement ``_encode``, ``decode`` and ``token_id``.
-
-    Attributes: ``bos_id``, ``eos_id`` (ints, -1 when the vocabulary has none), ``stop_ids`` (generation
-    stops on any of them), ``n_words`` (vocabulary size including special tokens), ``pad_id`` (-1: none),
-    ``chat_format`` (``"llama2"``, ``"llama3"`` or ``"chatml"``), ``default_system`` (a system prompt the
-    chat template adds when a dialog has none, or None), ``add_bos`` (whether plain text is fed after a
-    BOS: true for Llama, false for SmolLM2's ChatML vocabulary), ``kind`` (the backend).
-    """
-
-    kind = "?"
-    chat_template: str | None = None
-
-    def __init__(self, n_words: int, bos_id: int, eos_id: int, stop_ids=(), pad_id: int = -1,
-                 default_system: str | None = None, add_bos: bool | None = None):
-        self.n_words, self.bos_id, self.eos_id, self.pad_id = n_words, bos_id, eos_id, pad_id
-        self.default_system = default_system
-        self.chat_format = chat.detect_format(self)
-        self.add_bos = bos_id >= 0 and (self.chat_format != "chatml" if add_bos is None else bool(add_bos))
-        self.stop_ids = {i for i in [eos_id, *stop_ids, *chat.stop_ids(self)] if i is not None and i >= 0}
-
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        """Token ids of ``text`` (special-token-looking text stays plain), with BOS/EOS ids if asked."""
-        for asked, i, name in ((bos, self.bos_id, "BOS"), (eos, self.eos_id, "EOS")):
-            if asked and i < 0:
-                raise ValueError(f"this tokenizer has no {name} token")
-        return [self.bos_id] * bos + self._encode(text) + [self.eos_id] * eos
-
-    def _encode(self, text: str) -> list[int]:
-        raise NotImplementedError
-
-    def decode(self, ids) -> str:
-        raise NotImplementedError
-
-    def token_id(self, text: str) -> int | None:
-        """Id of the single token spelled ``text`` (e.g. ``"<|eot_id|>"``), or None if there is none."""
-        raise NotImplementedError
-
-    def encode_dialog(self, dialog: list[dict], open_assistant: bool = True) -> list[int]:
-        """Ids of a chat in this tokenizer's format (see ``llama_min.chat``)."""
-        return chat.encode_dialog(self, dialog, open_assistant)
-
-    def encode_followup(self, messages: list[dict], open_assistant: bool = True) -> list[int]:
-        """Ids that close a just-generated assistant reply and append ``messages`` (see ``llama_min.chat``)."""
-        return chat.encode_followup(self, messages, open_assistant)
-
-    def save(self, out_dir: str | Path) -> Path:
-        """Write this tokenizer into ``out_dir`` in its backend's file format (atomically); return the file.
-
-        sentencepiece and tiktoken: ``tokenizer.model``; tokenizers: ``tokenizer.json`` plus a
-        ``tokenizer_config.json`` with BOS/EOS, ``add_bos_token`` and the chat template. ``load_tokenizer``
-        on the dir gives the same tokenizer back (a GGUF vocabulary thus becomes a plain file).
-        """
-        raise NotImplementedError
-
-    def stream_decoder(self) -> "StreamDecoder":
-        """An incremental decoder: ``push(id) -> str`` as tokens arrive, ``flush() -> str`` at the end."""
-        return StreamDecoder(self)
-
-    def __repr__(self):
-        return (f"{type(self).__name__}(n_words={self.n_words}, bos_id={self.bos_id}, eos_id={self.eos_id}, "
-                f"stop_ids={sorted(self.stop_ids)}, chat_format={self.chat_format!r})")
-
-
-class StreamDecoder:
-    """Turns a stream of ids into printable text, never emitting half a UTF-8 character.
-
-    Each push decodes a short window twice, with and without the new ids, and emits the difference: the
-    window starts at the last chunk that printed something, so sentencepiece's leading spaces (which it
-    drops on the first piece of a decode) come out right. While the text ends in U+FFFD (an incomplete
-    byte sequence, e.g. 1-3 byte-fallback pieces of an emoji) nothing is emitted. The concatenation of
-    all pushes and the final ``flush()`` equals ``tok.decode(all_ids)``.
-    """
-
-    def __init__(self, tok: Tokenizer):
-        self.tok = tok
-        self.ids: list[int] = []   # ids from the window start on (older ones are dropped)
-        self.start = 0   # window start: the last chunk that printed text
-        self.read = 0    # ids before this index have been emitted
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(int(token_id))
-        return self._emit(final=False)
-
-    def flush(self) -> str:
-        text = self._emit(final=True)
-        self.ids, self.start, self.read = [], 0, 0
-        return text
-
-    def _emit(self, final: bool) -> str:
-        done = self.tok.decode(self.ids[self.start:self.read])
-        text = self.tok.decode(self.ids[self.start:])
-        new = text[len(done):]
-        if not final and (not new or new.endswith("\ufffd")):
-            return ""
-        del self.ids[:self.read]            # the new window starts at the old read position
-        self.start, self.read = 0, len(self.ids)
-        return new
+# Special tokens 128000 + i. Named ones by version; the rest are <|reserved_special_token_K|>, K counting the
+# unnamed ones in order. Llama 3.0: 128002..128005 -> K 0..3, 128008 -> 4, 128010 -> 5, .., 128255 -> 250.
+# Llama 3.1 and later (the names in every HF Llama 3.1/3.2/3.3 tokenizer.json): 128002/3 -> 0/1,
+# 128005 -> 2, 128011 -> 3, .., 128255 -> 247.
+LLAMA3_NAMED_SPECIALS = {
+    "3.0": {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 6: "<|start_header_id|>", 7: "<|end_header_id|>",
+            9: "<|eot_id|>"},
+    "3.1": {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 4: "<|finetune_right_pad_id|>", 6: "<|start_header_id|>",
+            7: "<|end_header_id|>", 8: "<|eom_id|>", 9: "<|eot_id|>", 10: "<|python_tag|>"},
+}
 
 
 # ---------------------------------------------------------------------------------------- sentencepiece
+
+
+class _NotSentencePiece(LlamaMinError):
+    """The bytes are not a sentencepiece model."""
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -153,7 +65,7 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self.sp.LoadFromSerializedProto(model_proto)
         except Exception as err:
-            raise ValueError(f"{name}: not a valid sentencepiece model ({err})") from None
+            raise _NotSentencePiece(f"{name}: not a valid sentencepiece model ({err})") from None
         super().__init__(self.sp.vocab_size(), self.sp.bos_id() if bos_id is None else bos_id,
                          self.sp.eos_id() if eos_id is None else eos_id, pad_id=self.sp.pad_id(), **kw)
 
@@ -167,7 +79,14 @@ class SentencePieceTokenizer(Tokenizer):
         i = self.sp.piece_to_id(text)
         return i if self.sp.id_to_piece(i) == text else None
 
+    def _control_tokens(self):
+        """Control and unknown pieces (``<s>``, ``</s>``, ``<unk>``). (sentencepiece itself always matches its
+        user-defined pieces in text, so those need nothing here.)"""
+        sp = self.sp
+        return {sp.id_to_piece(i): i for i in range(sp.vocab_size()) if sp.is_control(i) or sp.is_unknown(i)}
+
     def save(self, out_dir):
+        self._save_template(out_dir)
         return atomic_write(Path(out_dir) / "tokenizer.model", self.sp.serialized_model_proto())
 
 
@@ -175,19 +94,23 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 class TiktokenTokenizer(Tokenizer):
-    """Llama 3's tiktoken BPE: ranks from ``tokenizer.model`` + 256 special tokens after them."""
+    """Llama 3's tiktoken BPE: ranks from ``tokenizer.model`` + 256 special tokens after them.
+
+    ``names``: ``"3.1"`` (Llama 3.1 and later: ``<|eom_id|>`` 128008, ``<|python_tag|>`` 128010, ...) or
+    ``"3.0"``; the file is the same for both, so ``load_tokenizer`` decides from the checkpoint beside it.
+    """
 
     kind = "tiktoken"
 
-    def __init__(self, ranks: dict[bytes, int], name: str = "llama3"):
+    def __init__(self, ranks: dict[bytes, int], name: str = "llama3", names: str = "3.1", **kw):
         import tiktoken
 
-        self.ranks, base = ranks, len(ranks)
-        self.specials = {llama3_special_name(i): base + i for i in range(LLAMA3_NUM_SPECIAL)}
+        self.ranks, self.names, base = ranks, names, len(ranks)
+        self.specials = {llama3_special_name(i, names): base + i for i in range(LLAMA3_NUM_SPECIAL)}
         self.enc = tiktoken.Encoding(name=name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
                                      special_tokens=self.specials)
         super().__init__(self.enc.n_vocab, self.specials["<|begin_of_text|>"],
-                         self.specials["<|end_of_text|>"])
+                         self.specials["<|end_of_text|>"], **kw)
 
     def _encode(self, text):
         return self.enc.encode(text, allowed_special=set(), disallowed_special=())
@@ -201,16 +124,45 @@ class TiktokenTokenizer(Tokenizer):
         ids = self._encode(text)
         return ids[0] if len(ids) == 1 else None
 
+    def _control_tokens(self):
+        return dict(self.specials)
+
     def save(self, out_dir):
+        self._save_template(out_dir)
         lines = (base64.b64encode(t) + b" %d\n" % r for t, r in sorted(self.ranks.items(), key=lambda x: x[1]))
         return atomic_write(Path(out_dir) / "tokenizer.model", b"".join(lines))
 
 
-def llama3_special_name(i: int) -> str:
-    """Name of Llama 3 special token ``128000 + i``."""
-    if i in LLAMA3_NAMED_SPECIALS:
-        return LLAMA3_NAMED_SPECIALS[i]
-    return f"<|reserved_special_token_{i - sum(1 for k in (0, 1, 6, 7, 9) if k < i)}|>"
+def llama3_special_name(i: int, names: str = "3.1") -> str:
+    """Name of Llama 3 special token ``128000 + i`` under Llama ``names`` ("3.1": 3.1 and later, or "3.0")."""
+    named = LLAMA3_NAMED_SPECIALS[names]
+    if i in named:
+        return named[i]
+    return f"<|reserved_special_token_{i - sum(1 for k in named if k < i)}|>"
+
+
+def llama3_names_of(path: Path) -> str:
+    """Which Llama 3 special-token names fit the checkpoint around tokenizer.model ``path``: "3.1" or "3.0".
+
+    The tiktoken file is identical for Llama 3.0 .. 3.3, so the checkpoint's config decides: Meta's
+    ``params.json`` with ``use_scaled_rope`` (3.1+; llama_min's own params.json may carry the scaling as
+    ``rope_freq_divisors``) or without (3.0), or an HF ``config.json`` with
+    ``rope_scaling`` of type ``llama3`` (3.1+) or none at 8192 positions (3.0). Nothing beside: "3.1",
+    the names of every release since July 2024 (under 3.0 those ids were reserved and never trained).
+    """
+    folders = [path.parent] + ([path.parent.parent] if path.parent.name == "original" else [])
+    for folder in folders:
+        if (folder / "params.json").is_file():
+            params = read_json(folder / "params.json", "params.json")
+            return "3.1" if params.get("use_scaled_rope") or params.get("rope_freq_divisors") else "3.0"
+        if (folder / "config.json").is_file():
+            config = read_json(folder / "config.json", "config.json")
+            scaling = config.get("rope_scaling") or {}
+            if scaling.get("rope_type", scaling.get("type")) == "llama3":
+                return "3.1"
+            if not scaling and config.get("max_position_embeddings") == 8192:
+                return "3.0"
+    return "3.1"
 
 
 def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
@@ -224,7 +176,7 @@ def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
                 token, rank = line.split()
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
             except ValueError:
-                raise ValueError(f"{path}: line {n} is not 'base64 rank' (expected a tiktoken rank file)") \
+                raise LlamaMinError(f"{path}: line {n} is not 'base64 rank' (expected a tiktoken rank file)") \
                     from None
     return ranks
 
@@ -237,8 +189,8 @@ class HFTokenizer(Tokenizer):
 
     kind = "tokenizers"
 
-    def __init__(self, tk, bos_id: int, eos_id: int, chat_template: str | None = None, **kw):
-        self.tk, self.chat_template = tk, chat_template
+    def __init__(self, tk, bos_id: int, eos_id: int, **kw):
+        self.tk = tk
         self.tk.encode_special_tokens = True   # special-token text in user input stays plain text
         super().__init__(tk.get_vocab_size(with_added_tokens=True), bos_id, eos_id, **kw)
 
@@ -251,23 +203,33 @@ class HFTokenizer(Tokenizer):
     def token_id(self, text):
         return self.tk.token_to_id(text)
 
+    def _control_tokens(self):
+        """Every added token (special or not): transformers splits a rendered chat on all of them."""
+        return {t.content: i for i, t in self.tk.get_added_tokens_decoder().items()}
+
     def save(self, out_dir):
         name = {i: self.tk.id_to_token(i) for i in (self.bos_id, self.eos_id) if i >= 0}
+        templates = self.chat_templates
+        template = templates.get("default") if list(templates) == ["default"] else \
+            [{"name": k, "template": v} for k, v in templates.items()] or None
         config = {"bos_token": name.get(self.bos_id), "eos_token": name.get(self.eos_id),
-                  "add_bos_token": self.add_bos, "chat_template": self.chat_template}
+                  "add_bos_token": self.add_bos, "chat_template": template}
         atomic_write(Path(out_dir) / "tokenizer_config.json", json.dumps(config, indent=2).encode())
         return atomic_write(Path(out_dir) / "tokenizer.json", self.tk.to_str().encode())
 
 
-def load_tokenizer_json(path: Path) -> HFTokenizer:
-    """``tokenizer.json`` + BOS/EOS/stop ids from the HF config files beside it (when present)."""
+def load_tokenizer_json(path: Path, **kw) -> HFTokenizer:
+    """``tokenizer.json`` + BOS/EOS/stop ids and chat template from the HF files beside it (when present)."""
     from tokenizers import Tokenizer as TkTokenizer
 
+    whole_pieces = needs_whole_piece_rule(read_json(path, "tokenizer.json"))
     try:
         tk = TkTokenizer.from_file(str(path))
     except Exception as err:
-        raise ValueError(f"{path}: not a valid tokenizer.json ({str(err).splitlines()[0]})") from None
-    configs = {n: _read_json(path.parent / n) for n in
+        raise LlamaMinError(f"{path}: not a valid tokenizer.json ({str(err).splitlines()[0]})") from None
+    if whole_pieces:
+        tk.model.ignore_merges = True
+    configs = {n: _read_json_if_there(path.parent / n) for n in
                ("tokenizer_config.json", "config.json", "generation_config.json")}
 
     def token(which: str):                          # "bos" or "eos"
@@ -282,48 +244,99 @@ def load_tokenizer_json(path: Path) -> HFTokenizer:
                 return i[0] if isinstance(i, list) else i
         return -1
 
-    stops = configs["generation_config.json"].get("eos_token_id", [])
-    stops = stops if isinstance(stops, list) else [stops]
-    template = configs["tokenizer_config.json"].get("chat_template")
-    return HFTokenizer(tk, token("bos"), token("eos"), stop_ids=stops, chat_template=template,
-                       default_system=chat.default_system_from_template(template),
-                       add_bos=configs["tokenizer_config.json"].get("add_bos_token"))
+    stops = [i for name in ("config.json", "generation_config.json")
+             for i in _id_list(configs[name].get("eos_token_id"))]
+    kw.setdefault("chat_templates", folder_templates(path))
+    return HFTokenizer(tk, token("bos"), token("eos"), stop_ids=stops,
+                       default_system=chat.default_system_from_template(
+                           configs["tokenizer_config.json"].get("chat_template")),
+                       add_bos=configs["tokenizer_config.json"].get("add_bos_token"), **kw)
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    return data if isinstance(data, dict) else {}
+def needs_whole_piece_rule(data: dict) -> bool:
+    """Whether a tokenizer.json is a Llama 3 BPE without ``ignore_merges`` (then llama_min turns it on).
+
+    tiktoken looks a whole pre-token piece up in the vocabulary before merging: a piece that is a
+    vocabulary entry is one token. Plain BPE only merges pairs in rank order, and for ~600 entries
+    (``" việc"``, ``" jeho"``, mostly Vietnamese, Czech, Turkish, Persian words) that order never builds
+    the whole word. The ``tokenizers`` option ``ignore_merges`` is that whole-piece lookup; Llama 3 files
+    exported without it (older conversions) get it when the pre-tokenizer is Llama 3's split regex, so
+    they encode exactly as Meta's tiktoken ``tokenizer.model``.
+    """
+    model = data.get("model")
+    return isinstance(model, dict) and model.get("type") == "BPE" and not model.get("ignore_merges") \
+        and _has_llama3_split(data.get("pre_tokenizer"))
+
+
+def _has_llama3_split(pre) -> bool:
+    if not isinstance(pre, dict):
+        return False
+    if pre.get("type") == "Sequence":
+        return any(_has_llama3_split(p) for p in pre.get("pretokenizers") or [])
+    return pre.get("type") == "Split" and (pre.get("pattern") or {}).get("Regex") == LLAMA3_PATTERN
+
+
+def _id_list(value) -> list[int]:
+    """A config's ``eos_token_id``: an int, a list of ints, or absent."""
+    if isinstance(value, int):
+        return [value]
+    return [i for i in value if isinstance(i, int)] if isinstance(value, list) else []
+
+
+def _read_json_if_there(path: Path) -> dict:
+    return read_json(path, path.name) if path.is_file() else {}
+
+
+def folder_templates(tokenizer_file: Path) -> dict[str, str]:
+    """The chat templates an HF folder ships beside ``tokenizer_file`` (as transformers finds them).
+
+    ``chat_template.jinja`` (+ ``additional_chat_templates/NAME.jinja``) takes priority over
+    ``tokenizer_config.json``'s ``chat_template``; a file in ``original/`` also looks one folder up.
+    """
+    folders = [tokenizer_file.parent]
+    if tokenizer_file.parent.name == "original":
+        folders.append(tokenizer_file.parent.parent)
+    for folder in folders:
+        templates = {}
+        if (folder / "chat_template.jinja").is_file():
+            templates["default"] = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        for extra in sorted((folder / "additional_chat_templates").glob("*.jinja")):
+            templates[extra.stem] = extra.read_text(encoding="utf-8")
+        if not templates:
+            config = _read_json_if_there(folder / "tokenizer_config.json")
+            templates = chat.normalize_templates(config.get("chat_template"))
+        if templates:
+            return templates
+    return {}
 
 
 # ------------------------------------------------------------------------------------------------ GGUF
 
-def load_gguf_tokenizer(path: Path) -> Tokenizer:
-    """The tokenizer stored in a GGUF file's ``tokenizer.ggml.*`` metadata."""
+def load_gguf_tokenizer(path: Path, **kw) -> Tokenizer:
+    """The tokenizer stored in a GGUF file's ``tokenizer.ggml.*`` metadata (and its chat templates)."""
     meta = read_gguf_metadata(path, prefix="tokenizer.")
     model = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
     if not tokens:
-        raise ValueError(f"{path}: GGUF file has no tokenizer (no tokenizer.ggml.tokens)")
+        raise LlamaMinError(f"{path}: GGUF file has no tokenizer (no tokenizer.ggml.tokens)")
     bos = meta.get("tokenizer.ggml.bos_token_id", -1)
     eos = meta.get("tokenizer.ggml.eos_token_id", -1)
-    extra = dict(default_system=chat.default_system_from_template(meta.get("tokenizer.chat_template")),
-                 add_bos=meta.get("tokenizer.ggml.add_bos_token"))
+    templates = {("default" if k == "tokenizer.chat_template" else k.rpartition(".")[2]): v
+                 for k, v in meta.items() if k.startswith("tokenizer.chat_template") and isinstance(v, str)}
+    kw.setdefault("chat_templates", templates)
+    kw.update(default_system=chat.default_system_from_template(meta.get("tokenizer.chat_template")),
+              add_bos=meta.get("tokenizer.ggml.add_bos_token"),
+              stop_ids=[meta[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in meta])
     if model == "llama":
         proto = spm_model_from_gguf_vocab(
             tokens, meta.get("tokenizer.ggml.scores"), meta.get("tokenizer.ggml.token_type"),
             bos_id=bos, eos_id=eos, unk_id=meta.get("tokenizer.ggml.unknown_token_id", 0),
             pad_id=meta.get("tokenizer.ggml.padding_token_id", -1),
             add_dummy_prefix=meta.get("tokenizer.ggml.add_space_prefix", True))
-        return SentencePieceTokenizer(proto, bos, eos, name=str(path), **extra)
+        return SentencePieceTokenizer(proto, bos, eos, name=str(path), **kw)
     if model == "gpt2":
-        tk = hf_tokenizer_from_gguf(meta, name=str(path))
-        return HFTokenizer(tk, bos, eos, chat_template=meta.get("tokenizer.chat_template"), **extra)
-    raise ValueError(f"{path}: unsupported tokenizer.ggml.model {model!r} (expected 'llama' or 'gpt2')")
+        return HFTokenizer(hf_tokenizer_from_gguf(meta, name=str(path)), bos, eos, **kw)
+    raise LlamaMinError(f"{path}: unsupported tokenizer.ggml.model {model!r} (expected 'llama' or 'gpt2')")
 
 
 def rebuild_llama2_tokenizer_model(gguf_path: Path) -> bytes:
@@ -347,15 +360,16 @@ def rebuild_llama3_tokenizer_model(gguf_path: Path) -> bytes:
 
 # -------------------------------------------------------------------------------------- finding files
 
-_SEARCH = ("tokenizer.model", "original/tokenizer.model", "tokenizer.json")
+_SEARCH = ("tokenizer.model", "tokenizer.json", "original/tokenizer.model")
 
 
 def find_tokenizer_file(path: str | Path) -> Path:
     """The tokenizer file for a tokenizer file, a checkpoint dir, or a checkpoint file.
 
-    A dir is searched for ``tokenizer.model`` (Meta, or HF with sentencepiece), ``original/tokenizer.model``
-    (HF Llama 3), ``tokenizer.json`` (HF), then a single ``*.gguf``; a ``.gguf`` file carries its own; any
-    other checkpoint file (``consolidated.00.pth``, ``model.safetensors``) means its dir.
+    A dir is searched for ``tokenizer.model`` (Meta, or HF with sentencepiece), ``tokenizer.json`` (HF),
+    ``original/tokenizer.model`` (HF Llama 3 without a tokenizer.json), then a single ``*.gguf``; a ``.gguf``
+    file carries its own; any other checkpoint file (``consolidated.00.pth``, ``model.safetensors``) means
+    its dir. An HF Llama 3 folder thus uses its own ``tokenizer.json`` and chat template, not ``original/``.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -373,22 +387,48 @@ def find_tokenizer_file(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path}: no tokenizer found (expected {', '.join(_SEARCH)} or one .gguf file)")
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load the tokenizer of ``path``: a tokenizer file, a checkpoint dir, or a ``.gguf`` file."""
+def load_tokenizer(path: str | Path, chat_format: str | None = None,
+                   chat_template: str | Path | None = None) -> Tokenizer:
+    """Load the tokenizer of ``path``: a tokenizer file, a checkpoint dir, or a ``.gguf`` file.
+
+    ``chat_format``: the default format for ``encode_dialog`` (``"template"``, ``"meta"``, ``"chatml"``;
+    None: the checkpoint's template when it ships one, else the vocabulary's built-in format).
+    ``chat_template``: a Jinja template (text, or a path to a ``.jinja`` file) replacing the checkpoint's.
+    """
+    from llama_min.formats.llama2c import llama2c_tokenizer_file, spm_model_from_tokenizer_bin
+    from llama_min.hub import resolve_checkpoint
+
+    kw = {"chat_format": chat_format}
+    if chat_template is not None:
+        kw["chat_templates"] = _template_arg(chat_template)
+    path = resolve_checkpoint(path)  # hub ids and HF cache folders -> a local folder
+    if (vocab := llama2c_tokenizer_file(path)) is not None:  # llama2.c's tokenizer.bin
+        return SentencePieceTokenizer(spm_model_from_tokenizer_bin(vocab), name=str(vocab), **kw)
     path = find_tokenizer_file(path)
     with open(path, "rb") as f:
         head = f.read(64)
     if head.startswith(b"GGUF"):
-        return load_gguf_tokenizer(path)
+        return load_gguf_tokenizer(path, **kw)
     if path.suffix == ".json" or head.lstrip().startswith(b"{"):
-        return load_tokenizer_json(path)
+        return load_tokenizer_json(path, **kw)
+    kw.setdefault("chat_templates", folder_templates(path))
     if re.match(rb"[A-Za-z0-9+/=]+ \d+\r?\n", head):
-        return TiktokenTokenizer(read_tiktoken_ranks(path))
+        return TiktokenTokenizer(read_tiktoken_ranks(path), names=llama3_names_of(path), **kw)
     if not head:
-        raise ValueError(f"{path}: empty file (expected a tokenizer.model, tokenizer.json or GGUF file)")
+        raise LlamaMinError(f"{path}: empty file (expected a tokenizer.model, tokenizer.json or GGUF file)")
     try:
-        return SentencePieceTokenizer(path.read_bytes(), name=str(path))
-    except ValueError:
-        raise ValueError(f"{path}: not a tokenizer (expected a sentencepiece or tiktoken tokenizer.model, "
-                         "a tokenizer.json or a GGUF file)") from None
+        return SentencePieceTokenizer(path.read_bytes(), name=str(path), **kw)
+    except _NotSentencePiece:
+        raise LlamaMinError(f"{path}: not a tokenizer (expected a sentencepiece or tiktoken tokenizer.model, "
+                            "a tokenizer.json or a GGUF file)") from None
 
+
+def _template_arg(template: str | Path) -> dict[str, str]:
+    """``chat_template=`` of load_tokenizer: Jinja text, or the path of a ``.jinja`` file."""
+    if isinstance(template, Path) or (isinstance(template, str) and template.endswith(".jinja")
+                                      and "{" not in template):
+        path = Path(template).expanduser()
+        if not path.is_file():
+            raise LlamaMinError(f"chat_template {str(template)!r}: no such .jinja file")
+        return {"default": path.read_text(encoding="utf-8")}
+    return chat.normalize_templates(template)

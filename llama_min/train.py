@@ -1,10 +1,15 @@
 """Train from scratch or fine-tune (full or LoRA) on your own text, on one device or under torchrun.
 
-  Trainer.prepare   read + check everything (data, tokenizer, model, flags) before writing a byte
-  Trainer.fit       the loop: AdamW, warmup + cosine, gradient accumulation, clipping, bf16 autocast,
-                    eval loss / perplexity + a sample, metrics.jsonl, checkpoints, final export
+  Trainer(cfg)      reads and checks every input and builds the model, optimizer and (with resume) the
+                    checkpoint's state: nothing is written yet, and `evaluate()` already works
+  Trainer.fit       creates the run folder, then the loop: AdamW, warmup + cosine, gradient accumulation,
+                    clipping, bf16 autocast, eval loss / perplexity + a sample, metrics.jsonl, checkpoints,
+                    final export and a closing summary
+  train             the whole job as the command line runs it (a finished run is left as it is)
   lr_at             the learning-rate schedule
-  (checkpoints, metrics and torchrun ranks: llama_min.train_state; data: llama_min.data; LoRA: llama_min.lora)
+
+The jobs around the loop live beside it: inputs and model (train_prepare), several processes
+(train_parallel), the run folder and its checkpoints (train_state), reporting (train_metrics).
 
 Exact resume: a checkpoint holds the trainable weights, AdamW's moments and step counts, every rank's RNG
 state and the data position (samples consumed; the order is a pure function of seed and position, see
@@ -17,31 +22,24 @@ global number of target tokens, so N processes compute the 1-process gradient. O
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
-import shutil
-import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import build_transformer, load_checkpoint, save_checkpoint
-from .data import BatchOrder, PackedData, encode_records, read_records, train_sentencepiece
-from .lora import apply_lora, merge_state_dict
-from .model import ModelArgs, Transformer
-from .train_config import TrainConfig, read_json_file, resolve_model_config
-from .train_state import (CKPT_DIR, Dist, atomic_json, finish_dir, full_tensor, list_checkpoints, load_state, log,
-                          save_state, tokenizer_files, truncate_metrics)
-
-
-# ------------------------------------------------------------------------------------------- pieces
+from .data import BatchOrder
+from .errors import LlamaMinError
+from .lora import merge_state_dict
+from .train_config import TrainConfig
+from .train_metrics import RunLog
+from .train_parallel import Dist, full_tensor, log, no_sync, trainable_named, wrap_model
+from .train_prepare import build_model, init_weights, prepare_inputs  # noqa: F401  (init_weights: re-export)
+from .train_state import CKPT_DIR, RunDir, tokenizer_files  # noqa: F401  (tokenizer_files: re-export)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -54,33 +52,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return low + 0.5 * (cfg.lr - low) * (1 + math.cos(math.pi * progress))
 
 
-def init_weights(model: Transformer, std: float = 0.02) -> None:
-    """GPT-2 style init for training from scratch: N(0, 0.02) matrices, the residual outputs (wo, w2)
-    scaled by 1/sqrt(2 * n_layers), norms at one."""
-    for name, p in model.named_parameters():
-        if p.ndim == 1:
-            nn.init.ones_(p)
-        elif name.endswith(("wo.weight", "w2.weight")):
-            nn.init.normal_(p, 0.0, std / math.sqrt(2 * model.n_layers))
-        else:
-            nn.init.normal_(p, 0.0, std)
-
-
-def enable_grad_checkpointing(model: Transformer) -> None:
-    """Recompute each block in the backward pass instead of storing its activations.
-
-    The block's own forward is wrapped on the instance, so parameter names do not change.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    for layer in model.layers:
-        def forward(*args, _inner=layer.forward):
-            if torch.is_grad_enabled():
-                return checkpoint(_inner, *args, use_reentrant=False)
-            return _inner(*args)
-        layer.forward = forward
-
-
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; weight decay on matrices only."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -90,192 +61,98 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
                              eps=cfg.adam_eps)
 
 
-# -------------------------------------------------------------------------------------------- trainer
-
-
 class Trainer:
-    """One training run. `prepare` checks every input first; `fit` trains, evaluates, saves, exports."""
+    """One training run. The constructor checks every input and sets all state; `fit` trains and writes."""
 
-    def __init__(self, cfg: TrainConfig, device: torch.device, resume: bool):
-        self.cfg, self.device, self.resume = cfg, device, resume
-        self.run_dir = Path(cfg.out)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-
-    # ----------------------------------------------------------------------------------- setup
-
-    @classmethod
-    def prepare(cls, cfg: TrainConfig, resume: bool = False) -> "Trainer":
+    def __init__(self, cfg: TrainConfig, resume: bool = False, overwrite: bool = False):
         cfg.check()
-        device = Dist.setup(cfg.device)
-        self = cls(cfg, device, resume)
+        if resume and overwrite:
+            raise LlamaMinError("--resume continues the run in --out, --overwrite starts it again: give one")
+        self.cfg, self.resume, self.overwrite = cfg, resume, overwrite
+        self.run = RunDir(cfg.out)
+        self.run.check(resume, overwrite)
+        self.device = Dist.setup(cfg.device)
         if cfg.batch_size % Dist.world:
-            raise ValueError(f"batch_size {cfg.batch_size} does not divide among {Dist.world} processes")
-        if (self.run_dir / "run.json").exists() and not resume:
-            raise ValueError(f"{self.run_dir}: already holds a run; add --resume to continue it, or pick another --out")
-        records = [r for path in cfg.data for r in read_records(path)]
-        self.args = self._model_args()
-        self.chat = any("messages" in r for r in records)
-        self.tok, self.tok_files = self._tokenizer(records)
-        if self.args.vocab_size <= 0:  # params.json with vocab_size -1: take it from the tokenizer
-            self.args.vocab_size = self.tok.n_words
-        if self.tok.n_words > self.args.vocab_size:
-            raise ValueError(f"the tokenizer has {self.tok.n_words} tokens but the model's vocab_size is "
-                             f"{self.args.vocab_size}")
-        ids, mask = encode_records(self.tok, records)
-        self.data = PackedData.build(ids, mask, cfg.seq_len, cfg.val_fraction, source=", ".join(cfg.data))
-        self.order = BatchOrder(self.data.n_train, cfg.seed)
-        self._build_model()
-        return self
-
-    def _model_args(self) -> ModelArgs:
-        cfg = self.cfg
-        if cfg.config:
-            path = resolve_model_config(cfg.config)
-            args = ModelArgs.from_dict(read_json_file(path, "model config"))
-            source = str(path)
-        else:
-            self.init_args, self.init_sd = load_checkpoint(cfg.init)
-            args, source = self.init_args, cfg.init
-        if cfg.seq_len > args.max_seq_len:
-            raise ValueError(f"--seq-len {cfg.seq_len} is larger than the model's max_seq_len {args.max_seq_len} "
-                             f"({source})")
-        return args
-
-    def _tokenizer(self, records):
-        """The tokenizer: --tokenizer, the --init checkpoint's, this run's, or one trained on the data.
-
-        Sets self.tok_files (copied into final/) and self.pending (run-dir files written at the start:
-        nothing is written before every input has been checked).
-        """
-        cfg, own = self.cfg, self.run_dir / "tokenizer.model"
-        path = cfg.tokenizer or cfg.init or (own if self.resume and own.is_file() else None)
-        if path == own:  # resuming a run whose tokenizer was trained on its data
-            self.pending = {}
-            return load_tokenizer(own), [own]
-        if path is not None:
-            tok = load_tokenizer(path)
-            self.pending = {self.run_dir / "tokenizer" / name: blob for name, blob in tokenizer_files(tok, path).items()}
-            return tok, list(self.pending)
-        if self.args.vocab_size <= 0:
-            raise ValueError(f"{cfg.config}: vocab_size must be set to train a tokenizer on the data")
-        log(f"training a sentencepiece BPE tokenizer (vocab {self.args.vocab_size}, byte fallback) on the data; "
-            f"saving it to {own}")
-        proto = train_sentencepiece([r.get("text", "") for r in records], self.args.vocab_size) \
-            if Dist.rank == 0 else None
-        proto = Dist.broadcast_object(proto)
-        self.pending = {own: proto}
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "tokenizer.model").write_bytes(proto)
-            tok = load_tokenizer(Path(tmp) / "tokenizer.model")
-        return tok, [own]
-
-    def _build_model(self) -> None:
-        cfg, args = self.cfg, self.args
-        torch.manual_seed(cfg.seed)
-        if cfg.config:
-            with torch.device("meta"):
-                model = Transformer(args)
-            model.to_empty(device=self.device)
-            model.tie_weights()  # to_empty gives each module its own new tensor: tie them again
-            init_weights(model)
-        else:
-            model = build_transformer(args, self.init_sd, device=self.device, dtype=torch.float32)
-            model.tie_weights()
-            del self.init_sd
-        if cfg.lora_rank:
-            n = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-            log(f"LoRA rank {cfg.lora_rank} on {cfg.lora_targets}: {n:,} trainable parameters")
-        else:
-            model.requires_grad_(True)
-        model.freqs_cis = model.freqs_cis.to(self.device)
-        if cfg.grad_checkpointing:
-            enable_grad_checkpointing(model)
-        self.model = model  # the plain Transformer (for export and samples)
-        self.wrapped = self._wrap(model)
+            raise LlamaMinError(f"--batch-size {cfg.batch_size} does not divide among {Dist.world} processes")
+        self.inputs = prepare_inputs(cfg, self.run.path, resume)
+        self.data, self.tok, self.args = self.inputs.data, self.inputs.tok, self.inputs.args
+        self.model = build_model(cfg, self.inputs, self.device)  # the plain Transformer (export, samples)
+        self.wrapped = wrap_model(self.model, self.device, cfg.fsdp)  # what the training step calls
+        # the trainable parameters as the optimizer holds them (an FSDP2 root module shows its unsharded
+        # tensors instead after a forward without backward, e.g. an evaluation): checkpoints use these
+        self.named = trainable_named(self.wrapped)
         self.opt = build_optimizer(self.wrapped, cfg)
         torch.manual_seed(cfg.seed + Dist.rank)  # dropout streams differ per rank
-
-    def _wrap(self, model):
-        if Dist.world == 1:
-            return model
-        if self.cfg.fsdp:
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = init_device_mesh(self.device.type, (Dist.world,))
-            for layer in model.layers:
-                fully_shard(layer, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-            return model
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-
-    def _start_dir(self) -> int:
-        """Create the run dir (rank 0) or find the checkpoint to resume; return the first step to run."""
-        ckpts = list_checkpoints(self.run_dir) if self.resume else []
-        if Dist.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            for target, blob in self.pending.items():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(f".{target.name}.tmp")
-                tmp.write_bytes(blob)
-                os.replace(tmp, target)
-            atomic_json(self.run_dir / "run.json", asdict(self.cfg))
-        Dist.barrier()
-        if not ckpts:
-            if self.resume:
-                log(f"note: no checkpoint in {self.run_dir / CKPT_DIR}; starting at step 0")
-            if Dist.rank == 0:
-                truncate_metrics(self.metrics_path, 0)
-            return 0
-        state = load_state(ckpts[-1], self.wrapped, self.opt, self.device)
-        if Dist.rank == 0:
-            truncate_metrics(self.metrics_path, state["step"])
-        log(f"resumed from {ckpts[-1]} (step {state['step']})")
-        self.samples = state["samples_seen"]
-        return state["step"]
-
-    # ----------------------------------------------------------------------------------- loop
-
-    def fit(self, stop_after=None) -> Path | None:
-        """Run to cfg.max_steps (or stop after `stop_after` with a checkpoint); export DIR/final/."""
-        cfg = self.cfg
-        self.samples = 0
-        step = self._start_dir()
+        self.order = BatchOrder(self.data.n_train, cfg.seed)
         self.autocast = cfg.bf16 if cfg.bf16 is not None else (
             self.device.type == "cuda" and torch.cuda.is_bf16_supported())
-        self._announce(step)
-        if stop_after is not None and stop_after <= step:
-            log(f"nothing to do: the run is already at step {step} (--stop-after {stop_after})")
+        self.step, self.samples = 0, 0  # optimizer steps done, training windows consumed
+        self.log = RunLog(self.run)
+        if resume:
+            self._restore()
+
+    @property
+    def tok_files(self) -> list:
+        return self.inputs.tok_files
+
+    def _restore(self) -> None:
+        """Load the newest readable checkpoint of the run (weights, AdamW, RNG, data position)."""
+        state = self.run.restore(self.named, self.opt, self.device)
+        if state is None:
+            log(f"note: no checkpoint in {self.run.path / CKPT_DIR}; starting at step 0")
+            return
+        self.step, self.samples = state["step"], state["samples_seen"]
+        log(f"resuming {self.run.path} at step {self.step}")
+
+    # ----------------------------------------------------------------------------------------- loop
+
+    def fit(self, stop_after: Optional[int] = None) -> Optional[Path]:
+        """Run to cfg.max_steps (or stop after `stop_after` with a checkpoint); export and return DIR/final/."""
+        cfg = self.cfg
+        if stop_after is not None and stop_after <= self.step:
+            log(f"nothing to do: the run is already at step {self.step} (--stop-after {stop_after})")
             return None
-        if step == 0 and cfg.eval_every:  # the "before" picture: val loss and sample of the initial model
-            self._log_eval(0, self.evaluate(), None)
-        bar = self._progress(step)
-        while step < cfg.max_steps:
-            t0 = time.perf_counter()
-            lr = lr_at(step, cfg)
-            loss = self.train_step(lr)
-            step += 1
-            dt = time.perf_counter() - t0
-            rec = {"step": step, "loss": loss, "lr": lr, "tokens": self.samples * cfg.seq_len,
-                   "tok_per_s": round(cfg.batch_size * cfg.grad_accum * cfg.seq_len / dt, 1)}
-            if step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0):
-                rec.update(self.evaluate())
-            self._log_step(rec, bar)
-            if step == stop_after or (cfg.save_every and step % cfg.save_every == 0):
-                self.save(step, rec)
-            if step == stop_after and step < cfg.max_steps:
-                if bar is not None:
-                    bar.close()
-                log(f"stopped after step {step}; continue with --resume")
-                return None
-        if bar:
-            bar.close()
-        return self.export()
+        self.run.start(asdict(cfg), self.inputs.tok_blobs, self.overwrite)
+        self.run.truncate_metrics(self.step)
+        self.log.announce(cfg, self.model, self.args, self.device, self.autocast, self.data, self.step)
+        if self.step == 0 and cfg.eval_every:  # the "before" picture: val loss and sample of the initial model
+            self.log.eval(0, self.evaluate())
+        self.log.open_bar(self.step, cfg.max_steps)
+        try:
+            while self.step < cfg.max_steps:
+                rec = self._step_and_log()
+                if self.step == stop_after or (cfg.save_every and self.step % cfg.save_every == 0):
+                    self.save(rec)
+                if self.step == stop_after and self.step < cfg.max_steps:
+                    self.log.close_bar()
+                    log(f"stopped after step {self.step}; continue with --resume")
+                    return None
+        finally:
+            self.log.close_bar()
+        final = self.export()
+        self.log.summary(final, self.sample_prompt(), self.inputs.chat)
+        return final
+
+    def _step_and_log(self) -> dict:
+        """One optimizer step, evaluated when due, recorded in metrics.jsonl."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        lr = lr_at(self.step, cfg)
+        loss = self.train_step(lr)
+        dt = time.perf_counter() - t0
+        rec = {"step": self.step, "loss": loss, "lr": lr, "tokens": self.samples * cfg.seq_len,
+               "tok_per_s": round(cfg.batch_size * cfg.grad_accum * cfg.seq_len / dt, 1)}
+        if self.step == cfg.max_steps or (cfg.eval_every and self.step % cfg.eval_every == 0):
+            rec.update(self.evaluate())
+        self.log.step(rec)
+        return rec
 
     def train_step(self, lr: float) -> float:
-        """One optimizer step over batch_size * grad_accum windows; returns the global mean token loss."""
+        """One optimizer step over batch_size * grad_accum windows; returns the global mean token loss.
+
+        loss = sum over target tokens of -log p(target) / (global number of target tokens), summed over
+        micro-steps and ranks, so accumulation and N processes give the 1-process gradient.
+        """
         cfg, data, W = self.cfg, self.data, Dist.world
         for group in self.opt.param_groups:
             group["lr"] = lr
@@ -286,7 +163,7 @@ class Trainer:
         for a in range(cfg.grad_accum):
             micro = idx[a * cfg.batch_size:(a + 1) * cfg.batch_size]
             x, y, m = (t.to(self.device) for t in data.batch(micro[Dist.rank * per_rank:(Dist.rank + 1) * per_rank]))
-            with self._no_sync(a < cfg.grad_accum - 1):
+            with no_sync(self.wrapped, a < cfg.grad_accum - 1):
                 with self._autocast():
                     logits = self.wrapped(x)
                     loss = F.cross_entropy(logits.flatten(0, 1), y.masked_fill(~m, -100).flatten(),
@@ -298,22 +175,17 @@ class Trainer:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.samples += cfg.batch_size * cfg.grad_accum
+        self.step += 1
         return Dist.all_sum(total).item()
-
-    def _no_sync(self, skip: bool):
-        if not skip or Dist.world == 1:
-            return contextlib.nullcontext()
-        if hasattr(self.wrapped, "no_sync"):
-            return self.wrapped.no_sync()
-        self.wrapped.set_requires_gradient_sync(False)  # FSDP2; set back before the last micro-step
-        return _restore_sync(self.wrapped)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
 
+    # ----------------------------------------------------------------------------------- evaluation
+
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean validation loss (and perplexity) over up to eval_batches batches, plus a sample on rank 0."""
+        """Mean validation loss (and perplexity = exp(loss)) over up to eval_batches batches, plus a sample."""
         cfg, W = self.cfg, Dist.world
         idx = self.data.val_indices()[: cfg.eval_batches * cfg.batch_size]
         if not idx:
@@ -322,7 +194,7 @@ class Trainer:
         if sharded:  # shard evenly: every rank runs the same number of forwards (FSDP needs it)
             idx = idx[: len(idx) // W * W]
             idx = idx[Dist.rank * len(idx) // W:(Dist.rank + 1) * len(idx) // W]
-        sums = torch.zeros(2, device=self.device, dtype=torch.float64)
+        sums = torch.zeros(2, device=self.device, dtype=torch.float64)  # (summed token loss, target count)
         self.wrapped.eval()
         per = max(1, cfg.batch_size // W)
         for s in range(0, len(idx), per):
@@ -342,111 +214,66 @@ class Trainer:
             out["sample"] = sample
         return out
 
-    def sample(self):
+    def sample_prompt(self) -> str:
+        """--sample-prompt, or the start of the data cut at a word boundary ("" for chat data)."""
+        if self.cfg.sample_prompt is not None:
+            return self.cfg.sample_prompt
+        if self.inputs.chat:
+            return ""
+        x, _, _ = self.data.window(0)
+        prompt = self.tok.decode([t for t in x[:16].tolist() if t != self.tok.bos_id])
+        return prompt[: prompt.rfind(" ")] if prompt.rfind(" ") > 0 else prompt
+
+    def sample(self) -> Optional[dict]:
         """A short sampled continuation (temperature 0.8, top-p 0.9) of the sample prompt, or None."""
         cfg = self.cfg
         if not cfg.sample_tokens or Dist.rank or (cfg.fsdp and Dist.world > 1):
             return None
         from .generation import Llama
 
-        prompt = cfg.sample_prompt
-        if prompt is None:
-            x, _, _ = self.data.window(0)  # the start of the data, cut at a word boundary
-            prompt = "" if self.chat else self.tok.decode([t for t in x[:16].tolist() if t != self.tok.bos_id])
-            prompt = prompt[: prompt.rfind(" ")] if prompt.rfind(" ") > 0 else prompt
-        llama = Llama(self.model, self.tok, max_seq_len=min(self.args.max_seq_len, 512), max_batch_size=1,
-                      seed=cfg.seed)
-        self.model.eval()
+        prompt = self.sample_prompt()
+        llama = Llama(self.model, self.tok, max_seq_len=min(self.args.max_seq_len, 512), max_batch_size=1)
+        opts = dict(temperature=0.8, max_gen_len=cfg.sample_tokens, seed=cfg.seed)  # a private generator:
+        self.model.eval()                                                         # training's RNG is untouched
         try:
-            if self.chat:
+            if self.inputs.chat:
                 dialog = [{"role": "user", "content": prompt or "Hello!"}]
-                text = llama.chat_completion([dialog], temperature=0.8, max_gen_len=cfg.sample_tokens)
+                text = llama.chat_completion([dialog], **opts)
                 return {"prompt": prompt, "text": text[0]["generation"]["content"]}
-            text = llama.text_completion([prompt], temperature=0.8, max_gen_len=cfg.sample_tokens)
+            text = llama.text_completion([prompt], **opts)
             return {"prompt": prompt, "text": text[0]["generation"]}
         finally:
             self.model.train()
 
-    # ----------------------------------------------------------------------------------- output
+    # --------------------------------------------------------------------------------------- output
 
-    def _announce(self, step: int) -> None:
-        cfg, d = self.cfg, self.data
-        n_params = sum(p.numel() for p in self.model.parameters())
-        log(f"model: {n_params / 1e6:.2f}M parameters ({self.args.dim}d x {self.args.n_layers} layers), "
-            f"device {self.device}{', bf16 autocast' if self.autocast else ''}, {Dist.world} process(es)"
-            f"{' FSDP' if cfg.fsdp and Dist.world > 1 else ''}")
-        log(f"data: {len(d.ids):,} tokens -> {d.n_train} train / {d.n_val} val windows of {cfg.seq_len}; "
-            f"{cfg.batch_size * cfg.grad_accum} windows per step; steps {step} -> {cfg.max_steps}")
-
-    def _progress(self, step: int):
-        if Dist.rank:
-            return None
-        from tqdm import tqdm
-
-        return tqdm(total=self.cfg.max_steps, initial=step, unit="step", file=sys.stderr, dynamic_ncols=True)
-
-    def _log_step(self, rec: dict, bar) -> None:
-        if Dist.rank:
-            return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tok_per_s']:.0f}")
-        if "val_loss" in rec:
-            self._log_eval(rec["step"], rec, bar)
-
-    def _log_eval(self, step: int, rec: dict, bar) -> None:
-        if Dist.rank or "val_loss" not in rec:
-            return
-        msg = f"step {step}: val loss {rec['val_loss']:.4f}, perplexity {rec['val_ppl']:.2f}"
-        if "sample" in rec:
-            msg += f"\n  sample: {rec['sample']['prompt']!r} -> {rec['sample']['text']!r}"
-        bar.write(msg, file=sys.stderr) if bar is not None else log(msg)
-
-    def save(self, step: int, rec: dict) -> None:
+    def save(self, rec: dict) -> None:
+        """A resumable checkpoint of the current step (every rank calls this)."""
         state = {"samples_seen": self.samples, "loss": rec["loss"], "config": asdict(self.cfg)}
-        save_state(self.run_dir, step, self.wrapped, self.opt, state, self.device, self.cfg.keep_checkpoints)
+        self.run.save(self.step, self.named, self.opt, state, self.device, self.cfg.keep_checkpoints)
 
     def export(self) -> Path:
         """Write DIR/final/: plain (LoRA-merged) weights in the own format plus the tokenizer file(s)."""
         sd = {k: full_tensor(v) for k, v in self.model.state_dict().items()}  # gathered on every rank
-        sd = merge_state_dict(sd, self.cfg.lora_alpha / self.cfg.lora_rank) if self.cfg.lora_rank else sd
-        final = self.run_dir / "final"
-        if Dist.rank == 0:
-            tmp = Path(tempfile.mkdtemp(dir=self.run_dir, prefix=".final-"))
-            save_checkpoint(tmp, self.args, sd, tokenizer_files=self.tok_files)
-            finish_dir(tmp)
-            old = self.run_dir / ".final-old"
-            shutil.rmtree(old, ignore_errors=True)
-            if final.exists():
-                os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-            log(f"final model: {final} (load it with load_checkpoint / Llama.build)")
+        if self.cfg.lora_rank:
+            sd = merge_state_dict(sd, self.cfg.lora_alpha / self.cfg.lora_rank)
+        final = self.run.export(self.args, sd, self.inputs.tok_files)
         Dist.barrier()
         return final
 
 
-class _restore_sync(contextlib.AbstractContextManager):
-    def __init__(self, module):
-        self.module = module
+def train(cfg: TrainConfig, resume: bool = False, stop_after: Optional[int] = None,
+          overwrite: bool = False) -> Optional[Path]:
+    """Prepare and run a training job; returns DIR/final (None when stopped early).
 
-    def __exit__(self, *exc):
-        self.module.set_requires_gradient_sync(True)
-        return False
-
-
-def load_tokenizer(path):
-    from .tokenizer import load_tokenizer as load
-
-    return load(path)
-
-
-def train(cfg: TrainConfig, resume: bool = False, stop_after=None):
-    """Prepare and run a training job; returns DIR/final (None when stopped early)."""
+    Resuming a finished run (final/ written and the last step logged) changes nothing and returns final/.
+    """
+    run = RunDir(cfg.out) if cfg.out else None
+    if resume and run is not None and run.finished(cfg.max_steps):
+        log(f"{run.path}: the run is finished (step {run.last_logged_step()} of {cfg.max_steps}); "
+            f"its model is {run.final}; nothing to do")
+        return run.final
     try:
-        trainer = Trainer.prepare(cfg, resume)
-        return trainer.fit(stop_after)
+        return Trainer(cfg, resume, overwrite).fit(stop_after)
     finally:
         Dist.teardown()

@@ -11,6 +11,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
+from .errors import LlamaMinError
+from .files import read_json
+
 DOC = {
     "config": "model config JSON (ModelArgs fields, params.json form) to train from scratch; a name like "
               "'tiny' means configs/tiny.json",
@@ -94,33 +97,33 @@ class TrainConfig:
             if key.startswith("_"):
                 continue
             if key.replace("-", "_") not in known:
-                raise ValueError(f"{source}: unknown training setting '{key}' (known: {', '.join(known)})")
+                raise LlamaMinError(f"{source}: unknown training setting '{key}' (known: {', '.join(known)})")
             out[key.replace("-", "_")] = value
         if isinstance(out["data"], str):
             out["data"] = [out["data"]]
         return TrainConfig(**out)
 
     def check(self) -> None:
-        """Range checks on the numbers; raise ValueError naming the setting."""
+        """Range checks on the numbers; raise LlamaMinError naming the setting."""
         positive = ("max_steps", "batch_size", "grad_accum", "seq_len")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise LlamaMinError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise LlamaMinError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+            raise LlamaMinError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         for name in ("warmup_steps", "eval_every", "save_every", "sample_tokens", "lora_rank", "eval_batches"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise LlamaMinError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.keep_checkpoints < 1:
-            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+            raise LlamaMinError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if not self.data:
-            raise ValueError("no training data: give --data FILE")
+            raise LlamaMinError("no training data: give --data FILE")
         if bool(self.config) == bool(self.init):
-            raise ValueError("give exactly one of --config (train from scratch) or --init (fine-tune a checkpoint)")
+            raise LlamaMinError("give exactly one of --config (train from scratch) or --init (fine-tune a checkpoint)")
         if not self.out:
-            raise ValueError("no run directory: give --out DIR")
+            raise LlamaMinError("no run directory: give --out DIR")
         if self.lora_rank:
             from .lora import parse_targets
 
@@ -131,23 +134,34 @@ class TrainConfig:
 
 
 def read_json_file(path, what: str) -> dict:
-    """A JSON object from a file, with errors naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such {what} file")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
+    """A JSON object from a file (`llama_min.files.read_json`: every failure is a LlamaMinError naming it)."""
+    return read_json(path, what)
 
 
 def resolve_model_config(name_or_path: str) -> Path:
-    """A model config path; a bare name ('tiny', 'stories15M') means configs/<name>.json of this checkout."""
+    """A model config path; a bare name ('tiny', 'stories15M') means the bundled configs/<name>.json.
+
+    The bundled configs are the checkout's top-level configs/ folder, which an installed wheel carries as the
+    package `llama_min.configs`. A name that is neither a file nor a bundled config comes back unchanged (the
+    reader then says the file is missing).
+    """
     path = Path(name_or_path)
     if path.exists() or path.suffix == ".json":
         return path
-    bundled = Path(__file__).resolve().parent.parent / "configs" / f"{name_or_path}.json"
-    return bundled if bundled.exists() else path
+    for bundled in _bundled_candidates(f"{name_or_path}.json"):
+        if bundled.is_file():
+            return bundled
+    return path
+
+
+def _bundled_candidates(file_name: str) -> list:
+    """Where a bundled config may live: the installed package data, then a checkout's configs/ folder."""
+    from importlib import resources
+
+    candidates = []
+    try:  # installed: site-packages/llama_min/configs/ (the package llama_min.configs)
+        candidates.append(Path(str(resources.files("llama_min.configs").joinpath(file_name))))
+    except ModuleNotFoundError:  # a checkout: configs/ sits beside llama_min/, not inside it
+        pass
+    candidates.append(Path(__file__).resolve().parent.parent / "configs" / file_name)
+    return candidates

@@ -1,111 +1,12 @@
 #!/usr/bin/env python
-"""Convert any checkpoint llama_min loads into llama_min's own format or a Hugging Face folder.
+"""Convert a checkpoint to llama_min's format or a Hugging Face folder (same flags as `llama-min convert`).
 
-SRC is anything load_checkpoint reads: a Meta dir (params.json + consolidated.*.pth, shards merged), a Hugging
-Face dir (config.json + *.safetensors / pytorch_model*.bin), a .gguf file (dequantized) or a llama_min dir.
-The tokenizer goes along: its file(s) are copied, or written out when it lives inside a GGUF file.
-
-  --to own  DST/params.json + DST/model.safetensors (Meta names and q/k layout) + tokenizer
-  --to hf   DST/config.json + DST/model.safetensors (HF names, HF q/k row order) + tokenizer:
-            transformers' LlamaForCausalLM.from_pretrained(DST) loads it
-
-Examples:
-  python scripts/convert.py ~/.cache/llama_min/SmolLM2-135M-Instruct.Q4_1.gguf smollm2-own
-  python scripts/convert.py runs/tiny/final tiny-hf --to hf
-  python scripts/convert.py Llama-2-13b/ llama2-13b-bf16 --dtype bfloat16
+The code lives in llama_min/cli/convert.py; install the package first (pip install -e .).
 """
 
-from __future__ import annotations
-
-import argparse
-import os
-import shutil
 import sys
-import tempfile
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def convert(src, dst, to: str = "own", dtype: str | None = None) -> Path:
-    """Load `src`, write it to `dst` in format `to` ('own' | 'hf'), cast to `dtype` if given.
-
-    The output is built in a temp dir beside `dst` and renamed into place when complete; an existing
-    `dst` is refused (so nothing is overwritten by mistake).
-    """
-    import torch
-
-    from llama_min.checkpoint import load_checkpoint, save_checkpoint, save_hf
-    from llama_min.train import tokenizer_files
-
-    dst = Path(dst)
-    if dst.exists():
-        raise ValueError(f"{dst}: already exists; choose a new destination")
-    if to not in ("own", "hf"):
-        raise ValueError(f"--to {to!r}: expected own or hf")
-    args, sd = load_checkpoint(src, dtype=getattr(torch, dtype) if dtype else None)
-    tok = _tokenizer_or_none(src)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}."))
-    try:
-        for name, blob in (tokenizer_files(tok, src) if tok is not None else {}).items():
-            (tmp / name).write_bytes(blob)
-        if to == "own":
-            save_checkpoint(tmp, args, sd)
-        else:
-            save_hf(tmp, args, sd)
-            _fix_hf_dtype(tmp / "config.json", sd)
-        umask = os.umask(0)
-        os.umask(umask)
-        for f in [*tmp.iterdir(), tmp]:
-            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst
-
-
-def _tokenizer_or_none(src):
-    """The checkpoint's tokenizer, or None (with a note) when it has none beside it."""
-    from llama_min.tokenizer import load_tokenizer
-
-    try:
-        return load_tokenizer(src)
-    except FileNotFoundError:
-        print(f"note: no tokenizer found with {src}; converting the weights only", file=sys.stderr)
-        return None
-
-
-def _fix_hf_dtype(config_path: Path, sd: dict) -> None:
-    """Record the weights' real dtype in config.json (save_hf writes float32)."""
-    import json
-
-    dtype = str(next(iter(sd.values())).dtype).removeprefix("torch.")
-    cfg = json.loads(config_path.read_text())
-    cfg["torch_dtype"] = dtype
-    config_path.write_text(json.dumps(cfg, indent=2))
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", metavar="SRC", help="checkpoint to read (Meta dir, HF dir, .gguf file, llama_min dir)")
-    p.add_argument("dst", metavar="DST", help="output directory (must not exist)")
-    p.add_argument("--to", choices=("own", "hf"), default="own", help="output format (default own)")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="cast the weights (default: keep as stored; "
-                   "GGUF tensors are dequantized to float32)")
-    args = p.parse_args(argv)
-    try:
-        out = convert(args.src, args.dst, args.to, args.dtype)
-    except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"wrote {out} ({args.to} format)", file=sys.stderr)
-    return 0
-
+from llama_min.cli.convert import main
 
 if __name__ == "__main__":
     sys.exit(main())

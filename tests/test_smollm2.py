@@ -93,3 +93,18 @@ def test_generate_script_prompt_longer_than_window(gguf_path):
     r = run_script("--ckpt", str(gguf_path), "--prompt", "word " * 400, "--max-seq-len", "64")
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "does not fit the window of 64 tokens" in r.stderr
+
+
+def test_assistant_prefill_continues_the_answer(smollm2):
+    """A dialog ending with an assistant message is continued (chat_completion, ChatSession, template path)."""
+    from llama_min.session import ChatSession
+
+    question = {"role": "user", "content": "What is the capital of France?"}
+    dialog = [question, {"role": "assistant", "content": "The capital of France is"}]
+    ids = smollm2.tokenizer.encode_dialog(dialog, continue_final_message=True)
+    assert smollm2.tokenizer.decode(ids).endswith("<|im_start|>assistant\nThe capital of France is")
+    out = smollm2.chat_completion([dialog], temperature=0, max_gen_len=8)[0]["generation"]["content"]
+    assert "Paris" in out and not out.startswith("The capital")
+    chat = ChatSession(smollm2, temperature=0)
+    answer = chat.ask(question["content"], max_gen_len=8, prefill="The capital of France is")
+    assert answer == "The capital of France is" + out

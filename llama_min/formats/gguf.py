@@ -86,7 +86,7 @@ def load_gguf(path: Path, dtype):
     import numpy as np
     from tqdm import tqdm
 
-    from ..gguf_vocab import read_gguf_tensor_infos
+    from ..gguf_file import read_gguf_tensor_infos
 
     meta, infos = read_gguf_tensor_infos(path)
     args = args_from_gguf(meta)

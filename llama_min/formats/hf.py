@@ -63,15 +63,19 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
     return args
 
 
-def hf_config_from_args(args: ModelArgs) -> dict:
-    """An HF LlamaConfig dict for these args (what `scripts/convert.py --to hf` writes)."""
+def hf_config_from_args(args: ModelArgs, dtype: str = "float32") -> dict:
+    """An HF LlamaConfig dict for these args (what `scripts/convert.py --to hf` writes).
+
+    `dtype` names the stored weights' dtype under the key transformers 5 reads (older ones read
+    `torch_dtype`, and fall back to float32 without it).
+    """
     cfg = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": args.dim, "intermediate_size": args.ffn_hidden, "num_hidden_layers": args.n_layers,
         "num_attention_heads": args.n_heads, "num_key_value_heads": args.kv_heads, "head_dim": args.hd,
         "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
         "tie_word_embeddings": args.tie_word_embeddings, "max_position_embeddings": args.max_seq_len,
-        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "dtype": dtype,
     }
     if args.use_scaled_rope:
         cfg["rope_scaling"] = {
@@ -156,13 +160,64 @@ def to_hf(args: ModelArgs, state_dict: dict):
     return hf_config_from_args(args), out
 
 
-def save_hf(out_dir, args: ModelArgs, state_dict: dict) -> Path:
-    """Write config.json + model.safetensors that transformers' LlamaForCausalLM loads."""
+def save_hf(out_dir, args: ModelArgs, state_dict: dict, tokenizer=None) -> Path:
+    """Write config.json + model.safetensors that transformers' LlamaForCausalLM loads.
+
+    With a llama_min `tokenizer`: also its file (unless one is already in `out_dir`), BOS/EOS ids in
+    config.json, its chat template in tokenizer_config.json, and generation_config.json whose
+    `eos_token_id` lists EOS and every end-of-turn id, so transformers' `generate` stops at the end of
+    a chat turn (Llama 3: <|eot_id|>, ChatML: <|im_end|>) instead of writing the next turn itself.
+    """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg, tensors = to_hf(args, state_dict)
+    floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
+    cfg["dtype"] = str(floats[0] if floats else "float32").removeprefix("torch.")
+    if tokenizer is not None:
+        cfg.update(_tokenizer_ids(tokenizer))
+        _save_tokenizer(out, tokenizer)
+        path = out / "generation_config.json"  # a copied one keeps its sampling settings
+        gen = read_json(path, "generation_config.json") if path.is_file() else {}
+        gen.update(_tokenizer_ids(tokenizer), eos_token_id=_stop_ids(tokenizer))
+        atomic_write(path, json.dumps(gen, indent=2))
     atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2)))
+    atomic_write(out / "config.json", json.dumps(cfg, indent=2))
     return out
+
+
+def _tokenizer_ids(tok) -> dict:
+    return {f"{k}_token_id": i for k, i in (("bos", tok.bos_id), ("eos", tok.eos_id)) if i >= 0}
+
+
+def _stop_ids(tok):
+    """EOS first, then the other ids that end a turn; an int when there is only one."""
+    ids = ([tok.eos_id] if tok.eos_id >= 0 else []) + sorted(tok.stop_ids - {tok.eos_id})
+    return ids[0] if len(ids) == 1 else ids
+
+
+def _save_tokenizer(out: Path, tok) -> None:
+    """The tokenizer's file, and tokenizer_config.json with BOS/EOS names and the chat template."""
+    if not any((out / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
+        tok.save(out)
+    path = out / "tokenizer_config.json"
+    config = read_json(path, "tokenizer_config.json") if path.is_file() else {}
+    for key, i in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id)):
+        name = _token_text(tok, i)
+        if key not in config and name is not None:
+            config[key] = name
+    config.setdefault("add_bos_token", bool(tok.add_bos))
+    if getattr(tok, "chat_template", None) and not config.get("chat_template"):
+        config["chat_template"] = tok.chat_template
+    atomic_write(path, json.dumps(config, indent=2))
+
+
+def _token_text(tok, i: int):
+    if i < 0:
+        return None
+    if tok.kind == "sentencepiece":
+        return tok.sp.id_to_piece(i)
+    if tok.kind == "tokenizers":
+        return tok.tk.id_to_token(i)
+    return {v: k for k, v in getattr(tok, "specials", {}).items()}.get(i)

@@ -10,6 +10,7 @@ Every reader opens its files memory-mapped and copies out only the rows or colum
   own     model.safetensors (llama_min's format), the same way without the permutation
   GGUF    rows (or whole 32/256-value blocks of columns) cut from the memory-mapped file, then
           dequantized; float tensors need no dequantizing
+  llama.c read whole and cut (these files are small)
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ class GGUFSlices:
     def __init__(self, path: Path):
         import numpy as np
 
-        from ..gguf_vocab import read_gguf_tensor_infos
+        from ..gguf_file import read_gguf_tensor_infos
         from .gguf import args_from_gguf, gguf_tensor, gguf_to_meta_name
 
         self.path, self.emb_axis, self.hint = path, 1, "the metadata does not match the tensors"
@@ -220,6 +221,22 @@ class GGUFSlices:
         return torch.from_numpy(arr)
 
 
+class WholeFile:
+    """Formats without a slice reader (llama2.c files, small by nature): loaded whole, then cut."""
+
+    def __init__(self, path: Path):
+        from ..checkpoint import load_checkpoint
+
+        self.args, self.sd = load_checkpoint(path)
+        self.emb_axis, self.hint = 1, "the header does not match the tensors"
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self.sd[name].shape)
+
+    def read(self, s: Slice) -> torch.Tensor:
+        return take(self.sd[s.source], s).clone()
+
+
 def open_sliced(path: Path):
     """The slice reader for a checkpoint path (format detected as `load_checkpoint` does)."""
     from ..checkpoint import detect_format
@@ -229,7 +246,9 @@ def open_sliced(path: Path):
         return MetaShards(path)
     if fmt == "gguf":
         return GGUFSlices(path)
-    return SafetensorsFiles(path, fmt)
+    if fmt in ("hf", "own"):
+        return SafetensorsFiles(path, fmt)
+    return WholeFile(path)
 
 
 def load_rank_slices(path, rank: int, world: int, dtype: Optional[torch.dtype] = None):

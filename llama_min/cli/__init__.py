@@ -1,0 +1,67 @@
+"""The `llama-min` command (also `python -m llama_min`): one program, one subcommand per task.
+
+  llama-min generate   complete a prompt, streamed (-p TEXT), or chat (--chat)
+  llama-min chat       multi-turn chat on stdin (= generate --chat)
+  llama-min train      train from scratch or fine-tune (fully or LoRA) on .txt / .jsonl
+  llama-min convert    rewrite a checkpoint in llama_min's format or as a Hugging Face folder
+  llama-min eval       perplexity of a checkpoint on a text file
+  llama-min bench      decode / prefill speed vs transformers and vs the memory-bandwidth ceiling
+
+Each subcommand is a module here with `main(argv=None) -> int`; scripts/*.py call the same functions.
+Exit codes are the same everywhere (llama_min/cli/common.py): 0 done, 2 a user error (one `error:` line),
+1 a machine failure, 130 Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+from .. import __version__
+from . import bench, chat, convert, generate, train
+from . import eval as evaluate
+from .common import USER_ERROR, run_main
+
+COMMANDS = {  # name -> (module, one-line summary)
+    "generate": (generate, "complete a prompt, streamed to stdout (-p TEXT), or chat (--chat)"),
+    "chat": (chat, "multi-turn chat on stdin; the KV cache is kept across turns (= generate --chat)"),
+    "train": (train, "train from scratch (--config) or fine-tune (--init), fully or with LoRA"),
+    "convert": (convert, "rewrite a checkpoint in llama_min's format or as a Hugging Face folder"),
+    "eval": (evaluate, "perplexity of a checkpoint on a text file"),
+    "bench": (bench, "decode / prefill speed vs transformers and vs the memory-bandwidth ceiling"),
+}
+
+
+def usage(prog: str) -> str:
+    lines = [f"usage: {prog} <command> [options]", "",
+             "A minimal, exact Llama-family implementation: run, chat with, train, convert and measure "
+             "Llama checkpoints (Meta, Hugging Face, GGUF, llama_min).", "", "commands:"]
+    lines += [f"  {name:9s} {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += ["", f"`{prog} <command> --help` explains a command's options. --debug shows tracebacks.",
+              f"Examples:\n  {prog} generate -p \"The capital of France is\" --temperature 0\n"
+              f"  {prog} chat --system \"You answer in one sentence.\"\n"
+              f"  {prog} train --config tiny --data notes.txt --out runs/tiny"]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list] = None, prog: str = "llama-min") -> int:
+    """Run `prog <command> ARGS...`; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = [a for a in argv[:1] if a == "--debug"]  # `llama-min --debug generate ...` works too
+    argv = argv[len(debug):]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(prog), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else USER_ERROR
+    if argv[0] == "--version":
+        print(f"llama_min {__version__}")
+        return 0
+    if argv[0] not in COMMANDS:
+        return run_main(lambda _: _unknown(argv[0], prog), [])
+    module = COMMANDS[argv[0]][0]
+    return module.main(argv[1:] + debug, prog=f"{prog} {argv[0]}")
+
+
+def _unknown(name: str, prog: str):
+    from .common import UsageError
+
+    raise UsageError(f"unknown command '{name}'; expected one of: {', '.join(COMMANDS)} (see {prog} --help)")

