@@ -160,7 +160,7 @@ def torchrun(n: int, out: Path, jobs: list, timeout: float = 300, env=None, nnod
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--nnodes={nnodes}",
            f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port or free_port()}",
            str(WORKER), str(out), *jobs]
-    env = dict(os.environ, OMP_NUM_THREADS="1", LLAMA_MIN_TP_TIMEOUT="30", **(env or {}))
+    env = dict(os.environ, OMP_NUM_THREADS="1", LLAMA_MIN_TP_TIMEOUT="30", PYTHONPATH=str(ROOT), **(env or {}))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if not wait:
         return proc
@@ -272,7 +272,7 @@ def test_killed_rank_stops_the_others(tmp_path):
     """Two ranks generating in a loop (plain processes, torchrun's env by hand); kill rank 1: rank 0 exits
     non-zero well within the collectives' timeout instead of waiting forever."""
     port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", LLAMA_MIN_TP_TIMEOUT="20", MASTER_ADDR="127.0.0.1",
+    env = dict(os.environ, OMP_NUM_THREADS="1", LLAMA_MIN_TP_TIMEOUT="20", MASTER_ADDR="127.0.0.1", PYTHONPATH=str(ROOT),
                MASTER_PORT=str(port), WORLD_SIZE="2")
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), "hang"], cwd=ROOT,
                               env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stderr=subprocess.PIPE, text=True)
@@ -326,7 +326,7 @@ def test_two_ranks_each_hold_about_half(tmp_path):
     write_tokenizer(tmp_path)
     weights_kib = (folder / "model.safetensors").stat().st_size / 1024
 
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     subprocess.run([sys.executable, str(WORKER), str(tmp_path), f"rss1:{folder}"], cwd=ROOT, env=env, check=True,
                    timeout=300)
     one = json.loads((tmp_path / "rss0.json").read_text())
@@ -346,7 +346,7 @@ def test_generate_script_under_torchrun(ckpts):
     cmd = ["scripts/generate.py", "--ckpt", str(ckpts / "meta2"), "--tokenizer", str(ckpts / "tokenizer.json"),
            "--prompt", "t5 t17 t99 t3", "--temperature", "0", "--max-new-tokens", "8", "--device", "cpu", "--quiet",
            "--dtype", "float32"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", LLAMA_MIN_TP_TIMEOUT="30")
+    env = dict(os.environ, OMP_NUM_THREADS="1", LLAMA_MIN_TP_TIMEOUT="30", PYTHONPATH=str(ROOT))  # this checkout
     one = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
