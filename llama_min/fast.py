@@ -4,6 +4,10 @@
                          without copying the cache n_rep times, and a prompt from position 0 lets the
                          fused kernel build its causal mask itself.
   transpose_wide_layers  float32 CPU weights of wide layers stored transposed (below).
+  fuse_projections       q/k/v from one matrix product, the FFN's gate/up from another (FusedAttention,
+                         FusedFeedForward): fewer, larger products per layer.
+  compile_decode         one-token steps through torch.compile (CompiledDecode): one graph for every
+                         position, RoPE in real arithmetic (see the section near the end).
 
 Wide layers stored transposed:
 
@@ -23,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import Attention, apply_rotary_emb, repeat_kv
+from .model import Attention, FeedForward, apply_rotary_emb, repeat_kv
 
 
 class FastAttention(Attention):
@@ -39,11 +43,17 @@ class FastAttention(Attention):
         fast.cache = ref.cache
         return fast
 
-    def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask):
+    def project(self, x: torch.Tensor):
+        """x (B, T, D) -> q (B, T, H, hd), k and v (B, T, K, hd), before RoPE."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask):
+        B, T, _ = x.shape
+        q, k, v = self.project(x)
         q, k = apply_rotary_emb(q, k, freqs_cis)
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)  # (B, S, K, hd)
@@ -86,6 +96,15 @@ class TransposedLinear(nn.Module):
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.register_buffer("weight_t", weight.detach().t().contiguous())  # (in, out)
 
+    @classmethod
+    def from_transposed(cls, weight_t: torch.Tensor) -> "TransposedLinear":
+        """Wrap a W^T (in, out) that is already contiguous (no copy)."""
+        lin = cls.__new__(cls)
+        nn.Module.__init__(lin)
+        lin.in_features, lin.out_features = weight_t.shape
+        lin.register_buffer("weight_t", weight_t)
+        return lin
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x.reshape(-1, self.in_features) @ self.weight_t  # 2-D: one GEMM, the weight read once
         return y.view(*x.shape[:-1], self.out_features)
@@ -125,3 +144,169 @@ def _swap(module: nn.Module):
             setattr(module, name, TransposedLinear(child.weight))
         else:
             _swap(child)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused projections: q, k, v in one matrix product, the FFN's gate and up in another
+# ------------------------------------------------------------------------------------------------
+
+
+def fuse_linears(linears, transposed: bool) -> nn.Module:
+    """Stack bias-free nn.Linear weights W_1 (n_1, D), W_2 (n_2, D), ... into one layer D -> n_1 + n_2 + ...
+
+    y = x [W_1; W_2; ...]^T = [x W_1^T, x W_2^T, ...]: one pass over the weights instead of several.
+    transposed=True stores a wide stack as W^T (D, n_1 + n_2 + ...) directly (a TransposedLinear). Either way
+    one concatenation builds it, and the caller drops the originals: the weights are never held twice.
+    """
+    weights = [lin.weight.detach() for lin in linears]
+    if transposed and sum(w.shape[0] for w in weights) >= weights[0].shape[1]:  # wide: W^T pays (see above)
+        return TransposedLinear.from_transposed(torch.cat([w.t() for w in weights], dim=1))
+    stacked = torch.cat(weights, dim=0)  # (n_1 + n_2 + ..., D)
+    fused = nn.Linear(stacked.shape[1], stacked.shape[0], bias=False, device="meta", dtype=stacked.dtype)
+    fused.weight = nn.Parameter(stacked, requires_grad=False)
+    return fused
+
+
+class FusedAttention(FastAttention):
+    """FastAttention whose q, k, v come from one product: wqkv = [Wq; Wk; Wv], (H*hd + 2*K*hd) x D."""
+
+    @classmethod
+    def from_reference(cls, ref: Attention, transposed: bool = False) -> "FusedAttention":
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        for name in ("n_heads", "n_kv_heads", "head_dim", "n_rep"):
+            setattr(fused, name, getattr(ref, name))
+        fused.wqkv = fuse_linears([ref.wq, ref.wk, ref.wv], transposed)
+        fused.wo, fused.cache = ref.wo, ref.cache
+        return fused
+
+    def project(self, x: torch.Tensor):
+        B, T, _ = x.shape
+        H, K, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.wqkv(x).split([H * hd, K * hd, K * hd], dim=-1)  # views of one (B, T, (H+2K)*hd)
+        return q.view(B, T, H, hd), k.view(B, T, K, hd), v.view(B, T, K, hd)
+
+
+class FusedFeedForward(nn.Module):
+    """SwiGLU with gate and up from one product: w13 = [W1; W3], 2F x D; then w2( silu(gate) * up )."""
+
+    def __init__(self, ref: FeedForward, transposed: bool = False):
+        super().__init__()
+        self.hidden = ref.w1.out_features
+        self.w13 = fuse_linears([ref.w1, ref.w3], transposed)
+        self.w2 = ref.w2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).split(self.hidden, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+def fuse_projections(model, transposed: bool = False) -> nn.Module:
+    """In every block, Attention -> FusedAttention and FeedForward -> FusedFeedForward, where the projections
+    are plain nn.Linear (quantized layers keep their own modules). transposed: store the fused weights W^T
+    (float32 CPU decoding, see "Wide layers stored transposed" above); both fused layers are wide."""
+    for layer in model.layers:
+        att, ffn = layer.attention, layer.feed_forward
+        if type(att) in (Attention, FastAttention) and _plain(att.wq, att.wk, att.wv):
+            layer.attention = FusedAttention.from_reference(att, transposed)
+        if type(ffn) is FeedForward and _plain(ffn.w1, ffn.w3):
+            layer.feed_forward = FusedFeedForward(ffn, transposed)
+    return model
+
+
+def _plain(*modules) -> bool:
+    return all(type(m) is nn.Linear for m in modules)
+
+
+# ------------------------------------------------------------------------------------------------
+# A compiled one-token decode step
+#
+# torch.compile traces a function into one graph and generates fused kernels for it, which removes
+# most of the per-op Python and dispatch cost of a small model's decode step. To get one graph that is
+# reused for every position:
+#   - RoPE in real arithmetic: the compiler cannot generate code for complex numbers. For pair i,
+#     (x_even + j x_odd) * (cos + j sin) is  out_even = x_even cos - x_odd sin,
+#                                            out_odd  = x_even sin + x_odd cos,
+#     with cos, sin the real and imaginary parts of the same freqs_cis: the same rotation.
+#   - the position is a tensor, not a Python int, so it is data, not part of the graph: the new key and
+#     value are written with index_copy_ at that position, and the step attends over the whole cache with
+#     a mask that hides the positions after it (exp(-inf) = 0: the same softmax as over [:pos+1]).
+#   - the cache length is marked dynamic, so caches sized to different requests share the graph.
+# ------------------------------------------------------------------------------------------------
+
+
+def rope_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, T, N, hd) by cos, sin (T, hd/2) on interleaved pairs (x[2i], x[2i+1]), in float32."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, N, hd/2, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack([even * c - odd * s, even * s + odd * c], dim=-1).flatten(-2).type_as(x)
+
+
+class CompiledDecode:
+    """model.forward with one-token steps through a compiled graph; everything else (prompts, scoring) eager.
+
+    Installed as the model's `forward` by `compile_decode`; `eager` is the model's own forward.
+    """
+
+    def __init__(self, model, mode=None, backend="inductor"):
+        self.model, self.eager = model, model.forward
+        self.cos = model.freqs_cis.real.contiguous()  # (2 * max_seq_len, hd/2) float32
+        self.sin = model.freqs_cis.imag.contiguous()
+        self.compiled = torch.compile(self.step, mode=mode, backend=backend, fullgraph=True)
+
+    def __call__(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
+        caches = [layer.attention.cache for layer in self.model.layers]
+        if tokens.shape[1] != 1 or any(c is None for c in caches):
+            return self.eager(tokens, start_pos, last_only)
+        if start_pos >= caches[0].k.shape[1]:
+            raise ValueError(f"position {start_pos} is past the KV cache of {caches[0].k.shape[1]}")
+        ks, vs = [c.k for c in caches], [c.v for c in caches]
+        for t in ks + vs:
+            torch._dynamo.maybe_mark_dynamic(t, 1)  # one graph for every cache length
+        tokens = tokens.new_empty(tokens.shape).copy_(tokens)  # fresh strides: a slice's would be guarded
+        if self.cos.device != tokens.device:
+            self.cos, self.sin = self.cos.to(tokens.device), self.sin.to(tokens.device)
+        pos = torch.tensor([start_pos], device=tokens.device)
+        return self.compiled(tokens, pos, ks, vs)
+
+    def step(self, tokens: torch.Tensor, pos: torch.Tensor, ks: list, vs: list) -> torch.Tensor:
+        """tokens (B, 1) at position pos (a 1-element tensor) -> float32 logits (B, 1, V); writes the caches."""
+        m = self.model
+        cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)  # (1, hd/2)
+        visible = (torch.arange(ks[0].shape[1], device=tokens.device) <= pos).view(1, 1, 1, -1)  # (1,1,1,S)
+        h = m.tok_embeddings(tokens)  # (B, 1, D)
+        for layer, k_cache, v_cache in zip(m.layers, ks, vs):
+            x = layer.attention_norm(h)
+            h = h + self.attend(layer.attention, x, pos, cos, sin, k_cache, v_cache, visible)
+            h = h + layer.feed_forward(layer.ffn_norm(h))
+        return m.output(m.norm(h)).float()
+
+    @staticmethod
+    def attend(att, x, pos, cos, sin, k_cache, v_cache, visible):
+        """One layer's attention for one token; GQA as in FastAttention._decode_gqa, the cache (B, S, K, hd)."""
+        B = x.shape[0]
+        q, k, v = att.project(x) if hasattr(att, "project") else FastAttention.project(att, x)
+        q, k = rope_real(q, cos, sin), rope_real(k, cos, sin)
+        k_cache = k_cache[:B]
+        v_cache = v_cache[:B]
+        k_cache.index_copy_(1, pos, k)
+        v_cache.index_copy_(1, pos, v)
+        q = q.view(B, att.n_kv_heads, att.n_rep, att.head_dim)  # the n_rep query heads of each KV head
+        out = F.scaled_dot_product_attention(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), attn_mask=visible)
+        return att.wo(out.reshape(B, 1, -1))  # (B, K, n_rep, hd) -> (B, 1, H*hd)
+
+
+def compile_decode(model, mode=None, backend="inductor") -> CompiledDecode:
+    """Route the model's one-token steps through a compiled graph (see above); returns the CompiledDecode.
+
+    The graph is built on the first one-token call (tens of seconds on a CPU). `uncompile(model)` undoes it.
+    """
+    decode = CompiledDecode(model, mode, backend)
+    model.forward = decode
+    return decode
+
+
+def uncompile(model):
+    if isinstance(model.__dict__.get("forward"), CompiledDecode):
+        del model.forward

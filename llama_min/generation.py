@@ -151,30 +151,34 @@ class Llama:
     @staticmethod
     def build(ckpt_path=None, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
               device=None, dtype=None, seed: int = 1, quantize: Optional[str] = None,
-              optimize: bool = True, chat_format: Optional[str] = None,
+              optimize: bool = True, chat_format: Optional[str] = None, packed: Optional[bool] = None,
               tensor_parallel: bool = False) -> "Llama":
-        """Load a checkpoint (Meta dir, HF dir, .gguf, own dir; None = the default model) and its tokenizer.
+        """Load a checkpoint (Meta dir, HF dir, .gguf, llama2.c, own dir, hub id; None = the default model).
 
         seed: `torch.manual_seed(seed)`, as Meta's build does; sampling then draws from torch's global
         generator, so the same seed gives Meta's samples on the same weights.
-        quantize: "int8" (see quantize.py). optimize: apply the inference transforms (transforms.py);
-        False keeps exactly model.py's classes, the reference computation.
-        chat_format: "template" (the checkpoint's Jinja chat template), "meta" (Meta's Llama 2/3 formats) or
-        "chatml"; None = the template when the checkpoint ships one, else the vocabulary's built-in format.
-        tensor_parallel: run as one of the processes torchrun started; each reads and holds only its
-        slice of the weights (tensor_parallel.py). Call it with the same arguments on every rank.
+        quantize: "int8" (per-channel), "int4" / "int4-64" / "int4-128" (a scale and zero per group of 32 / 64 /
+        128 weights), see quantize.py. packed: run a quantized GGUF at its own precision
+        (formats/gguf_packed.py); None = yes when the file is a quantized GGUF and neither dtype nor quantize
+        is given; False = dequantize it to float. optimize: apply the inference transforms (transforms.py);
+        False keeps exactly model.py's classes. chat_format: "template" (the checkpoint's Jinja template),
+        "meta" or "chatml"; None = the template when the checkpoint ships one, else the built-in format.
+        tensor_parallel: run as one of the processes torchrun started; each reads and holds only its slice
+        of the weights (tensor_parallel.py; a quantized GGUF is dequantized). Same arguments on every rank.
         """
+        from .formats.gguf_packed import load_gguf_packed, use_packed
+        from .quantize import parse_quantize
         from .tokenizer import load_tokenizer
-        from .transforms import QUANTIZE_CHOICES, apply_transforms
+        from .transforms import apply_transforms
 
-        if quantize not in (None,) + QUANTIZE_CHOICES:
-            raise LlamaMinError(f"unknown quantization '{quantize}' (expected one of {', '.join(QUANTIZE_CHOICES)})")
+        parse_quantize(quantize)  # a bad spec fails before loading
         if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
             raise LlamaMinError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
         if ckpt_path is None:
             from .assets import default_model_path
 
             ckpt_path = default_model_path()
+        packed = use_packed(ckpt_path, packed, dtype, quantize)
         device = torch.device(device or default_device())
         dtype = dtype or default_dtype(device)
         torch.manual_seed(seed)
@@ -191,29 +195,43 @@ class Llama:
             model = build_rank(load, device, optimize=optimize, quantize=quantize)
             return Llama(model, tokenizer[0], max_seq_len, max_batch_size)
         tokenizer = load_tokenizer(tokenizer_path or ckpt_path, chat_format=chat_format)
-        args, state_dict = load_checkpoint(ckpt_path, dtype=dtype)
-        _check_vocab(tokenizer, args.vocab_size, ckpt_path)
-        args.max_seq_len = max_seq_len
-        check_memory(2 * max_seq_len * args.hd // 2 * 8, f"the RoPE table for max_seq_len {max_seq_len}", device)
-        model = build_transformer(args, state_dict, device=device).eval().requires_grad_(False)
-        del state_dict
-        apply_transforms(model, optimize=optimize, quantize=quantize)
+        if packed:  # a quantized GGUF at its own precision: built directly from the file's blocks
+            model = load_gguf_packed(ckpt_path, device, dtype, max_seq_len)
+        else:
+            args, state_dict = load_checkpoint(ckpt_path, dtype=dtype)
+            args.max_seq_len = max_seq_len
+            check_memory(2 * max_seq_len * args.hd // 2 * 8, f"the RoPE table for max_seq_len {max_seq_len}", device)
+            model = build_transformer(args, state_dict, device=device)
+            del state_dict
+        _check_vocab(tokenizer, model.vocab_size, ckpt_path)
+        apply_transforms(model.eval().requires_grad_(False), optimize=optimize, quantize=quantize)
         return Llama(model, tokenizer, max_seq_len, max_batch_size)
 
     def compile(self, mode: Optional[str] = None):
-        """torch.compile the model's forward (shapes dynamic: one graph for every position and length).
+        """Run one-token decode steps through torch.compile (fast.compile_decode); prompts stay eager.
 
-        The first calls compile for a while (tens of seconds on a CPU); later decode steps run with less
-        Python and dispatch overhead per layer.
+        Compiles now, on a dummy one-token step, and keeps the seconds it took in `self.compile_s`
+        (tens of seconds on a CPU). One graph serves every position and cache length; a batch of more
+        than one row compiles once more on first use.
         """
-        self.model.forward = torch.compile(self.model.forward, mode=mode, dynamic=True)
+        from .fast import compile_decode
+
+        compile_decode(self.model, mode=mode)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            self.model.setup_cache(1, 8)
+            try:
+                self.model(torch.zeros(1, 1, dtype=torch.long, device=self.device), 0)
+            finally:
+                self.model.clear_cache()
+        self.compile_s = _elapsed(start, self.device)
         return self
 
     def weight_bytes_per_token(self) -> int:
         """Bytes of weights one decode step reads: every tensor once, the embedding table only as the output."""
         seen, total = set(), 0
         for name, t in self.model.state_dict(keep_vars=True).items():
-            if name == "tok_embeddings.weight" or t.data_ptr() in seen:  # one row per token / tied copy
+            if name.startswith("tok_embeddings.") or t.data_ptr() in seen:  # one row per token / tied copy
                 continue
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
@@ -245,46 +263,41 @@ class Llama:
                  min_p: Optional[float] = None, repetition_penalty: float = 1.0, seed: Optional[int] = None,
                  stop_ids=None, stop: Optional[list] = None,
                  on_token: Optional[Callable[[int, int], Optional[bool]]] = None,
-                 on_text: Optional[Callable[[int, str], None]] = None):
+                 on_text: Optional[Callable[[int, str], None]] = None,
+                 draft: Optional["Llama"] = None, draft_tokens: int = 4):
         """Generate continuations of token-id prompts -> (tokens per row, logprobs per row or None).
 
-        Meta's loop: rows run in lockstep from the shortest prompt's length; a longer prompt is fed its own
-        tokens until it runs out (padding is never embedded); the loop ends when every row has produced a
-        stop token or the batch reaches total_len = min(max_seq_len, max_gen_len + longest prompt). Each row
-        is then cut to its prompt + max_gen_len and before its first stop token (`stop_ids`, default: the
-        tokenizer's). Sampling draws from torch's global generator (`torch.manual_seed(S)` beforehand fixes the
-        samples, as with Meta's code) unless `seed` is given, which uses a private generator.
-        `stop`: strings that end a row when its generated text contains one (matched across token
-        boundaries, see stops.py; the returned tokens end with the token that completed it).
-        `on_token(row, id)` is called for each new token that will be part of the row's output; if it
-        returns True the row stops there. `on_text(row, text)` streams each row's text as it forms (whole
-        characters, never a stop string).
+        Meta's loop: rows run in lockstep from the shortest prompt (a longer prompt is fed its own tokens);
+        it ends when every row has produced a stop token (`stop_ids`, default the tokenizer's) or at
+        total_len = min(max_seq_len, max_gen_len + longest prompt); each row is cut to prompt + max_gen_len
+        and before its stop token. Draws come from torch's global generator, as in Meta's code, unless
+        `seed` is given (a private generator). `stop`: strings ending a row when its text contains one
+        (stops.py). `on_token(row, id)` sees each new output token (True ends the row); `on_text(row, text)`
+        streams each row's text (whole characters, never a stop string).
+        `draft`: a second Llama with the same vocabulary proposes `draft_tokens` tokens per step, checked by
+        this model in one forward (speculative.py; one prompt at a time; the same greedy output, the same
+        sampling distribution).
         """
-        s = Sampling(temperature, top_p, top_k, min_p, repetition_penalty)
-        generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+        s, generator = Sampling(temperature, top_p, top_k, min_p, repetition_penalty), _generator(seed, self.device)
         max_gen_len = self._check_request(prompt_tokens, max_gen_len)
         lens = [len(p) for p in prompt_tokens]
         texts = StopStrings(self.tokenizer, stop, len(lens), on_text) if stop or on_text else None
         on_token = _with_stop_strings(on_token, texts)
+        if draft is not None:
+            return self._speculative(draft, draft_tokens, prompt_tokens, max_gen_len, s, generator, stop_ids,
+                                     on_token, logprobs, echo, texts)
         bsz, total_len = len(lens), min(self.max_seq_len, max_gen_len + max(lens))
         stop = torch.tensor(sorted(self.tokenizer.stop_ids if stop_ids is None else stop_ids), device=self.device)
-        pad = -1
-        tokens = torch.full((bsz, total_len), pad, dtype=torch.long, device=self.device)
-        for i, p in enumerate(prompt_tokens):
-            tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=self.device)
-        is_prompt = tokens != pad
+        tokens = self._padded(prompt_tokens, total_len)  # (B, total_len), -1 where nothing is known yet
+        is_prompt = tokens != -1
         token_logprobs = torch.zeros(bsz, total_len, device=self.device) if logprobs else None
         eos_reached = torch.zeros(bsz, dtype=torch.bool, device=self.device)
         row_end = torch.tensor([n + max_gen_len for n in lens], device=self.device)  # output cut per row
         ended = torch.full((bsz,), total_len, device=self.device)  # where a row's output stops
         by_string = torch.zeros(bsz, dtype=torch.bool, device=self.device)
-
         self.stats = Stats(prompt_tokens=sum(lens))
         start, prev_pos = time.perf_counter(), 0
-        params, item = self.model.params, self.model.norm.weight.element_size()
-        check_memory(2 * params.n_layers * bsz * total_len * params.kv_heads * params.hd * item,
-                     f"a KV cache of {bsz} x {total_len} positions", self.device)
-        self.model.setup_cache(bsz, total_len)
+        self._setup_cache(bsz, total_len)
         try:
             for cur_pos in range(min(lens), total_len):
                 logits = self.model(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
@@ -294,8 +307,8 @@ class Llama:
                 next_token = _from_rank0(next_token) if self.tensor_parallel else next_token
                 tokens[:, cur_pos] = next_token
                 if logprobs:  # log p(token t+1 | tokens <= t): position t's logits score the token after it
-                    targets = tokens[:, prev_pos + 1 : cur_pos + 1]
-                    token_logprobs[:, prev_pos + 1 : cur_pos + 1] = _token_logprobs(logits, targets)
+                    scored = slice(prev_pos + 1, cur_pos + 1)
+                    token_logprobs[:, scored] = _token_logprobs(logits, tokens[:, scored])
                 new = ~is_prompt[:, cur_pos] & ~eos_reached
                 stopped = new & torch.isin(next_token, stop)
                 ended = torch.where(stopped, cur_pos, ended)
@@ -313,9 +326,32 @@ class Llama:
         finally:
             self.model.clear_cache()
         self.stats.decode_s = _elapsed(start, self.device) - self.stats.prefill_s
-        for row in range(bsz if texts is not None else 0):
-            texts.finish(row)  # stream what the row's decoder still holds
-        return self._collect(tokens, token_logprobs, lens, max_gen_len, echo, ended, by_string)
+        return self._collect(tokens, token_logprobs, lens, max_gen_len, echo, ended, by_string, texts)
+
+    def _speculative(self, draft, draft_tokens, prompt_tokens, max_gen_len, s, generator, stop_ids, on_token,
+                     logprobs, echo, texts):
+        """generate() with a draft model (speculative.py)."""
+        from .speculative import speculative_generate
+
+        out = speculative_generate(self, draft, prompt_tokens, max_gen_len, s, draft_tokens, generator,
+                                   stop_ids, on_token, logprobs, echo)
+        if texts is not None:
+            texts.finish(0)
+        return out
+
+    def _padded(self, prompt_tokens: list, total_len: int) -> torch.Tensor:
+        """(B, total_len) token ids: each prompt, then -1 (Meta's pad id, never embedded)."""
+        tokens = torch.full((len(prompt_tokens), total_len), -1, dtype=torch.long, device=self.device)
+        for i, p in enumerate(prompt_tokens):
+            tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=self.device)
+        return tokens
+
+    def _setup_cache(self, bsz: int, total_len: int) -> None:
+        """A KV cache for this request, after checking that it fits in free memory."""
+        params, item = self.model.params, self.model.norm.weight.element_size()
+        check_memory(2 * params.n_layers * bsz * total_len * params.kv_heads * params.hd * item,
+                     f"a KV cache of {bsz} x {total_len} positions", self.device)
+        self.model.setup_cache(bsz, total_len)
 
     @staticmethod
     def _stream(on_token, next_token: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -326,9 +362,11 @@ class Llama:
                 stop_here[row] = True
         return stop_here
 
-    def _collect(self, tokens, token_logprobs, lens, max_gen_len, echo, ended, by_string):
+    def _collect(self, tokens, token_logprobs, lens, max_gen_len, echo, ended, by_string, texts):
         """Cut each row to its generated part (plus the prompt with echo): at most max_gen_len new tokens,
         ending before its stop token (or after the token where a stop string completed)."""
+        for row in range(len(lens) if texts is not None else 0):
+            texts.finish(row)  # stream what the row's decoder still holds
         out_tokens, out_logprobs, reasons = [], [], []
         total_len = tokens.shape[1]
         for i, n in enumerate(lens):
@@ -368,8 +406,8 @@ class Llama:
 
         A dialog that ends with an assistant message is a prefill: the answer continues that message
         (the returned content is the continuation only)."""
-        prompt_tokens = [self.tokenizer.encode_dialog(d, continue_final_message=d[-1]["role"] == "assistant")
-                         for d in dialogs]
+        prompt_tokens = [self.tokenizer.encode_dialog(d, continue_final_message=True)
+                         if d[-1]["role"] == "assistant" else self.tokenizer.encode_dialog(d) for d in dialogs]
         out, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, **extras)
         results = []
         for i, row in enumerate(out):
@@ -398,6 +436,11 @@ def cut_at_stop(text: str, stop: Optional[list]) -> str:
     """The text before the first occurrence of any stop string."""
     hits = [i for i in (text.find(s) for s in (stop or []) if s) if i >= 0]
     return text[: min(hits)] if hits else text
+
+
+def _generator(seed: Optional[int], device):
+    """None (torch's global generator, as Meta's code) or a private generator seeded with `seed`."""
+    return None if seed is None else torch.Generator(device).manual_seed(seed)
 
 
 def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

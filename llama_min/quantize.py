@@ -1,20 +1,48 @@
-"""int8 weight-only quantization: a quarter of float32's bytes per token, so faster memory-bound decoding.
+"""Weight-only quantization: int8 per channel and int4 per group. Fewer bytes per token, faster decoding.
 
-Each output row (channel) n of a weight W (N, K) gets one scale s_n = max_k |W[n, k]| / 127 and
-int8 values q[n, k] = round(W[n, k] / s_n); then  y = x W^T ~= (x q^T) * s.  Activations stay in
-floating point. On the CPU the product runs in PyTorch's int8 x bf16 kernel
-(`aten._weight_int8pack_mm`), which streams the int8 weights directly; elsewhere, and for prompts
-of many tokens (where the work is arithmetic, not memory), the weights are dequantized on the fly. Embeddings and norms are not quantized (one row / a few numbers per token).
+Decoding one token reads every weight once, so on a CPU its speed is memory bandwidth / bytes per
+token: int8 reads a quarter of float32's bytes, int4 (plus its scales) about a sixth. Activations
+stay in floating point; only the stored weights change. Embeddings and norms stay float (one row /
+a few numbers per token) unless a quantized GGUF file brings them quantized (see `Int4Embedding`).
+
+int8, per output channel (row) n of W (N, K):
+    s_n = max_k |W[n, k]| / 127,   q[n, k] = round(W[n, k] / s_n) in -127..127,   W ~= q * s
+    error |W - q s| <= s_n / 2 = max_k |W[n, k]| / 254.
+    CPU product: PyTorch's int8 x bf16 kernel `aten._weight_int8pack_mm`.
+
+int4, per group of g = 32, 64 or 128 consecutive weights of a row (gpt-fast's asymmetric scheme):
+    scale = (max - min) / 15,   zero = min + 8 * scale,   q = round((w - min) / scale) in 0..15
+    W ~= (q - 8) * scale + zero    (= q * scale + min)
+    error <= scale / 2 per weight (plus the bf16 rounding of scale and zero, relative 2^-8).
+    The kernels keep scale and zero in bf16, shaped (K/g, N, 2). CPU: `aten._weight_int4pack_mm_for_cpu`
+    on weights repacked by `aten._convert_weight_to_int4pack_for_cpu`; CUDA: `aten._weight_int4pack_mm`;
+    anywhere else the codes are kept plainly (two per byte) and dequantized for an F.linear.
+    The kernels take bf16 activations and return bf16: the product carries bf16 rounding (~2^-8 relative).
 """
 
 from __future__ import annotations
+
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import LlamaMinError
 
-PREFILL_ROWS = 32  # from this many rows on, a float GEMM on dequantized weights beats the int8 kernel
+PREFILL_ROWS = 32  # from this many rows on, a float GEMM on dequantized int8 weights beats the int8 kernel
+INT4_GROUP_SIZES = (32, 64, 128)
+CHUNK_WEIGHTS = 1 << 20  # weights converted at a time: the temporaries of a conversion stay at a few MiB
+
+
+def chunk_rows(k: int) -> int:
+    """Rows per conversion chunk for rows of k weights: ~CHUNK_WEIGHTS weights, a multiple of 32 rows."""
+    return max(32, CHUNK_WEIGHTS // k // 32 * 32)
+
+
+# ---------------------------------------------------------------------------------------------
+# int8, per channel
+# ---------------------------------------------------------------------------------------------
 
 
 def quantize_per_channel(w: torch.Tensor):
@@ -30,15 +58,18 @@ def _has_int8pack_mm() -> bool:
 
 
 class Int8Linear(nn.Module):
-    """A bias-free nn.Linear replacement holding int8 weights and per-output-channel scales."""
+    """A bias-free nn.Linear replacement: int8 weights q (N, K), float32 scales (N,), y = (x q^T) * s."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        q, scales = quantize_per_channel(linear.weight)
+        self.out_features, self.in_features = q.shape
         self.register_buffer("weight", q)
         self.register_buffer("scales", scales)
         self._scales_bf16 = scales.to(torch.bfloat16)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        return cls(*quantize_per_channel(linear.weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
@@ -52,15 +83,237 @@ class Int8Linear(nn.Module):
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
 
+    def dequantize(self) -> torch.Tensor:
+        """The weights this layer multiplies by, (N, K) float32."""
+        return self.weight.float() * self.scales[:, None]
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+def int8_from_rows(n: int, k: int, rows: Iterable, device=None) -> Int8Linear:
+    """An Int8Linear filled piecewise: `rows` yields (row0, float chunk (r, K)) covering rows 0..n-1.
+
+    Per-channel scales depend only on their own row, so quantizing in row chunks is exact; the
+    largest float copy alive is one chunk.
+    """
+    q = torch.empty(n, k, dtype=torch.int8, device=device)
+    scales = torch.empty(n, dtype=torch.float32, device=device)
+    for r0, w in rows:
+        q[r0 : r0 + len(w)], scales[r0 : r0 + len(w)] = quantize_per_channel(w.to(device))
+    return Int8Linear(q, scales)
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
     """Replace every nn.Linear in the model (attention, FFN, output) by an Int8Linear, in place."""
     for name, child in list(model.named_children()):
         if isinstance(child, nn.Linear):
-            setattr(model, name, Int8Linear(child))
+            setattr(model, name, Int8Linear.from_linear(child))
         else:
             quantize_int8(child)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# int4, per group
+# ---------------------------------------------------------------------------------------------
+
+
+def quantize_groupwise_int4(w: torch.Tensor, group_size: int):
+    """(N, K) float -> codes uint8 (N, K) in 0..15, scales and zeros float32 (N, K/g); w ~= (q-8)*scale + zero."""
+    n, k = w.shape
+    groups = w.detach().float().reshape(n, k // group_size, group_size)
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+    scales = ((hi - lo) / 15).clamp(min=1e-6)  # a constant group gets any positive scale: q = 0 then
+    zeros = lo + 8 * scales
+    q = torch.round((groups - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
+    return q.reshape(n, k), scales, zeros
+
+
+def int4_layout(device, n: int, k: int, group_size: int) -> str:
+    """'cpu' or 'cuda' when that device's int4 kernel takes this shape, else 'plain' (dequantize + F.linear).
+
+    The CPU kernel needs N % 16 == 0; the CUDA kernel (inner k tiles of 8) K % 1024 == 0, N % 8 == 0 and a
+    GPU of compute capability 8.0 or newer.
+    """
+    device = torch.device(device)
+    if device.type == "cpu" and n % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return "cpu"
+    if (device.type == "cuda" and n % 8 == 0 and k % 1024 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm")
+            and torch.cuda.get_device_capability(device)[0] >= 8):
+        return "cuda"
+    return "plain"
+
+
+def pack_int4(q: torch.Tensor, layout: str) -> torch.Tensor:
+    """Codes (N, K) in 0..15 -> the stored form: the CPU/CUDA kernel's tiles, or two codes per byte ('plain').
+
+    'plain': byte j of a row holds element 2j in its low nibble and 2j+1 in its high nibble.
+    """
+    if layout == "cpu":  # the CPU tiles cover 32 rows each: rows pack independently in chunks of 32
+        chunk = chunk_rows(q.shape[1]) if q.shape[0] % 32 == 0 else q.shape[0]
+        pieces = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[r : r + chunk].to(torch.int32), 2)
+                  for r in range(0, q.shape[0], chunk)]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    if layout == "cuda":  # this kernel's input: uint8 (N, K/2), even element in the high nibble
+        q = q.to(torch.uint8)
+        return torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4) | q[:, 1::2], 8)
+    q = q.to(torch.uint8)
+    return q[:, ::2] | (q[:, 1::2] << 4)
+
+
+def unpack_plain_int4(packed: torch.Tensor) -> torch.Tensor:
+    """(…, K/2) bytes of the 'plain' layout -> (…, K) codes in 0..15 (uint8)."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
+
+
+class Int4Linear(nn.Module):
+    """A bias-free nn.Linear replacement with 4-bit weights, a bf16 scale and zero per group of g weights.
+
+    weight: the packed codes (layout 'cpu', 'cuda' or 'plain', see `pack_int4`); scales_and_zeros:
+    bf16 (K/g, N, 2). Weight value = (q - 8) * scale + zero.
+    """
+
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, in_features: int, group_size: int,
+                 layout: str):
+        super().__init__()
+        self.in_features, self.out_features = in_features, scales_and_zeros.shape[1]
+        self.group_size, self.layout = group_size, layout
+        self.register_buffer("weight", packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> "Int4Linear":
+        w = linear.weight.detach()
+        n, k = w.shape
+        step = chunk_rows(k)
+        chunks = ((r, *quantize_groupwise_int4(w[r : r + step], group_size)) for r in range(0, n, step))
+        return int4_from_rows(n, k, group_size, chunks, w.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if self.layout == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2.to(torch.bfloat16), self.weight, self.group_size, self.scales_and_zeros)
+        elif self.layout == "cuda":
+            y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), self.weight, self.group_size,
+                                                   self.scales_and_zeros)
+        else:
+            y = F.linear(x2, self.dequantize().to(x.dtype))
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weights this layer multiplies by, (N, K) float32.
+
+        'cpu': the kernel itself, in float32, applied to the identity (exact: one float32 multiply-add
+        per weight); 'cuda': the same in bf16 (rounded to bf16); 'plain': unpacked directly.
+        """
+        k, g = self.in_features, self.group_size
+        if self.layout == "cpu":
+            eye = torch.eye(k, dtype=torch.float32)
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, g, self.scales_and_zeros.float()).t()
+        if self.layout == "cuda":
+            eye = torch.eye(k, dtype=torch.bfloat16, device=self.weight.device)
+            return torch.ops.aten._weight_int4pack_mm(eye, self.weight, g, self.scales_and_zeros).t().float()
+        q = unpack_plain_int4(self.weight).float().view(self.out_features, k // g, g)
+        sz = self.scales_and_zeros.float().transpose(0, 1)  # (N, K/g, 2)
+        return ((q - 8) * sz[..., :1] + sz[..., 1:]).reshape(self.out_features, k)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int4 group {self.group_size}, "
+                f"layout {self.layout}")
+
+
+def int4_from_rows(n: int, k: int, group_size: int, rows: Iterable, device=None) -> Int4Linear:
+    """An Int4Linear filled piecewise: `rows` yields (row0, codes (r, K), scales (r, K/g), zeros (r, K/g)).
+
+    On the CPU each chunk (a multiple of 32 rows, or the rest) is packed straight into the final
+    buffer, so the extra memory is one chunk; the CUDA layout is packed once at the end.
+    """
+    if group_size not in INT4_GROUP_SIZES or k % group_size:
+        raise LlamaMinError(f"int4 group size {group_size}: expected one of {INT4_GROUP_SIZES} dividing K = {k}")
+    device = torch.device(device or "cpu")
+    layout = int4_layout(device, n, k, group_size)
+    sz = torch.empty(k // group_size, n, 2, dtype=torch.bfloat16, device=device)
+    whole = torch.empty(n, k, dtype=torch.uint8, device=device) if layout == "cuda" else None
+    packed = None if whole is not None else torch.empty(n, k // 2, dtype=torch.uint8, device=device)
+    for r0, q, scales, zeros in rows:
+        r1 = r0 + len(q)
+        sz[:, r0:r1, 0], sz[:, r0:r1, 1] = scales.t(), zeros.t()
+        if whole is not None:
+            whole[r0:r1] = q
+        else:
+            packed[r0:r1] = pack_int4(q.to(device), layout)
+    if whole is not None:
+        packed = pack_int4(whole, layout)
+    return Int4Linear(packed, sz, k, group_size, layout)
+
+
+def quantize_int4(model: nn.Module, group_size: int = 32) -> nn.Module:
+    """Replace every nn.Linear whose in_features is a multiple of group_size by an Int4Linear, in place."""
+    if group_size not in INT4_GROUP_SIZES:
+        raise LlamaMinError(f"int4 group size {group_size}: expected one of {INT4_GROUP_SIZES}")
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.Linear) and child.in_features % group_size == 0:
+            setattr(model, name, Int4Linear.from_linear(child, group_size))
+        elif not isinstance(child, nn.Linear):
+            quantize_int4(child, group_size)
+    return model
+
+
+def parse_quantize(spec: Optional[str]):
+    """'int8' -> ('int8', None); 'int4' -> ('int4', 32); 'int4-64' / 'int4:128' -> ('int4', 64 / 128)."""
+    if spec is None:
+        return None, None
+    kind, _, group = str(spec).replace(":", "-").partition("-")
+    if kind == "int8" and not group:
+        return "int8", None
+    if kind == "int4" and (not group or (group.isdigit() and int(group) in INT4_GROUP_SIZES)):
+        return "int4", int(group or 32)
+    raise LlamaMinError(f"unknown quantization '{spec}' (expected int8, int4, int4-64 or int4-128)")
+
+
+def quantize_model(model: nn.Module, spec: str) -> nn.Module:
+    """Apply `--quantize SPEC` (see parse_quantize) to a float model, in place."""
+    kind, group = parse_quantize(spec)
+    return quantize_int8(model) if kind == "int8" else quantize_int4(model, group)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantized embedding tables (for GGUF files whose token_embd is quantized): rows looked up, then dequantized
+# ---------------------------------------------------------------------------------------------
+
+
+class Int4Embedding(nn.Module):
+    """Embedding rows as 4-bit codes, two per byte ('plain' layout), with bf16 scale/zero per group of g.
+
+    Row t of the table = (q[t] - 8) * scale[t] + zero[t] per group: the same values an Int4Linear built
+    from the same codes multiplies by. Lookup unpacks only the rows asked for.
+    """
+
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = packed.shape[0], packed.shape[1] * 2
+        self.group_size = group_size
+        self.register_buffer("weight", packed)  # (V, D/2) uint8
+        self.register_buffer("scales_and_zeros", scales_and_zeros)  # (V, D/g, 2) bf16
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        g = self.group_size
+        q = unpack_plain_int4(self.weight[tokens]).float()  # (..., D)
+        q = q.view(*tokens.shape, self.embedding_dim // g, g)
+        sz = self.scales_and_zeros[tokens].float()  # (..., D/g, 2)
+        return ((q - 8) * sz[..., :1] + sz[..., 1:]).flatten(-2)
+
+
+class Int8Embedding(nn.Module):
+    """Embedding rows as int8 with one float32 scale per row: row t = q[t] * s[t]."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = q.shape
+        self.register_buffer("weight", q)
+        self.register_buffer("scales", scales)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.weight[tokens].float() * self.scales[tokens][..., None]

@@ -5,12 +5,19 @@ weights) and is tested against the untouched reference in the tests named here:
 
   transform                  module        what it changes                       allowed difference (tests)
   quantize="int8"            quantize.py   nn.Linear -> Int8Linear (per-channel)  int8 rounding (test_quantize)
+  quantize="int4[-64|-128]"  quantize.py   nn.Linear -> Int4Linear (per group)    int4 rounding (test_quantize)
+  (packed GGUF)              formats/gguf_packed.py  built from the file's blocks  bf16 rounding of scales
+                                           as Int4Linear / Int8Linear            (test_gguf_packed)
+  fuse_projections           fast.py       q/k/v in one product, w1/w3 in one     float rounding, <= 1e-4
+                                           (float layers only; built at load)     (test_fast)
   FastAttention              fast.py       decode GQA without cache copies,       float rounding, <= 1e-4
                                            SDPA's own causal mask                 (test_fast)
   transpose_wide_layers      fast.py       float32 CPU wide weights stored W^T    float rounding, <= 1e-4
                                                                                   (test_fast)
 
 `apply_transforms(model, optimize=False)` with no quantization leaves exactly model.py's classes.
+`Llama.compile()` adds one more, on demand: fast.compile_decode (one-token steps through torch.compile,
+RoPE in real arithmetic; float rounding, <= 1e-4, test_compile).
 """
 
 from __future__ import annotations
@@ -20,21 +27,20 @@ from typing import Optional
 import torch
 from torch import nn
 
-QUANTIZE_CHOICES = ("int8",)
-
-
 def apply_transforms(model: nn.Module, optimize: bool = True, quantize: Optional[str] = None) -> nn.Module:
-    """Quantize (if asked), then the speed transforms (if optimize); returns the same model object."""
-    if quantize == "int8":
-        from .quantize import quantize_int8
+    """Quantize (if asked: "int8", "int4", "int4-64", "int4-128"), then the speed transforms (if optimize)."""
+    if quantize is not None:
+        from .quantize import quantize_model
 
-        quantize_int8(model)
+        quantize_model(model, quantize)
     if not optimize:
         return model
-    from .fast import transpose_wide_layers, use_fast_attention
+    from .fast import fuse_projections, transpose_wide_layers, use_fast_attention
 
-    use_fast_attention(model)
     weight = model.norm.weight
-    if quantize is None and weight.device.type == "cpu" and weight.dtype == torch.float32:
-        transpose_wide_layers(model)
+    cpu_float32 = quantize is None and weight.device.type == "cpu" and weight.dtype == torch.float32
+    fuse_projections(model, transposed=cpu_float32)  # fused weights built W^T at once on the CPU in float32
+    use_fast_attention(model)  # the attention layers left unfused (quantized projections)
+    if cpu_float32:
+        transpose_wide_layers(model)  # the rest: the output projection (and a tied embedding)
     return model

@@ -1,5 +1,6 @@
 """The inference transforms (fast.py, transforms.py) compute the same numbers as the reference model."""
 
+import pytest
 import torch
 
 from _tiny import tiny_model
@@ -85,7 +86,7 @@ def _built(tmp_path, **kw):
 
     orig = tk.load_tokenizer
     try:
-        tk.load_tokenizer = lambda path: CharTokenizer()
+        tk.load_tokenizer = lambda path, **kw: CharTokenizer()
         return Llama.build(folder, max_seq_len=64, device="cpu", dtype=torch.float32, **kw)
     finally:
         tk.load_tokenizer = orig
@@ -108,3 +109,77 @@ def test_optimize_false_is_exactly_the_reference(tmp_path):
         diff = (_steps(int8.model, tokens, 9) - want).abs()
         assert 0 < diff.mean() < 0.05 * want.abs().mean()
         assert diff.max() < 0.15 * want.abs().max()
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused projections (q/k/v in one product, w1/w3 in one)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_fused_projections_same_logits_and_no_second_copy():
+    import gc
+    import weakref
+
+    from llama_min.fast import FusedAttention, FusedFeedForward, fuse_projections
+
+    for transposed in (False, True):
+        for over in ({}, {"n_kv_heads": 4}, {"n_kv_heads": 1, "tie_word_embeddings": True}):
+            ref, fused = model(**over), model(**over)
+            originals = [weakref.ref(m.weight) for layer in fused.layers
+                         for m in (layer.attention.wq, layer.attention.wv, layer.feed_forward.w1)]
+            fuse_projections(fused, transposed=transposed)
+            gc.collect()
+            assert all(r() is None for r in originals)  # the unfused weights are gone, not kept beside
+            att, ffn = fused.layers[0].attention, fused.layers[0].feed_forward
+            assert isinstance(att, FusedAttention) and isinstance(ffn, FusedFeedForward)
+            assert isinstance(att.wqkv, TransposedLinear) == transposed
+            keys = set(fused.state_dict())
+            assert not any(k.endswith((".wq.weight", ".wk.weight", ".wv.weight", ".w1.weight", ".w3.weight"))
+                           for k in keys)
+            n = lambda m: sum(t.numel() for t in m.state_dict().values())  # noqa: E731
+            assert n(fused) == n(ref)
+            tokens = torch.randint(0, 128, (2, 20))
+            with torch.no_grad():
+                torch.testing.assert_close(fused(tokens), ref(tokens), atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(_steps(fused, tokens, 7), _steps(ref, tokens, 7), atol=1e-4, rtol=1e-4)
+
+
+def test_fused_weights_hold_the_stacked_rows():
+    """Rows of wqkv are Wq, then Wk, then Wv; rows of w13 are W1 then W3 (read back from the fused layers)."""
+    from llama_min.fast import fuse_projections
+
+    ref, fused = model(), fuse_projections(model(), transposed=True)
+    att, ffn = ref.layers[1].attention, ref.layers[1].feed_forward
+    wqkv = fused.layers[1].attention.wqkv.weight_t.t()
+    torch.testing.assert_close(wqkv, torch.cat([att.wq.weight, att.wk.weight, att.wv.weight]), atol=0, rtol=0)
+    w13 = fused.layers[1].feed_forward.w13.weight_t.t()
+    torch.testing.assert_close(w13, torch.cat([ffn.w1.weight, ffn.w3.weight]), atol=0, rtol=0)
+
+
+def test_int8_layers_are_not_fused():
+    from llama_min.fast import FastAttention
+    from llama_min.transforms import apply_transforms
+
+    m = apply_transforms(model(), quantize="int8")
+    assert type(m.layers[0].attention) is FastAttention
+    assert type(m.layers[0].feed_forward).__name__ == "FeedForward"
+
+
+@pytest.mark.slow
+def test_smollm2_optimized_32_greedy_tokens_as_the_reference(smollm2, smollm2_path):
+    """The default model, float32 CPU, every transform (fused projections, W^T layout, FastAttention) against
+    model.py's classes: the same 32 greedy tokens, logits of the prompt within 1e-4."""
+    from llama_min import Llama
+    from llama_min.fast import FusedAttention
+
+    assert isinstance(smollm2.model.layers[0].attention, FusedAttention)
+    ref = Llama.build(smollm2_path, max_seq_len=256, max_batch_size=1, device="cpu", dtype=torch.float32,
+                      optimize=False)
+    tok = smollm2.tokenizer
+    prompt = tok.encode("Gravity is the force that", bos=tok.add_bos, eos=False)
+    with torch.no_grad():
+        x = torch.tensor([prompt])
+        torch.testing.assert_close(smollm2.model(x), ref.model(x), atol=1e-4, rtol=1e-4)
+    want, _ = ref.generate([prompt], max_gen_len=32, temperature=0, stop_ids=set())
+    got, _ = smollm2.generate([prompt], max_gen_len=32, temperature=0, stop_ids=set())
+    assert got == want and len(got[0]) == 32

@@ -1,10 +1,11 @@
-"""int8 weight-only quantization: exact math on the quantized weights, bounded error, real-model agreement."""
+"""int8 / int4 weight-only quantization: exact math on the quantized weights, bounded error, real-model agreement."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from llama_min.quantize import Int8Linear, quantize_int8, quantize_per_channel
+from llama_min.quantize import (Int4Linear, Int8Linear, parse_quantize, quantize_groupwise_int4, quantize_int4,
+                                quantize_int8, quantize_per_channel)
 
 
 def test_per_channel_round_trip_error_is_half_a_step():
@@ -19,7 +20,7 @@ def test_per_channel_round_trip_error_is_half_a_step():
 def test_int8_linear_equals_dequantized_matmul():
     torch.manual_seed(0)
     lin = torch.nn.Linear(128, 48, bias=False)
-    qlin = Int8Linear(lin)
+    qlin = Int8Linear.from_linear(lin)
     x = torch.randn(3, 5, 128)
     want = F.linear(x, qlin.weight.float() * qlin.scales[:, None])  # the same int8 weights, float math
     got = qlin(x)
@@ -64,3 +65,116 @@ def test_smollm2_int8_agrees_with_float32(smollm2, smollm2_path):
     print(f"[int8] greedy tokens equal to float32 before the first difference: {agree}")
     assert min(agree) >= 3 and sum(agree) >= 40
     assert "Paris" in q8.tokenizer.decode(out_q8[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# int4, per group
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("g", [32, 64, 128])
+def test_int4_groupwise_codes_follow_min_max_and_err_half_a_step(g):
+    torch.manual_seed(0)
+    w = torch.randn(16, 256) * torch.logspace(-2, 1, 16)[:, None] + 0.3  # rows of very different ranges
+    q, s, z = quantize_groupwise_int4(w, g)
+    groups = w.view(16, -1, g)
+    lo, hi = groups.min(-1).values, groups.max(-1).values  # computed here, by hand
+    torch.testing.assert_close(s, (hi - lo) / 15)
+    torch.testing.assert_close(z, lo + 8 * s)
+    qg = q.view(16, -1, g)
+    assert q.dtype == torch.uint8 and q.max() <= 15
+    assert torch.all(qg.min(-1).values == 0) and torch.all(qg.max(-1).values == 15)  # the ends of each range
+    recon = (qg.float() - 8) * s[..., None] + z[..., None]
+    assert torch.all((recon - groups).abs() <= s[..., None] / 2 * (1 + 1e-5))
+
+
+def _reference_weights(q, s, z, g):
+    """(q - 8) * scale + zero with scale and zero rounded to bf16, as the kernels store them."""
+    n, k = q.shape
+    sb, zb = s.bfloat16().float(), z.bfloat16().float()
+    return ((q.float().view(n, -1, g) - 8) * sb[..., None] + zb[..., None]).view(n, k)
+
+
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("n", [48, 40])  # 48 rows: the CPU kernel; 40 (not a multiple of 16): 'plain'
+def test_int4_linear_multiplies_by_its_codes(g, n):
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(256, n, bias=False)
+    qlin = Int4Linear.from_linear(lin, g)
+    assert qlin.layout == ("cpu" if n % 16 == 0 else "plain")
+    want_w = _reference_weights(*quantize_groupwise_int4(lin.weight, g), g)
+    assert torch.equal(qlin.dequantize(), want_w)
+    x = torch.randn(3, 5, 256)
+    got, want = qlin(x), F.linear(x, want_w)
+    assert got.shape == (3, 5, n) and got.dtype == torch.float32
+    if qlin.layout == "plain":
+        torch.testing.assert_close(got, want)
+    else:  # the CPU kernel rounds x and its output to bf16 (relative 2^-8 each)
+        tol = 2.0**-8 * (x.abs() @ want_w.abs().t()) + 2.0**-8 * want.abs() + 1e-6
+        assert torch.all((got - want).abs() <= tol)
+    # against the float weights: each weight moved by at most half a step of its group
+    assert (got - F.linear(x, lin.weight)).abs().max() < 0.1 * want.abs().max()
+
+
+def test_quantize_int4_replaces_linears_and_agrees_with_float():
+    from llama_min import ModelArgs, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=192))
+    tokens = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        ref = model(tokens)
+        quantize_int4(model, 64)  # w2 has in_features 192 = 3 x 64; all layers qualify
+        got = model(tokens)
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 2 * 7 + 1
+    # 4 bits per weight: each weight moves by up to half a step, (max - min) / 30 of its group; for
+    # uniform-initialised weights that is ~3.3% of a group's range, ~6% of a weight's typical size, as
+    # independent errors. Through 2 layers and the output that gives logits within ~10% of their scale.
+    err = (got - ref).abs()
+    print(f"[int4] relative |dlogits| mean {err.mean() / ref.abs().mean():.4f}, max {err.max() / ref.abs().max():.4f}")
+    assert err.mean() < 0.1 * ref.abs().mean() and err.max() < 0.2 * ref.abs().max()
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
+
+
+def test_quantize_int4_keeps_layers_whose_width_the_group_does_not_divide():
+    from llama_min import ModelArgs, Transformer
+
+    model = Transformer(ModelArgs(dim=128, n_layers=1, n_heads=4, vocab_size=64, hidden_dim=96))
+    quantize_int4(model, 64)
+    assert type(model.layers[0].feed_forward.w2) is torch.nn.Linear  # in_features 96
+    assert isinstance(model.layers[0].feed_forward.w1, Int4Linear)
+
+
+def test_parse_quantize():
+    from llama_min.errors import LlamaMinError
+
+    assert parse_quantize(None) == (None, None) and parse_quantize("int8") == ("int8", None)
+    assert parse_quantize("int4") == ("int4", 32) and parse_quantize("int4-128") == ("int4", 128)
+    for bad in ("int3", "int4-16", "int8-32", "int4-x"):
+        with pytest.raises(LlamaMinError, match="int4"):
+            parse_quantize(bad)
+
+
+@pytest.mark.assets
+@pytest.mark.slow
+def test_smollm2_int4_agrees_with_float32(smollm2, smollm2_path):
+    from llama_min import Llama
+
+    ref = smollm2
+    q4 = Llama.build(smollm2_path, max_seq_len=128, max_batch_size=4, device="cpu", dtype=torch.float32,
+                     quantize="int4")
+    assert q4.weight_bytes_per_token() < 0.25 * ref.weight_bytes_per_token()
+    prompts = ["Once upon a time, there was a little", "The capital of France is", "def fibonacci(n):",
+               "The three primary colors are"]
+    ids = [ref.tokenizer.encode(p) for p in prompts]
+    with torch.no_grad():
+        for row in ids:
+            a, b = ref.model(torch.tensor([row])), q4.model(torch.tensor([row]))
+            diff = (a - b).abs()
+            print(f"[int4] max|dlogits| {diff.max():.2f}, mean {diff.mean():.3f} (logit scale {a.abs().max():.0f})")
+            # the file is Q4_1 already: int4 of its dequantized weights re-grids values that were on a 4-bit
+            # grid of their own, so the change is at most half a step of the new group per weight
+            assert diff.mean() < 1.0 and diff.max() < 6.0
+    out_q4, _ = q4.generate(ids, max_gen_len=24, temperature=0, stop_ids=set())
+    assert "Paris" in q4.tokenizer.decode(out_q4[1])

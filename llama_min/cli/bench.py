@@ -45,9 +45,15 @@ def build_parser(prog: Optional[str] = None) -> Parser:
     src.add_argument("--config", help="model config, a name in configs/ (tiny, tinyllama-1.1b, ...) or a "
                      "params.json-style file: random weights of that shape")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "int8"],
-                   choices=["float32", "bfloat16", "int8"], help="what to measure (int8 = weight-only int8)")
+                   choices=["float32", "bfloat16", "int8", "int4"],
+                   help="what to measure (int8 / int4 = weight-only int8 / int4 in groups of 32)")
     p.add_argument("--vs-transformers", action="store_true", help="run transformers' LlamaForCausalLM side by side")
     p.add_argument("--compile", action="store_true", help="also measure ours with torch.compile'd decode steps")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode for --compile (e.g. "
+                   "max-autotune-no-cudagraphs; with TORCHINDUCTOR_FREEZING=1 the weights become constants)")
+    p.add_argument("--draft-quantize", choices=["int8", "int4"], default=None,
+                   help="also measure float32 speculative decoding with this quantized copy as the draft")
+    p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per step (default 4)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measurement (default 3)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -126,24 +132,36 @@ def fmt(xs, unit=""):
 class Ours:
     name = "llama_min"
 
-    def __init__(self, args, sd, dtype_name, compile_=False):
+    def __init__(self, args, sd, dtype_name, compile_=False, draft=None, draft_tokens=4, compile_mode=None):
+        self.llama = self._build(args, sd, dtype_name)
+        self.draft, self.draft_tokens = None, draft_tokens
+        if compile_:
+            self.name = "llama_min+compile"
+            self.llama.compile(mode=compile_mode)
+            print(f"  (compiled the decode step in {self.llama.compile_s:.1f} s)")
+        if draft:  # speculative decoding, batch 1 only: the decode row
+            self.name, self.rows = f"llama_min+draft-{draft}", ("decode",)
+            self.draft = self._build(args, sd, draft)
+
+    rows = ("decode", "prefill", "batch")
+
+    @staticmethod
+    def _build(args, sd, dtype_name):
         from ..checkpoint import build_transformer
         from ..generation import Llama
         from ..transforms import apply_transforms
 
         dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
         model = build_transformer(args, sd, dtype=dtype).eval().requires_grad_(False)
-        apply_transforms(model, quantize="int8" if dtype_name == "int8" else None)  # as Llama.build does
-        self.llama = Llama(model, _NoTokenizer(), max_seq_len=args.max_seq_len, max_batch_size=64)
-        if compile_:
-            self.name = "llama_min+compile"
-            self.llama.compile()
+        apply_transforms(model, quantize=dtype_name if dtype_name in ("int8", "int4") else None)  # as Llama.build
+        return Llama(model, _NoTokenizer(), max_seq_len=args.max_seq_len, max_batch_size=64)
 
     def bytes_per_token(self):
         return self.llama.weight_bytes_per_token()
 
     def decode(self, prompts, new_tokens):
-        self.llama.generate(prompts, max_gen_len=new_tokens, temperature=0, stop_ids=set())
+        self.llama.generate(prompts, max_gen_len=new_tokens, temperature=0, stop_ids=set(), draft=self.draft,
+                            draft_tokens=self.draft_tokens)
         s = self.llama.stats
         return len(prompts) * (new_tokens - 1) / s.decode_s
 
@@ -182,6 +200,12 @@ class Transformers:
 
     def prefill(self, prompt):
         return len(prompt) / self._generate([prompt], 1)
+
+
+def _runs(impl, what: str) -> bool:
+    """Whether an implementation takes part in a row ("batch8" is a "batch" row); all of them unless it says."""
+    rows = getattr(impl, "rows", None)
+    return rows is None or what.rstrip("0123456789") in rows
 
 
 class _NoTokenizer:
@@ -295,25 +319,31 @@ def measure_dtype(opts, args, sd, dtype_name: str, prompts: dict, bw: float) -> 
     """Interleaved rounds of decode / prefill / batch for one dtype; prints the rows and returns them."""
     impls = [Ours(args, sd, dtype_name)]
     if opts.compile:
-        impls.append(Ours(args, sd, dtype_name, compile_=True))
-    if opts.vs_transformers:  # int8 is compared with transformers in float32
-        impls.append(Transformers(args, sd, "float32" if dtype_name == "int8" else dtype_name))
-    for impl in impls:  # warm up
+        impls.append(Ours(args, sd, dtype_name, compile_=True, compile_mode=opts.compile_mode))
+    if opts.draft_quantize and dtype_name == "float32":
+        impls.append(Ours(args, sd, dtype_name, draft=opts.draft_quantize, draft_tokens=opts.draft_tokens))
+    if opts.vs_transformers:  # int8 / int4 are compared with transformers in float32
+        impls.append(Transformers(args, sd, "float32" if dtype_name.startswith("int") else dtype_name))
+    for impl in impls:  # warm up (a compiled step compiles once more for a batch of several rows)
         impl.decode([prompts["short"]], 8)
-        impl.prefill(prompts["long"][:64])
+        if _runs(impl, "prefill"):
+            impl.prefill(prompts["long"][:64])
+        if opts.batch and _runs(impl, "batch"):
+            impl.decode(prompts["batch"], 4)
     measure = {"decode": lambda i: i.decode([prompts["short"]], opts.new_tokens),
                "prefill": lambda i: i.prefill(prompts["long"])}
     if opts.batch:
         measure[f"batch{opts.batch}"] = lambda i: i.decode(prompts["batch"], opts.new_tokens // 2)
-    print(f"\n{dtype_name} (transformers in {'float32' if dtype_name == 'int8' else dtype_name}):")
+    print(f"\n{dtype_name} (transformers in {'float32' if dtype_name.startswith('int') else dtype_name}):")
     rows = []
     for what, fn in measure.items():
-        per = {i.name: [] for i in impls}
+        here = [i for i in impls if _runs(i, what)]
+        per = {i.name: [] for i in here}
         with CpuShare() as share:
             for _ in range(opts.rounds):
-                for impl in impls:
+                for impl in here:
                     per[impl.name].append(fn(impl))
-        for impl in impls:
+        for impl in here:
             print(result_line(what, impl, per[impl.name], per.get("transformers"), bw))
             rows.append({"dtype": dtype_name, "what": what, "impl": impl.name, "tok_s": per[impl.name]})
         if share.other > 0.05:
@@ -324,7 +354,10 @@ def measure_dtype(opts, args, sd, dtype_name: str, prompts: dict, bw: float) -> 
 def result_line(what: str, impl, xs: list, base, bw: float) -> str:
     """One printed row: median [min-max] tok/s, share of the bandwidth (decode), ratio to transformers."""
     line = f"  {what:8s} {impl.name:18s} {fmt(xs, ' tok/s')}"
-    if what == "decode" and impl.name != "transformers":
+    if what == "decode" and getattr(impl, "draft", None) is not None:  # an effective rate: no bytes per token
+        e = impl.llama.stats.extra
+        line += f"  draft accepted {e['acceptance_rate']:.0%}, k={e['draft_tokens']}"
+    elif what == "decode" and impl.name != "transformers":
         gbs = statistics.median(xs) * impl.bytes_per_token() / 1e9
         line += f"  {gbs:5.1f} GB/s = {gbs / bw:4.0%} of measured bandwidth"
     if base and impl.name != "transformers":

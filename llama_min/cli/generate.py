@@ -9,6 +9,7 @@ Examples:
   llama-min generate -m path/to/Llama-3.2-1B-Instruct -p "Hello" -n 50
   cat notes.txt | llama-min generate -p - -n 100        # the prompt from stdin
   llama-min generate --chat --system "Be brief."        # the same as: llama-min chat --system "Be brief."
+  llama-min generate -p "Once upon a time" --temperature 0 --draft-quantize int8   # speculative, own int8 draft
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 from typing import Optional
 
 from . import chat
-from .common import Parser, read_stdin_text, run_main, say
+from .common import Parser, check_number, checkpoint_format, read_stdin_text, run_main, say
 from .loading import add_model_flags, add_sampling_flags, check_flags, load_llama, report, sampling_kwargs
 
 
@@ -34,6 +35,13 @@ def build_parser(prog: Optional[str] = None) -> Parser:
     p.add_argument("--prefill", default="", metavar="TEXT", help="with --chat: start every answer with TEXT")
     add_model_flags(p)
     add_sampling_flags(p)
+    p.add_argument("--compile", action="store_true", help="run one-token decode steps (the draft's too) through "
+                   "torch.compile (compiles for tens of seconds first; the time goes to stderr)")
+    p.add_argument("--draft", metavar="CKPT", help="speculative decoding: a smaller checkpoint with the same "
+                   "tokenizer proposes tokens, the model checks them in one pass (same output distribution)")
+    p.add_argument("--draft-quantize", choices=["int8", "int4"], default=None,
+                   help="quantize the draft; without --draft, the draft is the checkpoint itself quantized")
+    p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per step (default 4)")
     return p
 
 
@@ -44,12 +52,33 @@ def parse_args(argv=None, prog: Optional[str] = None):
     if not args.chat and args.prompt is None:
         p.error("give --prompt TEXT (or - for stdin), or --chat")
     check_flags(args)
+    check_number("--draft-tokens", args.draft_tokens, low=1, integer=True)
+    if (args.draft or args.draft_quantize) and args.chat:
+        p.error("--draft/--draft-quantize work with --prompt, not --chat")
+    if args.draft is not None:
+        checkpoint_format(args.draft, "--draft")
     if args.prompt == "-" and not args.chat:
         args.prompt = read_stdin_text()
     return args
 
 
-def run_completion(llama, args) -> None:
+def load_speedups(llama, args):
+    """The draft model for speculative decoding (or None), and --compile; the compile time on stderr."""
+    draft = None
+    if args.draft or args.draft_quantize:  # llama_min/speculative.py
+        from ..generation import Llama
+
+        draft = Llama.build(args.draft or args.ckpt, None if args.draft else args.tokenizer,
+                            max_seq_len=args.max_seq_len, max_batch_size=1, device=llama.device,
+                            dtype=llama.model.norm.weight.dtype, seed=args.seed, quantize=args.draft_quantize)
+    for model in ([llama] + [draft] * (draft is not None)) if args.compile else []:
+        model.compile()
+        if not args.quiet:
+            say(f"[compiled the {'draft' if model is draft else 'decode'} step in {model.compile_s:.1f} s]")
+    return draft
+
+
+def run_completion(llama, args, draft=None) -> None:
     """Stream the completion of args.prompt to stdout (the prompt itself is not echoed); say why it stopped."""
     tok = llama.tokenizer
     prompt = tok.encode(args.prompt, bos=tok.add_bos, eos=False)
@@ -60,7 +89,8 @@ def run_completion(llama, args) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    llama.generate([prompt], max_gen_len=args.max_new_tokens, stop=args.stop, on_text=show, **sampling_kwargs(args))
+    llama.generate([prompt], max_gen_len=args.max_new_tokens, stop=args.stop, on_text=show, draft=draft,
+                   draft_tokens=args.draft_tokens, **sampling_kwargs(args))
     sys.stdout.write("\n")
     sys.stdout.flush()
     if not args.quiet:
@@ -74,9 +104,10 @@ def main(argv=None, prog: Optional[str] = None) -> int:
     def body(argv):
         args = parse_args(argv, prog)
         llama, load_s = load_llama(args)
+        draft = load_speedups(llama, args)
         if args.chat:
             return chat.run_chat(llama, args)
-        run_completion(llama, args)
+        run_completion(llama, args, draft)
         if not args.quiet:
             report(llama, load_s)
         return 0

@@ -29,8 +29,12 @@ def add_model_flags(p) -> None:
                    help="context window in tokens (default 2048); the KV cache is sized to each request")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="weights dtype (default: float32 on CPU, bfloat16 on a GPU)")
-    p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="int8 weight-only quantization (per-channel scales): ~4x fewer bytes per token than float32")
+    p.add_argument("--quantize", choices=["int8", "int4", "int4-64", "int4-128"], default=None,
+                   help="weight-only quantization of a float checkpoint: int8 (per-channel scales, ~4x fewer bytes "
+                   "per token than float32) or int4 (a scale and zero per group of 32, or 64/128: ~6x fewer)")
+    p.add_argument("--dequantize", action="store_true",
+                   help="a quantized GGUF runs at its own precision (4-bit/8-bit kernels) by default; this "
+                   "dequantizes it to float instead (as --dtype does)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("-s", "--seed", type=int, default=1, help="random seed (default 1)")
@@ -97,6 +101,7 @@ def load_llama(args):
     start = time.perf_counter()
     llama = Llama.build(path, args.tokenizer, max_seq_len=args.max_seq_len, max_batch_size=1,
                         device=args.device, dtype=dtype, seed=args.seed, quantize=args.quantize,
+                        packed=False if args.dequantize else None,
                         chat_format=args.chat_format, tensor_parallel=parallel)
     return llama, time.perf_counter() - start
 
@@ -110,7 +115,12 @@ def report(llama, load_s=None) -> None:
     if s.new_tokens > 1 and s.decode_s > 0:
         rate = (s.new_tokens - 1) / s.decode_s
         gbs = rate * llama.weight_bytes_per_token() / 1e9
-        parts.append(f"generated {s.new_tokens} tok at {rate:.1f} tok/s ({gbs:.1f} GB/s of weights)")
+        weights = "" if "acceptance_rate" in s.extra else f" ({gbs:.1f} GB/s of weights)"  # a draft: not per token
+        parts.append(f"generated {s.new_tokens} tok at {rate:.1f} tok/s{weights}")
+    if "acceptance_rate" in s.extra:  # speculative decoding
+        e = s.extra
+        parts.append(f"draft accepted {e['acceptance_rate']:.0%} of {e['proposed']} proposed tokens "
+                     f"(k={e['draft_tokens']}), {s.new_tokens / max(1, e['target_passes']):.2f} tok per target pass")
     say("[" + ", ".join(parts) + "]")
 
 

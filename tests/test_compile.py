@@ -1,0 +1,95 @@
+"""The compiled one-token decode step (fast.compile_decode, Llama.compile): one graph, no graph breaks, no
+recompilation across positions or cache lengths, the same logits as the reference model."""
+
+import pytest
+import torch
+
+from _tiny import tiny_model
+from llama_min.fast import CompiledDecode, compile_decode, rope_real, uncompile
+from llama_min.model import apply_rotary_emb, precompute_freqs_cis, rope_frequencies
+from llama_min.transforms import apply_transforms
+
+
+def test_real_rope_is_the_complex_rotation():
+    """out_even = x_even cos - x_odd sin, out_odd = x_even sin + x_odd cos equals the complex product."""
+    from llama_min import ModelArgs
+
+    freqs_cis = precompute_freqs_cis(rope_frequencies(ModelArgs(dim=64, n_heads=4, rope_theta=500000.0)), 300)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 7, 4, 16, generator=g), torch.randn(2, 7, 2, 16, generator=g)
+    rows = freqs_cis[290:297]  # late positions: large angles
+    want_q, want_k = apply_rotary_emb(q, k, rows)
+    torch.testing.assert_close(rope_real(q, rows.real, rows.imag), want_q, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(rope_real(k, rows.real, rows.imag), want_k, atol=1e-6, rtol=1e-6)
+    # by hand, pair 0 of position 1 (angle theta_0 = 1 rad): (1, 0) -> (cos 1, sin 1)
+    x = torch.zeros(1, 1, 1, 16)
+    x[..., 0] = 1.0
+    one = freqs_cis[1:2]
+    out = rope_real(x, one.real, one.imag)[0, 0, 0]
+    torch.testing.assert_close(out[:2], torch.tensor([0.5403023, 0.8414710]))
+
+
+def _models(**over):
+    ref = tiny_model(scale=0.2, **over)
+    return ref, apply_transforms(tiny_model(scale=0.2, **over))
+
+
+def _decode(m, tokens, prefill):
+    """Logits of one-token steps after an eager prefill of `prefill` tokens, through a cache of len(tokens)."""
+    m.setup_cache(tokens.shape[0], tokens.shape[1])
+    m(tokens[:, :prefill])
+    out = [m(tokens[:, t:t + 1], t) for t in range(prefill, tokens.shape[1])]
+    m.clear_cache()
+    return torch.cat(out, dim=1)
+
+
+def test_decode_step_is_one_graph_without_breaks():
+    """The optimized model (fused projections) and model.py's own classes alike."""
+    for m in _models():
+        decode = CompiledDecode(m, backend="eager")
+        m.setup_cache(1, 16)
+        caches = [layer.attention.cache for layer in m.layers]
+        with torch.inference_mode():
+            explained = torch._dynamo.explain(decode.step)(
+                torch.tensor([[5]]), torch.tensor([3]), [c.k for c in caches], [c.v for c in caches])
+        assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+
+@pytest.mark.parametrize("over", [{}, {"n_kv_heads": 1}, {"tie_word_embeddings": True}])
+def test_no_recompilation_across_positions_and_cache_lengths(over):
+    """Every position and two cache lengths run through one compiled frame; logits as the reference's."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    ref, fast = _models(**over)
+    counter = CompileCounter()
+    compile_decode(fast, backend=counter)
+    with torch.inference_mode():
+        for length, prefill in ((20, 6), (33, 9)):
+            tokens = torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(length))
+            torch.testing.assert_close(_decode(fast, tokens, prefill), _decode(ref, tokens, prefill),
+                                       atol=1e-4, rtol=1e-4)
+    assert counter.frame_count == 1
+    uncompile(fast)
+    assert "forward" not in fast.__dict__
+
+
+@pytest.mark.slow
+def test_inductor_compiled_step_same_logits_and_greedy_tokens():
+    """The real compiler (inductor, what Llama.compile uses): logits within 1e-4 of the reference, and a greedy
+    generation through Llama.compile gives the eager model's tokens."""
+    from llama_min.generation import Llama
+    from test_generation import CharTokenizer
+
+    torch._dynamo.reset()
+    ref, fast = _models()
+    llama = Llama(fast, CharTokenizer(), max_seq_len=128, max_batch_size=1).compile()
+    assert llama.compile_s > 0 and isinstance(fast.forward, CompiledDecode)
+    tokens = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        torch.testing.assert_close(_decode(fast, tokens, 8), _decode(ref, tokens, 8), atol=1e-4, rtol=1e-4)
+    prompt = tokens[0, :8].tolist()
+    got, _ = llama.generate([prompt], max_gen_len=16, temperature=0, stop_ids=set())
+    want, _ = Llama(ref, CharTokenizer(), max_seq_len=128, max_batch_size=1).generate(
+        [prompt], max_gen_len=16, temperature=0, stop_ids=set())
+    assert got == want
