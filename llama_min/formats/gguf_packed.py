@@ -232,7 +232,7 @@ def is_quantized_gguf(path) -> bool:
     """True for a GGUF file holding any quantized matrix (so the packed path applies)."""
     from gguf.constants import GGMLQuantizationType
 
-    from ..gguf_vocab import read_gguf_tensor_infos
+    from ..gguf_file import read_gguf_tensor_infos
 
     _, infos = read_gguf_tensor_infos(path)
     return any(len(dims) == 2 and GGMLQuantizationType(t).name not in FLOAT_TYPES for _, dims, t, _ in infos)
@@ -299,7 +299,7 @@ def load_gguf_packed(path, device="cpu", dtype=torch.float32, max_seq_len=None) 
     """
     from tqdm import tqdm
 
-    from ..gguf_vocab import read_gguf_tensor_infos
+    from ..gguf_file import read_gguf_tensor_infos
 
     path, device = Path(path), torch.device(device)
     meta, infos = read_gguf_tensor_infos(path)
