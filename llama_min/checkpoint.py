@@ -36,12 +36,26 @@ from .model import ModelArgs, Transformer
 
 
 def build_transformer(args: ModelArgs, state_dict: dict, device=None, dtype=None) -> Transformer:
-    """A Transformer holding these tensors, built on the meta device so no random init is allocated."""
+    """A Transformer holding these tensors, built on the meta device so no random init is allocated.
+
+    A sliding-window model (Mistral) is exactly Llama while every query sees its whole past, that is while
+    args.max_seq_len <= args.sliding_window; a longer window would need the window mask, so it is refused.
+    """
+    check_window(args)
     with torch.device("meta"):
         model = Transformer(args)
     model.load_state_dict(state_dict, assign=True, strict=True)
     model.tie_weights()
     return model.to(device=device, dtype=dtype)
+
+
+def check_window(args: ModelArgs) -> None:
+    """Refuse a context longer than a Mistral-style sliding window (keys older than it would be masked)."""
+    if args.sliding_window is not None and args.max_seq_len > args.sliding_window:
+        raise LlamaMinError(
+            f"max_seq_len {args.max_seq_len} is longer than the model's sliding_window {args.sliding_window}: "
+            "llama_min computes sliding-window models only within the window; use max_seq_len <= "
+            f"{args.sliding_window}")
 
 
 def detect_format(path) -> str:

@@ -19,6 +19,7 @@ import torch
 from .checkpoint import build_transformer, load_checkpoint
 from .errors import LlamaMinError
 from .model import Transformer
+from .sampling_checks import check_sampling
 from .stops import StopStrings
 
 
@@ -32,17 +33,8 @@ class Sampling:
     min_p: Optional[float] = None
     repetition_penalty: float = 1.0
 
-    def __post_init__(self):  # `not (x >= 0)` also refuses NaN
-        if not 0 <= self.temperature < float("inf"):
-            raise LlamaMinError(f"temperature must be a number >= 0, got {self.temperature}")
-        if not 0 <= self.top_p <= 1:
-            raise LlamaMinError(f"top_p must be in [0, 1], got {self.top_p}")
-        if self.top_k is not None and not (isinstance(self.top_k, int) and self.top_k >= 1):
-            raise LlamaMinError(f"top_k must be an integer >= 1, got {self.top_k}")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise LlamaMinError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not 0 < self.repetition_penalty < float("inf"):
-            raise LlamaMinError(f"repetition_penalty must be a number > 0, got {self.repetition_penalty}")
+    def __post_init__(self):
+        check_sampling(self.temperature, self.top_p, self.top_k, self.min_p, self.repetition_penalty)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -302,7 +294,7 @@ class Llama:
             for cur_pos in range(min(lens), total_len):
                 logits = self.model(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
                 history = tokens[:, :cur_pos] if repetition_penalty != 1.0 else None
-                next_token = sample_next(logits[:, -1], s, history, generator)
+                next_token = sample_next(self.known_tokens(logits[:, -1]), s, history, generator)
                 next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
                 next_token = _from_rank0(next_token) if self.tensor_parallel else next_token
                 tokens[:, cur_pos] = next_token
@@ -338,6 +330,13 @@ class Llama:
         if texts is not None:
             texts.finish(0)
         return out
+
+    def known_tokens(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (B, V) with the ids the tokenizer does not have (a padded embedding table) set to -inf."""
+        n = self.tokenizer.n_words
+        if logits.shape[-1] <= n:
+            return logits
+        return torch.cat([logits[:, :n], torch.full_like(logits[:, n:], float("-inf"))], dim=-1)
 
     def _padded(self, prompt_tokens: list, total_len: int) -> torch.Tensor:
         """(B, total_len) token ids: each prompt, then -1 (Meta's pad id, never embedded)."""

@@ -49,12 +49,13 @@ class ModelArgs:
     rope_freq_divisors: Optional[list] = None  # GGUF `rope_freqs`: theta_i /= divisors[i]
     tie_word_embeddings: bool = False  # output projection shares the embedding matrix
     max_seq_len: int = 2048
+    sliding_window: Optional[int] = None  # Mistral: keys older than this are masked; requests must fit inside it
 
     def __post_init__(self):
         """Check sizes and divisibility now, not later as a shape error deep in a forward pass."""
         for name in ("dim", "n_layers", "n_heads", "multiple_of", "max_seq_len", "n_kv_heads", "hidden_dim",
-                     "head_dim", "vocab_size"):
-            value, optional = getattr(self, name), name in ("n_kv_heads", "hidden_dim", "head_dim")
+                     "head_dim", "vocab_size", "sliding_window"):
+            value, optional = getattr(self, name), name in ("n_kv_heads", "hidden_dim", "head_dim", "sliding_window")
             if not (optional and value is None or name == "vocab_size" and value == -1):  # -1: from the tokenizer
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -109,7 +109,7 @@ class ChatSession:
             llama.stats.prefill_s = _elapsed(start, llama.device)
             while len(self.cached) < total:
                 history = torch.tensor([self.cached], device=llama.device) if self.sampling.repetition_penalty != 1 else None
-                nxt = sample_next(logits[:, -1], self.sampling, history, self.generator)
+                nxt = sample_next(llama.known_tokens(logits[:, -1]), self.sampling, history, self.generator)
                 nxt = int((_from_rank0(nxt) if llama.tensor_parallel else nxt)[0])  # rank 0 decides
                 if nxt in tok.stop_ids:
                     break

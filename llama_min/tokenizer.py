@@ -178,6 +178,11 @@ def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
             except ValueError:
                 raise LlamaMinError(f"{path}: line {n} is not 'base64 rank' (expected a tiktoken rank file)") \
                     from None
+    if sorted(ranks.values()) != list(range(len(ranks))):  # tiktoken panics on gaps and repeats
+        raise ValueError(f"{path}: ranks are not 0..{len(ranks) - 1} each once (a damaged tiktoken file?)")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]  # byte-level BPE: every byte needs a rank
+    if missing:
+        raise ValueError(f"{path}: byte {missing[0]:#04x} has no rank (a damaged tiktoken file?)")
     return ranks
 
 

@@ -1,8 +1,17 @@
-"""What every format reader shares: tensor access (safetensors, weights-only torch files), the shapes a
-model needs, and the q/k row permutation between Hugging Face's and Meta's RoPE layouts."""
+"""What every format reader shares: checked reads of config values, tensor access (safetensors,
+weights-only torch files) with dtype checks, the shapes a model needs, and the q/k row permutation between
+Hugging Face's and Meta's RoPE layouts.
+
+Validation happens here, at the edge: a config value of the wrong type or range, a tensor of the wrong dtype
+or shape, a pickle that is not plain tensors, each ends in one `LlamaMinError` line that names the file and
+the key, never in a traceback from deep inside a forward pass.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -10,6 +19,152 @@ import torch
 
 from ..errors import LlamaMinError
 from ..model import ModelArgs
+
+REQUIRED = object()  # a ConfigReader default meaning "the key must be present"
+
+
+def show(value) -> str:
+    """A config value as a short one-line JSON-like text for error messages."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    text = " ".join(text.split())
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def one_line(err) -> str:
+    """The first non-empty line of an exception's message (library errors can span many lines)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+class ConfigReader:
+    """Typed reads from one config mapping; every refusal is one LlamaMinError naming the file and the key.
+
+    A key holding null counts as absent: it takes its default, or is an error when required.
+    `prefix` is put before every key looked up (GGUF's flat "llama.*" keys); `within` names a nested
+    object in messages ("rope_scaling." for the keys of config.json's rope_scaling).
+    """
+
+    def __init__(self, data, source, prefix: str = "", within: str = ""):
+        if not isinstance(data, dict):
+            if within:
+                raise LlamaMinError(f"{source}: \"{within.rstrip('.')}\": {show(data)}; expected an object")
+            raise LlamaMinError(f"{source}: expected a JSON object of settings, found {type(data).__name__}")
+        self.data, self.source, self.prefix, self.within = data, str(source), prefix, within
+
+    def error(self, key: str, value, expected: str) -> LlamaMinError:
+        return LlamaMinError(f"{self.source}: \"{self.within}{self.prefix}{key}\": {show(value)}; expected {expected}")
+
+    def raw(self, key: str, default):
+        value = self.data.get(self.prefix + key)
+        if value is None and default is REQUIRED:
+            raise LlamaMinError(f"{self.source}: missing key \"{self.within}{self.prefix}{key}\"")
+        return value
+
+    def int(self, key: str, default=REQUIRED, minimum: int = 1):
+        """An integer >= minimum (a float with an integer value counts); `default` when absent."""
+        value = self.raw(key, default)
+        if value is None:
+            return default
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.error(key, value, f"an integer >= {minimum}")
+        return value
+
+    def number(self, key: str, default=REQUIRED) -> float:
+        """A finite positive number; `default` when absent."""
+        value = self.raw(key, default)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise self.error(key, value, "a positive finite number")
+        return float(value)
+
+    def flag(self, key: str, default: bool = False) -> bool:
+        value = self.raw(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.error(key, value, "true or false")
+        return value
+
+    def text(self, key: str, default=None):
+        value = self.raw(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise self.error(key, value, "a string")
+        return value
+
+    def numbers(self, key: str, default=None):
+        """A non-empty list of positive finite numbers; `default` when absent."""
+        value = self.raw(key, default)
+        if value is None:
+            return default
+        ok = isinstance(value, list) and value and all(
+            not isinstance(v, bool) and isinstance(v, (int, float)) and 0 < v < math.inf for v in value)
+        if not ok:
+            raise self.error(key, value, "a list of positive numbers")
+        return [float(v) for v in value]
+
+
+def build_args(source, renames: Optional[dict] = None, **values) -> ModelArgs:
+    """ModelArgs(**values), its own checks (sizes, divisibility) re-raised as one line naming `source`.
+
+    `renames` maps ModelArgs field names to the file's own key names, so the message speaks the file's words.
+    """
+    try:
+        args = ModelArgs(**values)
+    except (ValueError, TypeError) as e:
+        msg = one_line(e)
+        for field, key in (renames or {}).items():
+            msg = re.sub(rf"(?<!head )\b{field}\b", key, msg)  # "head dim" is not the model dim
+        raise LlamaMinError(f"{source}: {msg}") from None
+    check_llama3_rope(args, source)
+    return args
+
+
+def check_llama3_rope(args: ModelArgs, source) -> None:
+    """Llama 3.1 scaling divides by (high - low) and by the wavelength band: refuse settings it cannot use."""
+    if args.use_scaled_rope and not args.rope_high_freq_factor > args.rope_low_freq_factor:
+        raise LlamaMinError(f"{source}: llama3 rope scaling needs high_freq_factor > low_freq_factor, got "
+                            f"{args.rope_high_freq_factor} and {args.rope_low_freq_factor}")
+
+
+# ModelArgs fields as params.json spells them, with the kind of value each must hold.
+PARAMS_KINDS = {
+    "dim": "int", "n_layers": "int", "n_heads": "int", "n_kv_heads": "int", "vocab_size": "int-or--1",
+    "multiple_of": "int", "ffn_dim_multiplier": "number", "hidden_dim": "int", "head_dim": "int",
+    "norm_eps": "number", "rope_theta": "number", "use_scaled_rope": "flag", "rope_scaling_factor": "number",
+    "rope_low_freq_factor": "number", "rope_high_freq_factor": "number", "rope_original_max_pos": "int",
+    "rope_freq_divisors": "numbers", "tie_word_embeddings": "flag", "max_seq_len": "int",
+    "sliding_window": "int",
+}
+PARAMS_REQUIRED = ("dim", "n_layers", "n_heads")
+
+
+def args_from_params(params, source) -> ModelArgs:
+    """ModelArgs from a params.json dict (Meta's, or ours), every value type-checked.
+
+    dim, n_layers and n_heads are required (a missing one must not silently become 7B's default); keys
+    holding null take ModelArgs' defaults; a nested {"model": {...}} is accepted; unknown keys are ignored.
+    """
+    if isinstance(params, dict) and isinstance(params.get("model"), dict):
+        params = params["model"]
+    r = ConfigReader(params, source)
+    values = {}
+    for key, kind in PARAMS_KINDS.items():
+        default = REQUIRED if key in PARAMS_REQUIRED else None
+        if kind == "int-or--1":
+            value = r.int(key, default, minimum=-1)
+        else:
+            value = getattr(r, kind)(key, default)
+        if value is not None:
+            values[key] = value
+    return build_args(source, **values)
 
 
 def expected_shapes(args: ModelArgs) -> dict:
@@ -29,16 +184,26 @@ def expected_shapes(args: ModelArgs) -> dict:
 
 
 def check_state_dict(args: ModelArgs, sd: dict, source) -> None:
-    """Raise a ValueError naming the file and key for a missing, unexpected or misshapen tensor."""
+    """Raise one LlamaMinError naming the file and key for a missing, unexpected, misshapen or non-float tensor."""
     want = expected_shapes(args)
     for key, shape in want.items():
         if key not in sd:
             raise LlamaMinError(f"{source}: missing tensor '{key}' (expected shape {list(shape)})")
+        check_float(sd[key], key, source)
         if tuple(sd[key].shape) != shape:
             raise LlamaMinError(f"{source}: tensor '{key}' has shape {list(sd[key].shape)}, expected {list(shape)}")
     extra = sorted(set(sd) - set(want))
     if extra:
         raise LlamaMinError(f"{source}: unexpected tensor '{extra[0]}' ({len(extra)} unknown keys)")
+
+
+def check_float(t, key: str, source) -> None:
+    """Weights must be floating point: integer or bool tensors are not weights (and casting would hide it)."""
+    if not isinstance(t, torch.Tensor):
+        raise LlamaMinError(f"{source}: '{key}' is a {type(t).__name__}, expected a tensor")
+    if not t.dtype.is_floating_point:
+        raise LlamaMinError(f"{source}: tensor '{key}' has dtype {str(t.dtype).replace('torch.', '')}, "
+                            "expected floating point (float32, float16, bfloat16)")
 
 
 def hf_to_meta_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -74,22 +239,50 @@ def safetensors_open(path: Path):
 
     try:
         return safe_open(str(path), framework="pt")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise LlamaMinError(f"{path}: not a readable safetensors file ({e})") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise LlamaMinError(f"{path}: not a readable safetensors file ({one_line(e)})") from None
 
 
-def torch_load(path: Path) -> dict:
-    """A .pth/.bin state dict, memory-mapped, refusing anything but tensors (never unpickles code)."""
+def torch_load(path: Path):
+    """A .pth/.bin file's content, memory-mapped, weights-only (never unpickles code).
+
+    A pickle naming anything but tensors and plain containers is refused in one line (torch's own
+    message spans several).
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise LlamaMinError(f"{path}: cannot load as a weights-only PyTorch file ({e})") from None
+        text = str(e)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found or "Weights only load failed" in text:
+            what = f" ({found.group(1)})" if found else ""
+            raise LlamaMinError(f"{path}: refused: the pickle holds objects other than tensors{what}; "
+                                "llama_min reads weights-only files") from None
+        raise LlamaMinError(f"{path}: cannot load as a PyTorch weights file ({one_line(e)})") from None
+    return sd
+
+
+def torch_weights(path: Path) -> dict:
+    """A .pth/.bin state dict: `torch_load`, then checked to be {name: floating-point tensor}."""
+    sd = torch_load(path)
+    if not isinstance(sd, dict):
+        raise LlamaMinError(f"{path}: holds a {type(sd).__name__}, expected a dict of tensors")
+    for key, t in sd.items():
+        check_float(t, str(key), path)
+    return sd
 
 
 def load_safetensors(path: Path, dtype) -> dict:
-    """Tensors of one safetensors file, memory-mapped (copy-on-write) by the safetensors library."""
+    """Tensors of one safetensors file, memory-mapped (copy-on-write), dtype-checked before any cast."""
     f = safetensors_open(path)
+    out = {}
     try:
-        return {k: cast(f.get_tensor(k), dtype) for k in f.keys()}
+        for k in f.keys():
+            t = f.get_tensor(k)
+            check_float(t, k, path)
+            out[k] = cast(t, dtype)
+    except LlamaMinError:
+        raise
     except Exception as e:  # a truncated file fails here
-        raise LlamaMinError(f"{path}: cannot read tensors ({e})") from None
+        raise LlamaMinError(f"{path}: cannot read tensors ({one_line(e)})") from None
+    return out

@@ -11,10 +11,13 @@ import re
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from ..errors import LlamaMinError
 from ..files import atomic_write, read_json
 from ..model import ModelArgs
-from .common import cast, load_safetensors, meta_to_hf_qk, torch_load, unpermute_inplace
+from .common import (ConfigReader, build_args, cast, show, load_safetensors, meta_to_hf_qk, torch_weights,
+                     unpermute_inplace)
 
 HF_TO_META = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
@@ -36,31 +39,97 @@ HF_LAYER_TO_META = {
 }
 
 
-def args_from_hf_config(cfg: dict) -> ModelArgs:
-    """ModelArgs from an HF LlamaConfig dict (legacy rope_theta/rope_scaling or transformers-5 rope_parameters)."""
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise LlamaMinError("config.json: attention_bias/mlp_bias models are not Llama-architecture (no biases)")
-    rope = dict(cfg.get("rope_parameters") or {})
-    scaling = cfg.get("rope_scaling") or rope
-    theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
-    rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+# model_type / architectures whose math is Llama's (Mistral: plus a sliding window, handled below)
+LLAMA_MODEL_TYPES = ("llama", "mistral")
+LLAMA_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+
+# ModelArgs field -> config.json key, so ModelArgs' own checks speak the file's words
+HF_NAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+            "n_kv_heads": "num_key_value_heads", "hidden_dim": "intermediate_size", "vocab_size": "vocab_size",
+            "norm_eps": "rms_norm_eps", "max_seq_len": "max_position_embeddings"}
+
+
+def check_llama_architecture(r: ConfigReader) -> None:
+    """Refuse, naming the field and value, what is not computed exactly as Llama.
+
+    model_type / architectures (Gemma's norm offset and embedding scale, Qwen2's biases, MoE, ...),
+    hidden_act (SwiGLU uses SiLU), attention_bias / mlp_bias (Llama has no biases).
+    """
+    model_type = r.text("model_type", "llama")
+    if model_type not in LLAMA_MODEL_TYPES:
+        raise r.error("model_type", model_type, f"a Llama-architecture model ({' or '.join(LLAMA_MODEL_TYPES)})")
+    archs = r.raw("architectures", None)
+    if archs is not None:
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise r.error("architectures", archs, "a list of class names")
+        for arch in archs:
+            if arch not in LLAMA_ARCHITECTURES:
+                raise r.error("architectures", archs, f"a Llama-architecture model ({', '.join(LLAMA_ARCHITECTURES)})")
+    for key in ("hidden_act", "hidden_activation"):
+        act = r.text(key, "silu")
+        if act != "silu":
+            raise r.error(key, act, "\"silu\" (Llama's SwiGLU feed-forward)")
+    for key in ("attention_bias", "mlp_bias"):
+        if r.flag(key, False):
+            raise r.error(key, True, "false (Llama has no biases)")
+
+
+def _rope_settings(r: ConfigReader) -> dict:
+    """rope_theta and Llama 3.1 scaling from legacy rope_theta/rope_scaling or transformers-5 rope_parameters."""
+    params = r.raw("rope_parameters", None)
+    if params is not None and not isinstance(params, dict):
+        raise r.error("rope_parameters", params, "an object of RoPE settings")
+    name = "rope_scaling" if r.raw("rope_scaling", None) is not None else "rope_parameters"
+    s = ConfigReader(r.raw(name, None) or {}, r.source, within=f"{name}.")
+    theta = r.number("rope_theta", None) or ConfigReader(params or {}, r.source, within="rope_parameters.").number(
+        "rope_theta", 10000.0)
+    rope_type = s.text("rope_type", None) or s.text("type", "default")
     if rope_type not in ("default", "llama3"):
-        raise LlamaMinError(f"config.json: rope type '{rope_type}' is not supported (only default and llama3)")
-    args = ModelArgs(
-        dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-        n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"], vocab_size=cfg["vocab_size"],
-        hidden_dim=cfg["intermediate_size"], head_dim=cfg.get("head_dim"),
-        norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_seq_len=min(int(cfg.get("max_position_embeddings", 2048)), 8192),
-    )
+        raise s.error("rope_type", rope_type, "\"default\" or \"llama3\" (other RoPE scalings are not Llama's)")
+    out = {"rope_theta": theta}
     if rope_type == "llama3":
-        args.use_scaled_rope = True
-        args.rope_scaling_factor = float(scaling["factor"])
-        args.rope_low_freq_factor = float(scaling.get("low_freq_factor", 1.0))
-        args.rope_high_freq_factor = float(scaling.get("high_freq_factor", 4.0))
-        args.rope_original_max_pos = int(scaling.get("original_max_position_embeddings", 8192))
+        out.update(use_scaled_rope=True, rope_scaling_factor=s.number("factor"),
+                   rope_low_freq_factor=s.number("low_freq_factor", 1.0),
+                   rope_high_freq_factor=s.number("high_freq_factor", 4.0),
+                   rope_original_max_pos=s.int("original_max_position_embeddings", 8192))
+    return out
+
+
+def args_from_hf_config(cfg: dict, source="config.json") -> ModelArgs:
+    """ModelArgs from an HF LlamaConfig / MistralConfig dict, every value type- and range-checked.
+
+    Mistral's sliding_window is kept (ModelArgs.sliding_window): requests longer than the window are then
+    refused when the model is built, because within the window the attention is exactly Llama's.
+    """
+    r = ConfigReader(cfg, source)
+    check_llama_architecture(r)
+    n_heads = r.int("num_attention_heads")
+    window = r.int("sliding_window", None) if r.raw("model_type", None) == "mistral" else None  # Llama ignores it
+    max_pos = min(r.int("max_position_embeddings", 2048), 8192, window or 8192)
+    args = build_args(
+        source, HF_NAMES,
+        dim=r.int("hidden_size"), n_layers=r.int("num_hidden_layers"), n_heads=n_heads,
+        n_kv_heads=r.int("num_key_value_heads", n_heads), vocab_size=r.int("vocab_size"),
+        hidden_dim=r.int("intermediate_size"), head_dim=r.int("head_dim", None),
+        norm_eps=r.number("rms_norm_eps", 1e-6), tie_word_embeddings=r.flag("tie_word_embeddings", False),
+        max_seq_len=max_pos, sliding_window=window, **_rope_settings(r),
+    )
+    _check_special_ids(r, args.vocab_size)
     return args
+
+
+def _check_special_ids(r: ConfigReader, vocab_size: int) -> None:
+    """bos/eos token ids (an int or a list of ints, or null) must lie inside the vocabulary.
+
+    (pad_token_id is not checked: early Llama conversions set it to -1, and nothing here uses it.)
+    """
+    for key in ("bos_token_id", "eos_token_id"):
+        value = r.raw(key, None)
+        for i in value if isinstance(value, list) else [value]:
+            if i is None:
+                continue
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size:
+                raise r.error(key, value, f"token ids in 0..{vocab_size - 1} (vocab_size {vocab_size})")
 
 
 def hf_config_from_args(args: ModelArgs, dtype: str = "float32") -> dict:
@@ -77,6 +146,8 @@ def hf_config_from_args(args: ModelArgs, dtype: str = "float32") -> dict:
         "tie_word_embeddings": args.tie_word_embeddings, "max_position_embeddings": args.max_seq_len,
         "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "dtype": dtype,
     }
+    if args.sliding_window is not None:  # transformers' Mistral masks keys older than the window; Llama has none
+        cfg.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=args.sliding_window)
     if args.use_scaled_rope:
         cfg["rope_scaling"] = {
             "rope_type": "llama3", "factor": args.rope_scaling_factor,
@@ -91,7 +162,10 @@ def hf_config_from_args(args: ModelArgs, dtype: str = "float32") -> dict:
 def _hf_weight_files(path: Path) -> list:
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (path / index).is_file():
-            weight_map = read_json(path / index, "index").get("weight_map", {})
+            weight_map = read_json(path / index, "index").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise LlamaMinError(f"{path / index}: \"weight_map\": {show(weight_map)}; "
+                                    "expected an object of tensor name -> file name")
             return [path / name for name in dict.fromkeys(weight_map.values())]
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (path / single).is_file():
@@ -115,15 +189,15 @@ def hf_to_meta_name(key: str) -> Optional[str]:
 
 
 def load_hf(path: Path, dtype):
-    args = args_from_hf_config(read_json(path / "config.json", "config.json"))
+    args = args_from_hf_config(read_json(path / "config.json", "config.json"), path / "config.json")
     sd = {}
     for f in _hf_weight_files(path):
         if not f.is_file():
-            raise FileNotFoundError(f"{f}: listed in the index but missing")
+            raise LlamaMinError(f"{f}: listed in the index but missing")
         if f.suffix == ".safetensors":
             tensors = load_safetensors(f, dtype)
         else:
-            tensors = torch_load(f)
+            tensors = torch_weights(f)
         for key, t in tensors.items():
             try:
                 name = hf_to_meta_name(key)
@@ -136,7 +210,18 @@ def load_hf(path: Path, dtype):
             elif name.endswith("attention.wk.weight"):
                 t = unpermute_inplace(t, args.kv_heads)
             sd[name] = cast(t, dtype)
+    _check_tied(args, sd, path)
     return args, sd
+
+
+def _check_tied(args: ModelArgs, sd: dict, path: Path) -> None:
+    """tie_word_embeddings with a separate, different lm_head on disk is ambiguous: transformers 4 ties
+    (uses the embedding), transformers 5 keeps the lm_head. Refuse rather than pick one silently."""
+    out, emb = sd.get("output.weight"), sd.get("tok_embeddings.weight")
+    if args.tie_word_embeddings and out is not None and emb is not None and out.shape == emb.shape:
+        if not torch.equal(out, emb):
+            raise LlamaMinError(f"{path / 'config.json'}: \"tie_word_embeddings\": true, but the weights hold a "
+                                "separate lm_head.weight that differs from the embedding; expected one of the two")
 
 
 def to_hf(args: ModelArgs, state_dict: dict):

@@ -13,8 +13,7 @@ import torch
 
 from ..errors import LlamaMinError
 from ..files import read_json
-from ..model import ModelArgs
-from .common import cast, torch_load
+from .common import args_from_params, cast, torch_weights
 
 SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
 
@@ -23,7 +22,7 @@ def _merge_shards(key: str, parts: list, dim: int, files) -> torch.Tensor:
     """Concatenate one tensor's model-parallel pieces along the axis its layer was split on."""
     if len(parts) == 1:
         return parts[0]
-    if parts[0].ndim == 1:  # norms are replicated on every shard
+    if parts[0].ndim < 2:  # norms are replicated on every shard
         return parts[0]
     kind = key.split(".")[-2]
     if kind == "tok_embeddings":  # Llama 1/2 split it by columns (dim 1), Llama 3 by rows (dim 0)
@@ -32,18 +31,16 @@ def _merge_shards(key: str, parts: list, dim: int, files) -> torch.Tensor:
         axis = SHARD_DIM.get(kind)
         if axis is None:
             raise LlamaMinError(f"{files[0].parent}: no known shard merge rule for '{key}'")
-    other = 1 - axis
-    if any(p.shape[other] != parts[0].shape[other] for p in parts):
+    if any(p.shape[:axis] + p.shape[axis + 1:] != parts[0].shape[:axis] + parts[0].shape[axis + 1:] for p in parts):
         shapes = [list(p.shape) for p in parts]
         raise LlamaMinError(f"{files[0].parent}: shards disagree on '{key}': shapes {shapes}")
     return torch.cat(parts, dim=axis)
 
 
 def load_meta(path: Path, dtype):
-    params = read_json(path / "params.json", "params.json")
-    args = ModelArgs.from_dict(params)
+    args = args_from_params(read_json(path / "params.json", "params.json"), path / "params.json")
     files = sorted(path.glob("consolidated.*.pth"))
-    shards = [torch_load(f) for f in files]
+    shards = [torch_weights(f) for f in files]
     keys = [k for k in shards[0] if k != "rope.freqs"]  # rope.freqs (Llama 1/2) is recomputed
     for f, s in zip(files[1:], shards[1:]):
         if set(k for k in s if k != "rope.freqs") != set(keys):

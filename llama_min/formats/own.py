@@ -8,10 +8,11 @@ from pathlib import Path
 
 from ..files import atomic_write, read_json
 from ..model import ModelArgs
-from .common import load_safetensors
+from .common import args_from_params, load_safetensors
+
 
 def load_own(path: Path, dtype):
-    args = ModelArgs.from_dict(read_json(path / "params.json", "params.json"))
+    args = args_from_params(read_json(path / "params.json", "params.json"), path / "params.json")
     return args, load_safetensors(path / "model.safetensors", dtype)
 
 
