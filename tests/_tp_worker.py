@@ -24,7 +24,10 @@ PROMPTS = [[5, 17, 99, 3, 42, 8], [7, 1, 64, 23]]
 
 
 class NoTokenizer:
+    """Generation from token ids needs only the stop set and the vocabulary size (no masking here)."""
+
     stop_ids: set = set()
+    n_words = 1 << 30
 
 
 def run_job(job: str):
