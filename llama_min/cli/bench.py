@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .common import Parser, check_number, checkpoint_format, run_main
+from .common import Parser, UsageError, check_number, checkpoint_format, run_main
 
 
 def build_parser(prog: Optional[str] = None) -> Parser:
@@ -45,8 +45,9 @@ def build_parser(prog: Optional[str] = None) -> Parser:
     src.add_argument("--config", help="model config, a name in configs/ (tiny, tinyllama-1.1b, ...) or a "
                      "params.json-style file: random weights of that shape")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "int8"],
-                   choices=["float32", "bfloat16", "int8", "int4"],
-                   help="what to measure (int8 / int4 = weight-only int8 / int4 in groups of 32)")
+                   choices=["float32", "bfloat16", "int8", "int4", "packed"],
+                   help="what to measure (int8 / int4 = weight-only int8 / int4 in groups of 32; packed = a "
+                   "quantized GGUF --ckpt at its own precision)")
     p.add_argument("--vs-transformers", action="store_true", help="run transformers' LlamaForCausalLM side by side")
     p.add_argument("--compile", action="store_true", help="also measure ours with torch.compile'd decode steps")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode for --compile (e.g. "
@@ -73,6 +74,8 @@ def parse_args(argv=None, prog: Optional[str] = None):
     check_number("--threads", opts.threads, low=1, integer=True)
     if opts.ckpt is not None:
         checkpoint_format(opts.ckpt)
+    if "packed" in opts.dtypes and opts.config:
+        raise UsageError("--dtypes packed measures a quantized GGUF: give it as --ckpt (not --config)")
     return opts
 
 
@@ -151,6 +154,12 @@ class Ours:
         from ..generation import Llama
         from ..transforms import apply_transforms
 
+        if dtype_name == "packed":  # a quantized GGUF at its own precision, as Llama.build loads it
+            from ..formats.gguf_packed import load_gguf_packed
+
+            model = load_gguf_packed(args.gguf_path, "cpu", torch.float32, args.max_seq_len)
+            apply_transforms(model.eval().requires_grad_(False))
+            return Llama(model, _NoTokenizer(), max_seq_len=args.max_seq_len, max_batch_size=64)
         dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
         model = build_transformer(args, sd, dtype=dtype).eval().requires_grad_(False)
         apply_transforms(model, quantize=dtype_name if dtype_name in ("int8", "int4") else None)  # as Llama.build
@@ -295,7 +304,7 @@ def load_weights(opts):
 
             path = default_model_path()
         args, sd = load_checkpoint(path, dtype=torch.float32)
-        label = str(path)
+        args.gguf_path, label = path, str(path)  # (the packed row reads the file itself)
     args.max_seq_len = max(opts.prefill_len, opts.prompt_len + opts.new_tokens) + 8
     return args, sd, label
 
@@ -322,8 +331,8 @@ def measure_dtype(opts, args, sd, dtype_name: str, prompts: dict, bw: float) -> 
         impls.append(Ours(args, sd, dtype_name, compile_=True, compile_mode=opts.compile_mode))
     if opts.draft_quantize and dtype_name == "float32":
         impls.append(Ours(args, sd, dtype_name, draft=opts.draft_quantize, draft_tokens=opts.draft_tokens))
-    if opts.vs_transformers:  # int8 / int4 are compared with transformers in float32
-        impls.append(Transformers(args, sd, "float32" if dtype_name.startswith("int") else dtype_name))
+    if opts.vs_transformers:  # int8 / int4 / packed are compared with transformers in float32
+        impls.append(Transformers(args, sd, "float32" if dtype_name in ("int8", "int4", "packed") else dtype_name))
     for impl in impls:  # warm up (a compiled step compiles once more for a batch of several rows)
         impl.decode([prompts["short"]], 8)
         if _runs(impl, "prefill"):
@@ -334,7 +343,7 @@ def measure_dtype(opts, args, sd, dtype_name: str, prompts: dict, bw: float) -> 
                "prefill": lambda i: i.prefill(prompts["long"])}
     if opts.batch:
         measure[f"batch{opts.batch}"] = lambda i: i.decode(prompts["batch"], opts.new_tokens // 2)
-    print(f"\n{dtype_name} (transformers in {'float32' if dtype_name.startswith('int') else dtype_name}):")
+    print(f"\n{dtype_name} (transformers in {dtype_name if dtype_name in ('float32', 'bfloat16') else 'float32'}):")
     rows = []
     for what, fn in measure.items():
         here = [i for i in impls if _runs(i, what)]
