@@ -61,12 +61,14 @@ class Llama:
         self.model, self.tokenizer = model, tokenizer
         self.max_seq_len, self.max_batch_size = max_seq_len, max_batch_size
         self.device = model.norm.weight.device
+        self.tensor_parallel = getattr(model, "tensor_parallel", None) is not None  # rank 0 decides tokens
         self.stats = Stats()
 
     @staticmethod
     def build(ckpt_path=None, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
               device=None, dtype=None, seed: int = 1, quantize: Optional[str] = None,
-              optimize: bool = True, chat_format: Optional[str] = None, packed: Optional[bool] = None) -> "Llama":
+              optimize: bool = True, chat_format: Optional[str] = None, packed: Optional[bool] = None,
+              tensor_parallel: bool = False) -> "Llama":
         """Load a checkpoint (Meta dir, HF dir, .gguf, llama2.c, own dir, hub id; None = the default model).
 
         seed: `torch.manual_seed(seed)`, as Meta's build does; sampling then draws from torch's global
@@ -77,6 +79,8 @@ class Llama:
         is given; False = dequantize it to float. optimize: apply the inference transforms (transforms.py);
         False keeps exactly model.py's classes. chat_format: "template" (the checkpoint's Jinja template),
         "meta" or "chatml"; None = the template when the checkpoint ships one, else the built-in format.
+        tensor_parallel: run as one of the processes torchrun started; each reads and holds only its slice
+        of the weights (tensor_parallel.py; a quantized GGUF is dequantized). Same arguments on every rank.
         """
         from .formats.gguf_packed import load_gguf_packed, use_packed
         from .quantize import parse_quantize
@@ -94,6 +98,18 @@ class Llama:
         device = torch.device(device or default_device())
         dtype = dtype or default_dtype(device)
         torch.manual_seed(seed)
+        if tensor_parallel:  # every rank: the same seed, its slice of the weights; rank 0 decides tokens
+            from .formats.sliced import load_rank_model
+            from .tensor_parallel import build_rank
+
+            tokenizer = []
+            def load(rank, world, dev):
+                tokenizer.append(load_tokenizer(tokenizer_path or ckpt_path, chat_format=chat_format))
+                model = load_rank_model(ckpt_path, rank, world, dev, dtype, max_seq_len)
+                _check_vocab(tokenizer[0], model.vocab_size, ckpt_path)
+                return model
+            model = build_rank(load, device, optimize=optimize, quantize=quantize)
+            return Llama(model, tokenizer[0], max_seq_len, max_batch_size)
         tokenizer = load_tokenizer(tokenizer_path or ckpt_path, chat_format=chat_format)
         if packed:  # a quantized GGUF at its own precision: built directly from the file's blocks
             model = load_gguf_packed(ckpt_path, device, dtype, max_seq_len)
@@ -103,9 +119,7 @@ class Llama:
             check_memory(2 * max_seq_len * args.hd // 2 * 8, f"the RoPE table for max_seq_len {max_seq_len}", device)
             model = build_transformer(args, state_dict, device=device)
             del state_dict
-        if tokenizer.n_words > model.vocab_size:  # (more embedding rows than pieces is normal: padding)
-            raise LlamaMinError(f"{ckpt_path}: the tokenizer has {tokenizer.n_words} tokens, the model only "
-                                f"{model.vocab_size} embedding rows: wrong tokenizer for this checkpoint?")
+        _check_vocab(tokenizer, model.vocab_size, ckpt_path)
         apply_transforms(model.eval().requires_grad_(False), optimize=optimize, quantize=quantize)
         return Llama(model, tokenizer, max_seq_len, max_batch_size)
 
@@ -193,10 +207,7 @@ class Llama:
         tokens = self._padded(prompt_tokens, total_len)  # (B, total_len), -1 where nothing is known yet
         is_prompt = tokens != -1
         token_logprobs = torch.zeros(bsz, total_len, device=self.device) if logprobs else None
-        eos_reached = torch.zeros(bsz, dtype=torch.bool, device=self.device)
-        row_end = torch.tensor([n + max_gen_len for n in lens], device=self.device)  # output cut per row
-        ended = torch.full((bsz,), total_len, device=self.device)  # where a row's output stops
-        by_string = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+        rows = _RowEnds(lens, max_gen_len, total_len, stop, self.device)
         self.stats = Stats(prompt_tokens=sum(lens))
         start, prev_pos = time.perf_counter(), 0
         self._setup_cache(bsz, total_len)
@@ -206,27 +217,20 @@ class Llama:
                 history = tokens[:, :cur_pos] if repetition_penalty != 1.0 else None
                 next_token = sample_next(self.known_tokens(logits[:, -1]), s, history, generator)
                 next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
+                next_token = from_rank0(next_token) if self.tensor_parallel else next_token
                 tokens[:, cur_pos] = next_token
                 if logprobs:  # log p(token t+1 | tokens <= t): position t's logits score the token after it
                     scored = slice(prev_pos + 1, cur_pos + 1)
                     token_logprobs[:, scored] = logprobs_of(logits, tokens[:, scored])
-                new = ~is_prompt[:, cur_pos] & ~eos_reached
-                stopped = new & torch.isin(next_token, stop)
-                ended = torch.where(stopped, cur_pos, ended)
-                if on_token is not None:  # stream, and let the callback end rows (stop strings)
-                    asked = self._stream(on_token, next_token, new & ~stopped & (cur_pos < row_end))
-                    ended, by_string = torch.where(asked, cur_pos + 1, ended), by_string | asked
-                    stopped |= asked
-                eos_reached |= stopped
                 if cur_pos == min(lens):
                     self.stats.prefill_s = elapsed(start, self.device)
                 prev_pos = cur_pos
-                if eos_reached.all():
-                    break
+                if rows.step(cur_pos, next_token, ~is_prompt[:, cur_pos], self._asker(on_token, next_token)):
+                    break  # every row has ended
         finally:
             self.model.clear_cache()
         self.stats.decode_s = elapsed(start, self.device) - self.stats.prefill_s
-        return self._collect(tokens, token_logprobs, lens, max_gen_len, echo, ended, by_string, texts)
+        return self._collect(tokens, token_logprobs, lens, max_gen_len, echo, rows.ended, rows.by_string, texts)
 
     def _speculative(self, draft, draft_tokens, prompt_tokens, max_gen_len, s, generator, stop_ids, on_token,
                      logprobs, echo, texts):
@@ -260,14 +264,20 @@ class Llama:
                      f"a KV cache of {bsz} x {total_len} positions", self.device)
         self.model.setup_cache(bsz, total_len)
 
-    @staticmethod
-    def _stream(on_token, next_token: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Hand each row's new token to the callback; the rows whose callback asked to stop."""
-        stop_here = torch.zeros_like(rows)
-        for row in torch.nonzero(rows).flatten().tolist():
-            if on_token(row, int(next_token[row])):
-                stop_here[row] = True
-        return stop_here
+    def _asker(self, on_token, next_token: torch.Tensor):
+        """None, or a function: rows (bool mask) -> the rows whose callback, given its new token, asked to stop
+        (under tensor parallelism, rank 0's callbacks decide)."""
+        if on_token is None:
+            return None
+
+        def ask(rows: torch.Tensor) -> torch.Tensor:
+            stop_here = torch.zeros_like(rows)
+            for row in torch.nonzero(rows).flatten().tolist():
+                if on_token(row, int(next_token[row])):
+                    stop_here[row] = True
+            return from_rank0(stop_here) if self.tensor_parallel else stop_here
+
+        return ask
 
     def _collect(self, tokens, token_logprobs, lens, max_gen_len, echo, ended, by_string, texts):
         """Cut each row to its generated part (plus the prompt with echo): at most max_gen_len new tokens,
@@ -327,6 +337,30 @@ class Llama:
 
 
 
+class _RowEnds:
+    """Where each row of a generate() batch ends: at its stop token, where its callback (stop strings) asked,
+    or at the end of the loop. Meta's rule: the loop runs until every row has ended (`done`)."""
+
+    def __init__(self, lens: list, max_gen_len: int, total_len: int, stop: torch.Tensor, device):
+        self.stop = stop
+        self.row_end = torch.tensor([n + max_gen_len for n in lens], device=device)  # output cut per row
+        self.ended = torch.full((len(lens),), total_len, device=device)  # where a row's output stops
+        self.by_string = torch.zeros(len(lens), dtype=torch.bool, device=device)  # ended by its callback
+        self.done = torch.zeros(len(lens), dtype=torch.bool, device=device)
+
+    def step(self, cur_pos: int, next_token: torch.Tensor, new: torch.Tensor, ask) -> bool:
+        """Rows `new` got a generated token at cur_pos; True when every row has ended."""
+        new = new & ~self.done
+        stopped = new & torch.isin(next_token, self.stop)
+        self.ended = torch.where(stopped, cur_pos, self.ended)
+        if ask is not None:  # stream, and let the callback end rows
+            asked = ask(new & ~stopped & (cur_pos < self.row_end))
+            self.ended, self.by_string = torch.where(asked, cur_pos + 1, self.ended), self.by_string | asked
+            stopped |= asked
+        self.done |= stopped
+        return bool(self.done.all())
+
+
 def _with_stop_strings(on_token, texts: Optional[StopStrings]):
     """The per-token callback, extended to feed the stop-string matcher (which may end the row)."""
     if texts is None:
@@ -348,3 +382,16 @@ def cut_at_stop(text: str, stop: Optional[list]) -> str:
 def _generator(seed: Optional[int], device):
     """None (torch's global generator, as Meta's code) or a private generator seeded with `seed`."""
     return None if seed is None else torch.Generator(device).manual_seed(seed)
+
+
+def from_rank0(t: torch.Tensor) -> torch.Tensor:
+    """Under tensor parallelism rank 0's choice wins on every rank (tensor_parallel.py)."""
+    from .tensor_parallel import broadcast_from_rank0
+
+    return broadcast_from_rank0(t)
+
+
+def _check_vocab(tokenizer, vocab_size: int, ckpt_path) -> None:
+    if tokenizer.n_words > vocab_size:  # (more embedding rows than pieces is normal: padding)
+        raise LlamaMinError(f"{ckpt_path}: the tokenizer has {tokenizer.n_words} tokens, the model only "
+                            f"{vocab_size} embedding rows: wrong tokenizer for this checkpoint?")

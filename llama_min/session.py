@@ -16,7 +16,7 @@ import torch
 
 from .errors import LlamaMinError
 from .files import atomic_write
-from .generation import Llama
+from .generation import Llama, from_rank0
 from .sampling import Sampling, Stats, elapsed, sample_next
 from .model import KVCache
 
@@ -110,7 +110,8 @@ class ChatSession:
             llama.stats.prefill_s = elapsed(start, llama.device)
             while len(self.cached) < total:
                 history = torch.tensor([self.cached], device=llama.device) if self.sampling.repetition_penalty != 1 else None
-                nxt = int(sample_next(llama.known_tokens(logits[:, -1]), self.sampling, history, self.generator)[0])
+                nxt = sample_next(llama.known_tokens(logits[:, -1]), self.sampling, history, self.generator)
+                nxt = int((from_rank0(nxt) if llama.tensor_parallel else nxt)[0])  # rank 0 decides
                 if nxt in tok.stop_ids:
                     break
                 reply.append(nxt)

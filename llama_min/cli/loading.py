@@ -6,6 +6,8 @@ numbers are finite and in range, `--device` exists here, `--ckpt` is a checkpoin
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -93,11 +95,14 @@ def load_llama(args):
         fmt = FORMAT_NAMES.get(checkpoint_format(path), "?")
         say(f"loading {path} ({fmt}, {human_size(checkpoint_size(path))})...")
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    parallel = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun: split the model over the ranks
+    if parallel and os.environ.get("RANK", "0") != "0":  # only rank 0 prints (errors too: it says whose)
+        sys.stdout = sys.stderr = open(os.devnull, "w")
     start = time.perf_counter()
     llama = Llama.build(path, args.tokenizer, max_seq_len=args.max_seq_len, max_batch_size=1,
                         device=args.device, dtype=dtype, seed=args.seed, quantize=args.quantize,
                         packed=False if args.dequantize else None,
-                        chat_format=args.chat_format)
+                        chat_format=args.chat_format, tensor_parallel=parallel)
     return llama, time.perf_counter() - start
 
 

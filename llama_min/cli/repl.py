@@ -168,12 +168,14 @@ def answer(session, text: str, max_new_tokens: int, prefill: str = "") -> None:
 def chat_loop(session, max_new_tokens: int, verbose: bool = False, quiet: bool = False, stdin=None,
               prefill: str = "") -> int:
     """Run the chat until /exit, end of input, or two Ctrl-C in a row at the prompt. Returns 0."""
+    from ..tensor_parallel import read_on_rank0
+
     reader, timing, interrupts = _Input(stdin), _Timing(), 0
     if reader.interactive and not quiet:
         _note("chat: type a message (/help for commands; Ctrl-C stops an answer; Ctrl-C twice quits)")
     while True:
         try:
-            text = reader.message()
+            text = read_on_rank0(reader.message)  # under torchrun rank 0 reads, every rank gets the message
         except LlamaMinError as e:  # bad bytes at the keyboard: say so and go on (piped: fatal)
             if not reader.interactive:
                 raise
