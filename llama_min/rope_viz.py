@@ -131,6 +131,12 @@ def _title(fig, title: str, caption: str):
     fig.text(0.5, 0.915, caption, ha="center", va="top", fontsize=9.5, color="0.3", wrap=True)
 
 
+def _save(fig, path: Path, dpi: int):
+    """The layout every one-panel picture shares (room for the title and caption), then the file."""
+    fig.subplots_adjust(top=0.83, bottom=0.11, left=0.08, right=0.98)
+    fig.savefig(path, dpi=dpi)
+
+
 def plot_rotation(plt, path: Path, dpi: int):
     n_pos = 16
     data, theta = rotation_data(n_pos=n_pos), thetas()
@@ -178,8 +184,7 @@ def plot_angles(plt, path: Path, dpi: int):
     _title(fig, "The rotation angles m·θ_i (freqs_cis)",
            f"θ_i = 10000^(-2i/{HD}): wavelengths from 2π ≈ 6 tokens (i=0) to ≈ 54,000 tokens (i={HD // 2 - 1}). "
            "One table for every layer and head.")
-    fig.subplots_adjust(top=0.83, bottom=0.11, left=0.08, right=0.98)
-    fig.savefig(path, dpi=dpi)
+    _save(fig, path, dpi)
 
 
 def plot_relative(plt, path: Path, dpi: int):
@@ -201,8 +206,7 @@ def plot_relative(plt, path: Path, dpi: int):
            f"One fixed query/key pair (hd = 64, random), always {offset} tokens apart, slid along the sequence.\n"
            f"RoPE: one flat line (spread {spread:.0e}: float32 rounding). Added sinusoidal embeddings: the logit "
            "changes with the absolute position.")
-    fig.subplots_adjust(top=0.83, bottom=0.11, left=0.08, right=0.98)
-    fig.savefig(path, dpi=dpi)
+    _save(fig, path, dpi)
 
 
 def log_smooth(y: torch.Tensor, points: int = 200, width: float = 1.15):
@@ -229,8 +233,7 @@ def plot_decay(plt, path: Path, dpi: int):
     _title(fig, "Long-range decay: the bound on q·k shrinks with distance",
            f"RoFormer's bound (Su et al. 2021, sec. 3.4.3), hd = {HD}: S_J = Σ_(i<J) exp(j·n·θ_i), read off "
            "freqs_cis[n].\nA larger base turns the pairs slower, so the decay is stretched over longer distances.")
-    fig.subplots_adjust(top=0.83, bottom=0.11, left=0.08, right=0.98)
-    fig.savefig(path, dpi=dpi)
+    _save(fig, path, dpi)
 
 
 def plot_scaling(plt, path: Path, dpi: int):

@@ -68,6 +68,12 @@ def sample_next(logits: torch.Tensor, s: Sampling, history: Optional[torch.Tenso
         logits = apply_repetition_penalty(logits, history, s.repetition_penalty)
     if s.temperature == 0:
         return logits.argmax(dim=-1)
+    return sample_top_p(tempered_probs(logits, s), s.top_p, generator)
+
+
+def tempered_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """softmax(logits / T) (temperature > 0), then top-k and min-p zero the tokens they drop and renormalise
+    (only when set: Meta's path divides by nothing more). (N, V) -> (N, V); top-p comes after."""
     probs = torch.softmax(logits.float() / s.temperature, dim=-1)
     if s.top_k is not None and s.top_k < probs.shape[-1]:
         kth = torch.topk(probs, s.top_k, dim=-1).values[:, -1:]
@@ -76,7 +82,7 @@ def sample_next(logits: torch.Tensor, s: Sampling, history: Optional[torch.Tenso
         probs = probs.masked_fill(probs < s.min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
     if s.top_k is not None or s.min_p is not None:
         probs = probs / probs.sum(dim=-1, keepdim=True)
-    return sample_top_p(probs, s.top_p, generator)
+    return probs
 
 
 @dataclass

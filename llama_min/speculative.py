@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import torch
 
 from .errors import LlamaMinError
-from .sampling import Sampling, Stats, apply_repetition_penalty, elapsed, logprobs_of
+from .sampling import Sampling, Stats, apply_repetition_penalty, elapsed, logprobs_of, tempered_probs
 
 
 def sampling_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
@@ -41,14 +41,7 @@ def sampling_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
     softmax(logits / T); top-k and min-p zero the tokens they drop and renormalise; then Meta's top-p keeps
     each token whose cumulative mass (sorted descending) *before* it is <= top_p, and renormalises.
     """
-    probs = torch.softmax(logits.float() / s.temperature, dim=-1)
-    if s.top_k is not None and s.top_k < probs.shape[-1]:
-        kth = torch.topk(probs, s.top_k, dim=-1).values[:, -1:]
-        probs = probs.masked_fill(probs < kth, 0.0)
-    if s.min_p is not None:
-        probs = probs.masked_fill(probs < s.min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
-    if s.top_k is not None or s.min_p is not None:
-        probs = probs / probs.sum(dim=-1, keepdim=True)
+    probs = tempered_probs(logits, s)
     probs_sort, idx = torch.sort(probs, dim=-1, descending=True)
     mass_before = torch.cumsum(probs_sort, dim=-1) - probs_sort
     probs_sort = probs_sort.masked_fill(mass_before > s.top_p, 0.0)
