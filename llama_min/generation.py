@@ -245,8 +245,8 @@ class Llama:
 
     def known_tokens(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (B, V) with the ids the tokenizer does not have (a padded embedding table) set to -inf."""
-        n = self.tokenizer.n_words
-        if n <= 0 or logits.shape[-1] <= n:  # (n_words 0: a stand-in tokenizer that knows no pieces)
+        n = getattr(self.tokenizer, "n_words", 0)  # (none, or 0: no tokenizer, ids only)
+        if n <= 0 or logits.shape[-1] <= n:
             return logits
         return torch.cat([logits[:, :n], torch.full_like(logits[:, n:], float("-inf"))], dim=-1)
 

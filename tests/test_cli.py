@@ -109,6 +109,28 @@ def test_short_flags_mean_the_long_ones():
         ("ck", "hi", 5, 64, 2, 7)
 
 
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+BAD_FLAGS = {
+    "min-p": (["--min-p", "2"], "--min-p 2.0: expected a number in [0, 1]"),
+    "temperature-nan": (["--temperature", "nan"], "--temperature nan: expected a number in [0, inf]"),
+    "temperature-neg": (["--temperature", "-1"], "--temperature -1.0: expected a number in [0, inf]"),
+    "top-p": (["--top-p", "0"], "--top-p 0.0: expected a number in (0, 1]"),
+    "top-k": (["--top-k", "0"], "--top-k 0: expected an integer in [1, inf]"),
+    "max-seq-len": (["-c", "-5"], "--max-seq-len -5: expected an integer in [2, inf]"),
+    "max-new-tokens": (["-n", "0"], "--max-new-tokens 0: expected an integer in [1, inf]"),
+    "threads": (["-t", "0"], "--threads 0: expected an integer in [1, inf]"),
+    "rep-penalty": (["--repetition-penalty", "inf"], "--repetition-penalty inf: expected a number in (0, inf]"),
+    "not-int": (["-n", "ten"], "argument -n/--max-new-tokens: invalid int value: 'ten' (see llama-min generate"),
+    "unknown-flag": (["--colour"], "unrecognized arguments: --colour"),
+    "device": (["--device", "tpu"], "--device tpu: expected cpu, cuda, cuda:N or mps"),
+    "no-prompt": ([], "give --prompt TEXT (or - for stdin), or --chat"),
+    "prompt-utf8": (["--system", "ok", "-p", "caf\udcc3("], "--prompt: not valid UTF-8 (byte 0xc3 at character 3)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FLAGS))
 def test_bad_flags_exit_2_with_one_line_before_loading(capsys, monkeypatch, case):
     import llama_min.generation
 
