@@ -289,11 +289,22 @@ def test_hf_export_keeps_bf16_dtype(tmp_path, fixtures_dir):
 
 @pytest.mark.slow
 def test_smollm2_q8_0_gguf_in_transformers(tmp_path, smollm2_path):
-    """The default model, dequantized, re-exported as Q8_0: transformers' GGUF loader and llama_min agree."""
+    """A LoRA fine-tune of the default model (2 steps through `llama-min train`, merged on export), exported as
+    Q8_0: transformers' GGUF loader and llama_min agree on the file."""
     from transformers import AutoModelForCausalLM
 
-    args, sd = load_checkpoint(smollm2_path)
-    save_gguf(tmp_path / "smollm2-q8_0.gguf", args, sd, load_tokenizer(smollm2_path), qtype="q8_0")
+    from llama_min.train_cli import main as train_main
+
+    (tmp_path / "text.txt").write_text("Shall I compare thee to a summer's day? Thou art more lovely. " * 40)
+    code = train_main(["--init", str(smollm2_path), "--data", str(tmp_path / "text.txt"), "--out",
+                       str(tmp_path / "run"), "--lora-rank", "4", "--lr", "1e-2", "--max-steps", "2",
+                       "--batch-size", "1", "--seq-len", "32", "--eval-every", "0", "--sample-tokens", "0"])
+    assert code == 0
+    args, sd = load_checkpoint(tmp_path / "run" / "final")
+    base_args, base = load_checkpoint(smollm2_path)
+    assert (sd["layers.0.attention.wq.weight"] - base["layers.0.attention.wq.weight"]).abs().max() > 0  # tuned
+    del base
+    save_gguf(tmp_path / "smollm2-q8_0.gguf", args, sd, load_tokenizer(tmp_path / "run" / "final"), qtype="q8_0")
     del sd
     x = torch.tensor([load_tokenizer(smollm2_path).encode("Once upon a time, there was a little girl named")])
     back_args, back = load_checkpoint(tmp_path / "smollm2-q8_0.gguf")
