@@ -38,7 +38,7 @@ def make_text(n_words: int, seed: int = 0) -> str:
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny models on 2 busy cores: OpenMP sync between 2 threads costs more than the math (PERF-NOTES)."""
+    """Tiny models on 2 busy cores: OpenMP sync between 2 threads costs more than the math."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

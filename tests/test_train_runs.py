@@ -15,17 +15,10 @@ import torch
 from llama_min import train_cli
 from llama_min.train import Trainer
 from llama_min.train_config import TrainConfig
+from test_train import one_thread  # noqa: F401  (the autouse fixture: one torch thread here too)
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, multiple_of=32, max_seq_len=64)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
