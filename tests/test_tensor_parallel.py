@@ -91,35 +91,10 @@ def write_tokenizer(folder: Path):
 
 
 def write_gguf(path: Path, model):
-    """A float32 GGUF of the model (q/k rows in Meta's order, as llama.cpp stores them), via the gguf package."""
-    import gguf
+    """A float32 GGUF of the model (q/k rows in Meta's order, as llama.cpp stores them), by llama_min's writer."""
+    from llama_min.formats.gguf_write import save_gguf
 
-    p = model.params
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(p.n_layers)
-    w.add_embedding_length(p.dim)
-    w.add_feed_forward_length(p.ffn_hidden)
-    w.add_head_count(p.n_heads)
-    w.add_head_count_kv(p.kv_heads)
-    w.add_layer_norm_rms_eps(p.norm_eps)
-    w.add_rope_freq_base(p.rope_theta)
-    w.add_context_length(p.max_seq_len)
-    names = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output", "attention_norm": "attn_norm",
-             "attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v", "attention.wo": "attn_output",
-             "ffn_norm": "ffn_norm", "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down",
-             "feed_forward.w3": "ffn_up"}
-    for key, t in model.state_dict().items():
-        base = key[: -len(".weight")]
-        if base.startswith("layers."):
-            _, i, rest = base.split(".", 2)
-            name = f"blk.{i}.{names[rest]}.weight"
-        else:
-            name = names[base] + ".weight"
-        w.add_tensor(name, t.float().contiguous().numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    save_gguf(path, model.params, model.state_dict(), qtype="f32")
 
 
 @pytest.fixture(scope="module")
