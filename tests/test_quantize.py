@@ -41,6 +41,20 @@ def test_quantize_int8_replaces_every_linear():
     assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 2 * 7 + 1
 
 
+PROMPTS = ["Once upon a time, there was a little", "The capital of France is", "def fibonacci(n):",
+           "The three primary colors are"]
+
+
+def logit_diffs(ref, quantized, ids, label):
+    """|logits of ref - logits of quantized| per prompt (printed with the logit scale)."""
+    with torch.no_grad():
+        for row in ids:
+            a, b = ref.model(torch.tensor([row])), quantized.model(torch.tensor([row]))
+            diff = (a - b).abs()
+            print(f"[{label}] max|dlogits| {diff.max():.2f}, mean {diff.mean():.3f} (logit scale {a.abs().max():.0f})")
+            yield diff
+
+
 @pytest.mark.assets
 @pytest.mark.slow
 def test_smollm2_int8_agrees_with_float32(smollm2, smollm2_path):
@@ -50,15 +64,9 @@ def test_smollm2_int8_agrees_with_float32(smollm2, smollm2_path):
     q8 = Llama.build(smollm2_path, max_seq_len=128, max_batch_size=4, device="cpu", dtype=torch.float32,
                      quantize="int8")
     assert q8.weight_bytes_per_token() < 0.3 * ref.weight_bytes_per_token()
-    prompts = ["Once upon a time, there was a little", "The capital of France is", "def fibonacci(n):",
-               "The three primary colors are"]
-    ids = [ref.tokenizer.encode(p) for p in prompts]
-    with torch.no_grad():
-        for row in ids:
-            a, b = ref.model(torch.tensor([row])), q8.model(torch.tensor([row]))
-            diff = (a - b).abs()
-            print(f"[int8] max|dlogits| {diff.max():.2f}, mean {diff.mean():.3f} (logit scale {a.abs().max():.0f})")
-            assert diff.mean() < 0.5 and diff.max() < 3.0
+    ids = [ref.tokenizer.encode(p) for p in PROMPTS]
+    for diff in logit_diffs(ref, q8, ids, "int8"):
+        assert diff.mean() < 0.5 and diff.max() < 3.0
     out_ref, _ = ref.generate(ids, max_gen_len=24, temperature=0, stop_ids=set())
     out_q8, _ = q8.generate(ids, max_gen_len=24, temperature=0, stop_ids=set())
     agree = [next((k for k, (s, t) in enumerate(zip(x, y)) if s != t), len(x)) for x, y in zip(out_ref, out_q8)]
@@ -165,16 +173,10 @@ def test_smollm2_int4_agrees_with_float32(smollm2, smollm2_path):
     q4 = Llama.build(smollm2_path, max_seq_len=128, max_batch_size=4, device="cpu", dtype=torch.float32,
                      quantize="int4")
     assert q4.weight_bytes_per_token() < 0.25 * ref.weight_bytes_per_token()
-    prompts = ["Once upon a time, there was a little", "The capital of France is", "def fibonacci(n):",
-               "The three primary colors are"]
-    ids = [ref.tokenizer.encode(p) for p in prompts]
-    with torch.no_grad():
-        for row in ids:
-            a, b = ref.model(torch.tensor([row])), q4.model(torch.tensor([row]))
-            diff = (a - b).abs()
-            print(f"[int4] max|dlogits| {diff.max():.2f}, mean {diff.mean():.3f} (logit scale {a.abs().max():.0f})")
-            # the file is Q4_1 already: int4 of its dequantized weights re-grids values that were on a 4-bit
-            # grid of their own, so the change is at most half a step of the new group per weight
-            assert diff.mean() < 1.0 and diff.max() < 6.0
+    ids = [ref.tokenizer.encode(p) for p in PROMPTS]
+    for diff in logit_diffs(ref, q4, ids, "int4"):
+        # the file is Q4_1 already: int4 of its dequantized weights re-grids values that were on a 4-bit
+        # grid of their own, so the change is at most half a step of the new group per weight
+        assert diff.mean() < 1.0 and diff.max() < 6.0
     out_q4, _ = q4.generate(ids, max_gen_len=24, temperature=0, stop_ids=set())
     assert "Paris" in q4.tokenizer.decode(out_q4[1])
