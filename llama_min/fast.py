@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model import Attention, FeedForward, apply_rotary_emb, repeat_kv
+from .quantize import can_fuse_quantized, fuse_quantized
 
 
 class FastAttention(Attention):
@@ -158,6 +159,8 @@ def fuse_linears(linears, transposed: bool) -> nn.Module:
     transposed=True stores a wide stack as W^T (D, n_1 + n_2 + ...) directly (a TransposedLinear). Either way
     one concatenation builds it, and the caller drops the originals: the weights are never held twice.
     """
+    if not all(type(m) is nn.Linear for m in linears):  # quantized layers: their buffers stacked along N
+        return fuse_quantized(linears)
     weights = [lin.weight.detach() for lin in linears]
     if transposed and sum(w.shape[0] for w in weights) >= weights[0].shape[1]:  # wide: W^T pays (see above)
         return TransposedLinear.from_transposed(torch.cat([w.t() for w in weights], dim=1))
@@ -203,8 +206,9 @@ class FusedFeedForward(nn.Module):
 
 def fuse_projections(model, transposed: bool = False) -> nn.Module:
     """In every block, Attention -> FusedAttention and FeedForward -> FusedFeedForward, where the projections
-    are plain nn.Linear (quantized layers keep their own modules). transposed: store the fused weights W^T
-    (float32 CPU decoding, see "Wide layers stored transposed" above); both fused layers are wide."""
+    are plain nn.Linear or quantized layers that stack (int8, or int4 of one group size). transposed: store
+    the fused float weights W^T (float32 CPU decoding, see "Wide layers stored transposed" above); both fused
+    layers are wide."""
     for layer in model.layers:
         att, ffn = layer.attention, layer.feed_forward
         if type(att) in (Attention, FastAttention) and _plain(att.wq, att.wk, att.wv):
@@ -215,7 +219,10 @@ def fuse_projections(model, transposed: bool = False) -> nn.Module:
 
 
 def _plain(*modules) -> bool:
-    return all(type(m) is nn.Linear for m in modules)
+    """Float nn.Linear layers, or quantized ones that stack (quantize.can_fuse_quantized)."""
+    if all(type(m) is nn.Linear for m in modules):
+        return True
+    return can_fuse_quantized(modules)
 
 
 # ------------------------------------------------------------------------------------------------

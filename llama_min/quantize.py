@@ -280,6 +280,38 @@ def quantize_model(model: nn.Module, spec: str) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------
+# Fusing quantized layers that read the same input (q/k/v, the FFN's gate/up): one kernel call
+# ---------------------------------------------------------------------------------------------
+
+
+def can_fuse_quantized(layers) -> bool:
+    """Whether these layers can be stacked along N by concatenating their stored buffers.
+
+    All Int8Linear (rows are independent, one scale each), or all Int4Linear with the same group size
+    and K, in the 'plain' layout (rows are independent) or the 'cpu' layout with N a multiple of 32
+    (that kernel's tiles hold 32 rows each, so tiles of different matrices never mix).
+    """
+    kinds = {type(m) for m in layers}
+    if kinds == {Int8Linear}:
+        return len({m.in_features for m in layers}) == 1
+    if kinds != {Int4Linear}:
+        return False
+    same = len({(m.in_features, m.group_size, m.layout) for m in layers}) == 1
+    layout = layers[0].layout
+    return same and (layout == "plain" or (layout == "cpu" and all(m.out_features % 32 == 0 for m in layers)))
+
+
+def fuse_quantized(layers) -> nn.Module:
+    """[W_1; W_2; ...] as one Int8Linear / Int4Linear, the very same stored values (see can_fuse_quantized)."""
+    first = layers[0]
+    if isinstance(first, Int8Linear):
+        return Int8Linear(torch.cat([m.weight for m in layers]), torch.cat([m.scales for m in layers]))
+    packed = torch.cat([m.weight for m in layers])  # (N_1 + N_2 + ..., K/2)
+    sz = torch.cat([m.scales_and_zeros for m in layers], dim=1)  # (K/g, N_1 + N_2 + ..., 2)
+    return Int4Linear(packed, sz, first.in_features, first.group_size, first.layout)
+
+
+# ---------------------------------------------------------------------------------------------
 # Quantized embedding tables (for GGUF files whose token_embd is quantized): rows looked up, then dequantized
 # ---------------------------------------------------------------------------------------------
 

@@ -246,7 +246,7 @@ def test_smollm2_runs_packed_by_default(smollm2_path):
     from llama_min import Llama
 
     llama = Llama.build(smollm2_path, max_seq_len=128, max_batch_size=1, device="cpu")
-    assert isinstance(llama.model.layers[0].attention.wq, Int4Linear)  # the file's Q4_1 blocks
+    assert isinstance(llama.model.layers[0].attention.wqkv, Int4Linear)  # the file's Q4_1 blocks, q/k/v stacked
     assert isinstance(llama.model.output, Int8Linear)  # tied to token_embd, stored Q8_0
     tok = llama.tokenizer
     out, _ = llama.generate([tok.encode("The capital of France is", bos=tok.add_bos, eos=False)],
