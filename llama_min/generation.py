@@ -147,9 +147,10 @@ class Llama:
         """Bytes of weights one decode step reads: every tensor once, the embedding table only as the output."""
         seen, total = set(), 0
         for name, t in self.model.state_dict(keep_vars=True).items():
-            if name.startswith("tok_embeddings.") or t.data_ptr() in seen:  # one row per token / tied copy
+            key = id(t) if t.is_mkldnn else t.data_ptr()  # oneDNN's opaque weights have no data pointer
+            if name.startswith("tok_embeddings.") or key in seen:  # one row per token / tied copy
                 continue
-            seen.add(t.data_ptr())
+            seen.add(key)
             total += t.numel() * t.element_size()
         return total
 

@@ -35,10 +35,14 @@ def apply_transforms(model: nn.Module, optimize: bool = True, quantize: Optional
         quantize_model(model, quantize)
     if not optimize:
         return model
-    from .fast import fuse_projections, transpose_wide_layers, use_fast_attention
+    from .fast import fuse_projections, onednn_available, transpose_wide_layers, use_fast_attention, use_onednn_linears
 
     weight = model.norm.weight
     cpu_float32 = quantize is None and weight.device.type == "cpu" and weight.dtype == torch.float32
+    if cpu_float32 and onednn_available():
+        fuse_projections(model)
+        use_fast_attention(model)
+        return use_onednn_linears(model)  # every float matrix in oneDNN's layout (fast.py)
     fuse_projections(model, transposed=cpu_float32)  # fused weights built W^T at once on the CPU in float32
     use_fast_attention(model)  # the attention layers left unfused (quantized projections)
     if cpu_float32:

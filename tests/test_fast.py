@@ -37,6 +37,28 @@ def test_which_layers_are_transposed():
     assert "tok_embeddings.weight" not in m.state_dict()  # the tied matrix is stored once
 
 
+@pytest.mark.skipif(not __import__("llama_min.fast").fast.onednn_available(), reason="no oneDNN in this torch")
+def test_onednn_layers_same_numbers_and_back():
+    """Every float matrix in oneDNN's layout: the same logits (prompt, one token, a few rows at once), the
+    tied embedding still reads its table, and densify_onednn_linears gives back the exact weights."""
+    from llama_min.fast import OneDNNLinear, densify_onednn_linears, use_onednn_linears
+
+    for over in ({}, {"tie_word_embeddings": True}):
+        ref, fast = model(**over), use_onednn_linears(model(**over))
+        assert isinstance(fast.output, OneDNNLinear) and isinstance(fast.layers[0].feed_forward.w2, OneDNNLinear)
+        assert not any(type(m) is torch.nn.Linear for m in fast.modules())
+        tokens = torch.randint(0, 128, (2, 20))
+        with torch.no_grad():
+            torch.testing.assert_close(fast(tokens), ref(tokens), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(_steps(fast, tokens, 7), _steps(ref, tokens, 7), atol=1e-5, rtol=1e-5)
+            fast.setup_cache(2, 20), ref.setup_cache(2, 20)
+            fast(tokens[:, :9]), ref(tokens[:, :9])  # then 5 rows at once, as a speculative check does
+            torch.testing.assert_close(fast(tokens[:, 9:14], 9), ref(tokens[:, 9:14], 9), atol=1e-5, rtol=1e-5)
+        back = densify_onednn_linears(fast)
+        torch.testing.assert_close(back.output.weight, ref.output.weight, atol=0, rtol=0)
+        torch.testing.assert_close(back.layers[1].attention.wq.weight, ref.layers[1].attention.wq.weight, atol=0, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------------
 # FastAttention and the whole transform chain, against the untouched reference
 # ------------------------------------------------------------------------------------------------
