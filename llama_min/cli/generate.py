@@ -36,7 +36,7 @@ def build_parser(prog: Optional[str] = None) -> Parser:
     add_model_flags(p)
     add_sampling_flags(p)
     p.add_argument("--compile", action="store_true", help="run one-token decode steps (the draft's too) through "
-                   "torch.compile (compiles for tens of seconds first; the time goes to stderr)")
+                   "torch.compile (compiles for a few minutes on a CPU first; the time goes to stderr)")
     p.add_argument("--draft", metavar="CKPT", help="speculative decoding: a smaller checkpoint with the same "
                    "tokenizer proposes tokens, the model checks them in one pass (same output distribution)")
     p.add_argument("--draft-quantize", choices=["int8", "int4"], default=None,
