@@ -127,8 +127,8 @@ class Llama:
         """Run one-token decode steps through torch.compile (fast.compile_decode); prompts stay eager.
 
         Compiles now, on a dummy one-token step, and keeps the seconds it took in `self.compile_s`
-        (minutes on a CPU: freezing + max-autotune, fast.CPU_OPTIONS). One graph serves every position and cache length; a batch of more
-        than one row compiles once more on first use.
+        (minutes on a CPU: freezing + max-autotune, fast.CPU_OPTIONS). One graph serves every position and
+        cache length; a batch of more than one row compiles once more on first use.
         """
         from .fast import compile_decode
 
