@@ -157,7 +157,8 @@ def _swap(module: nn.Module):
 # of SmolLM2's 49152 x 576 output cost 13 ms against 59 ms, one row the same as before, and a 512-token
 # prompt 1.3x less (measured on this project's 2-core AVX2 machine). The reordered weight is an opaque
 # tensor: it cannot be indexed, so a tied embedding keeps its own dense table, and torch.compile
-# cannot trace it, so the compiled step turns these layers back into dense ones (CompiledDecode).
+# cannot trace it, so the compiled step gets dense copies of these layers (CompiledDecode, dense_twin):
+# a compiled float32 CPU model holds its weights twice, the eager prompts keep oneDNN's speed.
 # ------------------------------------------------------------------------------------------------
 
 
@@ -199,19 +200,27 @@ def use_onednn_linears(model) -> nn.Module:
     return model
 
 
-def densify_onednn_linears(model) -> nn.Module:
-    """Undo use_onednn_linears: OneDNNLinear -> nn.Linear holding the dense weight, or a TransposedLinear
-    where that layout streams faster (wide layers, see above)."""
-    for name, child in list(model.named_children()):
-        if not isinstance(child, OneDNNLinear):
-            densify_onednn_linears(child)
-        elif child.out_features >= child.in_features:
-            setattr(model, name, TransposedLinear.from_transposed(child.dense_weight().t().contiguous()))
-        else:
-            dense = nn.Linear(child.in_features, child.out_features, bias=False, device="meta")
-            dense.weight = nn.Parameter(child.dense_weight(), requires_grad=False)
-            setattr(model, name, dense)
-    return model
+def dense_layer(layer: OneDNNLinear) -> nn.Module:
+    """The same product on an ordinary weight (a copy): W^T where that layout streams faster (wide layers,
+    see above), else an nn.Linear."""
+    if layer.out_features >= layer.in_features:
+        return TransposedLinear.from_transposed(layer.dense_weight().t().contiguous())
+    dense = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
+    dense.weight = nn.Parameter(layer.dense_weight(), requires_grad=False)
+    return dense
+
+
+def dense_twin(module: nn.Module) -> nn.Module:
+    """A module tree that shares everything with `module` except its OneDNNLinear layers, which are dense
+    copies (dense_layer); `module` itself when it has none."""
+    if isinstance(module, OneDNNLinear):
+        return dense_layer(module)
+    if not any(isinstance(m, OneDNNLinear) for m in module.modules()):
+        return module
+    twin = module.__class__.__new__(module.__class__)
+    twin.__dict__ = dict(module.__dict__)
+    twin._modules = {name: dense_twin(child) for name, child in module._modules.items()}
+    return twin
 
 
 # ------------------------------------------------------------------------------------------------
@@ -331,8 +340,8 @@ class CompiledDecode:
     """
 
     def __init__(self, model, mode=None, backend="inductor"):
-        densify_onednn_linears(model)  # the compiler cannot trace oneDNN's opaque weights
         self.model, self.eager = model, model.forward
+        self.graph = dense_twin(model)  # the compiler cannot trace oneDNN's opaque weights: it gets dense copies
         self.cos = model.freqs_cis.real.contiguous()  # (2 * max_seq_len, hd/2) float32
         self.sin = model.freqs_cis.imag.contiguous()
         if mode is None and backend == "inductor" and model.norm.weight.device.type == "cpu":
@@ -357,7 +366,7 @@ class CompiledDecode:
 
     def step(self, tokens: torch.Tensor, pos: torch.Tensor, ks: list, vs: list) -> torch.Tensor:
         """tokens (B, 1) at position pos (a 1-element tensor) -> float32 logits (B, 1, V); writes the caches."""
-        m = self.model
+        m = self.graph
         cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)  # (1, hd/2)
         visible = (torch.arange(ks[0].shape[1], device=tokens.device) <= pos).view(1, 1, 1, -1)  # (1,1,1,S)
         h = m.tok_embeddings(tokens)  # (B, 1, D)

@@ -9,11 +9,13 @@ weights) and is tested against the untouched reference in the tests named here:
   (packed GGUF)              formats/gguf_packed.py  built from the file's blocks  bf16 rounding of scales
                                            as Int4Linear / Int8Linear            (test_gguf_packed)
   fuse_projections           fast.py       q/k/v in one product, w1/w3 in one     float rounding, <= 1e-4
-                                           (float layers only; built at load)     (test_fast)
+                                           (float or quantized; built at load)    (test_fast)
   FastAttention              fast.py       decode GQA without cache copies,       float rounding, <= 1e-4
                                            SDPA's own causal mask                 (test_fast)
-  transpose_wide_layers      fast.py       float32 CPU wide weights stored W^T    float rounding, <= 1e-4
-                                                                                  (test_fast)
+  use_onednn_linears         fast.py       float32 CPU weights in oneDNN's        float rounding, <= 1e-5
+                                           blocked layout                         (test_fast)
+  transpose_wide_layers      fast.py       (no oneDNN) float32 CPU wide weights   float rounding, <= 1e-4
+                                           stored W^T                             (test_fast)
 
 `apply_transforms(model, optimize=False)` with no quantization leaves exactly model.py's classes.
 `Llama.compile()` adds one more, on demand: fast.compile_decode (one-token steps through torch.compile,

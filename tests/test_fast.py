@@ -40,8 +40,8 @@ def test_which_layers_are_transposed():
 @pytest.mark.skipif(not __import__("llama_min.fast").fast.onednn_available(), reason="no oneDNN in this torch")
 def test_onednn_layers_same_numbers_and_back():
     """Every float matrix in oneDNN's layout: the same logits (prompt, one token, a few rows at once), the
-    tied embedding still reads its table, and densify_onednn_linears gives back the exact weights."""
-    from llama_min.fast import OneDNNLinear, densify_onednn_linears, use_onednn_linears
+    tied embedding still reads its table, and dense_twin (what the compiler gets) holds the exact weights."""
+    from llama_min.fast import OneDNNLinear, dense_twin, use_onednn_linears
 
     for over in ({}, {"tie_word_embeddings": True}):
         ref, fast = model(**over), use_onednn_linears(model(**over))
@@ -54,7 +54,8 @@ def test_onednn_layers_same_numbers_and_back():
             fast.setup_cache(2, 20), ref.setup_cache(2, 20)
             fast(tokens[:, :9]), ref(tokens[:, :9])  # then 5 rows at once, as a speculative check does
             torch.testing.assert_close(fast(tokens[:, 9:14], 9), ref(tokens[:, 9:14], 9), atol=1e-5, rtol=1e-5)
-        back = densify_onednn_linears(fast)
+        back = dense_twin(fast)
+        assert isinstance(fast.output, OneDNNLinear) and back.layers[0].attention_norm is fast.layers[0].attention_norm
         torch.testing.assert_close(back.output.weight_t.t(), ref.output.weight, atol=0, rtol=0)  # wide: W^T
         torch.testing.assert_close(back.layers[0].feed_forward.w2.weight, ref.layers[0].feed_forward.w2.weight,
                                    atol=0, rtol=0)

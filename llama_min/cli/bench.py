@@ -49,9 +49,10 @@ def build_parser(prog: Optional[str] = None) -> Parser:
                    help="what to measure (int8 / int4 = weight-only int8 / int4 in groups of 32; packed = a "
                    "quantized GGUF --ckpt at its own precision)")
     p.add_argument("--vs-transformers", action="store_true", help="run transformers' LlamaForCausalLM side by side")
-    p.add_argument("--compile", action="store_true", help="also measure ours with torch.compile'd decode steps")
-    p.add_argument("--compile-mode", default=None, help="torch.compile mode for --compile (e.g. "
-                   "max-autotune-no-cudagraphs; with TORCHINDUCTOR_FREEZING=1 the weights become constants)")
+    p.add_argument("--compile", action="store_true", help="also measure ours with torch.compile'd decode steps "
+                   "(and compile the draft of --draft-quantize)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode for --compile (default on a CPU: "
+                   "weights frozen into the graph + max-autotune; e.g. 'default' compiles faster)")
     p.add_argument("--draft-quantize", choices=["int8", "int4"], default=None,
                    help="also measure float32 speculative decoding with this quantized copy as the draft")
     p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per step (default 4)")
@@ -138,13 +139,14 @@ class Ours:
     def __init__(self, args, sd, dtype_name, compile_=False, draft=None, draft_tokens=4, compile_mode=None):
         self.llama = self._build(args, sd, dtype_name)
         self.draft, self.draft_tokens = None, draft_tokens
-        if compile_:
-            self.name = "llama_min+compile"
-            self.llama.compile(mode=compile_mode)
-            print(f"  (compiled the decode step in {self.llama.compile_s:.1f} s)")
-        if draft:  # speculative decoding, batch 1 only: the decode row
-            self.name, self.rows = f"llama_min+draft-{draft}", ("decode",)
+        if draft:  # speculative decoding, batch 1 only: the decode row; with compile_, the draft's steps compiled
+            self.name, self.rows = f"llama_min+draft-{draft}{'(compiled)' * compile_}", ("decode",)
             self.draft = self._build(args, sd, draft)
+        target = self.draft if draft else self.llama
+        if compile_:
+            self.name = self.name if draft else "llama_min+compile"
+            target.compile(mode=compile_mode)
+            print(f"  (compiled the {'draft' if draft else 'decode'} step in {target.compile_s:.1f} s)")
 
     rows = ("decode", "prefill", "batch")
 
@@ -330,7 +332,8 @@ def measure_dtype(opts, args, sd, dtype_name: str, prompts: dict, bw: float) -> 
     if opts.compile:
         impls.append(Ours(args, sd, dtype_name, compile_=True, compile_mode=opts.compile_mode))
     if opts.draft_quantize and dtype_name == "float32":
-        impls.append(Ours(args, sd, dtype_name, draft=opts.draft_quantize, draft_tokens=opts.draft_tokens))
+        impls.append(Ours(args, sd, dtype_name, draft=opts.draft_quantize, draft_tokens=opts.draft_tokens,
+                          compile_=opts.compile, compile_mode=opts.compile_mode))
     if opts.vs_transformers:  # int8 / int4 / packed are compared with transformers in float32
         impls.append(Transformers(args, sd, "float32" if dtype_name in ("int8", "int4", "packed") else dtype_name))
     for impl in impls:  # warm up (a compiled step compiles once more for a batch of several rows)

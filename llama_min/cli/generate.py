@@ -35,8 +35,9 @@ def build_parser(prog: Optional[str] = None) -> Parser:
     p.add_argument("--prefill", default="", metavar="TEXT", help="with --chat: start every answer with TEXT")
     add_model_flags(p)
     add_sampling_flags(p)
-    p.add_argument("--compile", action="store_true", help="run one-token decode steps (the draft's too) through "
-                   "torch.compile (compiles for a few minutes on a CPU first; the time goes to stderr)")
+    p.add_argument("--compile", action="store_true", help="run one-token decode steps through torch.compile "
+                   "(with a draft, the draft's: the model then only checks several tokens at once); compiles for "
+                   "a few minutes on a CPU first, the time goes to stderr")
     p.add_argument("--draft", metavar="CKPT", help="speculative decoding: a smaller checkpoint with the same "
                    "tokenizer proposes tokens, the model checks them in one pass (same output distribution)")
     p.add_argument("--draft-quantize", choices=["int8", "int4"], default=None,
@@ -71,7 +72,8 @@ def load_speedups(llama, args):
         draft = Llama.build(args.draft or args.ckpt, None if args.draft else args.tokenizer,
                             max_seq_len=args.max_seq_len, max_batch_size=1, device=llama.device,
                             dtype=llama.model.norm.weight.dtype, seed=args.seed, quantize=args.draft_quantize)
-    for model in ([llama] + [draft] * (draft is not None)) if args.compile else []:
+    # with a draft, the model itself only checks several tokens at once (eager): only the draft's steps compile
+    for model in ([draft] if draft is not None else [llama]) if args.compile else []:
         model.compile()
         if not args.quiet:
             say(f"[compiled the {'draft' if model is draft else 'decode'} step in {model.compile_s:.1f} s]")
