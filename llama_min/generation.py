@@ -128,7 +128,8 @@ class Llama:
 
         Compiles now, on a dummy one-token step, and keeps the seconds it took in `self.compile_s`
         (minutes on a CPU: freezing + max-autotune, fast.CPU_OPTIONS). One graph serves every position and
-        cache length; a batch of more than one row compiles once more on first use.
+        cache length; a batch of more than one row compiles once more on first use (on a CPU with float32
+        weights in oneDNN's layout, batches run eager instead: fast.CompiledDecode).
         """
         from .fast import compile_decode
 

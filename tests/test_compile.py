@@ -74,6 +74,29 @@ def test_no_recompilation_across_positions_and_cache_lengths(over):
     assert "forward" not in fast.__dict__
 
 
+def test_batches_run_eager_on_onednn_weights():
+    """Several rows on float32 CPU weights in oneDNN's layout skip the graph (oneDNN reads a weight once for
+    every row); one row goes through it. Logits as the reference's either way."""
+    from torch._dynamo.testing import CompileCounter
+
+    from llama_min.fast import OneDNNLinear, onednn_available
+
+    if not onednn_available():
+        pytest.skip("no oneDNN in this torch")
+    torch._dynamo.reset()
+    ref, fast = _models()
+    assert isinstance(fast.output, OneDNNLinear)
+    counter = CompileCounter()
+    compile_decode(fast, backend=counter)
+    tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        torch.testing.assert_close(_decode(fast, tokens, 6), _decode(ref, tokens, 6), atol=1e-4, rtol=1e-4)
+        assert counter.frame_count == 0
+        torch.testing.assert_close(_decode(fast, tokens[:1], 6), _decode(ref, tokens[:1], 6), atol=1e-4, rtol=1e-4)
+        assert counter.frame_count == 1
+    uncompile(fast)
+
+
 @pytest.mark.slow
 def test_inductor_compiled_step_same_logits_and_greedy_tokens():
     """The real compiler (inductor, what Llama.compile uses): logits within 1e-4 of the reference, and a greedy
