@@ -188,13 +188,11 @@ class OneDNNLinear(nn.Module):
 
 
 def use_onednn_linears(model) -> nn.Module:
-    """Every float32 CPU nn.Linear / TransposedLinear in the model -> OneDNNLinear (the dense weight dropped;
-    a tied embedding keeps the shared table as its own)."""
+    """Every float32 CPU nn.Linear in the model -> OneDNNLinear (the dense weight dropped; a tied embedding
+    keeps the shared table as its own)."""
     for name, child in list(model.named_children()):
         if type(child) is nn.Linear and child.weight.dtype == torch.float32 and child.weight.device.type == "cpu":
             setattr(model, name, OneDNNLinear(child.weight))
-        elif type(child) is TransposedLinear and child.weight_t.dtype == torch.float32:
-            setattr(model, name, OneDNNLinear(child.weight_t.t()))
         else:
             use_onednn_linears(child)
     return model
@@ -203,11 +201,8 @@ def use_onednn_linears(model) -> nn.Module:
 def dense_layer(layer: OneDNNLinear) -> nn.Module:
     """The same product on an ordinary weight (a copy): W^T where that layout streams faster (wide layers,
     see above), else an nn.Linear."""
-    if layer.out_features >= layer.in_features:
-        return TransposedLinear.from_transposed(layer.dense_weight().t().contiguous())
-    dense = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
-    dense.weight = nn.Parameter(layer.dense_weight(), requires_grad=False)
-    return dense
+    weight = layer.dense_weight()
+    return TransposedLinear(weight) if layer.out_features >= layer.in_features else linear_holding(weight)
 
 
 def dense_twin(module: nn.Module) -> nn.Module:
@@ -240,10 +235,14 @@ def fuse_linears(linears, transposed: bool) -> nn.Module:
     weights = [lin.weight.detach() for lin in linears]
     if transposed and sum(w.shape[0] for w in weights) >= weights[0].shape[1]:  # wide: W^T pays (see above)
         return TransposedLinear.from_transposed(torch.cat([w.t() for w in weights], dim=1))
-    stacked = torch.cat(weights, dim=0)  # (n_1 + n_2 + ..., D)
-    fused = nn.Linear(stacked.shape[1], stacked.shape[0], bias=False, device="meta", dtype=stacked.dtype)
-    fused.weight = nn.Parameter(stacked, requires_grad=False)
-    return fused
+    return linear_holding(torch.cat(weights, dim=0))  # (n_1 + n_2 + ..., D)
+
+
+def linear_holding(weight: torch.Tensor) -> nn.Linear:
+    """A bias-free nn.Linear whose weight is this (out, in) tensor itself (no copy, no random init)."""
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta", dtype=weight.dtype)
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    return lin
 
 
 class FusedAttention(FastAttention):
@@ -287,18 +286,16 @@ def fuse_projections(model, transposed: bool = False) -> nn.Module:
     layers are wide."""
     for layer in model.layers:
         att, ffn = layer.attention, layer.feed_forward
-        if type(att) in (Attention, FastAttention) and _plain(att.wq, att.wk, att.wv):
+        if type(att) in (Attention, FastAttention) and _stackable(att.wq, att.wk, att.wv):
             layer.attention = FusedAttention.from_reference(att, transposed)
-        if type(ffn) is FeedForward and _plain(ffn.w1, ffn.w3):
+        if type(ffn) is FeedForward and _stackable(ffn.w1, ffn.w3):
             layer.feed_forward = FusedFeedForward(ffn, transposed)
     return model
 
 
-def _plain(*modules) -> bool:
+def _stackable(*modules) -> bool:
     """Float nn.Linear layers, or quantized ones that stack (quantize.can_fuse_quantized)."""
-    if all(type(m) is nn.Linear for m in modules):
-        return True
-    return can_fuse_quantized(modules)
+    return all(type(m) is nn.Linear for m in modules) or can_fuse_quantized(modules)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -41,12 +41,11 @@ def apply_transforms(model: nn.Module, optimize: bool = True, quantize: Optional
 
     weight = model.norm.weight
     cpu_float32 = quantize is None and weight.device.type == "cpu" and weight.dtype == torch.float32
-    if cpu_float32 and onednn_available():
-        fuse_projections(model)
-        use_fast_attention(model)
-        return use_onednn_linears(model)  # every float matrix in oneDNN's layout (fast.py)
-    fuse_projections(model, transposed=cpu_float32)  # fused weights built W^T at once on the CPU in float32
+    onednn = cpu_float32 and onednn_available()
+    fuse_projections(model, transposed=cpu_float32 and not onednn)  # fused weights built W^T at once if needed
     use_fast_attention(model)  # the attention layers left unfused (quantized projections)
-    if cpu_float32:
+    if onednn:
+        use_onednn_linears(model)  # every float matrix in oneDNN's layout (fast.py)
+    elif cpu_float32:
         transpose_wide_layers(model)  # the rest: the output projection (and a tied embedding)
     return model

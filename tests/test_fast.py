@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from _tiny import tiny_model
-from llama_min.fast import TransposedEmbedding, TransposedLinear, transpose_wide_layers
+from llama_min.fast import TransposedEmbedding, TransposedLinear, onednn_available, transpose_wide_layers
 from test_generation import CharTokenizer
 
 
@@ -37,7 +37,7 @@ def test_which_layers_are_transposed():
     assert "tok_embeddings.weight" not in m.state_dict()  # the tied matrix is stored once
 
 
-@pytest.mark.skipif(not __import__("llama_min.fast").fast.onednn_available(), reason="no oneDNN in this torch")
+@pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this torch")
 def test_onednn_layers_same_numbers_and_back():
     """Every float matrix in oneDNN's layout: the same logits (prompt, one token, a few rows at once), the
     tied embedding still reads its table, and dense_twin (what the compiler gets) holds the exact weights."""

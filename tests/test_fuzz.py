@@ -197,8 +197,13 @@ def spm_bytes():
 @settings(max_examples=12 * SCALE, **FUZZ)
 @given(data=st.data())
 def test_fuzz_sentencepiece_model(tmp_path, spm_bytes, data):
+    _damaged_tokenizer_loads_or_refuses(tmp_path, spm_bytes, data)
+
+
+def _damaged_tokenizer_loads_or_refuses(tmp_path, raw: bytes, data):
+    """A damaged copy of a tokenizer.model file loads (and then encodes and decodes) or is refused in one line."""
     path = tmp_path / "tokenizer.model"
-    path.write_bytes(_damage(spm_bytes, data.draw, header_bytes=len(spm_bytes)))
+    path.write_bytes(_damage(raw, data.draw, header_bytes=len(raw)))
     tok = loads_or_refuses(lambda: load_tokenizer(path), path, errors=(ValueError,))
     if tok is not None:
         tok.decode(tok.encode("Hello world"))
@@ -213,11 +218,7 @@ def tiktoken_bytes():
 @settings(max_examples=20 * SCALE, **FUZZ)
 @given(data=st.data())
 def test_fuzz_tiktoken_model(tmp_path, tiktoken_bytes, data):
-    path = tmp_path / "tokenizer.model"
-    path.write_bytes(_damage(tiktoken_bytes, data.draw, header_bytes=len(tiktoken_bytes)))
-    tok = loads_or_refuses(lambda: load_tokenizer(path), path, errors=(ValueError,))
-    if tok is not None:
-        tok.decode(tok.encode("Hello world"))
+    _damaged_tokenizer_loads_or_refuses(tmp_path, tiktoken_bytes, data)
 
 
 @settings(max_examples=25 * SCALE, **FUZZ)

@@ -142,11 +142,12 @@ class Ours:
         if draft:  # speculative decoding, batch 1 only: the decode row; with compile_, the draft's steps compiled
             self.name, self.rows = f"llama_min+draft-{draft}{'(compiled)' * compile_}", ("decode",)
             self.draft = self._build(args, sd, draft)
-        target = self.draft if draft else self.llama
+        elif compile_:
+            self.name = "llama_min+compile"
         if compile_:
-            self.name = self.name if draft else "llama_min+compile"
-            target.compile(mode=compile_mode)
-            print(f"  (compiled the {'draft' if draft else 'decode'} step in {target.compile_s:.1f} s)")
+            compiled = self.draft or self.llama
+            compiled.compile(mode=compile_mode)
+            print(f"  (compiled the {'draft' if draft else 'decode'} step in {compiled.compile_s:.1f} s)")
 
     rows = ("decode", "prefill", "batch")
 
