@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .errors import LlamaMinError
 
-PREFILL_ROWS = 32  # from this many rows on, a float GEMM on dequantized int8 weights beats the int8 kernel
+PREFILL_ROWS = 32  # from this many rows on, a float GEMM on dequantized weights beats the int8 / 'avx2' kernels
 INT4_GROUP_SIZES = (32, 64, 128)
 CHUNK_WEIGHTS = 1 << 20  # weights converted at a time: the temporaries of a conversion stay at a few MiB
 
@@ -131,12 +132,15 @@ def quantize_groupwise_int4(w: torch.Tensor, group_size: int):
 
 
 def int4_layout(device, n: int, k: int, group_size: int) -> str:
-    """'cpu' or 'cuda' when that device's int4 kernel takes this shape, else 'plain' (dequantize + F.linear).
+    """'avx2', 'cpu' or 'cuda' when that kernel takes this shape, else 'plain' (dequantize + F.linear).
 
-    The CPU kernel needs N % 16 == 0; the CUDA kernel (inner k tiles of 8) K % 1024 == 0, N % 8 == 0 and a
-    GPU of compute capability 8.0 or newer.
+    'avx2' (llama_min/native.py) needs groups of 32 and a CPU where it was built; PyTorch's CPU kernel
+    needs N % 16 == 0; the CUDA kernel (inner k tiles of 8) K % 1024 == 0, N % 8 == 0 and a GPU of
+    compute capability 8.0 or newer.
     """
     device = torch.device(device)
+    if device.type == "cpu" and group_size == 32 and native.enabled():
+        return "avx2"
     if device.type == "cpu" and n % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         return "cpu"
     if (device.type == "cuda" and n % 8 == 0 and k % 1024 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm")
@@ -146,10 +150,14 @@ def int4_layout(device, n: int, k: int, group_size: int) -> str:
 
 
 def pack_int4(q: torch.Tensor, layout: str) -> torch.Tensor:
-    """Codes (N, K) in 0..15 -> the stored form: the CPU/CUDA kernel's tiles, or two codes per byte ('plain').
+    """Codes (N, K) in 0..15 -> the stored form: the CPU/CUDA kernel's tiles, or two codes per byte.
 
     'plain': byte j of a row holds element 2j in its low nibble and 2j+1 in its high nibble.
+    'avx2': per group of 32, byte j holds element j in its low nibble and j+16 in its high one.
     """
+    if layout == "avx2":
+        q = q.to(torch.uint8).reshape(q.shape[0], -1, 2, 16)  # (N, K/32, low|high, 16)
+        return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(q.shape[0], -1)
     if layout == "cpu":  # the CPU tiles cover 32 rows each: rows pack independently in chunks of 32
         chunk = chunk_rows(q.shape[1]) if q.shape[0] % 32 == 0 else q.shape[0]
         pieces = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[r : r + chunk].to(torch.int32), 2)
@@ -168,16 +176,18 @@ def unpack_plain_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 class Int4Linear(nn.Module):
-    """A bias-free nn.Linear replacement with 4-bit weights, a bf16 scale and zero per group of g weights.
+    """A bias-free nn.Linear replacement with 4-bit weights, a scale and zero per group of g weights.
 
-    weight: the packed codes (layout 'cpu', 'cuda' or 'plain', see `pack_int4`); scales_and_zeros:
-    bf16 (K/g, N, 2). Weight value = (q - 8) * scale + zero.
+    weight: the packed codes (layout 'avx2', 'cpu', 'cuda' or 'plain', see `pack_int4`).
+    scales_and_zeros: bf16 (K/g, N, 2), weight value = (q - 8) * scale + zero; in the 'avx2' layout
+    fp16 (N, K/32, 2) holding scale and min instead, weight value = q * scale + min (the same weights:
+    min = zero - 8 * scale), which is what q4_avx2.c reads.
     """
 
     def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, in_features: int, group_size: int,
                  layout: str):
         super().__init__()
-        self.in_features, self.out_features = in_features, scales_and_zeros.shape[1]
+        self.in_features, self.out_features = in_features, scales_and_zeros.shape[0 if layout == "avx2" else 1]
         self.group_size, self.layout = group_size, layout
         self.register_buffer("weight", packed)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
@@ -192,7 +202,11 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if self.layout == "cpu":
+        if self.layout == "avx2" and x2.shape[0] < PREFILL_ROWS:
+            y = native.q4_linear(x2.float(), self.weight, self.scales_and_zeros)
+        elif self.layout == "avx2":  # a prompt: one float GEMM on the weights dequantized for it
+            y = F.linear(x2.float(), native.q4_dequantize(self.weight, self.scales_and_zeros))
+        elif self.layout == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2.to(torch.bfloat16), self.weight, self.group_size, self.scales_and_zeros)
         elif self.layout == "cuda":
@@ -209,6 +223,11 @@ class Int4Linear(nn.Module):
         per weight); 'cuda': the same in bf16 (rounded to bf16); 'plain': unpacked directly.
         """
         k, g = self.in_features, self.group_size
+        if self.layout == "avx2":  # (N, K/32, 32) codes in group order, times scale, plus min: exact in float32
+            codes = self.weight.view(self.out_features, k // g, 16)
+            q = torch.cat([codes & 15, codes >> 4], dim=-1).float()
+            sz = self.scales_and_zeros.float()
+            return (q * sz[..., :1] + sz[..., 1:]).reshape(self.out_features, k)
         if self.layout == "cpu":
             eye = torch.eye(k, dtype=torch.float32)
             return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, g, self.scales_and_zeros.float()).t()
@@ -234,12 +253,18 @@ def int4_from_rows(n: int, k: int, group_size: int, rows: Iterable, device=None)
         raise LlamaMinError(f"int4 group size {group_size}: expected one of {INT4_GROUP_SIZES} dividing K = {k}")
     device = torch.device(device or "cpu")
     layout = int4_layout(device, n, k, group_size)
-    sz = torch.empty(k // group_size, n, 2, dtype=torch.bfloat16, device=device)
+    if layout == "avx2":
+        sz = torch.empty(n, k // group_size, 2, dtype=torch.float16, device=device)
+    else:
+        sz = torch.empty(k // group_size, n, 2, dtype=torch.bfloat16, device=device)
     whole = torch.empty(n, k, dtype=torch.uint8, device=device) if layout == "cuda" else None
     packed = None if whole is not None else torch.empty(n, k // 2, dtype=torch.uint8, device=device)
     for r0, q, scales, zeros in rows:
         r1 = r0 + len(q)
-        sz[:, r0:r1, 0], sz[:, r0:r1, 1] = scales.t(), zeros.t()
+        if layout == "avx2":  # scale and min: Q4_0's -8d and Q4_1's m come back exactly from zero - 8 scale
+            sz[r0:r1, :, 0], sz[r0:r1, :, 1] = scales, zeros - 8 * scales
+        else:
+            sz[:, r0:r1, 0], sz[:, r0:r1, 1] = scales.t(), zeros.t()
         if whole is not None:
             whole[r0:r1] = q
         else:
@@ -298,7 +323,7 @@ def can_fuse_quantized(layers) -> bool:
     """Whether these layers can be stacked along N by concatenating their stored buffers.
 
     All Int8Linear (rows are independent, one scale each), or all Int4Linear with the same group size
-    and K, in the 'plain' layout (rows are independent) or the 'cpu' layout with N a multiple of 32
+    and K, in the 'plain' or 'avx2' layout (rows are independent) or the 'cpu' layout with N a multiple of 32
     (that kernel's tiles hold 32 rows each, so tiles of different matrices never mix).
     """
     kinds = {type(m) for m in layers}
@@ -308,7 +333,8 @@ def can_fuse_quantized(layers) -> bool:
         return False
     same = len({(m.in_features, m.group_size, m.layout) for m in layers}) == 1
     layout = layers[0].layout
-    return same and (layout == "plain" or (layout == "cpu" and all(m.out_features % 32 == 0 for m in layers)))
+    rows_apart = layout in ("plain", "avx2")
+    return same and (rows_apart or (layout == "cpu" and all(m.out_features % 32 == 0 for m in layers)))
 
 
 def fuse_quantized(layers) -> nn.Module:
@@ -317,7 +343,8 @@ def fuse_quantized(layers) -> nn.Module:
     if isinstance(first, Int8Linear):
         return Int8Linear(torch.cat([m.weight for m in layers]), torch.cat([m.scales for m in layers]))
     packed = torch.cat([m.weight for m in layers])  # (N_1 + N_2 + ..., K/2)
-    sz = torch.cat([m.scales_and_zeros for m in layers], dim=1)  # (K/g, N_1 + N_2 + ..., 2)
+    n_dim = 0 if first.layout == "avx2" else 1  # 'avx2': (N, K/32, 2); else (K/g, N, 2)
+    sz = torch.cat([m.scales_and_zeros for m in layers], dim=n_dim)
     return Int4Linear(packed, sz, first.in_features, first.group_size, first.layout)
 
 

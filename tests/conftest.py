@@ -50,3 +50,20 @@ def smollm2(smollm2_path):
     from llama_min import Llama
 
     return Llama.build(smollm2_path, max_seq_len=256, max_batch_size=4, device="cpu", dtype=torch.float32)
+
+
+def use_int4_kernel(monkeypatch, which: str):
+    """Make new 4-bit CPU layers use `which` kernel: "avx2" (llama_min/native.py) or "torch" (PyTorch's).
+
+    "avx2" where it cannot be built skips locally and fails under CI (env CI=true), like require_asset.
+    """
+    from llama_min import native
+
+    if which == "torch":
+        monkeypatch.setenv("LLAMA_MIN_NATIVE", "0")
+        return
+    monkeypatch.delenv("LLAMA_MIN_NATIVE", raising=False)
+    if not native.enabled():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("the AVX2 4-bit kernel is not available on the CI machine")
+        pytest.skip("the AVX2 4-bit kernel is not available here")

@@ -29,9 +29,9 @@ def test_real_rope_is_the_complex_rotation():
     torch.testing.assert_close(out[:2], torch.tensor([0.5403023, 0.8414710]))
 
 
-def _models(**over):
+def _models(quantize=None, **over):
     ref = tiny_model(scale=0.2, **over)
-    return ref, apply_transforms(tiny_model(scale=0.2, **over))
+    return ref, apply_transforms(tiny_model(scale=0.2, **over), quantize=quantize)
 
 
 def _decode(m, tokens, prefill):
@@ -53,6 +53,37 @@ def test_decode_step_is_one_graph_without_breaks():
             explained = torch._dynamo.explain(decode.step)(
                 torch.tensor([[5]]), torch.tensor([3]), [c.k for c in caches], [c.v for c in caches])
         assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+
+def test_avx2_int4_layers_compile_into_the_graph(monkeypatch):
+    """The 'avx2' 4-bit kernel is a custom operator: one graph, no break, the eager model's logits."""
+    from conftest import use_int4_kernel
+    from torch._dynamo.testing import CompileCounter
+
+    use_int4_kernel(monkeypatch, "avx2")
+    torch._dynamo.reset()
+    _, m = _models(quantize="int4")
+    assert m.layers[0].attention.wqkv.layout == "avx2"
+    eager = CompiledDecode(m, backend="eager")
+    m.setup_cache(1, 16)
+    caches = [layer.attention.cache for layer in m.layers]
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(eager.step)(
+            torch.tensor([[5]]), torch.tensor([3]), [c.k for c in caches], [c.v for c in caches])
+    m.clear_cache()
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    tokens = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        want = _decode(m, tokens, 6)
+        counter = CompileCounter()
+        compile_decode(m, backend=counter)
+        got = _decode(m, tokens, 6)
+    uncompile(m)
+    assert counter.frame_count == 1
+    # the step's real-arithmetic RoPE differs from the eager complex one at float32 rounding, which the int8
+    # output layer's bf16 input and output can turn into a bf16 step of a logit
+    torch.testing.assert_close(got, want, atol=2.0**-7 * want.abs().max().item(), rtol=0)
+    assert (got - want).abs().mean() < 1e-3 * want.abs().mean()
 
 
 @pytest.mark.parametrize("over", [{}, {"n_kv_heads": 1}, {"tie_word_embeddings": True}])

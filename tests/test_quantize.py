@@ -4,6 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import use_int4_kernel
+from llama_min import native
 from llama_min.quantize import (Int4Linear, Int8Linear, parse_quantize, quantize_groupwise_int4, quantize_int4,
                                 quantize_int8, quantize_per_channel)
 
@@ -96,32 +98,46 @@ def test_int4_groupwise_codes_follow_min_max_and_err_half_a_step(g):
     assert torch.all((recon - groups).abs() <= s[..., None] / 2 * (1 + 1e-5))
 
 
-def _reference_weights(q, s, z, g):
-    """(q - 8) * scale + zero with scale and zero rounded to bf16, as the kernels store them."""
+def _reference_weights(q, s, z, g, layout="cpu"):
+    """The weights as the kernels store them: (q - 8) * scale + zero with scale and zero rounded to bf16;
+    'avx2': q * scale + min with scale and min = zero - 8 scale rounded to fp16."""
     n, k = q.shape
+    q = q.float().view(n, -1, g)
+    if layout == "avx2":
+        return (q * s.half().float()[..., None] + (z - 8 * s).half().float()[..., None]).view(n, k)
     sb, zb = s.bfloat16().float(), z.bfloat16().float()
-    return ((q.float().view(n, -1, g) - 8) * sb[..., None] + zb[..., None]).view(n, k)
+    return ((q - 8) * sb[..., None] + zb[..., None]).view(n, k)
 
 
+@pytest.mark.parametrize("kernel", ["avx2", "torch"])
 @pytest.mark.parametrize("g", [32, 64, 128])
-@pytest.mark.parametrize("n", [48, 40])  # 48 rows: the CPU kernel; 40 (not a multiple of 16): 'plain'
-def test_int4_linear_multiplies_by_its_codes(g, n):
+@pytest.mark.parametrize("n", [48, 40])  # 48 rows: PyTorch's CPU kernel; 40 (not a multiple of 16): 'plain'
+def test_int4_linear_multiplies_by_its_codes(g, n, kernel, monkeypatch):
+    use_int4_kernel(monkeypatch, kernel)
     torch.manual_seed(1)
     lin = torch.nn.Linear(256, n, bias=False)
     qlin = Int4Linear.from_linear(lin, g)
-    assert qlin.layout == ("cpu" if n % 16 == 0 else "plain")
-    want_w = _reference_weights(*quantize_groupwise_int4(lin.weight, g), g)
+    want_layout = "avx2" if kernel == "avx2" and g == 32 else "cpu" if n % 16 == 0 else "plain"
+    assert qlin.layout == want_layout
+    want_w = _reference_weights(*quantize_groupwise_int4(lin.weight, g), g, qlin.layout)
     assert torch.equal(qlin.dequantize(), want_w)
-    x = torch.randn(3, 5, 256)
-    got, want = qlin(x), F.linear(x, want_w)
-    assert got.shape == (3, 5, n) and got.dtype == torch.float32
-    if qlin.layout == "plain":
-        torch.testing.assert_close(got, want)
-    else:  # the CPU kernel rounds x and its output to bf16 (relative 2^-8 each)
-        tol = 2.0**-8 * (x.abs() @ want_w.abs().t()) + 2.0**-8 * want.abs() + 1e-6
-        assert torch.all((got - want).abs() <= tol)
-    # against the float weights: each weight moved by at most half a step of its group
-    assert (got - F.linear(x, lin.weight)).abs().max() < 0.1 * want.abs().max()
+    if qlin.layout == "avx2":  # the C dequantizer (for prompts) agrees with the torch one bit for bit
+        assert torch.equal(native.q4_dequantize(qlin.weight, qlin.scales_and_zeros), want_w)
+    for rows in (1, 5, 40):  # the 'avx2' kernel below PREFILL_ROWS rows, dequantize + F.linear from there on
+        x = torch.randn(rows, 256)
+        got, want = qlin(x), F.linear(x, want_w)
+        assert got.shape == (rows, n) and got.dtype == torch.float32
+        if qlin.layout == "plain":
+            torch.testing.assert_close(got, want)
+        elif qlin.layout == "avx2":  # activations as int16 per group of 32: |dx| <= max|x of the group| / 65534
+            xmax = x.view(rows, -1, 32).abs().amax(-1).repeat_interleave(32, dim=1)
+            tol = (xmax / 65534) @ want_w.abs().t() * 1.01 + 1e-6 * (x.abs() @ want_w.abs().t()) + 1e-6
+            assert torch.all((got - want).abs() <= tol)
+        else:  # PyTorch's CPU kernel rounds x and its output to bf16 (relative 2^-8 each)
+            tol = 2.0**-8 * (x.abs() @ want_w.abs().t()) + 2.0**-8 * want.abs() + 1e-6
+            assert torch.all((got - want).abs() <= tol)
+        # against the float weights: each weight moved by at most half a step of its group
+        assert (got - F.linear(x, lin.weight)).abs().max() < 0.1 * want.abs().max()
 
 
 def test_quantize_int4_replaces_linears_and_agrees_with_float():
@@ -181,3 +197,31 @@ def test_smollm2_int4_agrees_with_float32(smollm2, smollm2_path):
         assert diff.mean() < 1.0 and diff.max() < 6.0
     out_q4, _ = q4.generate(ids, max_gen_len=24, temperature=0, stop_ids=set())
     assert "Paris" in q4.tokenizer.decode(out_q4[1])
+
+
+def test_avx2_kernel_propagates_nan_and_inf(monkeypatch):
+    """A non-finite activation makes its output row NaN, as a float product would; other rows are untouched."""
+    use_int4_kernel(monkeypatch, "avx2")
+    qlin = Int4Linear.from_linear(torch.nn.Linear(64, 16, bias=False))
+    x = torch.randn(3, 64)
+    x[0, 5], x[2, 40] = float("nan"), float("inf")
+    y = native.q4_linear(x, qlin.weight, qlin.scales_and_zeros)
+    assert torch.isnan(y[0]).all() and torch.isnan(y[2]).all()
+    torch.testing.assert_close(y[1], F.linear(x[1], qlin.dequantize()), atol=1e-4, rtol=1e-4)
+
+
+def test_avx2_kernel_falls_back_with_one_line_when_it_cannot_be_built(monkeypatch, tmp_path, capfd):
+    """A compiler that fails: PyTorch's kernel is used, after one line on stderr naming the problem."""
+    monkeypatch.delenv("LLAMA_MIN_NATIVE", raising=False)
+    monkeypatch.setenv("LLAMA_MIN_CACHE", str(tmp_path))  # nothing built there yet
+    monkeypatch.setenv("CC", "false")
+    native._library.cache_clear()
+    try:
+        if not native._cpu_supports():
+            pytest.skip("not an AVX2 Linux machine: the kernel is never tried here")
+        assert not native.enabled()
+        assert Int4Linear.from_linear(torch.nn.Linear(64, 32, bias=False)).layout == "cpu"
+        err = capfd.readouterr().err
+        assert err.count("could not build the AVX2 4-bit kernel") == 1 and "using PyTorch's" in err
+    finally:
+        native._library.cache_clear()

@@ -1,0 +1,114 @@
+/* q4_avx2.c: y = x W^T for 4-bit weights in groups of 32, for CPUs with AVX2, FMA and F16C.
+ *
+ * Built and loaded by llama_min/native.py (see there for when it is used and why).
+ *
+ * W (N, K): row n, group g (weights 32g .. 32g+31) is 16 bytes of codes q in 0..15 (byte j holds
+ * weight j in its low nibble and weight j+16 in its high nibble: llama.cpp's Q4_0 order) and two fp16
+ * numbers, scale d and min c:  w = d * q + c.
+ *
+ * x (M, K): each group of 32 activations is written as int16 with its own scale:
+ *     s = max |x| / 32767,   xq = round(x / s)       (|x - s xq| <= s / 2: 1.5e-5 of the group's max)
+ * so that the sum over a group is an exact integer dot product:
+ *     y[m, n] = sum_g  d s * (sum_j q_j xq_j)  +  c * (sum_j x_j)
+ * |q xq| <= 15 * 32767, and 32 of them fit an int32. AVX2 multiplies 16 int16 pairs and adds
+ * neighbours in one instruction (vpmaddwd), which is what makes this cheaper than converting every
+ * weight to float.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define ROWS 4  /* rows of x multiplied together: each group of codes is unpacked once for them */
+
+static float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* x (K,) -> xq (K,) int16, s (G,) the scale and xsum (G,) the plain sum of each group */
+static void quantize_row(const float *x, int64_t K, int16_t *xq, float *s, float *xsum) {
+    for (int64_t g = 0; g < K / 32; g++) {
+        const float *xg = x + 32 * g;
+        float amax = 0.f, sum = 0.f;
+        for (int j = 0; j < 32; j++) {
+            amax = fmaxf(amax, fabsf(xg[j]));
+            sum += xg[j];
+        }
+        if (!isfinite(amax))  /* inf or nan: let it reach the output, as a float product would */
+            amax = NAN;
+        const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+        for (int j = 0; j < 32; j++)
+            xq[32 * g + j] = (int16_t)lrintf(xg[j] * inv);
+        s[g] = amax / 32767.f;
+        xsum[g] = sum;
+    }
+}
+
+/* codes (N, K/2) uint8, dc (N, K/32, 2) fp16 (d, c), x (M, K) float32 -> y (M, N) float32 */
+int q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *dc, int64_t N,
+              float *y, int nthreads) {
+    const int64_t G = K / 32;
+    int16_t *xq = malloc(sizeof(int16_t) * M * K);
+    float *s = malloc(sizeof(float) * M * G), *xsum = malloc(sizeof(float) * M * G);
+    if (!xq || !s || !xsum) {
+        free(xq); free(s); free(xsum);
+        return 1;
+    }
+    for (int64_t m = 0; m < M; m++)
+        quantize_row(x + m * K, K, xq + m * K, s + m * G, xsum + m * G);
+
+    const __m128i low4 = _mm_set1_epi8(15);
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *qn = codes + n * (K / 2);
+        const uint16_t *dcn = dc + n * 2 * G;
+        for (int64_t m0 = 0; m0 < M; m0 += ROWS) {  /* up to ROWS rows of x share each unpacked group */
+            const int rows = M - m0 < ROWS ? (int)(M - m0) : ROWS;
+            __m256 acc[ROWS];
+            float offsets[ROWS];  /* sum_g c * sum_j x_j */
+            for (int r = 0; r < ROWS; r++) {
+                acc[r] = _mm256_setzero_ps();
+                offsets[r] = 0.f;
+            }
+            for (int64_t g = 0; g < G; g++) {
+                const __m128i b = _mm_loadu_si128((const __m128i *)(qn + 16 * g));
+                const __m256i q_lo = _mm256_cvtepu8_epi16(_mm_and_si128(b, low4));  /* weights 0..15 */
+                const __m256i q_hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), low4));  /* 16..31 */
+                const float d = _cvtsh_ss(dcn[2 * g]), c = _cvtsh_ss(dcn[2 * g + 1]);
+                for (int r = 0; r < rows; r++) {
+                    const int64_t m = m0 + r;
+                    const int16_t *xg = xq + m * K + 32 * g;
+                    const __m256i dot = _mm256_add_epi32(
+                        _mm256_madd_epi16(q_lo, _mm256_loadu_si256((const __m256i *)xg)),
+                        _mm256_madd_epi16(q_hi, _mm256_loadu_si256((const __m256i *)(xg + 16))));
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * s[m * G + g]), acc[r]);
+                    offsets[r] += c * xsum[m * G + g];
+                }
+            }
+            for (int r = 0; r < rows; r++)
+                y[(m0 + r) * N + n] = sum8(acc[r]) + offsets[r];
+        }
+    }
+    free(xq); free(s); free(xsum);
+    return 0;
+}
+
+/* The same weights as float32: w (N, K) = d q + c, for a float matrix product over many rows */
+void q4_dequantize(const uint8_t *codes, const uint16_t *dc, int64_t N, int64_t K, float *w, int nthreads) {
+    const int64_t G = K / 32;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t g = 0; g < G; g++) {
+            const uint8_t *b = codes + n * (K / 2) + 16 * g;
+            const float d = _cvtsh_ss(dc[(n * G + g) * 2]), c = _cvtsh_ss(dc[(n * G + g) * 2 + 1]);
+            float *out = w + n * K + 32 * g;
+            for (int j = 0; j < 16; j++) {
+                out[j] = d * (float)(b[j] & 15) + c;
+                out[j + 16] = d * (float)(b[j] >> 4) + c;
+            }
+        }
+    }
+}
