@@ -103,7 +103,7 @@ def _library():
 
 
 def q4_linear(x: torch.Tensor, codes: torch.Tensor, dc: torch.Tensor) -> torch.Tensor:
-    """x (M, K) float32, codes (N, K/2) uint8, dc (N, K/32, 2) fp16 -> x W^T (M, N) float32 (q4_avx2.c).
+    """x (M, K) float32, codes (N, K/2) uint8, dc (N, 2, K/32) fp16 (scales, mins) -> x W^T (M, N) float32.
 
     Called directly when eager (a custom operator's dispatch costs 10-25 us a call, as much as a small
     layer's product); inside torch.compile through the operator `torch.ops.llama_min.q4_linear`.
@@ -118,7 +118,7 @@ def _q4_linear(x: torch.Tensor, codes: torch.Tensor, dc: torch.Tensor) -> torch.
     (m, k), n = x.shape, codes.shape[0]
     if x.dtype != torch.float32 or codes.dtype != torch.uint8 or dc.dtype != torch.float16 or k % 32:
         raise ValueError(f"q4_linear: bad operands {x.dtype} {tuple(x.shape)}, {codes.dtype}, {dc.dtype}")
-    if tuple(codes.shape) != (n, k // 2) or tuple(dc.shape) != (n, k // 32, 2):
+    if tuple(codes.shape) != (n, k // 2) or tuple(dc.shape) != (n, 2, k // 32):
         raise ValueError(f"q4_linear: shapes {tuple(codes.shape)}, {tuple(dc.shape)} do not fit K = {k}")
     codes, dc = codes.contiguous(), dc.contiguous()  # held here while the kernel reads them
     y = torch.empty(m, n, dtype=torch.float32)

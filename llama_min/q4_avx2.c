@@ -4,7 +4,8 @@
  *
  * W (N, K): row n, group g (weights 32g .. 32g+31) is 16 bytes of codes q in 0..15 (byte j holds
  * weight j in its low nibble and weight j+16 in its high nibble: llama.cpp's Q4_0 order) and two fp16
- * numbers, scale d and min c:  w = d * q + c.
+ * numbers, scale d and min c:  w = d * q + c. A row's scales are stored together, then its mins, so that
+ * 8 groups' scales load and convert at once.
  *
  * x (M, K): each group of 32 activations is written as int16 with its own scale:
  *     s = max |x| / 32767,   xq = round(x / s)       (|x - s xq| <= s / 2: 1.5e-5 of the group's max)
@@ -18,8 +19,6 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-
-#define ROWS 4  /* rows of x multiplied together: each group of codes is unpacked once for them */
 
 static float sum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -47,10 +46,32 @@ static void quantize_row(const float *x, int64_t K, int16_t *xq, float *s, float
     }
 }
 
-/* codes (N, K/2) uint8, dc (N, K/32, 2) fp16 (d, c), x (M, K) float32 -> y (M, N) float32 */
+/* The integer dot product of one group: 32 codes (16 bytes) with 32 int16 activations -> 8 int32 partial sums */
+static inline __m256i group_dot(const uint8_t *q, const int16_t *x) {
+    const __m128i low4 = _mm_set1_epi8(15);
+    const __m128i b = _mm_loadu_si128((const __m128i *)q);
+    const __m256i q_lo = _mm256_cvtepu8_epi16(_mm_and_si128(b, low4));                      /* weights 0..15 */
+    const __m256i q_hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), low4));  /* weights 16..31 */
+    return _mm256_add_epi32(_mm256_madd_epi16(q_lo, _mm256_loadu_si256((const __m256i *)x)),
+                            _mm256_madd_epi16(q_hi, _mm256_loadu_si256((const __m256i *)(x + 16))));
+}
+
+/* The dot products of 8 consecutive groups -> one vector holding the 8 groups' sums (int32, exact) */
+static inline __m256i eight_groups(const uint8_t *q, const int16_t *x) {
+    __m256i p[8];
+    for (int j = 0; j < 8; j++)
+        p[j] = group_dot(q + 16 * j, x + 32 * j);
+    /* pairwise horizontal adds: lanes 0-3 then hold groups 0-3's partial sums of the low 128 bits, 4-7 of the high */
+    const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+    const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+/* codes (N, K/2) uint8; dc (N, 2, K/32) fp16: each row's scales d, then its mins c; x (M, K) float32
+ * -> y (M, N) float32. Returns 0, or 1 when memory for the int16 activations could not be had. */
 int q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *dc, int64_t N,
               float *y, int nthreads) {
-    const int64_t G = K / 32;
+    const int64_t G = K / 32, G8 = G / 8 * 8;
     int16_t *xq = malloc(sizeof(int16_t) * M * K);
     float *s = malloc(sizeof(float) * M * G), *xsum = malloc(sizeof(float) * M * G);
     if (!xq || !s || !xsum) {
@@ -60,36 +81,29 @@ int q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, const 
     for (int64_t m = 0; m < M; m++)
         quantize_row(x + m * K, K, xq + m * K, s + m * G, xsum + m * G);
 
-    const __m128i low4 = _mm_set1_epi8(15);
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *qn = codes + n * (K / 2);
-        const uint16_t *dcn = dc + n * 2 * G;
-        for (int64_t m0 = 0; m0 < M; m0 += ROWS) {  /* up to ROWS rows of x share each unpacked group */
-            const int rows = M - m0 < ROWS ? (int)(M - m0) : ROWS;
-            __m256 acc[ROWS];
-            float offsets[ROWS];  /* sum_g c * sum_j x_j */
-            for (int r = 0; r < ROWS; r++) {
-                acc[r] = _mm256_setzero_ps();
-                offsets[r] = 0.f;
+        const uint16_t *d = dc + n * 2 * G, *c = d + G;
+        for (int64_t m = 0; m < M; m++) {
+            const int16_t *xm = xq + m * K;
+            const float *sm = s + m * G, *xsm = xsum + m * G;
+            __m256 acc = _mm256_setzero_ps();      /* sum over groups of d s (sum_j q_j xq_j), 8 groups at a time */
+            __m256 offsets = _mm256_setzero_ps();  /* sum over groups of c (sum_j x_j) */
+            int64_t g = 0;
+            for (; g < G8; g += 8) {
+                const __m256i dots = eight_groups(qn + 16 * g, xm + 32 * g);
+                const __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + g)));
+                const __m256 c8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(c + g)));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_mul_ps(d8, _mm256_loadu_ps(sm + g)), acc);
+                offsets = _mm256_fmadd_ps(c8, _mm256_loadu_ps(xsm + g), offsets);
             }
-            for (int64_t g = 0; g < G; g++) {
-                const __m128i b = _mm_loadu_si128((const __m128i *)(qn + 16 * g));
-                const __m256i q_lo = _mm256_cvtepu8_epi16(_mm_and_si128(b, low4));  /* weights 0..15 */
-                const __m256i q_hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), low4));  /* 16..31 */
-                const float d = _cvtsh_ss(dcn[2 * g]), c = _cvtsh_ss(dcn[2 * g + 1]);
-                for (int r = 0; r < rows; r++) {
-                    const int64_t m = m0 + r;
-                    const int16_t *xg = xq + m * K + 32 * g;
-                    const __m256i dot = _mm256_add_epi32(
-                        _mm256_madd_epi16(q_lo, _mm256_loadu_si256((const __m256i *)xg)),
-                        _mm256_madd_epi16(q_hi, _mm256_loadu_si256((const __m256i *)(xg + 16))));
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * s[m * G + g]), acc[r]);
-                    offsets[r] += c * xsum[m * G + g];
-                }
+            float rest = 0.f;  /* the last G % 8 groups, one at a time */
+            for (; g < G; g++) {
+                const float dot = sum8(_mm256_cvtepi32_ps(group_dot(qn + 16 * g, xm + 32 * g)));
+                rest += _cvtsh_ss(d[g]) * sm[g] * dot + _cvtsh_ss(c[g]) * xsm[g];
             }
-            for (int r = 0; r < rows; r++)
-                y[(m0 + r) * N + n] = sum8(acc[r]) + offsets[r];
+            y[m * N + n] = sum8(_mm256_add_ps(acc, offsets)) + rest;
         }
     }
     free(xq); free(s); free(xsum);
@@ -103,7 +117,7 @@ void q4_dequantize(const uint8_t *codes, const uint16_t *dc, int64_t N, int64_t 
     for (int64_t n = 0; n < N; n++) {
         for (int64_t g = 0; g < G; g++) {
             const uint8_t *b = codes + n * (K / 2) + 16 * g;
-            const float d = _cvtsh_ss(dc[(n * G + g) * 2]), c = _cvtsh_ss(dc[(n * G + g) * 2 + 1]);
+            const float d = _cvtsh_ss(dc[n * 2 * G + g]), c = _cvtsh_ss(dc[n * 2 * G + G + g]);
             float *out = w + n * K + 32 * g;
             for (int j = 0; j < 16; j++) {
                 out[j] = d * (float)(b[j] & 15) + c;

@@ -14,10 +14,15 @@ int4, per group of g = 32, 64 or 128 consecutive weights of a row (gpt-fast's as
     scale = (max - min) / 15,   zero = min + 8 * scale,   q = round((w - min) / scale) in 0..15
     W ~= (q - 8) * scale + zero    (= q * scale + min)
     error <= scale / 2 per weight (plus the bf16 rounding of scale and zero, relative 2^-8).
-    The kernels keep scale and zero in bf16, shaped (K/g, N, 2). CPU: `aten._weight_int4pack_mm_for_cpu`
-    on weights repacked by `aten._convert_weight_to_int4pack_for_cpu`; CUDA: `aten._weight_int4pack_mm`;
-    anywhere else the codes are kept plainly (two per byte) and dequantized for an F.linear.
-    The kernels take bf16 activations and return bf16: the product carries bf16 rounding (~2^-8 relative).
+    Where the layers are stored and multiplied ("layouts", chosen per layer by `int4_layout`):
+      'avx2'  CPUs with AVX2 but not AVX-512, groups of 32: llama_min's own kernel (q4_avx2.c, native.py),
+              fp16 scale and min, activations as int16 per group of 32 (error <= 1.5e-5 of the group's
+              largest value), float32 out.
+      'cpu'   other CPUs: `aten._weight_int4pack_mm_for_cpu` on weights repacked by
+              `aten._convert_weight_to_int4pack_for_cpu`; 'cuda': `aten._weight_int4pack_mm`. Both keep
+              scale and zero in bf16, shaped (K/g, N, 2), take bf16 activations and return bf16: the
+              product carries bf16 rounding (~2^-8 relative).
+      'plain' anywhere else: two codes per byte, dequantized for an F.linear.
 """
 
 from __future__ import annotations
@@ -180,8 +185,8 @@ class Int4Linear(nn.Module):
 
     weight: the packed codes (layout 'avx2', 'cpu', 'cuda' or 'plain', see `pack_int4`).
     scales_and_zeros: bf16 (K/g, N, 2), weight value = (q - 8) * scale + zero; in the 'avx2' layout
-    fp16 (N, K/32, 2) holding scale and min instead, weight value = q * scale + min (the same weights:
-    min = zero - 8 * scale), which is what q4_avx2.c reads.
+    fp16 (N, 2, K/32) holding each row's scales, then its mins, weight value = q * scale + min (the same
+    weights: min = zero - 8 * scale), which is what q4_avx2.c reads.
     """
 
     def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, in_features: int, group_size: int,
@@ -226,8 +231,8 @@ class Int4Linear(nn.Module):
         if self.layout == "avx2":  # (N, K/32, 32) codes in group order, times scale, plus min: exact in float32
             codes = self.weight.view(self.out_features, k // g, 16)
             q = torch.cat([codes & 15, codes >> 4], dim=-1).float()
-            sz = self.scales_and_zeros.float()
-            return (q * sz[..., :1] + sz[..., 1:]).reshape(self.out_features, k)
+            scale, low = self.scales_and_zeros.float().unbind(1)  # (N, K/32) each
+            return (q * scale[..., None] + low[..., None]).reshape(self.out_features, k)
         if self.layout == "cpu":
             eye = torch.eye(k, dtype=torch.float32)
             return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, g, self.scales_and_zeros.float()).t()
@@ -254,7 +259,7 @@ def int4_from_rows(n: int, k: int, group_size: int, rows: Iterable, device=None)
     device = torch.device(device or "cpu")
     layout = int4_layout(device, n, k, group_size)
     if layout == "avx2":
-        sz = torch.empty(n, k // group_size, 2, dtype=torch.float16, device=device)
+        sz = torch.empty(n, 2, k // group_size, dtype=torch.float16, device=device)
     else:
         sz = torch.empty(k // group_size, n, 2, dtype=torch.bfloat16, device=device)
     whole = torch.empty(n, k, dtype=torch.uint8, device=device) if layout == "cuda" else None
@@ -262,7 +267,7 @@ def int4_from_rows(n: int, k: int, group_size: int, rows: Iterable, device=None)
     for r0, q, scales, zeros in rows:
         r1 = r0 + len(q)
         if layout == "avx2":  # scale and min: Q4_0's -8d and Q4_1's m come back exactly from zero - 8 scale
-            sz[r0:r1, :, 0], sz[r0:r1, :, 1] = scales, zeros - 8 * scales
+            sz[r0:r1, 0], sz[r0:r1, 1] = scales, zeros - 8 * scales
         else:
             sz[:, r0:r1, 0], sz[:, r0:r1, 1] = scales.t(), zeros.t()
         if whole is not None:
@@ -343,7 +348,7 @@ def fuse_quantized(layers) -> nn.Module:
     if isinstance(first, Int8Linear):
         return Int8Linear(torch.cat([m.weight for m in layers]), torch.cat([m.scales for m in layers]))
     packed = torch.cat([m.weight for m in layers])  # (N_1 + N_2 + ..., K/2)
-    n_dim = 0 if first.layout == "avx2" else 1  # 'avx2': (N, K/32, 2); else (K/g, N, 2)
+    n_dim = 0 if first.layout == "avx2" else 1  # 'avx2': (N, 2, K/32); else (K/g, N, 2)
     sz = torch.cat([m.scales_and_zeros for m in layers], dim=n_dim)
     return Int4Linear(packed, sz, first.in_features, first.group_size, first.layout)
 

@@ -199,6 +199,19 @@ def test_smollm2_int4_agrees_with_float32(smollm2, smollm2_path):
     assert "Paris" in q4.tokenizer.decode(out_q4[1])
 
 
+@pytest.mark.parametrize("k", [32, 96, 256, 576, 1056])  # groups of 8 at once, then the rest one by one
+def test_avx2_kernel_for_any_number_of_groups(k, monkeypatch):
+    use_int4_kernel(monkeypatch, "avx2")
+    torch.manual_seed(k)
+    qlin = Int4Linear.from_linear(torch.nn.Linear(k, 24, bias=False))
+    w = qlin.dequantize()
+    x = torch.randn(3, k) * torch.logspace(-2, 2, k)  # groups of very different sizes
+    got = native.q4_linear(x, qlin.weight, qlin.scales_and_zeros)
+    xmax = x.view(3, -1, 32).abs().amax(-1).repeat_interleave(32, dim=1)
+    tol = (xmax / 65534) @ w.abs().t() * 1.01 + 1e-6 * (x.abs() @ w.abs().t())
+    assert torch.all((got - F.linear(x, w)).abs() <= tol)
+
+
 def test_avx2_kernel_propagates_nan_and_inf(monkeypatch):
     """A non-finite activation makes its output row NaN, as a float product would; other rows are untouched."""
     use_int4_kernel(monkeypatch, "avx2")
