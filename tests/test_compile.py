@@ -43,16 +43,22 @@ def _decode(m, tokens, prefill):
     return torch.cat(out, dim=1)
 
 
+def _assert_one_graph(m):
+    """torch._dynamo.explain on one decode step of m: one graph, no break."""
+    decode = CompiledDecode(m, backend="eager")
+    m.setup_cache(1, 16)
+    caches = [layer.attention.cache for layer in m.layers]
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(decode.step)(
+            torch.tensor([[5]]), torch.tensor([3]), [c.k for c in caches], [c.v for c in caches])
+    m.clear_cache()
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+
 def test_decode_step_is_one_graph_without_breaks():
     """The optimized model (fused projections) and model.py's own classes alike."""
     for m in _models():
-        decode = CompiledDecode(m, backend="eager")
-        m.setup_cache(1, 16)
-        caches = [layer.attention.cache for layer in m.layers]
-        with torch.inference_mode():
-            explained = torch._dynamo.explain(decode.step)(
-                torch.tensor([[5]]), torch.tensor([3]), [c.k for c in caches], [c.v for c in caches])
-        assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+        _assert_one_graph(m)
 
 
 def test_avx2_int4_layers_compile_into_the_graph(monkeypatch):
@@ -64,14 +70,7 @@ def test_avx2_int4_layers_compile_into_the_graph(monkeypatch):
     torch._dynamo.reset()
     _, m = _models(quantize="int4")
     assert m.layers[0].attention.wqkv.layout == "avx2"
-    eager = CompiledDecode(m, backend="eager")
-    m.setup_cache(1, 16)
-    caches = [layer.attention.cache for layer in m.layers]
-    with torch.inference_mode():
-        explained = torch._dynamo.explain(eager.step)(
-            torch.tensor([[5]]), torch.tensor([3]), [c.k for c in caches], [c.v for c in caches])
-    m.clear_cache()
-    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    _assert_one_graph(m)
     tokens = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         want = _decode(m, tokens, 6)

@@ -127,24 +127,27 @@ def fp16_field(raw: np.ndarray, block_bytes: int, offset: int) -> np.ndarray:
     return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
-def test_q4_0_q4_1_hold_the_files_values_exactly_on_the_avx2_kernel(tmp_path, qtype, monkeypatch):
-    """Its fp16 scale and min are the file's d and (Q4_0) -8d / (Q4_1) m: the weights are the file's, bit for bit."""
-    use_int4_kernel(monkeypatch, "avx2")
+def packed_q4(tmp_path, qtype, monkeypatch, kernel):
+    """A random 64 x 256 tensor written as `qtype`, loaded packed for `kernel`: (layer, file bytes, file values)."""
+    use_int4_kernel(monkeypatch, kernel)
     arr = (0.1 * np.random.default_rng(1).standard_normal((64, 256)) + 0.02).astype(np.float32)
     t, raw, ref = one_tensor(tmp_path, qtype, arr)
     lin = packed_linear(t, "cpu", torch.float32)
-    assert isinstance(lin, Int4Linear) and lin.layout == "avx2"
+    assert isinstance(lin, Int4Linear) and lin.group_size == 32
+    assert lin.layout == ("avx2" if kernel == "avx2" else "cpu")
+    return lin, raw, ref
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
+def test_q4_0_q4_1_hold_the_files_values_exactly_on_the_avx2_kernel(tmp_path, qtype, monkeypatch):
+    """Its fp16 scale and min are the file's d and (Q4_0) -8d / (Q4_1) m: the weights are the file's, bit for bit."""
+    lin, _, ref = packed_q4(tmp_path, qtype, monkeypatch, "avx2")
     assert torch.equal(lin.dequantize(), ref)
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
 def test_q4_0_q4_1_hold_the_files_values(tmp_path, qtype, monkeypatch):
-    use_int4_kernel(monkeypatch, "torch")
-    arr = (0.1 * np.random.default_rng(1).standard_normal((64, 256)) + 0.02).astype(np.float32)
-    t, raw, ref = one_tensor(tmp_path, qtype, arr)
-    lin = packed_linear(t, "cpu", torch.float32)
-    assert isinstance(lin, Int4Linear) and lin.group_size == 32 and lin.layout == "cpu"
+    lin, raw, ref = packed_q4(tmp_path, qtype, monkeypatch, "torch")
     got = lin.dequantize()
     # The only change allowed: scale d and zero (Q4_0: 0; Q4_1: m + 8d) rounded to bf16, relative error
     # <= 2^-8 each, so |dw| <= |q - 8| |d| 2^-8 + |zero| 2^-8 <= (8|d| + |m + 8d|) 2^-8 per block of 32.
