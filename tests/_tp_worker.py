@@ -107,6 +107,8 @@ def main() -> int:
             result = run_job(job)
             if is_rank0():
                 torch.save(result, out / f"job{i}.pt")
+        if dist.is_initialized():  # every rank done before any tears the group down (a rank that tore it
+            dist.barrier()         # down while the other still used it once aborted: "terminate called ...")
     except (ValueError, OSError, RuntimeError) as e:
         if is_rank0():
             print(f"error: {e}", file=sys.stderr, flush=True)
