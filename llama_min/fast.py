@@ -346,10 +346,9 @@ class CompiledDecode:
         self.graph = dense_twin(model)  # the compiler cannot trace oneDNN's opaque weights: it gets dense copies
         self.cos = model.freqs_cis.real.contiguous()  # (2 * max_seq_len, hd/2) float32
         self.sin = model.freqs_cis.imag.contiguous()
-        if mode is None and backend == "inductor" and model.norm.weight.device.type == "cpu":
-            self.compiled = torch.compile(self.step, backend=backend, fullgraph=True, options=CPU_OPTIONS)
-        else:
-            self.compiled = torch.compile(self.step, mode=mode, backend=backend, fullgraph=True)
+        on_cpu = mode is None and backend == "inductor" and model.norm.weight.device.type == "cpu"
+        self.compiled = torch.compile(self.step, mode=mode, backend=backend, fullgraph=True,
+                                      options=CPU_OPTIONS if on_cpu else None)
 
     def __call__(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
         caches = [layer.attention.cache for layer in self.model.layers]

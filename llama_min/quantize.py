@@ -210,7 +210,7 @@ class Int4Linear(nn.Module):
         if self.layout == "avx2" and x2.shape[0] < PREFILL_ROWS:
             y = native.q4_linear(x2.float(), self.weight, self.scales_and_zeros)
         elif self.layout == "avx2":  # a prompt: one float GEMM on the weights dequantized for it
-            y = F.linear(x2.float(), native.q4_dequantize(self.weight, self.scales_and_zeros))
+            y = F.linear(x2.float(), self.dequantize())
         elif self.layout == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2.to(torch.bfloat16), self.weight, self.group_size, self.scales_and_zeros)
@@ -224,15 +224,13 @@ class Int4Linear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The weights this layer multiplies by, (N, K) float32.
 
-        'cpu': the kernel itself, in float32, applied to the identity (exact: one float32 multiply-add
-        per weight); 'cuda': the same in bf16 (rounded to bf16); 'plain': unpacked directly.
+        'avx2': q * scale + min per group, by q4_avx2.c (exact: one float32 multiply-add per weight);
+        'cpu': the kernel itself, in float32, applied to the identity (exact likewise); 'cuda': the same
+        in bf16 (rounded to bf16); 'plain': unpacked directly.
         """
         k, g = self.in_features, self.group_size
-        if self.layout == "avx2":  # (N, K/32, 32) codes in group order, times scale, plus min: exact in float32
-            codes = self.weight.view(self.out_features, k // g, 16)
-            q = torch.cat([codes & 15, codes >> 4], dim=-1).float()
-            scale, low = self.scales_and_zeros.float().unbind(1)  # (N, K/32) each
-            return (q * scale[..., None] + low[..., None]).reshape(self.out_features, k)
+        if self.layout == "avx2":
+            return native.q4_dequantize(self.weight, self.scales_and_zeros)
         if self.layout == "cpu":
             eye = torch.eye(k, dtype=torch.float32)
             return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, g, self.scales_and_zeros.float()).t()
