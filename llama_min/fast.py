@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model import Attention, FeedForward, apply_rotary_emb, repeat_kv
-from .quantize import can_fuse_quantized, fuse_quantized
+from . import native
+from .quantize import PREFILL_ROWS, can_fuse_quantized, fuse_quantized
 
 
 class FastAttention(Attention):
@@ -216,6 +217,46 @@ def dense_twin(module: nn.Module) -> nn.Module:
     twin.__dict__ = dict(module.__dict__)
     twin._modules = {name: dense_twin(child) for name, child in module._modules.items()}
     return twin
+
+
+# ------------------------------------------------------------------------------------------------
+# llama_min's own float32 kernel (native.py, kernels_avx2.c)
+#
+# Where it builds (an AVX2 CPU with a C compiler), float32 CPU models decode through it instead of the
+# two layouts above: the weight stays the ordinary (out, in) tensor, one decode row streams it at 18-27
+# GB/s where MKL and oneDNN reach 10-15 on SmolLM2's short rows, and a few rows (a batch, a speculative
+# verification) read it once. Prompts of PREFILL_ROWS rows or more go to PyTorch's matrix-matrix kernel
+# (F.linear), which is faster there.
+# ------------------------------------------------------------------------------------------------
+
+
+class NativeLinear(nn.Module):
+    """y = x W^T for float32 CPU inference, W (out, in) the nn.Linear's own tensor (shared, not copied)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)  # (rows, in)
+        if x2.shape[0] >= PREFILL_ROWS:
+            return F.linear(x, self.weight)
+        return native.f32_linear(x2, self.weight).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, llama_min's AVX2 kernel"
+
+
+def use_native_linears(model) -> nn.Module:
+    """Every float32 CPU nn.Linear in the model -> NativeLinear holding the same weight tensor (a tied
+    embedding keeps sharing it)."""
+    for name, child in list(model.named_children()):
+        if type(child) is nn.Linear and child.weight.dtype == torch.float32 and child.weight.device.type == "cpu":
+            setattr(model, name, NativeLinear(child.weight))
+        else:
+            use_native_linears(child)
+    return model
 
 
 # ------------------------------------------------------------------------------------------------

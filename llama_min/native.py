@@ -1,23 +1,29 @@
-"""A 4-bit matrix kernel for AVX2 CPUs (q4_avx2.c), compiled with the system's C compiler on first use.
+"""llama_min's own matrix kernels for AVX2 CPUs (kernels_avx2.c), compiled with the system's C compiler on first use.
 
-Why it exists: decoding multiplies one activation row by every weight matrix, so it should run at memory
-speed. PyTorch's 4-bit CPU kernel (`aten._weight_int4pack_mm_for_cpu`) has fast paths for AVX-512; on a
-CPU with AVX2 only it is limited by arithmetic instead. On this project's AVX2 machine, one row times a
-14336 x 4096 matrix took 4.2 ms through it (8.7 GB/s of 4-bit weights), 1.65 ms through q4_avx2.c
-(22 GB/s, as fast as float32 weights stream: 11.7 ms for 4x the bytes). q4_avx2.c writes activations
-as int16 per group of 32 (error at most 1.5e-5 of the group's largest value, against 2^-9 of every value
-for the bf16 activations PyTorch's kernel takes) and keeps fp16 scales, so a Q4_0 / Q4_1 file's own
-scale and offset are held exactly.
+Why they exist: decoding multiplies one activation row by every weight matrix, so it should run at memory
+speed. Measured on this project's 2-core AVX2 machine, in one script:
 
-When it is used (quantize.int4_layout picks the 'avx2' layout): a CPU tensor, groups of 32, Linux on
-x86-64, a CPU with avx2, fma and f16c, PyTorch's own kernels at their AVX2 level (on AVX-512 CPUs
-PyTorch's are the fast ones), a C compiler (`$CC`, else `cc`), and `LLAMA_MIN_NATIVE` not set to 0.
-Otherwise the layout falls back to PyTorch's kernel, with one line on stderr when a compiler was there
-but the build failed. The built library is cached under the asset cache (`~/.cache/llama_min/native`),
-named by a hash of the source and flags, written atomically.
+  - float32: PyTorch's CPU kernels (MKL, oneDNN) stream the short rows of a small model's matrices
+    (576 or 1536 numbers in SmolLM2) at 10-15 GB/s; `f32_linear` streams them at 18-27 GB/s (one row times
+    576 x 576: 75 us against 111 us in oneDNN's layout and 134 us in MKL; 576 x 1536: 149 against 235 and
+    251 us). A whole SmolLM2 decode step went from 20 to 26 tok/s with it.
+  - 4-bit: PyTorch's kernel (`aten._weight_int4pack_mm_for_cpu`) has fast paths for AVX-512; on a CPU with
+    AVX2 only it is limited by arithmetic instead. One row times a 14336 x 4096 matrix took 4.2 ms through it
+    (8.7 GB/s of 4-bit weights), 1.65 ms through `q4_linear` (22 GB/s, as fast as float32 weights stream:
+    11.7 ms for 4x the bytes). `q4_linear` writes activations as int16 per group of 32 (error at most
+    1.5e-5 of the group's largest value, against 2^-9 of every value for the bf16 activations PyTorch's
+    kernel takes) and keeps fp16 scales, so a Q4_0 / Q4_1 file's own scale and offset are held exactly.
 
-`q4_linear(x, codes, dc)` is a PyTorch custom operator (torch.library), so `torch.compile` keeps it in
-its graph as one call.
+When they are used (`enabled()`): Linux on x86-64, a CPU with avx2, fma and f16c, PyTorch's own kernels at
+their AVX2 level (on AVX-512 CPUs PyTorch's are the fast ones), a C compiler (`$CC`, else `cc`), and
+`LLAMA_MIN_NATIVE` not set to 0. Then float32 CPU models decode through `f32_linear` (fast.NativeLinear) and
+4-bit layers of group size 32 use the 'avx2' layout (quantize.int4_layout). Otherwise both fall back to
+PyTorch's kernels, with one line on stderr when a compiler was there but the build failed. The built
+library is cached under the asset cache (`~/.cache/llama_min/native`), named by a hash of the source and
+flags, written atomically. Prompts of many rows keep PyTorch's matrix-matrix kernels, which are faster there.
+
+`f32_linear(x, w)` and `q4_linear(x, codes, dc)` are PyTorch custom operators (torch.library), so
+`torch.compile` keeps each in its graph as one call.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from typing import Optional
 
 import torch
 
-SOURCE = Path(__file__).with_name("q4_avx2.c")
+SOURCE = Path(__file__).with_name("kernels_avx2.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 CPU_FLAGS = {"avx2", "fma", "f16c"}
 
@@ -87,12 +93,12 @@ def _library():
 
     try:
         key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
-        out = cache_dir() / "native" / f"q4_avx2-{key}.so"
+        out = cache_dir() / "native" / f"kernels_avx2-{key}.so"
         error = None if out.exists() else _build(cc, out)
     except OSError as e:
         error = str(e)
     if error is not None:
-        print(f"llama_min: could not build the AVX2 4-bit kernel ({error}); using PyTorch's", file=sys.stderr)
+        print(f"llama_min: could not build the AVX2 kernels ({error}); using PyTorch's", file=sys.stderr)
         return None
     lib = ctypes.CDLL(str(out))
     p, i64 = ctypes.c_void_p, ctypes.c_int64
@@ -100,7 +106,33 @@ def _library():
     lib.q4_linear.restype = ctypes.c_int
     lib.q4_dequantize.argtypes = [p, p, i64, i64, p, ctypes.c_int]
     lib.q4_dequantize.restype = None
+    lib.f32_linear.argtypes = [p, i64, i64, p, i64, p, ctypes.c_int]
+    lib.f32_linear.restype = None
     return lib
+
+
+def f32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (M, K) float32, w (N, K) float32 -> x w^T (M, N) float32, for a few rows M (see kernels_avx2.c).
+
+    Called directly when eager (see q4_linear), inside torch.compile as `torch.ops.llama_min.f32_linear`.
+    """
+    if torch.compiler.is_compiling():
+        return torch.ops.llama_min.f32_linear(x, w)
+    return _f32_linear(x, w)
+
+
+def _f32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    x, w = x.contiguous(), w.contiguous()
+    (m, k), n = x.shape, w.shape[0]
+    if x.dtype != torch.float32 or w.dtype != torch.float32 or tuple(w.shape) != (n, k) or x.device.type != "cpu":
+        raise ValueError(f"f32_linear: bad operands {x.dtype} {tuple(x.shape)}, {w.dtype} {tuple(w.shape)}")
+    y = torch.empty(m, n, dtype=torch.float32)
+    _library().f32_linear(x.data_ptr(), m, k, w.data_ptr(), n, y.data_ptr(), torch.get_num_threads())
+    return y
+
+
+_f32_linear_op = torch.library.custom_op("llama_min::f32_linear", _f32_linear, mutates_args=())
+_f32_linear_op.register_fake(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
 
 
 def q4_linear(x: torch.Tensor, codes: torch.Tensor, dc: torch.Tensor) -> torch.Tensor:

@@ -12,9 +12,11 @@ weights) and is tested against the untouched reference in the tests named here:
                                            (float or quantized; built at load)    (test_fast)
   FastAttention              fast.py       decode GQA without cache copies,       float rounding, <= 1e-4
                                            SDPA's own causal mask                 (test_fast)
-  use_onednn_linears         fast.py       float32 CPU weights in oneDNN's        float rounding, <= 1e-5
-                                           blocked layout                         (test_fast)
-  transpose_wide_layers      fast.py       (no oneDNN) float32 CPU wide weights   float rounding, <= 1e-4
+  use_native_linears         fast.py       float32 CPU weights multiplied by      float rounding, <= 1e-4
+                                           llama_min's AVX2 kernel (native.py)    (test_fast)
+  use_onednn_linears         fast.py       (no AVX2 kernel) float32 CPU weights   float rounding, <= 1e-5
+                                           in oneDNN's blocked layout             (test_fast)
+  transpose_wide_layers      fast.py       (neither) float32 CPU wide weights     float rounding, <= 1e-4
                                            stored W^T                             (test_fast)
 
 `apply_transforms(model, optimize=False)` with no quantization leaves exactly model.py's classes.
@@ -37,14 +39,19 @@ def apply_transforms(model: nn.Module, optimize: bool = True, quantize: Optional
         quantize_model(model, quantize)
     if not optimize:
         return model
-    from .fast import fuse_projections, onednn_available, transpose_wide_layers, use_fast_attention, use_onednn_linears
+    from . import native
+    from .fast import (fuse_projections, onednn_available, transpose_wide_layers, use_fast_attention,
+                       use_native_linears, use_onednn_linears)
 
     weight = model.norm.weight
     cpu_float32 = quantize is None and weight.device.type == "cpu" and weight.dtype == torch.float32
-    onednn = cpu_float32 and onednn_available()
-    fuse_projections(model, transposed=cpu_float32 and not onednn)  # fused weights built W^T at once if needed
+    own_kernel = cpu_float32 and native.enabled()
+    onednn = cpu_float32 and not own_kernel and onednn_available()
+    fuse_projections(model, transposed=cpu_float32 and not (own_kernel or onednn))  # built W^T at once if needed
     use_fast_attention(model)  # the attention layers left unfused (quantized projections)
-    if onednn:
+    if own_kernel:
+        use_native_linears(model)  # every float matrix through llama_min's AVX2 kernel (fast.py, native.py)
+    elif onednn:
         use_onednn_linears(model)  # every float matrix in oneDNN's layout (fast.py)
     elif cpu_float32:
         transpose_wide_layers(model)  # the rest: the output projection (and a tied embedding)

@@ -56,9 +56,31 @@ def _assert_one_graph(m):
 
 
 def test_decode_step_is_one_graph_without_breaks():
-    """The optimized model (fused projections) and model.py's own classes alike."""
+    """The optimized model (fused projections, and the AVX2 float32 kernel where it builds) and model.py's own
+    classes alike."""
     for m in _models():
         _assert_one_graph(m)
+
+
+def test_native_float32_layers_compile_into_the_graph(monkeypatch):
+    """The AVX2 float32 kernel is a custom operator: one compiled frame, a batch of 2 rows through it too,
+    the reference's logits."""
+    from conftest import use_int4_kernel
+    from torch._dynamo.testing import CompileCounter
+
+    from llama_min.fast import NativeLinear
+
+    use_int4_kernel(monkeypatch, "avx2")
+    torch._dynamo.reset()
+    ref, fast = _models()
+    assert isinstance(fast.output, NativeLinear)
+    counter = CompileCounter()
+    compile_decode(fast, backend=counter)
+    tokens = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        torch.testing.assert_close(_decode(fast, tokens, 6), _decode(ref, tokens, 6), atol=1e-4, rtol=1e-4)
+    uncompile(fast)
+    assert counter.frame_count == 1
 
 
 def test_avx2_int4_layers_compile_into_the_graph(monkeypatch):
@@ -104,15 +126,17 @@ def test_no_recompilation_across_positions_and_cache_lengths(over):
     assert "forward" not in fast.__dict__
 
 
-def test_batches_run_eager_on_onednn_weights():
-    """Several rows on float32 CPU weights in oneDNN's layout skip the graph (oneDNN reads a weight once for
-    every row); one row goes through it. Logits as the reference's either way."""
+def test_batches_run_eager_on_onednn_weights(monkeypatch):
+    """Several rows on float32 CPU weights in oneDNN's layout (chosen where llama_min's own kernel is off)
+    skip the graph (oneDNN reads a weight once for every row); one row goes through it. Logits as the
+    reference's either way."""
     from torch._dynamo.testing import CompileCounter
 
     from llama_min.fast import OneDNNLinear, onednn_available
 
     if not onednn_available():
         pytest.skip("no oneDNN in this torch")
+    monkeypatch.setenv("LLAMA_MIN_NATIVE", "0")
     torch._dynamo.reset()
     ref, fast = _models()
     assert isinstance(fast.output, OneDNNLinear)

@@ -63,6 +63,76 @@ def test_onednn_layers_same_numbers_and_back():
 
 
 # ------------------------------------------------------------------------------------------------
+# llama_min's own float32 kernel (native.f32_linear, fast.NativeLinear)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [8, 64, 577, 1536])  # 577: K not a multiple of 8 (the last products one by one)
+def test_native_f32_linear_against_float64(monkeypatch, k):
+    """Every (row, column) against a float64 product: within float32 summation error, |err| <= 1e-5 *
+    sum_k |x_k w_k| (K eps = 9e-5 is the worst case for K = 1536; a wrong or missing term is of order 1).
+    N = 5, 8, 13, 960 covers blocks of 8 rows and the rows after the last block; M up to 31 rows."""
+    from conftest import use_int4_kernel
+    from llama_min import native
+
+    use_int4_kernel(monkeypatch, "avx2")  # the same library: skip locally / fail under CI without it
+    g = torch.Generator().manual_seed(k)
+    for n in (5, 8, 13, 960):
+        w = torch.randn(n, k, generator=g)
+        for m in (1, 3, 31):
+            x = torch.randn(m, k, generator=g)
+            got = native.f32_linear(x, w)
+            want = (x.double() @ w.double().t())
+            bound = 1e-5 * (x.double().abs() @ w.double().abs().t())
+            assert got.shape == (m, n) and got.dtype == torch.float32
+            assert ((got.double() - want).abs() <= bound).all(), (n, m, (got.double() - want).abs().max().item())
+    with pytest.raises(ValueError):
+        native.f32_linear(torch.randn(2, k, dtype=torch.float64), w)  # a wrong dtype is refused, not read
+    nan = torch.zeros(1, k)
+    nan[0, k // 2] = float("nan")
+    assert native.f32_linear(nan, w).isnan().all()
+
+
+def test_native_linears_same_numbers_as_reference(monkeypatch):
+    """Every float matrix through the AVX2 kernel: a prompt (>= PREFILL_ROWS rows: F.linear), one token at a
+    time, 5 rows at once (a speculative check) and a batch of 2 give the reference's logits; the weights are
+    the reference's tensors themselves (a tied embedding still shares its table)."""
+    from conftest import use_int4_kernel
+    from llama_min.fast import NativeLinear, use_native_linears
+
+    use_int4_kernel(monkeypatch, "avx2")
+    for over in ({}, {"tie_word_embeddings": True}):
+        ref, fast = model(**over), model(**over)
+        want_out = fast.output.weight
+        use_native_linears(fast)
+        assert not any(type(m) is torch.nn.Linear for m in fast.modules())
+        assert isinstance(fast.output, NativeLinear) and fast.output.weight is want_out
+        if over:
+            assert fast.tok_embeddings.weight is fast.output.weight
+        tokens = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            torch.testing.assert_close(fast(tokens), ref(tokens), atol=1e-5, rtol=1e-5)  # 80 rows: F.linear
+            torch.testing.assert_close(_steps(fast, tokens, 7), _steps(ref, tokens, 7), atol=1e-5, rtol=1e-5)
+            fast.setup_cache(2, 40), ref.setup_cache(2, 40)
+            fast(tokens[:, :9]), ref(tokens[:, :9])
+            torch.testing.assert_close(fast(tokens[:, 9:14], 9), ref(tokens[:, 9:14], 9), atol=1e-5, rtol=1e-5)
+
+
+def test_float32_cpu_build_picks_the_native_kernel_else_onednn(monkeypatch):
+    """apply_transforms: NativeLinear where the kernel builds; LLAMA_MIN_NATIVE=0 gives oneDNN's layout."""
+    from conftest import use_int4_kernel
+    from llama_min.fast import NativeLinear, OneDNNLinear
+    from llama_min.transforms import apply_transforms
+
+    use_int4_kernel(monkeypatch, "avx2")
+    m = apply_transforms(model())
+    assert isinstance(m.output, NativeLinear) and isinstance(m.layers[0].attention.wqkv, NativeLinear)
+    monkeypatch.setenv("LLAMA_MIN_NATIVE", "0")
+    m = apply_transforms(model())
+    assert isinstance(m.output, OneDNNLinear if onednn_available() else TransposedLinear)
+
+
+# ------------------------------------------------------------------------------------------------
 # FastAttention and the whole transform chain, against the untouched reference
 # ------------------------------------------------------------------------------------------------
 

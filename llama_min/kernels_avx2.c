@@ -1,6 +1,92 @@
-/* q4_avx2.c: y = x W^T for 4-bit weights in groups of 32, for CPUs with AVX2, FMA and F16C.
+/* kernels_avx2.c: the matrix products of a decode step, y = x W^T for a few rows x, on CPUs with AVX2,
+ * FMA and F16C. Built and loaded by llama_min/native.py (see there for when they are used and why).
  *
- * Built and loaded by llama_min/native.py (see there for when it is used and why).
+ *   f32_linear     float32 W (N, K), as nn.Linear holds it
+ *   q4_linear      4-bit W in groups of 32 (quantize.Int4Linear's 'avx2' layout, packed Q4 GGUF files)
+ *   q4_dequantize  that 4-bit W as float32, for prompts of many rows
+ *
+ * A decode step multiplies one activation row by every weight matrix: each weight is used once per row,
+ * so the product is limited by how fast W streams from memory, not by arithmetic. Both products walk W
+ * once, front to back, split between the threads in two contiguous halves.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+static float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* ---- float32 weights ----
+ *
+ * y[m, n] = sum_k x[m, k] W[n, k]: eight rows of W at a time, each with its own vector of 8 partial
+ * sums (8 independent multiply-add chains keep the FMA units busy while the loads stream). For a few
+ * rows of x (a batch, a speculative verification) the 8 rows of W (8 K floats) are read from memory
+ * once and from the L1 cache for the other rows of x. The next 8 rows are prefetched while these are
+ * summed: the hardware prefetcher alone follows 8 streams less well.
+ */
+
+/* the 8 horizontal sums of a[0..7] -> one vector (lane r = sum of a[r]) */
+static inline __m256 sum8x8(const __m256 *a) {
+    const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
+static float dot(const float *a, const float *b, int64_t K) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc);
+    float s = sum8(acc);
+    for (; k < K; k++)
+        s += a[k] * b[k];
+    return s;
+}
+
+/* rows n .. n+7 of W (w points at row n) times every row of x -> y[m, n .. n+7] */
+static void eight_rows(const float *x, int64_t M, int64_t K, const float *w, int64_t N, float *y) {
+    const int64_t K8 = K / 8 * 8;
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * K;
+        __m256 a[8];
+        for (int r = 0; r < 8; r++)
+            a[r] = _mm256_setzero_ps();
+        for (int64_t k = 0; k < K8; k += 8) {
+            const __m256 xv = _mm256_loadu_ps(xm + k);
+            for (int r = 0; r < 8; r++) {
+                if (m == 0)  /* the same place in the next 8 rows */
+                    _mm_prefetch((const char *)(w + (r + 8) * K + k), _MM_HINT_T0);
+                a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * K + k), xv, a[r]);
+            }
+        }
+        __m256 sums = sum8x8(a);
+        if (K8 < K) {  /* K not a multiple of 8: the last few products one by one */
+            float tail[8];
+            for (int r = 0; r < 8; r++)
+                tail[r] = dot(w + r * K + K8, xm + K8, K - K8);
+            sums = _mm256_add_ps(sums, _mm256_loadu_ps(tail));
+        }
+        _mm256_storeu_ps(y + m * N, sums);
+    }
+}
+
+/* x (M, K), W (N, K), both float32 and contiguous -> y (M, N) */
+void f32_linear(const float *x, int64_t M, int64_t K, const float *w, int64_t N, float *y, int nthreads) {
+    const int64_t blocks = N / 8;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t b = 0; b < blocks; b++)
+        eight_rows(x, M, K, w + 8 * b * K, N, y + 8 * b);
+    for (int64_t n = 8 * blocks; n < N; n++)  /* the last N % 8 rows */
+        for (int64_t m = 0; m < M; m++)
+            y[m * N + n] = dot(x + m * K, w + n * K, K);
+}
+
+/* ---- 4-bit weights ----
  *
  * W (N, K): row n, group g (weights 32g .. 32g+31) is 16 bytes of codes q in 0..15 (byte j holds
  * weight j in its low nibble and weight j+16 in its high nibble: llama.cpp's Q4_0 order) and two fp16
@@ -15,18 +101,6 @@
  * neighbours in one instruction (vpmaddwd), which is what makes this cheaper than converting every
  * weight to float.
  */
-#include <immintrin.h>
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-
-static float sum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /* x (K,) -> xq (K,) int16, s (G,) the scale and xsum (G,) the plain sum of each group */
 static void quantize_row(const float *x, int64_t K, int16_t *xq, float *s, float *xsum) {
     for (int64_t g = 0; g < K / 32; g++) {
