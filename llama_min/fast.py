@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import Attention, FeedForward, apply_rotary_emb, repeat_kv
 from . import native
+from .model import Attention, FeedForward, RMSNorm, apply_rotary_emb, repeat_kv
 from .quantize import PREFILL_ROWS, can_fuse_quantized, fuse_quantized
 
 
@@ -54,9 +54,14 @@ class FastAttention(Attention):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         return q, k, v
 
+    native_decode = False  # set by use_native_decode: one-token steps in one call of llama_min's kernel
+
     def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask):
         B, T, _ = x.shape
         q, k, v = self.project(x)
+        if T == 1 and self.native_decode and self.cache is not None:  # RoPE, cache write, attention: one call
+            out = native.decode_attention(q, k, v, freqs_cis, start_pos, self.cache.k, self.cache.v)  # (B, H*hd)
+            return self.wo(out.view(B, 1, -1))
         q, k = apply_rotary_emb(q, k, freqs_cis)
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)  # (B, S, K, hd)
@@ -256,6 +261,35 @@ def use_native_linears(model) -> nn.Module:
             setattr(model, name, NativeLinear(child.weight))
         else:
             use_native_linears(child)
+    return model
+
+
+class NativeRMSNorm(RMSNorm):
+    """model.py's RMSNorm, float32 CPU activations normalised in one call of llama_min's kernel."""
+
+    @classmethod
+    def from_reference(cls, ref: RMSNorm) -> "NativeRMSNorm":
+        norm = cls.__new__(cls)
+        nn.Module.__init__(norm)
+        norm.eps, norm.weight = ref.eps, ref.weight  # the same Parameter
+        return norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu" or torch.compiler.is_compiling():
+            return super().forward(x)  # (a compiled graph fuses the reference's operations itself)
+        return native.rms_norm(x, self.weight, self.eps)
+
+
+def use_native_decode(model) -> nn.Module:
+    """The small operations between the matrix products through llama_min's kernels (native.py): every
+    RMSNorm -> NativeRMSNorm, and FastAttention's one-token steps in one decode_attention call (RoPE, cache
+    write, attention). For models whose activations are float32 on a CPU where the kernels build."""
+    for layer in model.layers:
+        layer.attention_norm = NativeRMSNorm.from_reference(layer.attention_norm)
+        layer.ffn_norm = NativeRMSNorm.from_reference(layer.ffn_norm)
+        if isinstance(layer.attention, FastAttention):
+            layer.attention.native_decode = True
+    model.norm = NativeRMSNorm.from_reference(model.norm)
     return model
 
 

@@ -4,6 +4,8 @@
  *   f32_linear     float32 W (N, K), as nn.Linear holds it
  *   q4_linear      4-bit W in groups of 32 (quantize.Int4Linear's 'avx2' layout, packed Q4 GGUF files)
  *   q4_dequantize  that 4-bit W as float32, for prompts of many rows
+ *   q8_linear      int8 W (N, K) with a scale per row (quantize.Int8Linear, packed Q8_0 / Q5 / Q6_K files)
+ *   rms_norm, decode_attention   the small operations between the products of a one-token step
  *
  * A decode step multiplies one activation row by every weight matrix: each weight is used once per row,
  * so the product is limited by how fast W streams from memory, not by arithmetic. Both products walk W
@@ -110,7 +112,7 @@ static void quantize_row(const float *x, int64_t K, int16_t *xq, float *s, float
             amax = fmaxf(amax, fabsf(xg[j]));
             sum += xg[j];
         }
-        if (!isfinite(amax))  /* inf or nan: let it reach the output, as a float product would */
+        if (!isfinite(amax) || !isfinite(sum))  /* inf or nan (which fmaxf skips): let it reach the output */
             amax = NAN;
         const float inv = amax > 0.f ? 32767.f / amax : 0.f;
         for (int j = 0; j < 32; j++)
@@ -130,15 +132,34 @@ static inline __m256i group_dot(const uint8_t *q, const int16_t *x) {
                             _mm256_madd_epi16(q_hi, _mm256_loadu_si256((const __m256i *)(x + 16))));
 }
 
+/* Eight groups' 8 int32 partial sums each (p[0..7]) -> one vector holding the 8 groups' sums */
+static inline __m256i reduce8(const __m256i *p) {
+    /* pairwise horizontal adds: lanes 0-3 then hold groups 0-3's partial sums of the low 128 bits, 4-7 of the high */
+    const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+    const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
 /* The dot products of 8 consecutive groups -> one vector holding the 8 groups' sums (int32, exact) */
 static inline __m256i eight_groups(const uint8_t *q, const int16_t *x) {
     __m256i p[8];
     for (int j = 0; j < 8; j++)
         p[j] = group_dot(q + 16 * j, x + 32 * j);
-    /* pairwise horizontal adds: lanes 0-3 then hold groups 0-3's partial sums of the low 128 bits, 4-7 of the high */
-    const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
-    const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
-    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+    return reduce8(p);
+}
+
+/* The activations of M rows as int16 per group of 32 (quantize_row), in one allocation: xq (M, K), then
+ * s and xsum (M, K/32) each. NULL when there is no memory. */
+static int16_t *quantize_rows(const float *x, int64_t M, int64_t K, float **s, float **xsum) {
+    const int64_t G = K / 32;
+    int16_t *xq = malloc(sizeof(int16_t) * M * K + 2 * sizeof(float) * M * G);
+    if (!xq)
+        return NULL;
+    *s = (float *)(xq + M * K);
+    *xsum = *s + M * G;
+    for (int64_t m = 0; m < M; m++)
+        quantize_row(x + m * K, K, xq + m * K, *s + m * G, *xsum + m * G);
+    return xq;
 }
 
 /* codes (N, K/2) uint8; dc (N, 2, K/32) fp16: each row's scales d, then its mins c; x (M, K) float32
@@ -146,14 +167,10 @@ static inline __m256i eight_groups(const uint8_t *q, const int16_t *x) {
 int q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *dc, int64_t N,
               float *y, int nthreads) {
     const int64_t G = K / 32, G8 = G / 8 * 8;
-    int16_t *xq = malloc(sizeof(int16_t) * M * K);
-    float *s = malloc(sizeof(float) * M * G), *xsum = malloc(sizeof(float) * M * G);
-    if (!xq || !s || !xsum) {
-        free(xq); free(s); free(xsum);
+    float *s, *xsum;
+    int16_t *xq = quantize_rows(x, M, K, &s, &xsum);
+    if (!xq)
         return 1;
-    }
-    for (int64_t m = 0; m < M; m++)
-        quantize_row(x + m * K, K, xq + m * K, s + m * G, xsum + m * G);
 
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
@@ -180,7 +197,7 @@ int q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, const 
             y[m * N + n] = sum8(_mm256_add_ps(acc, offsets)) + rest;
         }
     }
-    free(xq); free(s); free(xsum);
+    free(xq);
     return 0;
 }
 
@@ -199,4 +216,146 @@ void q4_dequantize(const uint8_t *codes, const uint16_t *dc, int64_t N, int64_t 
             }
         }
     }
+}
+
+/* ---- 8-bit weights: int8 W (N, K) and one float32 scale per row (quantize.Int8Linear) ----
+ *
+ * y[m, n] = scale[n] * sum_g s_g (sum_j q_j xq_j), the activations as int16 per group of 32 as above
+ * (|q xq| <= 127 * 32767: 32 of them fit an int32). K must be a multiple of 32.
+ */
+
+static inline __m256i group_dot_q8(const int8_t *q, const int16_t *x) {
+    const __m256i b = _mm256_loadu_si256((const __m256i *)q);
+    const __m256i lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(b));       /* weights 0..15 */
+    const __m256i hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(b, 1));  /* weights 16..31 */
+    return _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)x)),
+                            _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 16))));
+}
+
+/* Returns 0, or 1 when memory for the int16 activations could not be had. */
+int q8_linear(const float *x, int64_t M, int64_t K, const int8_t *w, const float *scales, int64_t N, float *y,
+              int nthreads) {
+    const int64_t G = K / 32, G8 = G / 8 * 8;
+    float *s, *xsum;
+    int16_t *xq = quantize_rows(x, M, K, &s, &xsum);
+    if (!xq)
+        return 1;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *wn = w + n * K;
+        for (int64_t m = 0; m < M; m++) {
+            const int16_t *xm = xq + m * K;
+            const float *sm = s + m * G;
+            __m256 acc = _mm256_setzero_ps();
+            int64_t g = 0;
+            for (; g < G8; g += 8) {
+                __m256i p[8];
+                for (int j = 0; j < 8; j++)
+                    p[j] = group_dot_q8(wn + 32 * (g + j), xm + 32 * (g + j));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(p)), _mm256_loadu_ps(sm + g), acc);
+            }
+            float rest = 0.f;
+            for (; g < G; g++)
+                rest += sm[g] * sum8(_mm256_cvtepi32_ps(group_dot_q8(wn + 32 * g, xm + 32 * g)));
+            y[m * N + n] = scales[n] * (sum8(acc) + rest);
+        }
+    }
+    free(xq);
+    return 0;
+}
+
+/* ---- the rest of a decode step: RMSNorm, and attention for one new token ----
+ *
+ * Between its matrix products a decode step of a small model runs a few dozen small PyTorch operations
+ * per layer (the norm alone is eight), each costing a few microseconds of dispatch for a few hundred
+ * numbers of work. These two functions do the same arithmetic in one call each.
+ */
+
+/* Each of M rows of x (M, D): out = x * (1 / sqrt(mean(x^2) + eps)) * w, as model.py's RMSNorm */
+void rms_norm(const float *x, int64_t M, int64_t D, const float *w, float eps, float *out) {
+    const int64_t D8 = D / 8 * 8;
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * D;
+        float *om = out + m * D;
+        __m256 acc = _mm256_setzero_ps();
+        int64_t k = 0;
+        for (; k < D8; k += 8) {
+            const __m256 v = _mm256_loadu_ps(xm + k);
+            acc = _mm256_fmadd_ps(v, v, acc);
+        }
+        float ss = sum8(acc);
+        for (; k < D; k++)
+            ss += xm[k] * xm[k];
+        const float r = 1.f / sqrtf(ss / (float)D + eps);
+        const __m256 r8 = _mm256_set1_ps(r);
+        for (k = 0; k < D8; k += 8)
+            _mm256_storeu_ps(om + k, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xm + k), r8), _mm256_loadu_ps(w + k)));
+        for (; k < D; k++)
+            om[k] = xm[k] * r * w[k];
+    }
+}
+
+/* RoPE on one head's hd numbers: pair i = (x[2i], x[2i+1]) times (cos_i + j sin_i); cs holds
+ * (cos_0, sin_0, cos_1, sin_1, ...), the complex freqs_cis row of this position viewed as floats */
+static void rotate(const float *x, const float *cs, int64_t hd, float *out) {
+    for (int64_t i = 0; i < hd; i += 2) {
+        const float c = cs[i], s = cs[i + 1];
+        out[i] = x[i] * c - x[i + 1] * s;
+        out[i + 1] = x[i] * s + x[i + 1] * c;
+    }
+}
+
+/* One new token in each of B rows at position pos. q (B, H*hd), k and v (B, K*hd), each row `stride`
+ * floats after the last (they may be slices of one fused q|k|v row); caches (B_cache, S, K, hd).
+ *   1. k is rotated (RoPE) and written to k_cache[b, pos], v to v_cache[b, pos];
+ *   2. query head h (rotated) attends over positions 0..pos of KV head h / (H/K):
+ *        out[b, h] = sum_s softmax_s(q . k_s / sqrt(hd)) v_s
+ * out (B, H*hd). Returns 0, or 1 when memory for the scores could not be had. */
+int decode_attention(const float *q, const float *k, const float *v, int64_t stride, int64_t B, int64_t H,
+                     int64_t K, int64_t hd, const float *cs, int64_t pos, float *k_cache, float *v_cache,
+                     int64_t S, float *out, int nthreads) {
+    const int64_t n_rep = H / K, row = S * K * hd;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t g = 0; g < K; g++) {
+            float *kc = k_cache + b * row + pos * K * hd + g * hd, *vc = v_cache + b * row + pos * K * hd + g * hd;
+            rotate(k + b * stride + g * hd, cs, hd, kc);
+            for (int64_t i = 0; i < hd; i++)
+                vc[i] = v[b * stride + g * hd + i];
+        }
+    const float scale = 1.f / sqrtf((float)hd);
+    const int64_t n = pos + 1;
+    int failed = 0;
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (B * H * n * hd > (1 << 16))
+    for (int64_t bh = 0; bh < B * H; bh++) {
+        const int64_t b = bh / H, h = bh % H, g = h / n_rep;
+        float *p = malloc(sizeof(float) * n), qr[hd];
+        if (!p) {
+            failed = 1;
+            continue;
+        }
+        rotate(q + b * stride + h * hd, cs, hd, qr);
+        const float *kb = k_cache + b * row + g * hd, *vb = v_cache + b * row + g * hd;
+        float top = -INFINITY;
+        for (int64_t s = 0; s < n; s++) {
+            p[s] = dot(qr, kb + s * K * hd, hd) * scale;
+            top = fmaxf(top, p[s]);
+        }
+        float total = 0.f;
+        for (int64_t s = 0; s < n; s++) {
+            p[s] = expf(p[s] - top);
+            total += p[s];
+        }
+        float *o = out + b * H * hd + h * hd;
+        for (int64_t i = 0; i < hd; i++)
+            o[i] = 0.f;
+        for (int64_t s = 0; s < n; s++) {
+            const float *vs = vb + s * K * hd;
+            for (int64_t i = 0; i < hd; i++)
+                o[i] += p[s] * vs[i];
+        }
+        for (int64_t i = 0; i < hd; i++)
+            o[i] /= total;
+        free(p);
+    }
+    return failed;
 }

@@ -22,8 +22,9 @@ PyTorch's kernels, with one line on stderr when a compiler was there but the bui
 library is cached under the asset cache (`~/.cache/llama_min/native`), named by a hash of the source and
 flags, written atomically. Prompts of many rows keep PyTorch's matrix-matrix kernels, which are faster there.
 
-`f32_linear(x, w)` and `q4_linear(x, codes, dc)` are PyTorch custom operators (torch.library), so
-`torch.compile` keeps each in its graph as one call.
+`f32_linear(x, w)`, `q4_linear(x, codes, dc)` and `q8_linear(x, w, scales)` are PyTorch custom operators
+(torch.library), so `torch.compile` keeps each in its graph as one call. `rms_norm` and `decode_attention`
+are eager only (a compiled step generates its own code for them).
 """
 
 from __future__ import annotations
@@ -108,6 +109,12 @@ def _library():
     lib.q4_dequantize.restype = None
     lib.f32_linear.argtypes = [p, i64, i64, p, i64, p, ctypes.c_int]
     lib.f32_linear.restype = None
+    lib.q8_linear.argtypes = [p, i64, i64, p, p, i64, p, ctypes.c_int]
+    lib.q8_linear.restype = ctypes.c_int
+    lib.rms_norm.argtypes = [p, i64, i64, p, ctypes.c_float, p]
+    lib.rms_norm.restype = None
+    lib.decode_attention.argtypes = [p, p, p, i64, i64, i64, i64, i64, p, i64, p, p, i64, p, ctypes.c_int]
+    lib.decode_attention.restype = ctypes.c_int
     return lib
 
 
@@ -166,6 +173,36 @@ _q4_linear_op = torch.library.custom_op("llama_min::q4_linear", _q4_linear, muta
 _q4_linear_op.register_fake(lambda x, codes, dc: x.new_empty(x.shape[0], codes.shape[0], dtype=torch.float32))
 
 
+def q8_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) float32, w (N, K) int8, scales (N,) float32 -> (x w^T) * scales (M, N) float32; K % 32 == 0.
+
+    The activations are written as int16 per group of 32, as in q4_linear (PyTorch's int8 kernel takes them
+    as bf16). Called directly when eager, inside torch.compile as `torch.ops.llama_min.q8_linear`.
+    """
+    if torch.compiler.is_compiling():
+        return torch.ops.llama_min.q8_linear(x, w, scales)
+    return _q8_linear(x, w, scales)
+
+
+def _q8_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    x, w, scales = x.contiguous(), w.contiguous(), scales.contiguous()
+    (m, k), n = x.shape, w.shape[0]
+    if (x.dtype != torch.float32 or w.dtype != torch.int8 or scales.dtype != torch.float32 or k % 32
+            or tuple(w.shape) != (n, k) or tuple(scales.shape) != (n,)):
+        raise ValueError(f"q8_linear: bad operands {x.dtype} {tuple(x.shape)}, {w.dtype} {tuple(w.shape)}, "
+                         f"{scales.dtype} {tuple(scales.shape)}")
+    y = torch.empty(m, n, dtype=torch.float32)
+    status = _library().q8_linear(x.data_ptr(), m, k, w.data_ptr(), scales.data_ptr(), n, y.data_ptr(),
+                                  torch.get_num_threads())
+    if status != 0:
+        raise MemoryError(f"q8_linear: no memory for the int16 activations of {m} x {k}")
+    return y
+
+
+_q8_linear_op = torch.library.custom_op("llama_min::q8_linear", _q8_linear, mutates_args=())
+_q8_linear_op.register_fake(lambda x, w, scales: x.new_empty(x.shape[0], w.shape[0]))
+
+
 def q4_dequantize(codes: torch.Tensor, dc: torch.Tensor) -> torch.Tensor:
     """The weights of q4_linear as float32 (N, K): d * q + c (what quantize.Int4Linear.dequantize computes)."""
     codes, dc = codes.contiguous(), dc.contiguous()
@@ -173,3 +210,42 @@ def q4_dequantize(codes: torch.Tensor, dc: torch.Tensor) -> torch.Tensor:
     w = torch.empty(n, k, dtype=torch.float32)
     _library().q4_dequantize(codes.data_ptr(), dc.data_ptr(), n, k, w.data_ptr(), torch.get_num_threads())
     return w
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """model.py's RMSNorm of float32 x (..., D) in one call: x / sqrt(mean(x^2) + eps) * weight."""
+    x = x.contiguous()
+    d = x.shape[-1]
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or tuple(weight.shape) != (d,) or not weight.is_contiguous():
+        raise ValueError(f"rms_norm: bad operands {x.dtype} {tuple(x.shape)}, {weight.dtype} {tuple(weight.shape)}")
+    out = torch.empty_like(x)
+    _library().rms_norm(x.data_ptr(), x.numel() // d, d, weight.data_ptr(), eps, out.data_ptr())
+    return out
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs_row: torch.Tensor, pos: int,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """One new token per row, in one call: RoPE on q (B, 1, H, hd) and k (B, 1, K, hd), k and v written to the
+    caches (B_cache, S, K, hd) at `pos`, then every query head attends over positions 0..pos of its KV head.
+
+    freqs_row: the complex freqs_cis row of `pos`, (1, hd/2). Returns (B, H * hd) float32: what
+    model.py's Attention computes before its output projection. q, k, v may be views of one fused row.
+    """
+    B, _, H, hd = q.shape
+    K, S = k.shape[2], k_cache.shape[1]
+    stride = q.stride(0) if B > 1 else 0  # (a size-1 dimension's stride means nothing)
+    tensors = (q, k, v, k_cache, v_cache)
+    fits = (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and q.shape[1] == 1
+            and all(t.stride(-1) == 1 and t.stride(-2) == hd and (B == 1 or t.stride(0) == stride) for t in (q, k, v))
+            and tuple(k_cache.shape[2:]) == (K, hd) and k_cache.shape == v_cache.shape and k_cache.shape[0] >= B
+            and k_cache.is_contiguous() and v_cache.is_contiguous() and 0 <= pos < S and H % K == 0)
+    if not fits:
+        raise ValueError("decode_attention: operands do not fit one new token per row and a (B, S, K, hd) cache")
+    cs = torch.view_as_real(freqs_row.reshape(-1)).contiguous()  # (hd/2, 2): cos, sin of each pair
+    out = torch.empty(B, H * hd, dtype=torch.float32)
+    status = _library().decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), stride, B, H, K, hd, cs.data_ptr(),
+                                         pos, k_cache.data_ptr(), v_cache.data_ptr(), S, out.data_ptr(),
+                                         torch.get_num_threads())
+    if status != 0:
+        raise MemoryError(f"decode_attention: no memory for the scores of {pos + 1} positions")
+    return out

@@ -72,6 +72,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", q)
         self.register_buffer("scales", scales)
         self._scales_bf16 = scales.to(torch.bfloat16)
+        self.native = q.device.type == "cpu" and self.in_features % 32 == 0 and native.enabled()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
@@ -81,6 +82,9 @@ class Int8Linear(nn.Module):
         rows = x.numel() // self.in_features
         if rows >= PREFILL_ROWS:  # a long prompt: compute-bound, so dequantize once and use a float GEMM
             return F.linear(x, self.weight.to(x.dtype) * self.scales[:, None].to(x.dtype))
+        if self.native and x.device.type == "cpu":  # llama_min's AVX2 kernel (native.py)
+            y = native.q8_linear(x.reshape(-1, self.in_features).float(), self.weight, self.scales)
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         if x.device.type == "cpu" and _has_int8pack_mm():
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
             if self._scales_bf16.device != x.device:

@@ -12,6 +12,9 @@ weights) and is tested against the untouched reference in the tests named here:
                                            (float or quantized; built at load)    (test_fast)
   FastAttention              fast.py       decode GQA without cache copies,       float rounding, <= 1e-4
                                            SDPA's own causal mask                 (test_fast)
+  use_native_decode          fast.py       RMSNorm, and one-token RoPE + cache    float rounding, <= 1e-5
+                                           write + attention, each in one call    (test_fast)
+                                           of llama_min's AVX2 kernels
   use_native_linears         fast.py       float32 CPU weights multiplied by      float rounding, <= 1e-4
                                            llama_min's AVX2 kernel (native.py)    (test_fast)
   use_onednn_linears         fast.py       (no AVX2 kernel) float32 CPU weights   float rounding, <= 1e-5
@@ -41,7 +44,7 @@ def apply_transforms(model: nn.Module, optimize: bool = True, quantize: Optional
         return model
     from . import native
     from .fast import (fuse_projections, onednn_available, transpose_wide_layers, use_fast_attention,
-                       use_native_linears, use_onednn_linears)
+                       use_native_decode, use_native_linears, use_onednn_linears)
 
     weight = model.norm.weight
     cpu_float32 = quantize is None and weight.device.type == "cpu" and weight.dtype == torch.float32
@@ -49,6 +52,8 @@ def apply_transforms(model: nn.Module, optimize: bool = True, quantize: Optional
     onednn = cpu_float32 and not own_kernel and onednn_available()
     fuse_projections(model, transposed=cpu_float32 and not (own_kernel or onednn))  # built W^T at once if needed
     use_fast_attention(model)  # the attention layers left unfused (quantized projections)
+    if weight.device.type == "cpu" and weight.dtype == torch.float32 and native.enabled():
+        use_native_decode(model)  # norms and one-token attention in one kernel call each (any weight format)
     if own_kernel:
         use_native_linears(model)  # every float matrix through llama_min's AVX2 kernel (fast.py, native.py)
     elif onednn:

@@ -132,6 +132,70 @@ def test_float32_cpu_build_picks_the_native_kernel_else_onednn(monkeypatch):
     assert isinstance(m.output, OneDNNLinear if onednn_available() else TransposedLinear)
 
 
+def test_native_rms_norm_is_the_reference_norm(monkeypatch):
+    from conftest import use_int4_kernel
+    from llama_min import native
+    from llama_min.model import RMSNorm
+
+    use_int4_kernel(monkeypatch, "avx2")
+    for d in (64, 577):  # 577: the last numbers one by one
+        norm = RMSNorm(d, eps=1e-5)
+        with torch.no_grad():
+            norm.weight.normal_(1, 0.1)
+            x = torch.randn(2, 3, d) * 10
+            torch.testing.assert_close(native.rms_norm(x, norm.weight, norm.eps), norm(x), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (4, 4), (6, 1)])
+def test_native_decode_attention_is_rope_cache_and_attention(monkeypatch, heads):
+    """decode_attention on q, k, v slices of one fused row, two batch rows, at position 0 and 13: the cache
+    row written as model.py's RoPE + KVCache.update write it, and the output as its attention over 0..pos."""
+    from conftest import use_int4_kernel
+    from llama_min import native
+    from llama_min.model import KVCache, apply_rotary_emb, attention_math, precompute_freqs_cis, repeat_kv
+
+    use_int4_kernel(monkeypatch, "avx2")
+    H, K = heads
+    hd, B = 16, 2
+    freqs = precompute_freqs_cis(1.0 / (10000.0 ** (torch.arange(0, hd, 2).float() / hd)), 40)
+    g = torch.Generator().manual_seed(H * 10 + K)
+    mine, ref = KVCache(3, 20, K, hd, torch.float32), KVCache(3, 20, K, hd, torch.float32)
+    history = torch.randn(3, 13, K, hd, generator=g)
+    for c in (mine, ref):
+        c.update(0, history, history * 0.5)
+    for pos in (0, 13):
+        qkv = torch.randn(B, 1, (H + 2 * K) * hd, generator=g)
+        q, k, v = qkv.split([H * hd, K * hd, K * hd], dim=-1)
+        q, k, v = q.view(B, 1, H, hd), k.view(B, 1, K, hd), v.view(B, 1, K, hd)
+        got = native.decode_attention(q, k, v, freqs[pos:pos + 1], pos, mine.k, mine.v)
+        rq, rk = apply_rotary_emb(q, k, freqs[pos:pos + 1])
+        ck, cv = ref.update(pos, rk, v)
+        ck, cv = repeat_kv(ck, H // K).transpose(1, 2), repeat_kv(cv, H // K).transpose(1, 2)
+        want = attention_math(rq.transpose(1, 2), ck, cv, None).transpose(1, 2).reshape(B, -1)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mine.k, ref.k, atol=1e-6, rtol=1e-6)
+        assert torch.equal(mine.v, ref.v) and torch.equal(mine.k[2], ref.k[2])  # row 2 (not in the batch) untouched
+    with pytest.raises(ValueError):
+        native.decode_attention(q, k, v, freqs[20:21], 20, mine.k, mine.v)  # past the cache: refused
+
+
+def test_native_decode_same_numbers_as_reference(monkeypatch):
+    """use_native_decode on the fused model: the reference's logits over a prompt and one-token steps (batch of
+    2, GQA and one KV head); the norms hold the reference's weights."""
+    from conftest import use_int4_kernel
+    from llama_min.fast import FusedAttention, NativeRMSNorm, fuse_projections, use_native_decode
+
+    use_int4_kernel(monkeypatch, "avx2")
+    for over in ({}, {"n_kv_heads": 1}):
+        ref, fast = model(**over), model(**over)
+        use_native_decode(fuse_projections(fast))
+        assert isinstance(fast.layers[0].attention, FusedAttention) and fast.layers[0].attention.native_decode
+        assert isinstance(fast.norm, NativeRMSNorm) and torch.equal(fast.norm.weight, ref.norm.weight)
+        tokens = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            torch.testing.assert_close(_steps(fast, tokens, 7), _steps(ref, tokens, 7), atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # FastAttention and the whole transform chain, against the untouched reference
 # ------------------------------------------------------------------------------------------------

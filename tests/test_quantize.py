@@ -212,6 +212,29 @@ def test_avx2_kernel_for_any_number_of_groups(k, monkeypatch):
     assert torch.all((got - F.linear(x, w)).abs() <= tol)
 
 
+@pytest.mark.parametrize("k", [32, 128, 576, 1056])
+def test_avx2_int8_kernel_within_the_int16_activation_bound(k, monkeypatch):
+    """q8_linear against the float product of the same int8 weights: within the int16 rounding of each group
+    of 32 activations (max|x_g| / 65534 per weight), times the row's scale; NaN reaches its row. Int8Linear
+    uses it for a few rows where it builds, PyTorch's kernel with LLAMA_MIN_NATIVE=0."""
+    use_int4_kernel(monkeypatch, "avx2")
+    torch.manual_seed(k)
+    qlin = Int8Linear.from_linear(torch.nn.Linear(k, 40, bias=False))
+    assert qlin.native
+    w = qlin.dequantize()
+    x = torch.randn(3, k) * torch.logspace(-2, 2, k)
+    got = native.q8_linear(x, qlin.weight, qlin.scales)
+    xmax = x.view(3, -1, 32).abs().amax(-1).repeat_interleave(32, dim=1)
+    tol = (xmax / 65534) @ w.abs().t() * 1.01 + 1e-6 * (x.abs() @ w.abs().t())
+    assert torch.all((got - F.linear(x, w)).abs() <= tol)
+    torch.testing.assert_close(qlin(x[None]), got[None])
+    x[1, 7] = float("nan")
+    assert native.q8_linear(x, qlin.weight, qlin.scales)[1].isnan().all()
+    use_int4_kernel(monkeypatch, "torch")
+    assert not Int8Linear.from_linear(torch.nn.Linear(k, 8, bias=False)).native
+    assert not Int8Linear.from_linear(torch.nn.Linear(48, 8, bias=False)).native  # 48: not groups of 32
+
+
 def test_avx2_kernel_propagates_nan_and_inf(monkeypatch):
     """A non-finite activation makes its output row NaN, as a float product would; other rows are untouched."""
     use_int4_kernel(monkeypatch, "avx2")
