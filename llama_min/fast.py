@@ -228,7 +228,7 @@ def dense_twin(module: nn.Module) -> nn.Module:
 # llama_min's own float32 kernel (native.py, kernels_avx2.c)
 #
 # Where it builds (an AVX2 CPU with a C compiler), float32 CPU models decode through it instead of the
-# two layouts above: the weight stays the ordinary (out, in) tensor, one decode row streams it at 18-27
+# two layouts above: the weight stays the ordinary (out, in) tensor, one decode row streams it at 20-28
 # GB/s where MKL and oneDNN reach 10-15 on SmolLM2's short rows, and a few rows (a batch, a speculative
 # verification) read it once. Prompts of PREFILL_ROWS rows or more go to PyTorch's matrix-matrix kernel
 # (F.linear), which is faster there.

@@ -4,9 +4,11 @@ Why they exist: decoding multiplies one activation row by every weight matrix, s
 speed. Measured on this project's 2-core AVX2 machine, in one script:
 
   - float32: PyTorch's CPU kernels (MKL, oneDNN) stream the short rows of a small model's matrices
-    (576 or 1536 numbers in SmolLM2) at 10-15 GB/s; `f32_linear` streams them at 18-27 GB/s (one row times
+    (576 or 1536 numbers in SmolLM2) at 10-15 GB/s; `f32_linear` streams them at 20-28 GB/s (one row times
     576 x 576: 75 us against 111 us in oneDNN's layout and 134 us in MKL; 576 x 1536: 149 against 235 and
-    251 us). A whole SmolLM2 decode step went from 20 to 26 tok/s with it.
+    251 us). A whole float32 SmolLM2 decode step went from 20-22 to 28-30 tok/s with it.
+  - the norms and attention of a one-token step: a few dozen small PyTorch operations per layer, each
+    costing microseconds of dispatch, become two calls (packed SmolLM2: 54-57 against 32-48 tok/s).
   - 4-bit: PyTorch's kernel (`aten._weight_int4pack_mm_for_cpu`) has fast paths for AVX-512; on a CPU with
     AVX2 only it is limited by arithmetic instead. One row times a 14336 x 4096 matrix took 4.2 ms through it
     (8.7 GB/s of 4-bit weights), 1.65 ms through `q4_linear` (22 GB/s, as fast as float32 weights stream:
@@ -16,9 +18,10 @@ speed. Measured on this project's 2-core AVX2 machine, in one script:
 
 When they are used (`enabled()`): Linux on x86-64, a CPU with avx2, fma and f16c, PyTorch's own kernels at
 their AVX2 level (on AVX-512 CPUs PyTorch's are the fast ones), a C compiler (`$CC`, else `cc`), and
-`LLAMA_MIN_NATIVE` not set to 0. Then float32 CPU models decode through `f32_linear` (fast.NativeLinear) and
-4-bit layers of group size 32 use the 'avx2' layout (quantize.int4_layout). Otherwise both fall back to
-PyTorch's kernels, with one line on stderr when a compiler was there but the build failed. The built
+`LLAMA_MIN_NATIVE` not set to 0. Then float32 CPU models decode through `f32_linear` (fast.NativeLinear),
+4-bit layers of group size 32 use the 'avx2' layout (quantize.int4_layout), int8 layers `q8_linear`, and
+models with float32 activations run their norms and one-token attention through `rms_norm` and
+`decode_attention` (fast.use_native_decode). Otherwise all fall back to PyTorch's operations, with one line on stderr when a compiler was there but the build failed. The built
 library is cached under the asset cache (`~/.cache/llama_min/native`), named by a hash of the source and
 flags, written atomically. Prompts of many rows keep PyTorch's matrix-matrix kernels, which are faster there.
 

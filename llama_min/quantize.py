@@ -15,7 +15,7 @@ int4, per group of g = 32, 64 or 128 consecutive weights of a row (gpt-fast's as
     W ~= (q - 8) * scale + zero    (= q * scale + min)
     error <= scale / 2 per weight (plus the bf16 rounding of scale and zero, relative 2^-8).
     Where the layers are stored and multiplied ("layouts", chosen per layer by `int4_layout`):
-      'avx2'  CPUs with AVX2 but not AVX-512, groups of 32: llama_min's own kernel (q4_avx2.c, native.py),
+      'avx2'  CPUs with AVX2 but not AVX-512, groups of 32: llama_min's own kernel (kernels_avx2.c, native.py),
               fp16 scale and min, activations as int16 per group of 32 (error <= 1.5e-5 of the group's
               largest value), float32 out.
       'cpu'   other CPUs: `aten._weight_int4pack_mm_for_cpu` on weights repacked by
@@ -190,7 +190,7 @@ class Int4Linear(nn.Module):
     weight: the packed codes (layout 'avx2', 'cpu', 'cuda' or 'plain', see `pack_int4`).
     scales_and_zeros: bf16 (K/g, N, 2), weight value = (q - 8) * scale + zero; in the 'avx2' layout
     fp16 (N, 2, K/32) holding each row's scales, then its mins, weight value = q * scale + min (the same
-    weights: min = zero - 8 * scale), which is what q4_avx2.c reads.
+    weights: min = zero - 8 * scale), which is what kernels_avx2.c reads.
     """
 
     def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, in_features: int, group_size: int,
@@ -228,7 +228,7 @@ class Int4Linear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The weights this layer multiplies by, (N, K) float32.
 
-        'avx2': q * scale + min per group, by q4_avx2.c (exact: one float32 multiply-add per weight);
+        'avx2': q * scale + min per group, by kernels_avx2.c (exact: one float32 multiply-add per weight);
         'cpu': the kernel itself, in float32, applied to the identity (exact likewise); 'cuda': the same
         in bf16 (rounded to bf16); 'plain': unpacked directly.
         """
