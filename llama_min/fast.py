@@ -196,12 +196,17 @@ class OneDNNLinear(nn.Module):
 def use_onednn_linears(model) -> nn.Module:
     """Every float32 CPU nn.Linear in the model -> OneDNNLinear (the dense weight dropped; a tied embedding
     keeps the shared table as its own)."""
-    for name, child in list(model.named_children()):
+    return swap_float32_linears(model, OneDNNLinear)
+
+
+def swap_float32_linears(module: nn.Module, make) -> nn.Module:
+    """Replace every float32 CPU nn.Linear under `module` by make(its weight)."""
+    for name, child in list(module.named_children()):
         if type(child) is nn.Linear and child.weight.dtype == torch.float32 and child.weight.device.type == "cpu":
-            setattr(model, name, OneDNNLinear(child.weight))
+            setattr(module, name, make(child.weight))
         else:
-            use_onednn_linears(child)
-    return model
+            swap_float32_linears(child, make)
+    return module
 
 
 def dense_layer(layer: OneDNNLinear) -> nn.Module:
@@ -256,12 +261,7 @@ class NativeLinear(nn.Module):
 def use_native_linears(model) -> nn.Module:
     """Every float32 CPU nn.Linear in the model -> NativeLinear holding the same weight tensor (a tied
     embedding keeps sharing it)."""
-    for name, child in list(model.named_children()):
-        if type(child) is nn.Linear and child.weight.dtype == torch.float32 and child.weight.device.type == "cpu":
-            setattr(model, name, NativeLinear(child.weight))
-        else:
-            use_native_linears(child)
-    return model
+    return swap_float32_linears(model, NativeLinear)
 
 
 class NativeRMSNorm(RMSNorm):
