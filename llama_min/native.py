@@ -219,7 +219,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """model.py's RMSNorm of float32 x (..., D) in one call: x / sqrt(mean(x^2) + eps) * weight."""
     x = x.contiguous()
     d = x.shape[-1]
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or tuple(weight.shape) != (d,) or not weight.is_contiguous():
+    if (x.dtype != torch.float32 or weight.dtype != torch.float32 or tuple(weight.shape) != (d,)
+            or not weight.is_contiguous() or x.device.type != "cpu" or weight.device.type != "cpu"):
         raise ValueError(f"rms_norm: bad operands {x.dtype} {tuple(x.shape)}, {weight.dtype} {tuple(weight.shape)}")
     out = torch.empty_like(x)
     _library().rms_norm(x.data_ptr(), x.numel() // d, d, weight.data_ptr(), eps, out.data_ptr())
@@ -241,7 +242,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs_ro
     fits = (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and q.shape[1] == 1
             and all(t.stride(-1) == 1 and t.stride(-2) == hd and (B == 1 or t.stride(0) == stride) for t in (q, k, v))
             and tuple(k_cache.shape[2:]) == (K, hd) and k_cache.shape == v_cache.shape and k_cache.shape[0] >= B
-            and k_cache.is_contiguous() and v_cache.is_contiguous() and 0 <= pos < S and H % K == 0)
+            and k_cache.is_contiguous() and v_cache.is_contiguous() and 0 <= pos < S and H % K == 0
+            and freqs_row.dtype == torch.complex64 and freqs_row.device.type == "cpu" and freqs_row.numel() == hd // 2)
     if not fits:
         raise ValueError("decode_attention: operands do not fit one new token per row and a (B, S, K, hd) cache")
     cs = torch.view_as_real(freqs_row.reshape(-1)).contiguous()  # (hd/2, 2): cos, sin of each pair

@@ -6,7 +6,7 @@ weights) and is tested against the untouched reference in the tests named here:
   transform                  module        what it changes                       allowed difference (tests)
   quantize="int8"            quantize.py   nn.Linear -> Int8Linear (per-channel)  int8 rounding (test_quantize)
   quantize="int4[-64|-128]"  quantize.py   nn.Linear -> Int4Linear (per group)    int4 rounding (test_quantize)
-  (packed GGUF)              formats/gguf_packed.py  built from the file's blocks  bf16 rounding of scales
+  (packed GGUF)              formats/gguf_packed.py  built from the file's blocks  fp16 / bf16 rounding of scales
                                            as Int4Linear / Int8Linear            (test_gguf_packed)
   fuse_projections           fast.py       q/k/v in one product, w1/w3 in one     float rounding, <= 1e-4
                                            (float or quantized; built at load)    (test_fast)
@@ -47,12 +47,13 @@ def apply_transforms(model: nn.Module, optimize: bool = True, quantize: Optional
                        use_native_decode, use_native_linears, use_onednn_linears)
 
     weight = model.norm.weight
+    native_glue = weight.device.type == "cpu" and weight.dtype == torch.float32 and native.enabled()
     cpu_float32 = quantize is None and weight.device.type == "cpu" and weight.dtype == torch.float32
-    own_kernel = cpu_float32 and native.enabled()
+    own_kernel = cpu_float32 and native_glue
     onednn = cpu_float32 and not own_kernel and onednn_available()
     fuse_projections(model, transposed=cpu_float32 and not (own_kernel or onednn))  # built W^T at once if needed
     use_fast_attention(model)  # the attention layers left unfused (quantized projections)
-    if weight.device.type == "cpu" and weight.dtype == torch.float32 and native.enabled():
+    if native_glue:
         use_native_decode(model)  # norms and one-token attention in one kernel call each (any weight format)
     if own_kernel:
         use_native_linears(model)  # every float matrix through llama_min's AVX2 kernel (fast.py, native.py)
