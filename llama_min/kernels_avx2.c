@@ -7,12 +7,21 @@
  *   q8_linear      int8 W (N, K) with a scale per row (quantize.Int8Linear, packed Q8_0 / Q5 / Q6_K files)
  *   rms_norm, decode_attention   the small operations between the products of a one-token step
  *
+ *   decode_layers  a whole one-token step through every decoder layer, in one call
+ *
  * A decode step multiplies one activation row by every weight matrix: each weight is used once per row,
- * so the product is limited by how fast W streams from memory, not by arithmetic. Both products walk W
- * once, front to back, split between the threads in two contiguous halves.
+ * so the product is limited by how fast W streams from memory, not by arithmetic. The products walk W
+ * once, front to back, split between the threads in contiguous parts.
+ *
+ * Threads: each product is written as an OpenMP work-sharing loop (`omp for`) without a parallel region
+ * of its own (the *_rows functions). The exported functions open one region around one product;
+ * decode_layers opens one region for a whole step, so the threads are started once, not ~10 times per
+ * layer, and wait for each other only at the end of each loop. y rows are `ldy` floats apart, so that
+ * separate products can write side by side into one output.
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -51,7 +60,7 @@ static float dot(const float *a, const float *b, int64_t K) {
 }
 
 /* rows n .. n+7 of W (w points at row n) times every row of x -> y[m, n .. n+7] */
-static void eight_rows(const float *x, int64_t M, int64_t K, const float *w, int64_t N, float *y) {
+static void eight_rows(const float *x, int64_t M, int64_t K, const float *w, int64_t ldy, float *y) {
     const int64_t K8 = K / 8 * 8;
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * K;
@@ -73,19 +82,25 @@ static void eight_rows(const float *x, int64_t M, int64_t K, const float *w, int
                 tail[r] = dot(w + r * K + K8, xm + K8, K - K8);
             sums = _mm256_add_ps(sums, _mm256_loadu_ps(tail));
         }
-        _mm256_storeu_ps(y + m * N, sums);
+        _mm256_storeu_ps(y + m * ldy, sums);
     }
 }
 
-/* x (M, K), W (N, K), both float32 and contiguous -> y (M, N) */
-void f32_linear(const float *x, int64_t M, int64_t K, const float *w, int64_t N, float *y, int nthreads) {
+/* x (M, K), W (N, K), both float32 and contiguous -> y (M, N), rows ldy apart; work-sharing */
+static void f32_rows(const float *x, int64_t M, int64_t K, const float *w, int64_t N, float *y, int64_t ldy) {
     const int64_t blocks = N / 8;
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    #pragma omp for schedule(static) nowait
     for (int64_t b = 0; b < blocks; b++)
-        eight_rows(x, M, K, w + 8 * b * K, N, y + 8 * b);
+        eight_rows(x, M, K, w + 8 * b * K, ldy, y + 8 * b);
+    #pragma omp for schedule(static)
     for (int64_t n = 8 * blocks; n < N; n++)  /* the last N % 8 rows */
         for (int64_t m = 0; m < M; m++)
-            y[m * N + n] = dot(x + m * K, w + n * K, K);
+            y[m * ldy + n] = dot(x + m * K, w + n * K, K);
+}
+
+void f32_linear(const float *x, int64_t M, int64_t K, const float *w, int64_t N, float *y, int nthreads) {
+    #pragma omp parallel num_threads(nthreads)
+    f32_rows(x, M, K, w, N, y, N);
 }
 
 /* ---- 4-bit weights ----
@@ -148,31 +163,23 @@ static inline __m256i eight_groups(const uint8_t *q, const int16_t *x) {
     return reduce8(p);
 }
 
-/* The activations of M rows as int16 per group of 32 (quantize_row), in one allocation: xq (M, K), then
- * s and xsum (M, K/32) each. NULL when there is no memory. */
-static int16_t *quantize_rows(const float *x, int64_t M, int64_t K, float **s, float **xsum) {
-    const int64_t G = K / 32;
-    int16_t *xq = malloc(sizeof(int16_t) * M * K + 2 * sizeof(float) * M * G);
-    if (!xq)
-        return NULL;
-    *s = (float *)(xq + M * K);
-    *xsum = *s + M * G;
+/* The activations of M rows as int16 per group of 32 (quantize_row), in one buffer of
+ * QUANTIZED_BYTES(M, K): xq (M, K), then s and xsum (M, K/32) each. */
+#define QUANTIZED_BYTES(M, K) (sizeof(int16_t) * (M) * (K) + 2 * sizeof(float) * (M) * ((K) / 32))
+
+static void quantize_rows(const float *x, int64_t M, int64_t K, int16_t *xq) {
+    float *s = (float *)(xq + M * K), *xsum = s + M * (K / 32);
     for (int64_t m = 0; m < M; m++)
-        quantize_row(x + m * K, K, xq + m * K, *s + m * G, *xsum + m * G);
-    return xq;
+        quantize_row(x + m * K, K, xq + m * K, s + m * (K / 32), xsum + m * (K / 32));
 }
 
-/* codes (N, K/2) uint8; dc (N, 2, K/32) fp16: each row's scales d, then its mins c; x (M, K) float32
- * -> y (M, N) float32. Returns 0, or 1 when memory for the int16 activations could not be had. */
-int q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *dc, int64_t N,
-              float *y, int nthreads) {
+/* codes (N, K/2) uint8; dc (N, 2, K/32) fp16: each row's scales d, then its mins c; xq: M rows of
+ * activations from quantize_rows -> y (M, N) float32, rows ldy apart; work-sharing */
+static void q4_rows(const int16_t *xq, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *dc, int64_t N,
+                    float *y, int64_t ldy) {
     const int64_t G = K / 32, G8 = G / 8 * 8;
-    float *s, *xsum;
-    int16_t *xq = quantize_rows(x, M, K, &s, &xsum);
-    if (!xq)
-        return 1;
-
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    const float *s = (const float *)(xq + M * K), *xsum = s + M * G;
+    #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *qn = codes + n * (K / 2);
         const uint16_t *d = dc + n * 2 * G, *c = d + G;
@@ -194,9 +201,20 @@ int q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, const 
                 const float dot = sum8(_mm256_cvtepi32_ps(group_dot(qn + 16 * g, xm + 32 * g)));
                 rest += _cvtsh_ss(d[g]) * sm[g] * dot + _cvtsh_ss(c[g]) * xsm[g];
             }
-            y[m * N + n] = sum8(_mm256_add_ps(acc, offsets)) + rest;
+            y[m * ldy + n] = sum8(_mm256_add_ps(acc, offsets)) + rest;
         }
     }
+}
+
+/* x (M, K) float32 -> y (M, N). Returns 0, or 1 when memory for the int16 activations could not be had. */
+int q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *dc, int64_t N,
+              float *y, int nthreads) {
+    int16_t *xq = malloc(QUANTIZED_BYTES(M, K));
+    if (!xq)
+        return 1;
+    quantize_rows(x, M, K, xq);
+    #pragma omp parallel num_threads(nthreads)
+    q4_rows(xq, M, K, codes, dc, N, y, N);
     free(xq);
     return 0;
 }
@@ -232,15 +250,12 @@ static inline __m256i group_dot_q8(const int8_t *q, const int16_t *x) {
                             _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 16))));
 }
 
-/* Returns 0, or 1 when memory for the int16 activations could not be had. */
-int q8_linear(const float *x, int64_t M, int64_t K, const int8_t *w, const float *scales, int64_t N, float *y,
-              int nthreads) {
+/* xq: M rows of activations from quantize_rows -> y (M, N), rows ldy apart; work-sharing */
+static void q8_rows(const int16_t *xq, int64_t M, int64_t K, const int8_t *w, const float *scales, int64_t N,
+                    float *y, int64_t ldy) {
     const int64_t G = K / 32, G8 = G / 8 * 8;
-    float *s, *xsum;
-    int16_t *xq = quantize_rows(x, M, K, &s, &xsum);
-    if (!xq)
-        return 1;
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    const float *s = (const float *)(xq + M * K);
+    #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const int8_t *wn = w + n * K;
         for (int64_t m = 0; m < M; m++) {
@@ -257,9 +272,20 @@ int q8_linear(const float *x, int64_t M, int64_t K, const int8_t *w, const float
             float rest = 0.f;
             for (; g < G; g++)
                 rest += sm[g] * sum8(_mm256_cvtepi32_ps(group_dot_q8(wn + 32 * g, xm + 32 * g)));
-            y[m * N + n] = scales[n] * (sum8(acc) + rest);
+            y[m * ldy + n] = scales[n] * (sum8(acc) + rest);
         }
     }
+}
+
+/* x (M, K) float32 -> y (M, N). Returns 0, or 1 when memory for the int16 activations could not be had. */
+int q8_linear(const float *x, int64_t M, int64_t K, const int8_t *w, const float *scales, int64_t N, float *y,
+              int nthreads) {
+    int16_t *xq = malloc(QUANTIZED_BYTES(M, K));
+    if (!xq)
+        return 1;
+    quantize_rows(x, M, K, xq);
+    #pragma omp parallel num_threads(nthreads)
+    q8_rows(xq, M, K, w, scales, N, y, N);
     free(xq);
     return 0;
 }
@@ -307,32 +333,32 @@ static void rotate(const float *x, const float *cs, int64_t hd, float *out) {
 
 /* One new token in each of B rows at position pos. q (B, H*hd), k and v (B, K*hd), each row `stride`
  * floats after the last (they may be slices of one fused q|k|v row); caches (B_cache, S, K, hd).
- *   1. k is rotated (RoPE) and written to k_cache[b, pos], v to v_cache[b, pos];
- *   2. query head h (rotated) attends over positions 0..pos of KV head h / (H/K):
+ *   1. k is rotated (RoPE) and written to k_cache[b, pos], v to v_cache[b, pos] (write_cache);
+ *   2. query head h (rotated) attends over positions 0..pos of KV head h / (H/K) (attend_rows):
  *        out[b, h] = sum_s softmax_s(q . k_s / sqrt(hd)) v_s
- * out (B, H*hd). Returns 0, or 1 when memory for the scores could not be had. */
-int decode_attention(const float *q, const float *k, const float *v, int64_t stride, int64_t B, int64_t H,
-                     int64_t K, int64_t hd, const float *cs, int64_t pos, float *k_cache, float *v_cache,
-                     int64_t S, float *out, int nthreads) {
-    const int64_t n_rep = H / K, row = S * K * hd;
+ * out (B, H*hd). */
+static void write_cache(const float *k, const float *v, int64_t stride, int64_t B, int64_t K, int64_t hd,
+                        const float *cs, int64_t pos, float *k_cache, float *v_cache, int64_t S) {
     for (int64_t b = 0; b < B; b++)
         for (int64_t g = 0; g < K; g++) {
-            float *kc = k_cache + b * row + pos * K * hd + g * hd, *vc = v_cache + b * row + pos * K * hd + g * hd;
-            rotate(k + b * stride + g * hd, cs, hd, kc);
+            const int64_t at = b * S * K * hd + pos * K * hd + g * hd;
+            rotate(k + b * stride + g * hd, cs, hd, k_cache + at);
             for (int64_t i = 0; i < hd; i++)
-                vc[i] = v[b * stride + g * hd + i];
+                v_cache[at + i] = v[b * stride + g * hd + i];
         }
+}
+
+/* work-sharing over the B * H (row, head) pairs; scores: pos + 1 floats for each thread of the team */
+static void attend_rows(const float *q, int64_t stride, int64_t B, int64_t H, int64_t K, int64_t hd,
+                        const float *cs, int64_t pos, const float *k_cache, const float *v_cache, int64_t S,
+                        float *out, float *scores) {
+    const int64_t n_rep = H / K, row = S * K * hd, n = pos + 1;
     const float scale = 1.f / sqrtf((float)hd);
-    const int64_t n = pos + 1;
-    int failed = 0;
-    #pragma omp parallel for num_threads(nthreads) schedule(static) if (B * H * n * hd > (1 << 16))
+    float *p = scores + omp_get_thread_num() * n;
+    #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * H; bh++) {
         const int64_t b = bh / H, h = bh % H, g = h / n_rep;
-        float *p = malloc(sizeof(float) * n), qr[hd];
-        if (!p) {
-            failed = 1;
-            continue;
-        }
+        float qr[hd];
         rotate(q + b * stride + h * hd, cs, hd, qr);
         const float *kb = k_cache + b * row + g * hd, *vb = v_cache + b * row + g * hd;
         float top = -INFINITY;
@@ -355,7 +381,115 @@ int decode_attention(const float *q, const float *k, const float *v, int64_t str
         }
         for (int64_t i = 0; i < hd; i++)
             o[i] /= total;
-        free(p);
     }
-    return failed;
+}
+
+/* Both steps. Returns 0, or 1 when memory for the scores could not be had. */
+int decode_attention(const float *q, const float *k, const float *v, int64_t stride, int64_t B, int64_t H,
+                     int64_t K, int64_t hd, const float *cs, int64_t pos, float *k_cache, float *v_cache,
+                     int64_t S, float *out, int nthreads) {
+    float *scores = malloc(sizeof(float) * nthreads * (pos + 1));
+    if (!scores)
+        return 1;
+    write_cache(k, v, stride, B, K, hd, cs, pos, k_cache, v_cache, S);
+    #pragma omp parallel num_threads(nthreads) if (B * H * (pos + 1) * hd > (1 << 16))
+    attend_rows(q, stride, B, H, K, hd, cs, pos, k_cache, v_cache, S, out, scores);
+    free(scores);
+    return 0;
+}
+
+/* ---- a whole one-token step through the decoder layers, in one call ----
+ *
+ * Even at one call per operation, a small model's step spends most of its time between the calls:
+ * Python, PyTorch's dispatch and starting the threads cost microseconds each, and SmolLM2 makes about
+ * ten calls in each of 30 layers for products of a few microseconds. decode_layers computes what
+ * model.py's TransformerBlock does, for every layer, with the functions above, in one parallel region:
+ *
+ *   x = rms_norm(h);  q|k|v = x Wqkv^T;  h += attention(q, k, v) Wo^T
+ *   x = rms_norm(h);  gate|up = x W13^T; h += (silu(gate) * up) W2^T,    silu(g) = g / (1 + e^-g)
+ *
+ * Each weight matrix is described by a `matrix` in whichever format its layer holds; the q|k|v and
+ * gate|up products may be one fused matrix or separate ones (written side by side).
+ */
+typedef struct {
+    int64_t kind;        /* 0: float32 W (N, K); 1: 4-bit codes (N, K/2) + fp16 dc (N, 2, K/32); 2: int8 W (N, K) + float32 scales (N,) */
+    int64_t N, K;
+    const void *w;       /* the float32 W, the 4-bit codes or the int8 W */
+    const void *scales;  /* dc (4-bit), scales (int8), unused for float32 */
+} matrix;
+
+typedef struct {
+    const float *attention_norm, *ffn_norm;  /* (D,) each */
+    int64_t n_qkv, n_up;                     /* 1 (fused) or 3 matrices for q|k|v; 1 or 2 for gate|up */
+    matrix qkv[3], wo, up[2], w2;
+    float *k_cache, *v_cache;                /* (B_cache, S, KV, hd) each */
+} layer;
+
+/* y (M, sum of their N), rows ldy apart = the products of n matrices with x (M, K) side by side; inside a
+ * parallel region, called by every thread. xq: QUANTIZED_BYTES(M, K) for the int16 activations. */
+static void products(const matrix *ms, int64_t n, const float *x, int64_t M, float *y, int64_t ldy, int16_t *xq) {
+    int quantized = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const matrix *m = ms + i;
+        if (m->kind == 0) {
+            f32_rows(x, M, m->K, m->w, m->N, y, ldy);
+        } else {
+            if (!quantized) {
+                #pragma omp single
+                quantize_rows(x, M, m->K, xq);
+                quantized = 1;
+            }
+            if (m->kind == 1)
+                q4_rows(xq, M, m->K, m->w, m->scales, m->N, y, ldy);
+            else
+                q8_rows(xq, M, m->K, m->w, m->scales, m->N, y, ldy);
+        }
+        y += m->N;
+    }
+}
+
+/* h (B, D): one new token per row at position pos, through all L layers in place. cs: the freqs_cis row
+ * of pos as (cos, sin) floats; S: the caches' length; F: the FFN's hidden size. Returns 0, or 1 when
+ * memory for the activations could not be had (h is then untouched). */
+int decode_layers(const layer *layers, int64_t L, float *h, int64_t B, int64_t D, int64_t H, int64_t KV,
+                  int64_t hd, int64_t F, float eps, const float *cs, int64_t pos, int64_t S, int nthreads) {
+    const int64_t QKV = (H + 2 * KV) * hd, widest = D > H * hd ? (D > F ? D : F) : (H * hd > F ? H * hd : F);
+    const int64_t floats = B * (D + QKV + H * hd + D + 2 * F + F) + (int64_t)nthreads * (pos + 1);
+    float *x = malloc(sizeof(float) * floats + QUANTIZED_BYTES(B, widest));
+    if (!x)
+        return 1;
+    float *qkv = x + B * D, *att = qkv + B * QKV, *y = att + B * H * hd, *gu = y + B * D, *a = gu + B * 2 * F;
+    float *scores = a + B * F;
+    int16_t *xq = (int16_t *)(x + floats);
+
+    #pragma omp parallel num_threads(nthreads)
+    for (int64_t l = 0; l < L; l++) {
+        const layer *ly = layers + l;
+        #pragma omp single
+        rms_norm(h, B, D, ly->attention_norm, eps, x);
+        products(ly->qkv, ly->n_qkv, x, B, qkv, QKV, xq);
+        #pragma omp single
+        write_cache(qkv + H * hd, qkv + (H + KV) * hd, QKV, B, KV, hd, cs, pos, ly->k_cache, ly->v_cache, S);
+        attend_rows(qkv, QKV, B, H, KV, hd, cs, pos, ly->k_cache, ly->v_cache, S, att, scores);
+        products(&ly->wo, 1, att, B, y, D, xq);
+        #pragma omp single
+        {
+            for (int64_t i = 0; i < B * D; i++)
+                h[i] += y[i];
+            rms_norm(h, B, D, ly->ffn_norm, eps, x);
+        }
+        products(ly->up, ly->n_up, x, B, gu, 2 * F, xq);
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < B * F; i++) {
+            const int64_t r = i / F, j = i % F;
+            const float g = gu[r * 2 * F + j];
+            a[i] = g / (1.f + expf(-g)) * gu[r * 2 * F + F + j];
+        }
+        products(&ly->w2, 1, a, B, y, D, xq);
+        #pragma omp single
+        for (int64_t i = 0; i < B * D; i++)
+            h[i] += y[i];
+    }
+    free(x);
+    return 0;
 }

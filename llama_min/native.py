@@ -118,6 +118,8 @@ def _library():
     lib.rms_norm.restype = None
     lib.decode_attention.argtypes = [p, p, p, i64, i64, i64, i64, i64, p, i64, p, p, i64, p, ctypes.c_int]
     lib.decode_attention.restype = ctypes.c_int
+    lib.decode_layers.argtypes = [p, i64, p, i64, i64, i64, i64, i64, i64, ctypes.c_float, p, i64, i64, ctypes.c_int]
+    lib.decode_layers.restype = ctypes.c_int
     return lib
 
 
@@ -254,3 +256,43 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs_ro
     if status != 0:
         raise MemoryError(f"decode_attention: no memory for the scores of {pos + 1} positions")
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# A whole one-token step through the decoder layers (decode_layers in kernels_avx2.c; fast.NativeStep)
+# ------------------------------------------------------------------------------------------------
+
+FLOAT32, INT4, INT8 = 0, 1, 2  # matrix kinds, as kernels_avx2.c numbers them
+
+
+class Matrix(ctypes.Structure):
+    """One weight matrix for decode_layers: kind, N, K, the weight's data and its scales' (see the C struct)."""
+
+    _fields_ = [("kind", ctypes.c_int64), ("N", ctypes.c_int64), ("K", ctypes.c_int64),
+                ("w", ctypes.c_void_p), ("scales", ctypes.c_void_p)]
+
+
+class Layer(ctypes.Structure):
+    """One decoder layer for decode_layers: its norms' weights, matrices and KV cache."""
+
+    _fields_ = [("attention_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p),
+                ("n_qkv", ctypes.c_int64), ("n_up", ctypes.c_int64),
+                ("qkv", Matrix * 3), ("wo", Matrix), ("up", Matrix * 2), ("w2", Matrix),
+                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
+
+
+def decode_layers(layers, h: torch.Tensor, dims: tuple, eps: float, freqs_row: torch.Tensor, pos: int, S: int):
+    """h (B, D) float32, one new token per row at `pos`, through every layer described by `layers` (a ctypes
+    array of Layer; the caller checked every pointer in it), in place. dims: (H, KV, hd, F)."""
+    B, D = h.shape
+    if h.dtype != torch.float32 or not h.is_contiguous() or h.device.type != "cpu" or not 0 <= pos < S:
+        raise ValueError(f"decode_layers: bad operands {h.dtype} {tuple(h.shape)}, position {pos} of {S}")
+    cs = torch.view_as_real(freqs_row.reshape(-1)).contiguous()  # (hd/2, 2): cos, sin of each pair
+    H, KV, hd, F = dims
+    if freqs_row.dtype != torch.complex64 or cs.shape[0] * 2 != hd:
+        raise ValueError("decode_layers: the freqs_cis row does not fit the head size")
+    status = _library().decode_layers(layers, len(layers), h.data_ptr(), B, D, H, KV, hd, F, eps, cs.data_ptr(),
+                                      pos, S, torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("decode_layers: no memory for a step's activations")
+    return h

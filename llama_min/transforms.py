@@ -21,6 +21,9 @@ weights) and is tested against the untouched reference in the tests named here:
                                            in oneDNN's blocked layout             (test_fast)
   transpose_wide_layers      fast.py       (neither) float32 CPU wide weights     float rounding, <= 1e-4
                                            stored W^T                             (test_fast)
+  use_native_step            native_step.py  one-token steps: every layer in one   float rounding, <= 1e-4
+                                           call of llama_min's C code (the same  (test_native_step)
+                                           kernels as the rows above)
 
 `apply_transforms(model, optimize=False)` with no quantization leaves exactly model.py's classes.
 `Llama.compile()` adds one more, on demand: fast.compile_decode (one-token steps through torch.compile,
@@ -61,4 +64,8 @@ def apply_transforms(model: nn.Module, optimize: bool = True, quantize: Optional
         use_onednn_linears(model)  # every float matrix in oneDNN's layout (fast.py)
     elif cpu_float32:
         transpose_wide_layers(model)  # the rest: the output projection (and a tied embedding)
+    if native_glue:
+        from .native_step import use_native_step
+
+        use_native_step(model)  # one-token steps through every layer in one call of llama_min's C code
     return model
