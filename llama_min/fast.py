@@ -416,8 +416,9 @@ class CompiledDecode:
     Installed as the model's `forward` by `compile_decode`; `eager` is the model's own forward.
     """
 
-    def __init__(self, model, mode=None, backend="inductor"):
+    def __init__(self, model, mode=None, backend="inductor", keep_native_step=True):
         self.model, self.eager = model, model.forward
+        self.native = keep_native_step and hasattr(self.eager, "try_step")  # a native_step.NativeStep
         self.graph = dense_twin(model)  # the compiler cannot trace oneDNN's opaque weights: it gets dense copies
         self.cos = model.freqs_cis.real.contiguous()  # (2 * max_seq_len, hd/2) float32
         self.sin = model.freqs_cis.imag.contiguous()
@@ -426,6 +427,10 @@ class CompiledDecode:
                                       options=CPU_OPTIONS if on_cpu else None)
 
     def __call__(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
+        if self.native:  # llama_min's C step, where it takes the call: faster than the graph (see compile_decode)
+            logits = self.eager.try_step(tokens, start_pos)
+            if logits is not None:
+                return logits
         caches = [layer.attention.cache for layer in self.model.layers]
         several_rows_on_onednn = tokens.shape[0] > 1 and self.graph is not self.model  # oneDNN does rows better
         if tokens.shape[1] != 1 or any(c is None for c in caches) or several_rows_on_onednn:
@@ -468,18 +473,25 @@ class CompiledDecode:
         return att.wo(out.reshape(B, 1, -1))  # (B, K, n_rep, hd) -> (B, 1, H*hd)
 
 
-def compile_decode(model, mode=None, backend="inductor") -> CompiledDecode:
+def compile_decode(model, mode=None, backend="inductor", keep_native_step=True) -> CompiledDecode:
     """Route the model's one-token steps through a compiled graph (see above); returns the CompiledDecode.
 
     mode None: CPU_OPTIONS on a CPU (freezing + max-autotune), torch.compile's default elsewhere; or any
     torch.compile mode. The graph is built on the first one-token call (minutes on a CPU).
+    keep_native_step: where the model has llama_min's C step (native_step.py) and it takes a call, that
+    call keeps it: on SmolLM2 the C step decoded faster than the compiled graph (float32 and packed 4-bit,
+    measured on this project's 2-core AVX2 machine), so the graph serves only the calls it does not take.
     `uncompile(model)` undoes the routing.
     """
-    decode = CompiledDecode(model, mode, backend)
+    decode = CompiledDecode(model, mode, backend, keep_native_step)
     model.forward = decode
     return decode
 
 
 def uncompile(model):
-    if isinstance(model.__dict__.get("forward"), CompiledDecode):
+    """Back to the forward compile_decode replaced (the model's own, or its native_step.NativeStep)."""
+    decode = model.__dict__.get("forward")
+    if isinstance(decode, CompiledDecode):
         del model.forward
+        if getattr(decode.eager, "__self__", None) is not model:  # not the model's own method: put it back
+            model.forward = decode.eager

@@ -129,7 +129,9 @@ class Llama:
         Compiles now, on a dummy one-token step, and keeps the seconds it took in `self.compile_s`
         (minutes on a CPU: freezing + max-autotune, fast.CPU_OPTIONS). One graph serves every position and
         cache length; a batch of more than one row compiles once more on first use (on a CPU with float32
-        weights in oneDNN's layout, batches run eager instead: fast.CompiledDecode).
+        weights in oneDNN's layout, batches run eager instead: fast.CompiledDecode). Where llama_min's C step
+        takes the one-token steps (native_step.py: float32, int8 and 4-bit models on AVX2 CPUs) they stay on
+        it, as it decodes faster than the graph; nothing is compiled until a step it does not take.
         """
         from .fast import compile_decode
 

@@ -174,9 +174,14 @@ class NativeStep:
         self._reads, self._layers = None, None
 
     def __call__(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
+        logits = self.try_step(tokens, start_pos)
+        return self.eager(tokens, start_pos, last_only) if logits is None else logits
+
+    def try_step(self, tokens: torch.Tensor, start_pos: int) -> Optional[torch.Tensor]:
+        """The logits (B, 1, V) of one-token steps through the C code, or None where it does not take the call."""
         layers = self._describe(tokens, start_pos) if tokens.shape[1] == 1 else None
         if layers is None:
-            return self.eager(tokens, start_pos, last_only)
+            return None
         m, B = self.model, tokens.shape[0]
         if m.freqs_cis.device != tokens.device:
             m.freqs_cis = m.freqs_cis.to(tokens.device)

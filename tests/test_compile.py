@@ -75,7 +75,7 @@ def test_native_float32_layers_compile_into_the_graph(monkeypatch):
     ref, fast = _models()
     assert isinstance(fast.output, NativeLinear)
     counter = CompileCounter()
-    compile_decode(fast, backend=counter)
+    compile_decode(fast, backend=counter, keep_native_step=False)
     tokens = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
         torch.testing.assert_close(_decode(fast, tokens, 6), _decode(ref, tokens, 6), atol=1e-4, rtol=1e-4)
@@ -97,7 +97,7 @@ def test_avx2_int4_layers_compile_into_the_graph(monkeypatch):
     with torch.inference_mode():
         want = _decode(m, tokens, 6)
         counter = CompileCounter()
-        compile_decode(m, backend=counter)
+        compile_decode(m, backend=counter, keep_native_step=False)
         got = _decode(m, tokens, 6)
     uncompile(m)
     assert counter.frame_count == 1
@@ -114,8 +114,9 @@ def test_no_recompilation_across_positions_and_cache_lengths(over):
 
     torch._dynamo.reset()
     ref, fast = _models(**over)
+    installed = fast.__dict__.get("forward")  # native_step.NativeStep where the AVX2 kernels build
     counter = CompileCounter()
-    compile_decode(fast, backend=counter)
+    compile_decode(fast, backend=counter, keep_native_step=False)
     with torch.inference_mode():
         for length, prefill in ((20, 6), (33, 9)):
             tokens = torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(length))
@@ -123,7 +124,7 @@ def test_no_recompilation_across_positions_and_cache_lengths(over):
                                        atol=1e-4, rtol=1e-4)
     assert counter.frame_count == 1
     uncompile(fast)
-    assert "forward" not in fast.__dict__
+    assert fast.__dict__.get("forward") is installed  # what compile_decode replaced
 
 
 def test_batches_run_eager_on_onednn_weights(monkeypatch):
@@ -160,6 +161,7 @@ def test_inductor_compiled_step_same_logits_and_greedy_tokens():
 
     torch._dynamo.reset()
     ref, fast = _models()
+    fast.__dict__.pop("forward", None)  # without llama_min's C step (native_step.py), which compile would keep
     llama = Llama(fast, CharTokenizer(), max_seq_len=128, max_batch_size=1).compile()
     assert llama.compile_s > 0 and isinstance(fast.forward, CompiledDecode)
     tokens = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(1))
@@ -170,3 +172,26 @@ def test_inductor_compiled_step_same_logits_and_greedy_tokens():
     want, _ = Llama(ref, CharTokenizer(), max_seq_len=128, max_batch_size=1).generate(
         [prompt], max_gen_len=16, temperature=0, stop_ids=set())
     assert got == want
+
+
+def test_compile_keeps_the_native_step_where_it_takes_the_call(monkeypatch):
+    """A model with llama_min's C step (native_step.py): compiled one-token steps stay on it (no frame is
+    compiled), logits as the reference's, and uncompile puts the step back."""
+    from conftest import use_int4_kernel
+    from torch._dynamo.testing import CompileCounter
+
+    from llama_min.native_step import NativeStep
+
+    use_int4_kernel(monkeypatch, "avx2")
+    torch._dynamo.reset()
+    ref, fast = _models()
+    step = fast.forward
+    assert isinstance(step, NativeStep)
+    counter = CompileCounter()
+    compile_decode(fast, backend=counter)
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        torch.testing.assert_close(_decode(fast, tokens, 6), _decode(ref, tokens, 6), atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == 0
+    uncompile(fast)
+    assert fast.forward is step
