@@ -428,7 +428,7 @@ class CompiledDecode:
 
     def __call__(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
         if self.native:  # llama_min's C step, where it takes the call: faster than the graph (see compile_decode)
-            logits = self.eager.try_step(tokens, start_pos)
+            logits = self.eager.try_step(tokens, start_pos, last_only)
             if logits is not None:
                 return logits
         caches = [layer.attention.cache for layer in self.model.layers]

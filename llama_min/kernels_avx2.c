@@ -7,7 +7,7 @@
  *   q8_linear      int8 W (N, K) with a scale per row (quantize.Int8Linear, packed Q8_0 / Q5 / Q6_K files)
  *   rms_norm, decode_attention   the small operations between the products of a one-token step
  *
- *   decode_layers  a whole one-token step through every decoder layer, in one call
+ *   decode_layers  a whole decode step (one or a few new tokens) through every decoder layer, in one call
  *
  * A decode step multiplies one activation row by every weight matrix: each weight is used once per row,
  * so the product is limited by how fast W streams from memory, not by arithmetic. The products walk W
@@ -117,10 +117,30 @@ void f32_linear(const float *x, int64_t M, int64_t K, const float *w, int64_t N,
  * |q xq| <= 15 * 32767, and 32 of them fit an int32. AVX2 multiplies 16 int16 pairs and adds
  * neighbours in one instruction (vpmaddwd), which is what makes this cheaper than converting every
  * weight to float.
+ *
+ * Word lanes: the codes are not widened byte by byte. 32 bytes (two groups) are read as 16 words of 16
+ * bits, and each word holds four codes: bits 0-3 weight 2i, 4-7 weight 2i+16, 8-11 weight 2i+1, 12-15
+ * weight 2i+17 (word i of a group is its bytes 2i, 2i+1). Four shift-and-masks give four vectors of 16
+ * codes, one per nibble position, and the activations are stored in the matching order (q4_position),
+ * so each code meets its own activation. Two groups then cost one load, six bit operations and four
+ * vpmaddwd, and the lower half of each vector holds one group, the upper half the other.
  */
-/* x (K,) -> xq (K,) int16, s (G,) the scale and xsum (G,) the plain sum of each group */
-static void quantize_row(const float *x, int64_t K, int16_t *xq, float *s, float *xsum) {
-    for (int64_t g = 0; g < K / 32; g++) {
+enum { NATURAL = 0, WORD_LANES = 1 };  /* orders of the int16 activations within a row */
+
+/* Where activation j of group g (G groups in the row) is stored in the WORD_LANES order: groups in pairs
+ * (2p, 2p+1) take 64 places as 4 blocks of 16 (one per nibble position v), each block the 8 of group 2p then
+ * the 8 of group 2p+1; a last odd group takes 32 places as 4 blocks of 8. */
+static inline int64_t q4_position(int64_t g, int64_t G, int j) {
+    const int byte = j & 15, v = 2 * (byte & 1) + (j >> 4), i = byte >> 1;
+    if (g % 2 == 1 || g + 1 < G)
+        return 32 * (g - g % 2) + 16 * v + 8 * (g % 2) + i;
+    return 32 * g + 8 * v + i;
+}
+
+/* x (K,) -> xq (K,) int16 in `order`, s (G,) the scale and xsum (G,) the plain sum of each group */
+static void quantize_row(const float *x, int64_t K, int16_t *xq, float *s, float *xsum, int order) {
+    const int64_t G = K / 32;
+    for (int64_t g = 0; g < G; g++) {
         const float *xg = x + 32 * g;
         float amax = 0.f, sum = 0.f;
         for (int j = 0; j < 32; j++) {
@@ -131,54 +151,61 @@ static void quantize_row(const float *x, int64_t K, int16_t *xq, float *s, float
             amax = NAN;
         const float inv = amax > 0.f ? 32767.f / amax : 0.f;
         for (int j = 0; j < 32; j++)
-            xq[32 * g + j] = (int16_t)lrintf(xg[j] * inv);
+            xq[order == WORD_LANES ? q4_position(g, G, j) : 32 * g + j] = (int16_t)lrintf(xg[j] * inv);
         s[g] = amax / 32767.f;
         xsum[g] = sum;
     }
-}
-
-/* The integer dot product of one group: 32 codes (16 bytes) with 32 int16 activations -> 8 int32 partial sums */
-static inline __m256i group_dot(const uint8_t *q, const int16_t *x) {
-    const __m128i low4 = _mm_set1_epi8(15);
-    const __m128i b = _mm_loadu_si128((const __m128i *)q);
-    const __m256i q_lo = _mm256_cvtepu8_epi16(_mm_and_si128(b, low4));                      /* weights 0..15 */
-    const __m256i q_hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), low4));  /* weights 16..31 */
-    return _mm256_add_epi32(_mm256_madd_epi16(q_lo, _mm256_loadu_si256((const __m256i *)x)),
-                            _mm256_madd_epi16(q_hi, _mm256_loadu_si256((const __m256i *)(x + 16))));
-}
-
-/* Eight groups' 8 int32 partial sums each (p[0..7]) -> one vector holding the 8 groups' sums */
-static inline __m256i reduce8(const __m256i *p) {
-    /* pairwise horizontal adds: lanes 0-3 then hold groups 0-3's partial sums of the low 128 bits, 4-7 of the high */
-    const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
-    const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
-    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
-}
-
-/* The dot products of 8 consecutive groups -> one vector holding the 8 groups' sums (int32, exact) */
-static inline __m256i eight_groups(const uint8_t *q, const int16_t *x) {
-    __m256i p[8];
-    for (int j = 0; j < 8; j++)
-        p[j] = group_dot(q + 16 * j, x + 32 * j);
-    return reduce8(p);
 }
 
 /* The activations of M rows as int16 per group of 32 (quantize_row), in one buffer of
  * QUANTIZED_BYTES(M, K): xq (M, K), then s and xsum (M, K/32) each. */
 #define QUANTIZED_BYTES(M, K) (sizeof(int16_t) * (M) * (K) + 2 * sizeof(float) * (M) * ((K) / 32))
 
-static void quantize_rows(const float *x, int64_t M, int64_t K, int16_t *xq) {
+static void quantize_rows(const float *x, int64_t M, int64_t K, int16_t *xq, int order) {
     float *s = (float *)(xq + M * K), *xsum = s + M * (K / 32);
     for (int64_t m = 0; m < M; m++)
-        quantize_row(x + m * K, K, xq + m * K, s + m * (K / 32), xsum + m * (K / 32));
+        quantize_row(x + m * K, K, xq + m * K, s + m * (K / 32), xsum + m * (K / 32), order);
+}
+
+/* Two groups' codes (32 bytes) with their 64 activations in WORD_LANES order -> 8 int32 partial sums:
+ * lanes 0-3 of the first group, 4-7 of the second */
+static inline __m256i pair_dot(const uint8_t *q, const int16_t *x) {
+    const __m256i low4 = _mm256_set1_epi16(15);
+    const __m256i b = _mm256_loadu_si256((const __m256i *)q);
+    const __m256i v0 = _mm256_and_si256(b, low4);                         /* weights 2i */
+    const __m256i v1 = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);   /* 2i + 16 */
+    const __m256i v2 = _mm256_and_si256(_mm256_srli_epi16(b, 8), low4);   /* 2i + 1 */
+    const __m256i v3 = _mm256_srli_epi16(b, 12);                          /* 2i + 17 */
+    const __m256i *xv = (const __m256i *)x;
+    return _mm256_add_epi32(
+        _mm256_add_epi32(_mm256_madd_epi16(v0, _mm256_loadu_si256(xv)), _mm256_madd_epi16(v1, _mm256_loadu_si256(xv + 1))),
+        _mm256_add_epi32(_mm256_madd_epi16(v2, _mm256_loadu_si256(xv + 2)), _mm256_madd_epi16(v3, _mm256_loadu_si256(xv + 3))));
+}
+
+/* The same for one group alone (a row's last group when their number is odd) -> 4 int32 partial sums */
+static inline __m128i single_dot(const uint8_t *q, const int16_t *x) {
+    const __m128i low4 = _mm_set1_epi16(15);
+    const __m128i b = _mm_loadu_si128((const __m128i *)q);
+    const __m128i *xv = (const __m128i *)x;
+    return _mm_add_epi32(
+        _mm_add_epi32(_mm_madd_epi16(_mm_and_si128(b, low4), _mm_loadu_si128(xv)),
+                      _mm_madd_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), low4), _mm_loadu_si128(xv + 1))),
+        _mm_add_epi32(_mm_madd_epi16(_mm_and_si128(_mm_srli_epi16(b, 8), low4), _mm_loadu_si128(xv + 2)),
+                      _mm_madd_epi16(_mm_srli_epi16(b, 12), _mm_loadu_si128(xv + 3))));
+}
+
+static inline int32_t sum4i(__m128i v) {
+    v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0x4e));
+    return _mm_cvtsi128_si32(_mm_add_epi32(v, _mm_shuffle_epi32(v, 0xb1)));
 }
 
 /* codes (N, K/2) uint8; dc (N, 2, K/32) fp16: each row's scales d, then its mins c; xq: M rows of
- * activations from quantize_rows -> y (M, N) float32, rows ldy apart; work-sharing */
+ * activations from quantize_rows in WORD_LANES order -> y (M, N) float32, rows ldy apart; work-sharing */
 static void q4_rows(const int16_t *xq, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *dc, int64_t N,
                     float *y, int64_t ldy) {
     const int64_t G = K / 32, G8 = G / 8 * 8;
     const float *s = (const float *)(xq + M * K), *xsum = s + M * G;
+    const __m256i evens_then_odds = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
     #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *qn = codes + n * (K / 2);
@@ -190,17 +217,28 @@ static void q4_rows(const int16_t *xq, int64_t M, int64_t K, const uint8_t *code
             __m256 offsets = _mm256_setzero_ps();  /* sum over groups of c (sum_j x_j) */
             int64_t g = 0;
             for (; g < G8; g += 8) {
-                const __m256i dots = eight_groups(qn + 16 * g, xm + 32 * g);
+                const uint8_t *q = qn + 16 * g;
+                const int16_t *x = xm + 32 * g;
+                /* two rounds of pairwise adds: the groups' sums in the order 0 2 4 6 | 1 3 5 7 */
+                const __m256i dots = _mm256_hadd_epi32(_mm256_hadd_epi32(pair_dot(q, x), pair_dot(q + 32, x + 64)),
+                                                       _mm256_hadd_epi32(pair_dot(q + 64, x + 128), pair_dot(q + 96, x + 192)));
                 const __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + g)));
                 const __m256 c8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(c + g)));
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_mul_ps(d8, _mm256_loadu_ps(sm + g)), acc);
+                const __m256 ds = _mm256_permutevar8x32_ps(_mm256_mul_ps(d8, _mm256_loadu_ps(sm + g)), evens_then_odds);
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), ds, acc);
                 offsets = _mm256_fmadd_ps(c8, _mm256_loadu_ps(xsm + g), offsets);
             }
-            float rest = 0.f;  /* the last G % 8 groups, one at a time */
-            for (; g < G; g++) {
-                const float dot = sum8(_mm256_cvtepi32_ps(group_dot(qn + 16 * g, xm + 32 * g)));
-                rest += _cvtsh_ss(d[g]) * sm[g] * dot + _cvtsh_ss(c[g]) * xsm[g];
+            float rest = 0.f;  /* the last G % 8 groups: by pairs, then one alone */
+            for (; g + 2 <= G; g += 2) {
+                const __m256i p = pair_dot(qn + 16 * g, xm + 32 * g);
+                for (int h = 0; h < 2; h++) {
+                    const float dot = (float)sum4i(h ? _mm256_extracti128_si256(p, 1) : _mm256_castsi256_si128(p));
+                    rest += _cvtsh_ss(d[g + h]) * sm[g + h] * dot + _cvtsh_ss(c[g + h]) * xsm[g + h];
+                }
             }
+            if (g < G)
+                rest += _cvtsh_ss(d[g]) * sm[g] * (float)sum4i(single_dot(qn + 16 * g, xm + 32 * g))
+                        + _cvtsh_ss(c[g]) * xsm[g];
             y[m * ldy + n] = sum8(_mm256_add_ps(acc, offsets)) + rest;
         }
     }
@@ -212,7 +250,7 @@ int q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, const 
     int16_t *xq = malloc(QUANTIZED_BYTES(M, K));
     if (!xq)
         return 1;
-    quantize_rows(x, M, K, xq);
+    quantize_rows(x, M, K, xq, WORD_LANES);
     #pragma omp parallel num_threads(nthreads)
     q4_rows(xq, M, K, codes, dc, N, y, N);
     free(xq);
@@ -241,6 +279,14 @@ void q4_dequantize(const uint8_t *codes, const uint16_t *dc, int64_t N, int64_t 
  * y[m, n] = scale[n] * sum_g s_g (sum_j q_j xq_j), the activations as int16 per group of 32 as above
  * (|q xq| <= 127 * 32767: 32 of them fit an int32). K must be a multiple of 32.
  */
+
+/* Eight groups' 8 int32 partial sums each (p[0..7]) -> one vector holding the 8 groups' sums */
+static inline __m256i reduce8(const __m256i *p) {
+    /* pairwise horizontal adds: lanes 0-3 then hold groups 0-3's partial sums of the low 128 bits, 4-7 of the high */
+    const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+    const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
 
 static inline __m256i group_dot_q8(const int8_t *q, const int16_t *x) {
     const __m256i b = _mm256_loadu_si256((const __m256i *)q);
@@ -283,7 +329,7 @@ int q8_linear(const float *x, int64_t M, int64_t K, const int8_t *w, const float
     int16_t *xq = malloc(QUANTIZED_BYTES(M, K));
     if (!xq)
         return 1;
-    quantize_rows(x, M, K, xq);
+    quantize_rows(x, M, K, xq, NATURAL);
     #pragma omp parallel num_threads(nthreads)
     q8_rows(xq, M, K, w, scales, N, y, N);
     free(xq);
@@ -331,35 +377,37 @@ static void rotate(const float *x, const float *cs, int64_t hd, float *out) {
     }
 }
 
-/* One new token in each of B rows at position pos. q (B, H*hd), k and v (B, K*hd), each row `stride`
- * floats after the last (they may be slices of one fused q|k|v row); caches (B_cache, S, K, hd).
- *   1. k is rotated (RoPE) and written to k_cache[b, pos], v to v_cache[b, pos] (write_cache);
- *   2. query head h (rotated) attends over positions 0..pos of KV head h / (H/K) (attend_rows):
- *        out[b, h] = sum_s softmax_s(q . k_s / sqrt(hd)) v_s
- * out (B, H*hd). */
-static void write_cache(const float *k, const float *v, int64_t stride, int64_t B, int64_t K, int64_t hd,
+/* T new tokens in each of B rows, at positions pos .. pos+T-1. q (B*T, H*hd), k and v (B*T, K*hd), each
+ * row `stride` floats after the last (they may be slices of one fused q|k|v row); caches (B_cache, S, K, hd);
+ * cs (T, hd): the freqs_cis rows of those positions as (cos, sin) floats.
+ *   1. k is rotated (RoPE) and written to k_cache[b, pos + t], v to v_cache[b, pos + t] (write_cache);
+ *   2. query head h of token t (rotated) attends over positions 0..pos+t of KV head h / (H/K) (attend_rows):
+ *        out[b, t, h] = sum_s softmax_s(q . k_s / sqrt(hd)) v_s
+ *      (every new key is written before any query attends: token t sees tokens before it, as a causal mask)
+ * out (B*T, H*hd). */
+static void write_cache(const float *k, const float *v, int64_t stride, int64_t B, int64_t T, int64_t K, int64_t hd,
                         const float *cs, int64_t pos, float *k_cache, float *v_cache, int64_t S) {
-    for (int64_t b = 0; b < B; b++)
+    for (int64_t r = 0; r < B * T; r++)
         for (int64_t g = 0; g < K; g++) {
-            const int64_t at = b * S * K * hd + pos * K * hd + g * hd;
-            rotate(k + b * stride + g * hd, cs, hd, k_cache + at);
+            const int64_t b = r / T, t = r % T, at = b * S * K * hd + (pos + t) * K * hd + g * hd;
+            rotate(k + r * stride + g * hd, cs + t * hd, hd, k_cache + at);
             for (int64_t i = 0; i < hd; i++)
-                v_cache[at + i] = v[b * stride + g * hd + i];
+                v_cache[at + i] = v[r * stride + g * hd + i];
         }
 }
 
-/* work-sharing over the B * H (row, head) pairs; scores: pos + 1 floats for each thread of the team */
-static void attend_rows(const float *q, int64_t stride, int64_t B, int64_t H, int64_t K, int64_t hd,
+/* work-sharing over the B * T * H (row, head) pairs; scores: pos + T floats for each thread of the team */
+static void attend_rows(const float *q, int64_t stride, int64_t B, int64_t T, int64_t H, int64_t K, int64_t hd,
                         const float *cs, int64_t pos, const float *k_cache, const float *v_cache, int64_t S,
                         float *out, float *scores) {
-    const int64_t n_rep = H / K, row = S * K * hd, n = pos + 1;
+    const int64_t n_rep = H / K, row = S * K * hd;
     const float scale = 1.f / sqrtf((float)hd);
-    float *p = scores + omp_get_thread_num() * n;
+    float *p = scores + omp_get_thread_num() * (pos + T);
     #pragma omp for schedule(static)
-    for (int64_t bh = 0; bh < B * H; bh++) {
-        const int64_t b = bh / H, h = bh % H, g = h / n_rep;
+    for (int64_t rh = 0; rh < B * T * H; rh++) {
+        const int64_t r = rh / H, h = rh % H, g = h / n_rep, b = r / T, t = r % T, n = pos + t + 1;
         float qr[hd];
-        rotate(q + b * stride + h * hd, cs, hd, qr);
+        rotate(q + r * stride + h * hd, cs + t * hd, hd, qr);
         const float *kb = k_cache + b * row + g * hd, *vb = v_cache + b * row + g * hd;
         float top = -INFINITY;
         for (int64_t s = 0; s < n; s++) {
@@ -371,7 +419,7 @@ static void attend_rows(const float *q, int64_t stride, int64_t B, int64_t H, in
             p[s] = expf(p[s] - top);
             total += p[s];
         }
-        float *o = out + b * H * hd + h * hd;
+        float *o = out + r * H * hd + h * hd;
         for (int64_t i = 0; i < hd; i++)
             o[i] = 0.f;
         for (int64_t s = 0; s < n; s++) {
@@ -384,21 +432,24 @@ static void attend_rows(const float *q, int64_t stride, int64_t B, int64_t H, in
     }
 }
 
-/* Both steps. Returns 0, or 1 when memory for the scores could not be had. */
+/* Both steps for one new token per row (T = 1). Returns 0, or 1 when memory for the scores could not be had. */
 int decode_attention(const float *q, const float *k, const float *v, int64_t stride, int64_t B, int64_t H,
                      int64_t K, int64_t hd, const float *cs, int64_t pos, float *k_cache, float *v_cache,
                      int64_t S, float *out, int nthreads) {
     float *scores = malloc(sizeof(float) * nthreads * (pos + 1));
     if (!scores)
         return 1;
-    write_cache(k, v, stride, B, K, hd, cs, pos, k_cache, v_cache, S);
+    write_cache(k, v, stride, B, 1, K, hd, cs, pos, k_cache, v_cache, S);
     #pragma omp parallel num_threads(nthreads) if (B * H * (pos + 1) * hd > (1 << 16))
-    attend_rows(q, stride, B, H, K, hd, cs, pos, k_cache, v_cache, S, out, scores);
+    attend_rows(q, stride, B, 1, H, K, hd, cs, pos, k_cache, v_cache, S, out, scores);
     free(scores);
     return 0;
 }
 
-/* ---- a whole one-token step through the decoder layers, in one call ----
+/* ---- a whole decode step through the decoder layers, in one call ----
+ *
+ * A step feeds one new token per row, or a few (a speculative check, a short prompt): every token is a
+ * row of each product, and each attends to the positions up to its own.
  *
  * Even at one call per operation, a small model's step spends most of its time between the calls:
  * Python, PyTorch's dispatch and starting the threads cost microseconds each, and SmolLM2 makes about
@@ -428,16 +479,17 @@ typedef struct {
 /* y (M, sum of their N), rows ldy apart = the products of n matrices with x (M, K) side by side; inside a
  * parallel region, called by every thread. xq: QUANTIZED_BYTES(M, K) for the int16 activations. */
 static void products(const matrix *ms, int64_t n, const float *x, int64_t M, float *y, int64_t ldy, int16_t *xq) {
-    int quantized = 0;
+    int quantized = -1;  /* the order xq holds x in, if any */
     for (int64_t i = 0; i < n; i++) {
         const matrix *m = ms + i;
+        const int order = m->kind == 1 ? WORD_LANES : NATURAL;
         if (m->kind == 0) {
             f32_rows(x, M, m->K, m->w, m->N, y, ldy);
         } else {
-            if (!quantized) {
+            if (quantized != order) {
                 #pragma omp single
-                quantize_rows(x, M, m->K, xq);
-                quantized = 1;
+                quantize_rows(x, M, m->K, xq, order);
+                quantized = order;
             }
             if (m->kind == 1)
                 q4_rows(xq, M, m->K, m->w, m->scales, m->N, y, ldy);
@@ -448,46 +500,47 @@ static void products(const matrix *ms, int64_t n, const float *x, int64_t M, flo
     }
 }
 
-/* h (B, D): one new token per row at position pos, through all L layers in place. cs: the freqs_cis row
- * of pos as (cos, sin) floats; S: the caches' length; F: the FFN's hidden size. Returns 0, or 1 when
- * memory for the activations could not be had (h is then untouched). */
-int decode_layers(const layer *layers, int64_t L, float *h, int64_t B, int64_t D, int64_t H, int64_t KV,
+/* h (B*T, D): T new tokens per row at positions pos .. pos+T-1, through all L layers in place. cs (T, hd):
+ * the freqs_cis rows of those positions as (cos, sin) floats; S: the caches' length; F: the FFN's hidden
+ * size. Returns 0, or 1 when memory for the activations could not be had (h is then untouched). */
+int decode_layers(const layer *layers, int64_t L, float *h, int64_t B, int64_t T, int64_t D, int64_t H, int64_t KV,
                   int64_t hd, int64_t F, float eps, const float *cs, int64_t pos, int64_t S, int nthreads) {
     const int64_t QKV = (H + 2 * KV) * hd, widest = D > H * hd ? (D > F ? D : F) : (H * hd > F ? H * hd : F);
-    const int64_t floats = B * (D + QKV + H * hd + D + 2 * F + F) + (int64_t)nthreads * (pos + 1);
-    float *x = malloc(sizeof(float) * floats + QUANTIZED_BYTES(B, widest));
+    const int64_t M = B * T;  /* rows through the products */
+    const int64_t floats = M * (D + QKV + H * hd + D + 2 * F + F) + (int64_t)nthreads * (pos + T);
+    float *x = malloc(sizeof(float) * floats + QUANTIZED_BYTES(M, widest));
     if (!x)
         return 1;
-    float *qkv = x + B * D, *att = qkv + B * QKV, *y = att + B * H * hd, *gu = y + B * D, *a = gu + B * 2 * F;
-    float *scores = a + B * F;
+    float *qkv = x + M * D, *att = qkv + M * QKV, *y = att + M * H * hd, *gu = y + M * D, *a = gu + M * 2 * F;
+    float *scores = a + M * F;
     int16_t *xq = (int16_t *)(x + floats);
 
     #pragma omp parallel num_threads(nthreads)
     for (int64_t l = 0; l < L; l++) {
         const layer *ly = layers + l;
         #pragma omp single
-        rms_norm(h, B, D, ly->attention_norm, eps, x);
-        products(ly->qkv, ly->n_qkv, x, B, qkv, QKV, xq);
+        rms_norm(h, M, D, ly->attention_norm, eps, x);
+        products(ly->qkv, ly->n_qkv, x, M, qkv, QKV, xq);
         #pragma omp single
-        write_cache(qkv + H * hd, qkv + (H + KV) * hd, QKV, B, KV, hd, cs, pos, ly->k_cache, ly->v_cache, S);
-        attend_rows(qkv, QKV, B, H, KV, hd, cs, pos, ly->k_cache, ly->v_cache, S, att, scores);
-        products(&ly->wo, 1, att, B, y, D, xq);
+        write_cache(qkv + H * hd, qkv + (H + KV) * hd, QKV, B, T, KV, hd, cs, pos, ly->k_cache, ly->v_cache, S);
+        attend_rows(qkv, QKV, B, T, H, KV, hd, cs, pos, ly->k_cache, ly->v_cache, S, att, scores);
+        products(&ly->wo, 1, att, M, y, D, xq);
         #pragma omp single
         {
-            for (int64_t i = 0; i < B * D; i++)
+            for (int64_t i = 0; i < M * D; i++)
                 h[i] += y[i];
-            rms_norm(h, B, D, ly->ffn_norm, eps, x);
+            rms_norm(h, M, D, ly->ffn_norm, eps, x);
         }
-        products(ly->up, ly->n_up, x, B, gu, 2 * F, xq);
+        products(ly->up, ly->n_up, x, M, gu, 2 * F, xq);
         #pragma omp for schedule(static)
-        for (int64_t i = 0; i < B * F; i++) {
+        for (int64_t i = 0; i < M * F; i++) {
             const int64_t r = i / F, j = i % F;
             const float g = gu[r * 2 * F + j];
             a[i] = g / (1.f + expf(-g)) * gu[r * 2 * F + F + j];
         }
-        products(&ly->w2, 1, a, B, y, D, xq);
+        products(&ly->w2, 1, a, M, y, D, xq);
         #pragma omp single
-        for (int64_t i = 0; i < B * D; i++)
+        for (int64_t i = 0; i < M * D; i++)
             h[i] += y[i];
     }
     free(x);

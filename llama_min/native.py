@@ -118,7 +118,8 @@ def _library():
     lib.rms_norm.restype = None
     lib.decode_attention.argtypes = [p, p, p, i64, i64, i64, i64, i64, p, i64, p, p, i64, p, ctypes.c_int]
     lib.decode_attention.restype = ctypes.c_int
-    lib.decode_layers.argtypes = [p, i64, p, i64, i64, i64, i64, i64, i64, ctypes.c_float, p, i64, i64, ctypes.c_int]
+    lib.decode_layers.argtypes = [p, i64, p, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float, p, i64, i64,
+                                  ctypes.c_int]
     lib.decode_layers.restype = ctypes.c_int
     return lib
 
@@ -281,18 +282,21 @@ class Layer(ctypes.Structure):
                 ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
 
 
-def decode_layers(layers, h: torch.Tensor, dims: tuple, eps: float, freqs_row: torch.Tensor, pos: int, S: int):
-    """h (B, D) float32, one new token per row at `pos`, through every layer described by `layers` (a ctypes
-    array of Layer; the caller checked every pointer in it), in place. dims: (H, KV, hd, F)."""
-    B, D = h.shape
-    if h.dtype != torch.float32 or not h.is_contiguous() or h.device.type != "cpu" or not 0 <= pos < S:
-        raise ValueError(f"decode_layers: bad operands {h.dtype} {tuple(h.shape)}, position {pos} of {S}")
-    cs = torch.view_as_real(freqs_row.reshape(-1)).contiguous()  # (hd/2, 2): cos, sin of each pair
+def decode_layers(layers, h: torch.Tensor, T: int, dims: tuple, eps: float, freqs_rows: torch.Tensor, pos: int,
+                  S: int) -> torch.Tensor:
+    """h (B*T, D) float32: T new tokens per row at positions pos .. pos+T-1 (row b's tokens are rows b*T ..
+    b*T+T-1), through every layer described by `layers` (a ctypes array of Layer; the caller checked every
+    pointer in it), in place. dims: (H, KV, hd, F); freqs_rows: the complex freqs_cis rows (T, hd/2)."""
+    M, D = h.shape
+    if (h.dtype != torch.float32 or not h.is_contiguous() or h.device.type != "cpu" or T < 1 or M % T
+            or pos < 0 or pos + T > S):
+        raise ValueError(f"decode_layers: bad operands {h.dtype} {tuple(h.shape)}, {T} tokens at {pos} of {S}")
     H, KV, hd, F = dims
-    if freqs_row.dtype != torch.complex64 or cs.shape[0] * 2 != hd:
-        raise ValueError("decode_layers: the freqs_cis row does not fit the head size")
-    status = _library().decode_layers(layers, len(layers), h.data_ptr(), B, D, H, KV, hd, F, eps, cs.data_ptr(),
-                                      pos, S, torch.get_num_threads())
+    if freqs_rows.dtype != torch.complex64 or tuple(freqs_rows.shape) != (T, hd // 2):
+        raise ValueError("decode_layers: the freqs_cis rows do not fit the tokens and the head size")
+    cs = torch.view_as_real(freqs_rows).contiguous()  # (T, hd/2, 2): cos, sin of each pair
+    status = _library().decode_layers(layers, len(layers), h.data_ptr(), M // T, T, D, H, KV, hd, F, eps,
+                                      cs.data_ptr(), pos, S, torch.get_num_threads())
     if status != 0:
         raise MemoryError("decode_layers: no memory for a step's activations")
     return h

@@ -1,4 +1,4 @@
-"""A model's whole one-token decode step through its decoder layers in one call of llama_min's C code.
+"""A model's whole decode step through its decoder layers in one call of llama_min's C code.
 
 Why: after fast.py's transforms a small model's decode step is still about ten calls per layer (norm,
 q|k|v product, attention, output product, residual add, norm, gate|up product, SwiGLU, down product,
@@ -7,7 +7,9 @@ hand-off, against a few microseconds of work for SmolLM2's small matrices. `nati
 the same arithmetic for all layers in one call (kernels_avx2.c: the same kernels each call would have
 used, in the same order), so the step costs what its weights take to stream from memory.
 
-What it computes is model.py's TransformerBlock, layer after layer, for one new token per row:
+What it computes is model.py's TransformerBlock, layer after layer, for the new tokens of each row (one
+in plain decoding; k+1 when a speculative step checks a draft's k tokens; a short prompt), each token
+attending to the cached positions and the new ones up to its own (the causal mask):
 
     h = h + Attention(RMSNorm(h))        RoPE, cache write and attention as in decode_attention
     h = h + FeedForward(RMSNorm(h))      w2( silu(w1 x) * w3 x )
@@ -15,12 +17,14 @@ What it computes is model.py's TransformerBlock, layer after layer, for one new 
 The embedding before the layers and the final norm and output product after them stay PyTorch modules.
 
 When: `use_native_step(model)` (transforms.apply_transforms does it where the kernels build and the
-activations are float32 on the CPU) installs a NativeStep as the model's `forward`. A call takes the C
-path when it is a one-token step with a KV cache, gradients off, and every layer holds kinds the C code
-multiplies by: float32 weights (nn.Linear, fast.NativeLinear), 4-bit 'avx2' layers (quantize.Int4Linear)
-and int8 layers with their native kernel (quantize.Int8Linear), fused (fast.FusedAttention /
-FusedFeedForward) or not. Anything else (prompts, scoring, a layer wrapped for tensor parallelism, a
-bf16 model) goes to the model's own forward. Forward hooks on the layers are not called on the C path.
+activations are float32 on the CPU) installs a NativeStep as the model's `forward`. A call takes the C path
+when it feeds fewer than quantize.PREFILL_ROWS tokens in all (rows x new tokens; longer prompts are faster
+through PyTorch's matrix-matrix kernels) into a KV cache, with gradients off, and every layer holds kinds
+the C code multiplies by: float32 weights (nn.Linear, fast.NativeLinear), 4-bit 'avx2' layers
+(quantize.Int4Linear) and int8 layers with their native kernel (quantize.Int8Linear), fused
+(fast.FusedAttention / FusedFeedForward) or not. Anything else (long prompts, scoring without a cache, a
+layer wrapped for tensor parallelism, a bf16 model) goes to the model's own forward. Forward hooks on the
+layers are not called on the C path.
 
 Safety: the C code reads raw pointers, so every call walks the layers again and compares what it finds
 (module kinds, data pointers, shapes) with what the cached description was built from; any change
@@ -37,7 +41,7 @@ from torch import nn
 from . import native
 from .fast import FastAttention, FusedAttention, FusedFeedForward, NativeLinear, NativeRMSNorm
 from .model import FeedForward, RMSNorm
-from .quantize import Int4Linear, Int8Linear
+from .quantize import PREFILL_ROWS, Int4Linear, Int8Linear
 
 
 _MISSING = object()
@@ -166,7 +170,7 @@ def _struct(entries):
 
 
 class NativeStep:
-    """model.forward with one-token steps through native.decode_layers (see the module docstring);
+    """model.forward with decode steps through native.decode_layers (see the module docstring);
     `eager` is the forward it replaced, which takes every other call."""
 
     def __init__(self, model):
@@ -174,21 +178,27 @@ class NativeStep:
         self._reads, self._layers = None, None
 
     def __call__(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
-        logits = self.try_step(tokens, start_pos)
+        logits = self.try_step(tokens, start_pos, last_only)
         return self.eager(tokens, start_pos, last_only) if logits is None else logits
 
-    def try_step(self, tokens: torch.Tensor, start_pos: int) -> Optional[torch.Tensor]:
-        """The logits (B, 1, V) of one-token steps through the C code, or None where it does not take the call."""
-        layers = self._describe(tokens, start_pos) if tokens.shape[1] == 1 else None
+    def try_step(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> Optional[torch.Tensor]:
+        """The logits (B, T, V) (T = 1 with last_only) of a step through the C code, or None where it does not
+        take the call."""
+        B, T = tokens.shape
+        layers = self._describe(tokens, start_pos) if B * T < PREFILL_ROWS else None
         if layers is None:
             return None
-        m, B = self.model, tokens.shape[0]
+        m = self.model
         if m.freqs_cis.device != tokens.device:
             m.freqs_cis = m.freqs_cis.to(tokens.device)
-        h = m.tok_embeddings(tokens)  # (B, 1, D)
-        h = h.reshape(B, -1).to(torch.float32, copy=True).contiguous()  # (B, D), ours to update in place
-        native.decode_layers(layers, h, self._dims[:4], self._eps, m.freqs_cis[start_pos], start_pos, self._dims[4])
-        return m.output(m.norm(h.view(B, 1, -1))).float()  # (B, 1, V)
+        h = m.tok_embeddings(tokens)  # (B, T, D)
+        h = h.reshape(B * T, -1).to(torch.float32, copy=True).contiguous()  # (B*T, D), ours to update in place
+        native.decode_layers(layers, h, T, self._dims[:4], self._eps, m.freqs_cis[start_pos : start_pos + T],
+                             start_pos, self._dims[4])
+        h = h.view(B, T, -1)
+        if last_only:
+            h = h[:, -1:]
+        return m.output(m.norm(h)).float()  # (B, T, V)
 
     def _describe(self, tokens: torch.Tensor, start_pos: int):
         """The ctypes description of the layers when this call can take the C path, else None; rebuilt
@@ -198,7 +208,8 @@ class NativeStep:
             return None
         if self._reads is None or not self._reads.unchanged():
             self._build()
-        if self._layers is None or tokens.shape[0] > self._dims[5] or not 0 <= start_pos < self._dims[4]:
+        B, T = tokens.shape
+        if self._layers is None or B > self._dims[5] or start_pos < 0 or start_pos + T > self._dims[4]:
             return None
         return self._layers
 

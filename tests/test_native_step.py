@@ -36,8 +36,9 @@ class CountingLayers:
 
 @pytest.mark.parametrize("over", [{}, {"n_kv_heads": 1}, {"n_kv_heads": 4, "tie_word_embeddings": True}])
 def test_float32_steps_are_the_reference(monkeypatch, over):
-    """apply_transforms installs the step on a float32 CPU model; every one-token step of a batch of 2 takes
-    the C path and gives the untouched reference's logits (1e-5: float32 rounding order only)."""
+    """apply_transforms installs the step on a float32 CPU model; the short prompt (2 rows x 7 tokens) and every
+    one-token step of a batch of 2 take the C path and give the untouched reference's logits (1e-5: float32
+    rounding order only)."""
     from llama_min.native_step import NativeStep
     from llama_min.transforms import apply_transforms
 
@@ -48,7 +49,27 @@ def test_float32_steps_are_the_reference(monkeypatch, over):
     tokens = rand_tokens(2, 24, seed=3)
     with torch.no_grad():
         torch.testing.assert_close(steps(fast, tokens, 7), steps(ref, tokens, 7), atol=1e-5, rtol=1e-5)
-    assert counter.calls == 24 - 7
+    assert counter.calls == 1 + 24 - 7
+
+
+def test_a_few_tokens_at_once_attend_causally(monkeypatch):
+    """k+1 tokens in one call (a speculative check of k = 4 proposals) after a cached prefix: each token sees
+    the cache and the new tokens before it, as the reference's causal mask; last_only gives the last row."""
+    from llama_min.transforms import apply_transforms
+
+    use_int4_kernel(monkeypatch, "avx2")
+    counter = CountingLayers(monkeypatch)
+    ref, fast = model(), apply_transforms(model())
+    tokens = rand_tokens(1, 40, seed=8)
+    with torch.no_grad():
+        for m in (ref, fast):
+            m.setup_cache(1, 48)
+            m(tokens[:, :35])  # 35 tokens: PyTorch's kernels (>= PREFILL_ROWS), no C call
+        assert counter.calls == 0
+        torch.testing.assert_close(fast(tokens[:, 35:40], 35), ref(tokens[:, 35:40], 35), atol=1e-5, rtol=1e-5)
+        assert counter.calls == 1
+        torch.testing.assert_close(fast(tokens[:, 30:33], 30, last_only=True), ref(tokens[:, 30:33], 30)[:, -1:],
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_unfused_layers_and_separate_gate_up(monkeypatch):
@@ -63,7 +84,7 @@ def test_unfused_layers_and_separate_gate_up(monkeypatch):
     tokens = rand_tokens(2, 20, seed=4)
     with torch.no_grad():
         torch.testing.assert_close(steps(fast, tokens, 5), steps(ref, tokens, 5), atol=1e-5, rtol=1e-5)
-    assert counter.calls == 15
+    assert counter.calls == 1 + 15
 
 
 @pytest.mark.parametrize("quantize", ["int4", "int8"])
@@ -81,7 +102,7 @@ def test_quantized_steps_are_the_layer_by_layer_steps(monkeypatch, quantize):
     tokens = rand_tokens(1, 24, seed=5)
     with torch.no_grad():
         got = steps(fast, tokens, 8)
-        assert counter.calls == 16
+        assert counter.calls == 1 + 16
         fast.forward = fast.forward.eager  # the model's own (transformed) forward, layer by layer
         want = steps(fast, tokens, 8)
     torch.testing.assert_close(got, want, atol=1e-3 * want.abs().max().item(), rtol=0)
@@ -110,27 +131,30 @@ def test_a_changed_model_is_read_again(monkeypatch):
     tokens = rand_tokens(1, 12, seed=6)
     with torch.no_grad():
         steps(fast, tokens, 8)
-        assert counter.calls == 4
+        assert counter.calls == 5
         for m in (ref, fast):
             m.layers[1].attention.wo = Doubled(m.layers[1].attention.wo)
         torch.testing.assert_close(steps(fast, tokens, 8), steps(ref, tokens, 8), atol=1e-5, rtol=1e-5)
-        assert counter.calls == 4  # not the C path: it would have skipped the doubling
+        assert counter.calls == 5  # not the C path: it would have skipped the doubling
         for m in (ref, fast):
             m.layers[1].attention.wo = m.layers[1].attention.wo.inner
             m.layers[0].feed_forward.w2.weight.data = m.layers[0].feed_forward.w2.weight.data * -1.5
         torch.testing.assert_close(steps(fast, tokens, 8), steps(ref, tokens, 8), atol=1e-5, rtol=1e-5)
-        assert counter.calls == 8
+        assert counter.calls == 10
 
 
-def test_gradients_and_prompts_take_the_models_forward(monkeypatch):
+def test_gradients_long_prompts_and_no_cache_take_the_models_forward(monkeypatch):
     from llama_min.transforms import apply_transforms
 
     use_int4_kernel(monkeypatch, "avx2")
     counter = CountingLayers(monkeypatch)
     fast = apply_transforms(model())
-    tokens = rand_tokens(1, 10, seed=7)
-    fast.setup_cache(1, 10)
+    tokens = rand_tokens(1, 40, seed=7)
+    fast.setup_cache(1, 40)
     with torch.no_grad():
-        fast(tokens[:, :8])  # a prompt
-    fast(tokens[:, 8:9], 8)  # gradients on: autograd needs the PyTorch operations
+        fast(tokens[:, :32])  # a prompt of PREFILL_ROWS tokens: PyTorch's matrix-matrix kernels
+    fast(tokens[:, 32:33], 32)  # gradients on: autograd needs the PyTorch operations
+    fast.clear_cache()
+    with torch.no_grad():
+        fast(tokens[:, :3])  # no cache: plain causal attention over the tokens given
     assert counter.calls == 0
