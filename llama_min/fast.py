@@ -30,7 +30,7 @@ from torch import nn
 
 from . import native
 from .model import Attention, FeedForward, RMSNorm, apply_rotary_emb, repeat_kv
-from .quantize import PREFILL_ROWS, can_fuse_quantized, fuse_quantized
+from .quantize import PREFILL_ROWS, can_fuse_quantized, fuse_quantized, prompt_linear
 
 
 class FastAttention(Attention):
@@ -235,8 +235,8 @@ def dense_twin(module: nn.Module) -> nn.Module:
 # Where it builds (an AVX2 CPU with a C compiler), float32 CPU models decode through it instead of the
 # two layouts above: the weight stays the ordinary (out, in) tensor, one decode row streams it at 20-28
 # GB/s where MKL and oneDNN reach 10-15 on SmolLM2's short rows, and a few rows (a batch, a speculative
-# verification) read it once. Prompts of PREFILL_ROWS rows or more go to PyTorch's matrix-matrix kernel
-# (F.linear), which is faster there.
+# verification) read it once. Prompts of PREFILL_ROWS rows or more go to a matrix-matrix kernel
+# (quantize.prompt_linear: oneDNN or F.linear), which are faster there.
 # ------------------------------------------------------------------------------------------------
 
 
@@ -251,7 +251,7 @@ class NativeLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # (rows, in)
         if x2.shape[0] >= PREFILL_ROWS:
-            return F.linear(x, self.weight)
+            return prompt_linear(x, self.weight)
         return native.f32_linear(x2, self.weight).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -41,6 +41,25 @@ INT4_GROUP_SIZES = (32, 64, 128)
 CHUNK_WEIGHTS = 1 << 20  # weights converted at a time: the temporaries of a conversion stay at a few MiB
 
 
+def prompt_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x W^T for a prompt's many rows, W (N, K) a dense weight in x's dtype.
+
+    On a CPU, float32, without autograd, through oneDNN's matrix kernel (it reorders W on each call): on
+    this project's 2-core AVX2 machine it took 18 ms against 29 ms for F.linear (MKL) on 512 rows times
+    SmolLM2's 3072 x 576 gate|up matrix, 5.7 against 7.4 ms on its 960 x 576 q|k|v, about the same on the
+    others. Elsewhere F.linear.
+    """
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32 and _onednn_linear()
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), w, None, "none", [None], "")
+        return y.view(*x.shape[:-1], w.shape[0])
+    return F.linear(x, w)
+
+
+def _onednn_linear() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 def chunk_rows(k: int) -> int:
     """Rows per conversion chunk for rows of k weights: ~CHUNK_WEIGHTS weights, a multiple of 32 rows."""
     return max(32, CHUNK_WEIGHTS // k // 32 * 32)
@@ -81,7 +100,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if rows >= PREFILL_ROWS:  # a long prompt: compute-bound, so dequantize once and use a float GEMM
-            return F.linear(x, self.weight.to(x.dtype) * self.scales[:, None].to(x.dtype))
+            return prompt_linear(x, self.weight.to(x.dtype) * self.scales[:, None].to(x.dtype))
         if self.native and x.device.type == "cpu":  # llama_min's AVX2 kernel (native.py)
             y = native.q8_linear(x.reshape(-1, self.in_features).float(), self.weight, self.scales)
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -214,7 +233,7 @@ class Int4Linear(nn.Module):
         if self.layout == "avx2" and x2.shape[0] < PREFILL_ROWS:
             y = native.q4_linear(x2.float(), self.weight, self.scales_and_zeros)
         elif self.layout == "avx2":  # a prompt: one float GEMM on the weights dequantized for it
-            y = F.linear(x2.float(), self.dequantize())
+            y = prompt_linear(x2.float(), self.dequantize())
         elif self.layout == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2.to(torch.bfloat16), self.weight, self.group_size, self.scales_and_zeros)
