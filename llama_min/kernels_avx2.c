@@ -98,11 +98,6 @@ static void f32_rows(const float *x, int64_t M, int64_t K, const float *w, int64
             y[m * ldy + n] = dot(x + m * K, w + n * K, K);
 }
 
-void f32_linear(const float *x, int64_t M, int64_t K, const float *w, int64_t N, float *y, int nthreads) {
-    #pragma omp parallel num_threads(nthreads)
-    f32_rows(x, M, K, w, N, y, N);
-}
-
 /* ---- 4-bit weights ----
  *
  * W (N, K): row n, group g (weights 32g .. 32g+31) is 16 bytes of codes q in 0..15 (byte j holds
@@ -244,19 +239,6 @@ static void q4_rows(const int16_t *xq, int64_t M, int64_t K, const uint8_t *code
     }
 }
 
-/* x (M, K) float32 -> y (M, N). Returns 0, or 1 when memory for the int16 activations could not be had. */
-int q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *dc, int64_t N,
-              float *y, int nthreads) {
-    int16_t *xq = malloc(QUANTIZED_BYTES(M, K));
-    if (!xq)
-        return 1;
-    quantize_rows(x, M, K, xq, WORD_LANES);
-    #pragma omp parallel num_threads(nthreads)
-    q4_rows(xq, M, K, codes, dc, N, y, N);
-    free(xq);
-    return 0;
-}
-
 /* The same weights as float32: w (N, K) = d q + c, for a float matrix product over many rows */
 void q4_dequantize(const uint8_t *codes, const uint16_t *dc, int64_t N, int64_t K, float *w, int nthreads) {
     const int64_t G = K / 32;
@@ -323,17 +305,66 @@ static void q8_rows(const int16_t *xq, int64_t M, int64_t K, const int8_t *w, co
     }
 }
 
-/* x (M, K) float32 -> y (M, N). Returns 0, or 1 when memory for the int16 activations could not be had. */
-int q8_linear(const float *x, int64_t M, int64_t K, const int8_t *w, const float *scales, int64_t N, float *y,
-              int nthreads) {
-    int16_t *xq = malloc(QUANTIZED_BYTES(M, K));
-    if (!xq)
+/* ---- one matrix in any of the three formats, and the exported products ---- */
+
+typedef struct {
+    int64_t kind;        /* 0: float32 W (N, K); 1: 4-bit codes (N, K/2) + fp16 dc (N, 2, K/32); 2: int8 W (N, K) + float32 scales (N,) */
+    int64_t N, K;
+    const void *w;       /* the float32 W, the 4-bit codes or the int8 W */
+    const void *scales;  /* dc (4-bit), scales (int8), unused for float32 */
+} matrix;
+
+/* y (M, sum of their N), rows ldy apart = the products of n matrices with x (M, K) side by side; inside a
+ * parallel region, called by every thread. xq: QUANTIZED_BYTES(M, K) for the int16 activations. */
+static void products(const matrix *ms, int64_t n, const float *x, int64_t M, float *y, int64_t ldy, int16_t *xq) {
+    int quantized = -1;  /* the order xq holds x in, if any */
+    for (int64_t i = 0; i < n; i++) {
+        const matrix *m = ms + i;
+        const int order = m->kind == 1 ? WORD_LANES : NATURAL;
+        if (m->kind == 0) {
+            f32_rows(x, M, m->K, m->w, m->N, y, ldy);
+        } else {
+            if (quantized != order) {
+                #pragma omp single
+                quantize_rows(x, M, m->K, xq, order);
+                quantized = order;
+            }
+            if (m->kind == 1)
+                q4_rows(xq, M, m->K, m->w, m->scales, m->N, y, ldy);
+            else
+                q8_rows(xq, M, m->K, m->w, m->scales, m->N, y, ldy);
+        }
+        y += m->N;
+    }
+}
+
+/* y (M, N) = x (M, K) W^T for one matrix, in a parallel region of its own. Returns 0, or 1 when memory for
+ * the int16 activations could not be had. */
+static int one_product(const matrix *m, const float *x, int64_t M, float *y, int nthreads) {
+    int16_t *xq = NULL;
+    if (m->kind != 0 && !(xq = malloc(QUANTIZED_BYTES(M, m->K))))
         return 1;
-    quantize_rows(x, M, K, xq, NATURAL);
     #pragma omp parallel num_threads(nthreads)
-    q8_rows(xq, M, K, w, scales, N, y, N);
+    products(m, 1, x, M, y, m->N, xq);
     free(xq);
     return 0;
+}
+
+void f32_linear(const float *x, int64_t M, int64_t K, const float *w, int64_t N, float *y, int nthreads) {
+    const matrix m = {0, N, K, w, NULL};
+    one_product(&m, x, M, y, nthreads);
+}
+
+int q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *dc, int64_t N,
+              float *y, int nthreads) {
+    const matrix m = {1, N, K, codes, dc};
+    return one_product(&m, x, M, y, nthreads);
+}
+
+int q8_linear(const float *x, int64_t M, int64_t K, const int8_t *w, const float *scales, int64_t N, float *y,
+              int nthreads) {
+    const matrix m = {2, N, K, w, scales};
+    return one_product(&m, x, M, y, nthreads);
 }
 
 /* ---- the rest of a decode step: RMSNorm, and attention for one new token ----
@@ -463,42 +494,11 @@ int decode_attention(const float *q, const float *k, const float *v, int64_t str
  * gate|up products may be one fused matrix or separate ones (written side by side).
  */
 typedef struct {
-    int64_t kind;        /* 0: float32 W (N, K); 1: 4-bit codes (N, K/2) + fp16 dc (N, 2, K/32); 2: int8 W (N, K) + float32 scales (N,) */
-    int64_t N, K;
-    const void *w;       /* the float32 W, the 4-bit codes or the int8 W */
-    const void *scales;  /* dc (4-bit), scales (int8), unused for float32 */
-} matrix;
-
-typedef struct {
     const float *attention_norm, *ffn_norm;  /* (D,) each */
     int64_t n_qkv, n_up;                     /* 1 (fused) or 3 matrices for q|k|v; 1 or 2 for gate|up */
     matrix qkv[3], wo, up[2], w2;
     float *k_cache, *v_cache;                /* (B_cache, S, KV, hd) each */
 } layer;
-
-/* y (M, sum of their N), rows ldy apart = the products of n matrices with x (M, K) side by side; inside a
- * parallel region, called by every thread. xq: QUANTIZED_BYTES(M, K) for the int16 activations. */
-static void products(const matrix *ms, int64_t n, const float *x, int64_t M, float *y, int64_t ldy, int16_t *xq) {
-    int quantized = -1;  /* the order xq holds x in, if any */
-    for (int64_t i = 0; i < n; i++) {
-        const matrix *m = ms + i;
-        const int order = m->kind == 1 ? WORD_LANES : NATURAL;
-        if (m->kind == 0) {
-            f32_rows(x, M, m->K, m->w, m->N, y, ldy);
-        } else {
-            if (quantized != order) {
-                #pragma omp single
-                quantize_rows(x, M, m->K, xq, order);
-                quantized = order;
-            }
-            if (m->kind == 1)
-                q4_rows(xq, M, m->K, m->w, m->scales, m->N, y, ldy);
-            else
-                q8_rows(xq, M, m->K, m->w, m->scales, m->N, y, ldy);
-        }
-        y += m->N;
-    }
-}
 
 /* h (B*T, D): T new tokens per row at positions pos .. pos+T-1, through all L layers in place. cs (T, hd):
  * the freqs_cis rows of those positions as (cos, sin) floats; S: the caches' length; F: the FFN's hidden

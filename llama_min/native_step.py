@@ -33,6 +33,7 @@ Safety: the C code reads raw pointers, so every call walks the layers again and 
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -52,11 +53,13 @@ class _Reads:
 
     get(obj, name) is obj.name, remembered with the dictionary it came from (an nn.Module keeps its
     parameters, buffers and submodules in dictionaries of their own), and for a tensor its data pointer:
-    `unchanged()` is then a few hundred identity and pointer comparisons, ~0.1 ms for SmolLM2.
+    `unchanged()` is then a few hundred identity and pointer comparisons, ~0.3 ms for SmolLM2. What a
+    module holds is remembered as it is (the model holds it anyway); a KV cache and its tensors only by
+    weak reference, so that a cache the model dropped is freed, not kept alive by the description.
     """
 
     def __init__(self):
-        self.seen, self.pointers, self.sizes = [], [], []
+        self.held, self.weak, self.pointers, self.sizes = [], [], [], []
 
     def items(self, modules: nn.ModuleList) -> list:
         """The modules of a ModuleList, each remembered, and their number."""
@@ -64,23 +67,45 @@ class _Reads:
         return [self.get(modules, str(i)) for i in range(len(modules))]
 
     def get(self, obj, name: str):
-        for where in ("_parameters", "_buffers", "_modules"):
-            d = obj.__dict__.get(where)
-            if d is not None and name in d:
-                break
-        else:
-            d = obj.__dict__
+        d = _dictionary(obj, name)
         value = d.get(name, _MISSING)
         if value is _MISSING:
             return getattr(obj, name)  # a class attribute: not expected to change
-        self.seen.append((d, name, value))
-        if isinstance(value, torch.Tensor):
-            self.pointers.append((value, value.data_ptr()))
+        if isinstance(obj, nn.Module) and isinstance(value, _HELD):
+            self.held.append((d, name, value))
+            if isinstance(value, torch.Tensor):
+                self.pointers.append((value, value.data_ptr()))
+        else:  # a cache, or what a cache holds
+            ptr = value.data_ptr() if isinstance(value, torch.Tensor) else None
+            self.weak.append((weakref.ref(obj), name, weakref.ref(value), ptr))
         return value
 
     def unchanged(self) -> bool:
-        return (all(d.get(name, _MISSING) is value for d, name, value in self.seen)
-                and all(t.data_ptr() == ptr for t, ptr in self.pointers) and all(len(d) == n for d, n in self.sizes))
+        return (all(d.get(name, _MISSING) is value for d, name, value in self.held)
+                and all(t.data_ptr() == ptr for t, ptr in self.pointers)
+                and all(len(d) == n for d, n in self.sizes)
+                and all(_still(owner, name, ref, ptr) for owner, name, ref, ptr in self.weak))
+
+
+_HELD = (nn.Module, torch.Tensor, int, float, str, type(None))
+
+
+def _dictionary(obj, name: str) -> dict:
+    """The dictionary obj.name is read from: an nn.Module keeps parameters, buffers and submodules apart."""
+    for where in ("_parameters", "_buffers", "_modules"):
+        d = obj.__dict__.get(where)
+        if d is not None and name in d:
+            return d
+    return obj.__dict__
+
+
+def _still(owner, name: str, ref, ptr: Optional[int]) -> bool:
+    """Whether the object `owner` refers to still holds the one `ref` refers to as `name` (both alive), and a
+    tensor its data where it was."""
+    obj, value = owner(), ref()
+    if obj is None or value is None or _dictionary(obj, name).get(name, _MISSING) is not value:
+        return False
+    return ptr is None or value.data_ptr() == ptr
 
 
 def _matrix(r: _Reads, layer: nn.Module) -> Optional[tuple]:

@@ -122,7 +122,8 @@ class Doubled(torch.nn.Module):
 
 def test_a_changed_model_is_read_again(monkeypatch):
     """The description is checked on every call: a swapped module sends the step to the model's own forward,
-    new weights (a replaced .data) and a new cache are read again, and the results stay the reference's."""
+    new weights (a replaced .data), a new cache and a cache tensor's new storage are read again, and the
+    results stay the reference's."""
     from llama_min.transforms import apply_transforms
 
     use_int4_kernel(monkeypatch, "avx2")
@@ -141,6 +142,14 @@ def test_a_changed_model_is_read_again(monkeypatch):
             m.layers[0].feed_forward.w2.weight.data = m.layers[0].feed_forward.w2.weight.data * -1.5
         torch.testing.assert_close(steps(fast, tokens, 8), steps(ref, tokens, 8), atol=1e-5, rtol=1e-5)
         assert counter.calls == 10
+        for m in (ref, fast):  # a cache tensor given new storage mid-generation: the next steps write there
+            m.setup_cache(1, 12)
+            m(tokens[:, :8])
+        for t in range(8, 12):
+            cache = fast.layers[t % 2].attention.cache
+            cache.k.data = cache.k.data.clone()
+            torch.testing.assert_close(fast(tokens[:, t:t + 1], t), ref(tokens[:, t:t + 1], t), atol=1e-5, rtol=1e-5)
+        assert counter.calls == 15
 
 
 def test_gradients_long_prompts_and_no_cache_take_the_models_forward(monkeypatch):
@@ -158,3 +167,38 @@ def test_gradients_long_prompts_and_no_cache_take_the_models_forward(monkeypatch
     with torch.no_grad():
         fast(tokens[:, :3])  # no cache: plain causal attention over the tokens given
     assert counter.calls == 0
+
+
+def test_the_description_keeps_no_cache_alive(monkeypatch):
+    """After a generation clears its cache, the step's description does not hold the old cache's memory."""
+    import gc
+    import weakref
+
+    from llama_min.transforms import apply_transforms
+
+    use_int4_kernel(monkeypatch, "avx2")
+    counter = CountingLayers(monkeypatch)
+    fast = apply_transforms(model())
+    tokens = rand_tokens(1, 10, seed=9)
+    fast.setup_cache(1, 10)
+    old = weakref.ref(fast.layers[0].attention.cache.k)
+    with torch.no_grad():
+        fast(tokens[:, :9])
+        fast(tokens[:, 9:10], 9)
+    assert counter.calls == 2
+    fast.clear_cache()
+    gc.collect()
+    assert old() is None
+
+
+def test_decode_layers_refuses_operands_that_do_not_fit(monkeypatch):
+    from llama_min import native
+
+    use_int4_kernel(monkeypatch, "avx2")
+    freqs = torch.ones(1, 8, dtype=torch.complex64)
+    with pytest.raises(ValueError):
+        native.decode_layers(None, torch.zeros(2, 64, dtype=torch.float64), 1, (4, 2, 16, 160), 1e-5, freqs, 0, 8)
+    with pytest.raises(ValueError):  # a position past the cache
+        native.decode_layers(None, torch.zeros(2, 64), 1, (4, 2, 16, 160), 1e-5, freqs, 8, 8)
+    with pytest.raises(ValueError):  # freqs rows of another head size
+        native.decode_layers(None, torch.zeros(2, 64), 1, (4, 2, 32, 160), 1e-5, freqs, 0, 8)
