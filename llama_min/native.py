@@ -27,7 +27,8 @@ flags, written atomically. Prompts of many rows keep PyTorch's matrix-matrix ker
 
 `f32_linear(x, w)`, `q4_linear(x, codes, dc)` and `q8_linear(x, w, scales)` are PyTorch custom operators
 (torch.library), so `torch.compile` keeps each in its graph as one call. `rms_norm` and `decode_attention`
-are eager only (a compiled step generates its own code for them).
+are eager only (a compiled step generates its own code for them). `decode_layers` runs a whole decode step
+through every decoder layer in one call with the functions above (native_step.py says when and why).
 """
 
 from __future__ import annotations
@@ -260,7 +261,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs_ro
 
 
 # ------------------------------------------------------------------------------------------------
-# A whole one-token step through the decoder layers (decode_layers in kernels_avx2.c; fast.NativeStep)
+# A whole decode step through the decoder layers (decode_layers in kernels_avx2.c; native_step.NativeStep)
 # ------------------------------------------------------------------------------------------------
 
 FLOAT32, INT4, INT8 = 0, 1, 2  # matrix kinds, as kernels_avx2.c numbers them

@@ -21,9 +21,9 @@ weights) and is tested against the untouched reference in the tests named here:
                                            in oneDNN's blocked layout             (test_fast)
   transpose_wide_layers      fast.py       (neither) float32 CPU wide weights     float rounding, <= 1e-4
                                            stored W^T                             (test_fast)
-  use_native_step            native_step.py  one-token steps: every layer in one   float rounding, <= 1e-4
-                                           call of llama_min's C code (the same  (test_native_step)
-                                           kernels as the rows above)
+  use_native_step            native_step.py  decode steps (< 32 new tokens): every  float rounding, <= 1e-5
+                                           layer in one call of llama_min's C    (test_native_step)
+                                           code, with the kernels of the rows above
 
 `apply_transforms(model, optimize=False)` with no quantization leaves exactly model.py's classes.
 `Llama.compile()` adds one more, on demand: fast.compile_decode (one-token steps through torch.compile,
@@ -67,5 +67,5 @@ def apply_transforms(model: nn.Module, optimize: bool = True, quantize: Optional
     if native_glue:
         from .native_step import use_native_step
 
-        use_native_step(model)  # one-token steps through every layer in one call of llama_min's C code
+        use_native_step(model)  # decode steps through every layer in one call of llama_min's C code
     return model
