@@ -479,8 +479,9 @@ def compile_decode(model, mode=None, backend="inductor", keep_native_step=True) 
     mode None: CPU_OPTIONS on a CPU (freezing + max-autotune), torch.compile's default elsewhere; or any
     torch.compile mode. The graph is built on the first one-token call (minutes on a CPU).
     keep_native_step: where the model has llama_min's C step (native_step.py) and it takes a call, that
-    call keeps it: on SmolLM2 the C step decoded faster than the compiled graph (float32 and packed 4-bit,
-    measured on this project's 2-core AVX2 machine), so the graph serves only the calls it does not take.
+    call keeps it: on SmolLM2 the C step decoded faster than the compiled graph (alternating in one script
+    on this project's 2-core AVX2 machine: packed 55-69 against 36-41 tok/s, float32 26-29 against 19-21),
+    so the graph serves only the calls it does not take.
     `uncompile(model)` undoes the routing.
     """
     decode = CompiledDecode(model, mode, backend, keep_native_step)
