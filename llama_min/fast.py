@@ -30,7 +30,7 @@ from torch import nn
 
 from . import native
 from .model import Attention, FeedForward, RMSNorm, apply_rotary_emb, repeat_kv
-from .quantize import PREFILL_ROWS, can_fuse_quantized, fuse_quantized, prompt_linear
+from .quantize import PREFILL_ROWS, can_fuse_quantized, fuse_quantized, onednn_available, prompt_linear
 
 
 class FastAttention(Attention):
@@ -166,10 +166,6 @@ def _swap(module: nn.Module):
 # cannot trace it, so the compiled step gets dense copies of these layers (CompiledDecode, dense_twin):
 # a compiled float32 CPU model holds its weights twice, the eager prompts keep oneDNN's speed.
 # ------------------------------------------------------------------------------------------------
-
-
-def onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 class OneDNNLinear(nn.Module):

@@ -168,12 +168,7 @@ def _q4_linear(x: torch.Tensor, codes: torch.Tensor, dc: torch.Tensor) -> torch.
     if tuple(codes.shape) != (n, k // 2) or tuple(dc.shape) != (n, 2, k // 32):
         raise ValueError(f"q4_linear: shapes {tuple(codes.shape)}, {tuple(dc.shape)} do not fit K = {k}")
     codes, dc = codes.contiguous(), dc.contiguous()  # held here while the kernel reads them
-    y = torch.empty(m, n, dtype=torch.float32)
-    status = _library().q4_linear(x.data_ptr(), m, k, codes.data_ptr(), dc.data_ptr(), n, y.data_ptr(),
-                                  torch.get_num_threads())
-    if status != 0:
-        raise MemoryError(f"q4_linear: no memory for the int16 activations of {m} x {k}")
-    return y
+    return _quantized_product(_library().q4_linear, "q4_linear", x, codes, dc, n)
 
 
 _q4_linear_op = torch.library.custom_op("llama_min::q4_linear", _q4_linear, mutates_args=())
@@ -198,11 +193,15 @@ def _q8_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.
             or tuple(w.shape) != (n, k) or tuple(scales.shape) != (n,)):
         raise ValueError(f"q8_linear: bad operands {x.dtype} {tuple(x.shape)}, {w.dtype} {tuple(w.shape)}, "
                          f"{scales.dtype} {tuple(scales.shape)}")
-    y = torch.empty(m, n, dtype=torch.float32)
-    status = _library().q8_linear(x.data_ptr(), m, k, w.data_ptr(), scales.data_ptr(), n, y.data_ptr(),
-                                  torch.get_num_threads())
-    if status != 0:
-        raise MemoryError(f"q8_linear: no memory for the int16 activations of {m} x {k}")
+    return _quantized_product(_library().q8_linear, "q8_linear", x, w, scales, n)
+
+
+def _quantized_product(kernel, name: str, x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, n: int):
+    """y (M, n) = kernel(x (M, K), w, scales): q4_linear and q8_linear take the same arguments in C (checked
+    operands, contiguous); the kernel returns nonzero when it had no memory for the int16 activations."""
+    (m, k), y = x.shape, torch.empty(x.shape[0], n, dtype=torch.float32)
+    if kernel(x.data_ptr(), m, k, w.data_ptr(), scales.data_ptr(), n, y.data_ptr(), torch.get_num_threads()) != 0:
+        raise MemoryError(f"{name}: no memory for the int16 activations of {m} x {k}")
     return y
 
 

@@ -49,14 +49,15 @@ def prompt_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     SmolLM2's 3072 x 576 gate|up matrix, 5.7 against 7.4 ms on its 960 x 576 q|k|v, about the same on the
     others. Elsewhere F.linear.
     """
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32 and _onednn_linear()
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32 and onednn_available()
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), w, None, "none", [None], "")
         return y.view(*x.shape[:-1], w.shape[0])
     return F.linear(x, w)
 
 
-def _onednn_linear() -> bool:
+def onednn_available() -> bool:
+    """Whether this torch has oneDNN's linear operator (prompt_linear here, fast.OneDNNLinear)."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
