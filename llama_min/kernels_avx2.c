@@ -255,13 +255,12 @@ static void q4_rows(const int16_t *xq, int64_t M, int64_t K, const uint8_t *code
                 acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), ds, acc);
                 offsets = _mm256_fmadd_ps(c8, _mm256_loadu_ps(xsm + g), offsets);
             }
-            float rest = 0.f;  /* the last G % 8 groups: by pairs, then one alone */
+            float rest = 0.f;  /* the last G % 8 groups: by pairs (lanes 0-3 group g, 4-7 group g+1), then one alone */
             for (; g + 2 <= G; g += 2) {
-                const __m256i p = pair_dot(qn + 16 * g, xm + 32 * g);
-                for (int h = 0; h < 2; h++) {
-                    const float dot = (float)sum4i(h ? _mm256_extracti128_si256(p, 1) : _mm256_castsi256_si128(p));
-                    rest += _cvtsh_ss(d[g + h]) * sm[g + h] * dot + _cvtsh_ss(c[g + h]) * xsm[g + h];
-                }
+                const __m256 ds = _mm256_set_m128(_mm_set1_ps(_cvtsh_ss(d[g + 1]) * sm[g + 1]),
+                                                  _mm_set1_ps(_cvtsh_ss(d[g]) * sm[g]));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair_dot(qn + 16 * g, xm + 32 * g)), ds, acc);
+                rest += _cvtsh_ss(c[g]) * xsm[g] + _cvtsh_ss(c[g + 1]) * xsm[g + 1];
             }
             if (g < G)
                 rest += _cvtsh_ss(d[g]) * sm[g] * (float)sum4i(single_dot(qn + 16 * g, xm + 32 * g))
