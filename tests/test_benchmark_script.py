@@ -27,6 +27,10 @@ def test_benchmark_runs_and_reports_every_row(tmp_path):
     # busy machine can push below zero with 4 tokens: only check that it is a number
     assert all(x > 0 for row in rows if row["impl"] == "llama_min" for x in row["tok_s"])
     assert all(math.isfinite(x) for row in rows for x in row["tok_s"])
+    # every decode measurement has the bandwidth measured just before it, and its share is printed against that
+    decode = [row for row in rows if row["what"] == "decode"]
+    assert all(len(row["bandwidth_gbs"]) == len(row["tok_s"]) and min(row["bandwidth_gbs"]) > 0 for row in decode)
+    assert r.stdout.count("of the bandwidth measured beside it") == 3  # llama_min's decode row of each dtype
 
 
 def test_bad_flags_are_one_line_before_any_work(capsys):

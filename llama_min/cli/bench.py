@@ -3,7 +3,9 @@
 Decoding one token reads every weight once, so on a CPU decode speed is set by memory bandwidth:
 ceiling tok/s = measured GB/s / bytes of weights per token. The script measures that bandwidth in the
 same run (the faster of two ways to stream a 256 MB float32 matrix: a one-row F.linear, and a plain
-sum of its numbers; on some days the first reaches only 3/4 of the second here), then for each dtype:
+sum of its numbers; on some days the first reaches only 3/4 of the second here): once at the start, and
+again just before every decode measurement, whose share of the bandwidth is taken against that one (a
+shared machine's bandwidth moves by a third within minutes). Then for each dtype:
 
   load      load time and peak RSS (fresh processes, ours vs transformers' from_pretrained, same HF folder)
   prefill   tokens/s of a --prefill-len token prompt (generate with one new token)
@@ -107,11 +109,15 @@ class CpuShare:
         self.other = max(0.0, (busy1 - self.busy0) - own) / max(1, total1 - self.total0)
 
 
+_STREAMED = {}  # the 256 MB matrix machine_bandwidth streams, made once
+
+
 def machine_bandwidth(rounds=5) -> tuple:
     """GB/s of streaming a 256 MB float32 matrix, best of `rounds`, two ways: through F.linear with one row
     (what a decode step does with PyTorch's kernels) and through a plain sum (a pure read). Returns both."""
-    w = torch.randn(8192, 8192)
-    x = torch.randn(1, 8192)
+    if not _STREAMED:
+        _STREAMED["w"], _STREAMED["x"] = torch.randn(8192, 8192), torch.randn(1, 8192)
+    w, x = _STREAMED["w"], _STREAMED["x"]
     rates = []
     for stream in (lambda: F.linear(x, w), w.sum):
         stream()
@@ -334,8 +340,10 @@ def print_header(opts, args, label) -> float:
     return bw
 
 
-def measure_dtype(opts, args, sd, dtype_name: str, prompts: dict, bw: float) -> list:
-    """Interleaved rounds of decode / prefill / batch for one dtype; prints the rows and returns them."""
+def measure_dtype(opts, args, sd, dtype_name: str, prompts: dict) -> list:
+    """Interleaved rounds of decode / prefill / batch for one dtype; prints the rows and returns them. Each
+    decode measurement is preceded by a measurement of the bandwidth (best of 3), since this machine's moves
+    from minute to minute: a decode row's share of the bandwidth is taken within each round, like a ratio."""
     impls = [Ours(args, sd, dtype_name)]
     if opts.compile:
         impls.append(Ours(args, sd, dtype_name, compile_=True, compile_mode=opts.compile_mode))
@@ -359,27 +367,36 @@ def measure_dtype(opts, args, sd, dtype_name: str, prompts: dict, bw: float) -> 
     for what, fn in measure.items():
         here = [i for i in impls if _runs(i, what)]
         per = {i.name: [] for i in here}
+        beside = {i.name: [] for i in here}  # decode: the bandwidth measured just before each measurement
         with CpuShare() as share:
             for _ in range(opts.rounds):
                 for impl in here:
+                    if what == "decode":
+                        beside[impl.name].append(max(machine_bandwidth(rounds=3)))
                     per[impl.name].append(fn(impl))
         for impl in here:
-            print(result_line(what, impl, per[impl.name], per.get("transformers"), bw))
+            print(result_line(what, impl, per[impl.name], per.get("transformers"), beside[impl.name]))
             rows.append({"dtype": dtype_name, "what": what, "impl": impl.name, "tok_s": per[impl.name]})
+            if beside[impl.name]:
+                rows[-1]["bandwidth_gbs"] = beside[impl.name]
         if share.other > 0.05:
             print(f"  (warning: other processes used {share.other:.0%} of the CPU during this measurement)")
     return rows
 
 
-def result_line(what: str, impl, xs: list, base, bw: float) -> str:
-    """One printed row: median [min-max] tok/s, share of the bandwidth (decode), ratio to transformers."""
+def result_line(what: str, impl, xs: list, base, bws: list) -> str:
+    """One printed row: median [min-max] tok/s; for decode, the GB/s of weights read and their share of the
+    bandwidth measured just before each round (bws; the median of the per-round shares, with their range);
+    the ratio to transformers."""
     line = f"  {what:8s} {impl.name:18s} {fmt(xs, ' tok/s')}"
     if what == "decode" and getattr(impl, "draft", None) is not None:  # an effective rate: no bytes per token
         e = impl.llama.stats.extra
         line += f"  draft accepted {e['acceptance_rate']:.0%}, k={e['draft_tokens']}"
     elif what == "decode" and impl.name != "transformers":
         gbs = statistics.median(xs) * impl.bytes_per_token() / 1e9
-        line += f"  {gbs:5.1f} GB/s = {gbs / bw:4.0%} of measured bandwidth"
+        shares = [x * impl.bytes_per_token() / 1e9 / bw for x, bw in zip(xs, bws)]
+        line += (f"  {gbs:5.1f} GB/s = {statistics.median(shares):4.0%} of the bandwidth measured beside it "
+                 f"[{min(shares):.0%}-{max(shares):.0%} of {min(bws):.1f}-{max(bws):.1f} GB/s]")
     if base and impl.name != "transformers":
         ratios = [a / b for a, b in zip(xs, base)]
         line += f"  x{statistics.median(ratios):.2f} vs transformers [{min(ratios):.2f}-{max(ratios):.2f}]"
@@ -409,7 +426,7 @@ def run(opts) -> int:
     prompts["batch"] = [torch.randint(3, args.vocab_size, (opts.prompt_len,), generator=g).tolist()
                         for _ in range(opts.batch)]
     for dtype_name in opts.dtypes:
-        results["rows"] += measure_dtype(opts, args, sd, dtype_name, prompts, bw)
+        results["rows"] += measure_dtype(opts, args, sd, dtype_name, prompts)
     if opts.json:
         from ..files import atomic_write
 
