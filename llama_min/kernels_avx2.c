@@ -37,8 +37,10 @@ static float sum8(__m256 v) {
  * y[m, n] = sum_k x[m, k] W[n, k]: eight rows of W at a time, each with its own vector of 8 partial
  * sums (8 independent multiply-add chains keep the FMA units busy while the loads stream). For a few
  * rows of x (a batch, a speculative verification) the 8 rows of W (8 K floats) are read from memory
- * once and from the L1 cache for the other rows of x. The next 8 rows are prefetched while these are
- * summed: the hardware prefetcher alone follows 8 streams less well.
+ * once and from the L1 cache for the other rows of x. The hardware prefetcher follows the 8 streams on its
+ * own. A software prefetch of the next 8 rows made it slower on long rows (they land 64-180 KB ahead, past
+ * the L1 cache): 30 layers of SmolLM2's matrices streamed at 0.74-0.98 of a plain sum's rate with it,
+ * 0.77-1.22 without; 5 layers of TinyLlama's at 0.86-1.09 with it, 1.05-1.62 without (2 threads).
  */
 
 /* the 8 horizontal sums of a[0..7] -> one vector (lane r = sum of a[r]) */
@@ -69,11 +71,8 @@ static void eight_rows(const float *x, int64_t M, int64_t K, const float *w, int
             a[r] = _mm256_setzero_ps();
         for (int64_t k = 0; k < K8; k += 8) {
             const __m256 xv = _mm256_loadu_ps(xm + k);
-            for (int r = 0; r < 8; r++) {
-                if (m == 0)  /* the same place in the next 8 rows */
-                    _mm_prefetch((const char *)(w + (r + 8) * K + k), _MM_HINT_T0);
+            for (int r = 0; r < 8; r++)
                 a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * K + k), xv, a[r]);
-            }
         }
         __m256 sums = sum8x8(a);
         if (K8 < K) {  /* K not a multiple of 8: the last few products one by one */
