@@ -164,14 +164,15 @@ static void quantize_row(const float *x, int64_t K, int16_t *xq, float *s, float
         if (!isfinite(amax) || !isfinite(sum))  /* inf or nan (which max may skip): let it reach the output */
             amax = NAN;
         const __m256 inv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
-        int16_t t[32];
+        int16_t t[32], *out = order == NATURAL ? xq + 32 * g : t;  /* WORD_LANES: placed one by one below */
         for (int r = 0; r < 2; r++) {  /* 16 int16 in order: packs interleaves 128-bit lanes, the permute undoes it */
             const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(v[2 * r], inv));
             const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(v[2 * r + 1], inv));
-            _mm256_storeu_si256((__m256i *)(t + 16 * r), _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xd8));
+            _mm256_storeu_si256((__m256i *)(out + 16 * r), _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xd8));
         }
-        for (int j = 0; j < 32; j++)
-            xq[order == WORD_LANES ? q4_position(g, G, j) : 32 * g + j] = t[j];
+        if (order == WORD_LANES)
+            for (int j = 0; j < 32; j++)
+                xq[q4_position(g, G, j)] = t[j];
         s[g] = amax / 32767.f;
         xsum[g] = sum;
     }

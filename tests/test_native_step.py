@@ -1,4 +1,4 @@
-"""native_step.NativeStep: a one-token step through every layer in one C call computes what model.py computes."""
+"""native_step.NativeStep: a decode step through every layer in one C call computes what model.py computes."""
 
 import pytest
 import torch
@@ -34,16 +34,21 @@ class CountingLayers:
         monkeypatch.setattr(native, "decode_layers", counted)
 
 
+@pytest.fixture
+def counter(monkeypatch):
+    """The C path available (llama_min's kernels, 4-bit layers in their 'avx2' layout), its steps counted."""
+    use_int4_kernel(monkeypatch, "avx2")
+    return CountingLayers(monkeypatch)
+
+
 @pytest.mark.parametrize("over", [{}, {"n_kv_heads": 1}, {"n_kv_heads": 4, "tie_word_embeddings": True}])
-def test_float32_steps_are_the_reference(monkeypatch, over):
+def test_float32_steps_are_the_reference(counter, over):
     """apply_transforms installs the step on a float32 CPU model; the short prompt (2 rows x 7 tokens) and every
     one-token step of a batch of 2 take the C path and give the untouched reference's logits (1e-5: float32
     rounding order only)."""
     from llama_min.native_step import NativeStep
     from llama_min.transforms import apply_transforms
 
-    use_int4_kernel(monkeypatch, "avx2")
-    counter = CountingLayers(monkeypatch)
     ref, fast = model(**over), apply_transforms(model(**over))
     assert isinstance(fast.forward, NativeStep)
     tokens = rand_tokens(2, 24, seed=3)
@@ -52,13 +57,11 @@ def test_float32_steps_are_the_reference(monkeypatch, over):
     assert counter.calls == 1 + 24 - 7
 
 
-def test_a_few_tokens_at_once_attend_causally(monkeypatch):
+def test_a_few_tokens_at_once_attend_causally(counter):
     """k+1 tokens in one call (a speculative check of k = 4 proposals) after a cached prefix: each token sees
     the cache and the new tokens before it, as the reference's causal mask; last_only gives the last row."""
     from llama_min.transforms import apply_transforms
 
-    use_int4_kernel(monkeypatch, "avx2")
-    counter = CountingLayers(monkeypatch)
     ref, fast = model(), apply_transforms(model())
     tokens = rand_tokens(1, 40, seed=8)
     with torch.no_grad():
@@ -72,13 +75,11 @@ def test_a_few_tokens_at_once_attend_causally(monkeypatch):
                                    atol=1e-5, rtol=1e-5)
 
 
-def test_unfused_layers_and_separate_gate_up(monkeypatch):
+def test_unfused_layers_and_separate_gate_up(counter):
     """Layers whose q, k, v (and gate, up) are separate matrices: their outputs are placed side by side."""
     from llama_min.fast import use_fast_attention, use_native_decode, use_native_linears
     from llama_min.native_step import use_native_step
 
-    use_int4_kernel(monkeypatch, "avx2")
-    counter = CountingLayers(monkeypatch)
     ref = model()
     fast = use_native_step(use_native_linears(use_native_decode(use_fast_attention(model()))))
     tokens = rand_tokens(2, 20, seed=4)
@@ -88,7 +89,7 @@ def test_unfused_layers_and_separate_gate_up(monkeypatch):
 
 
 @pytest.mark.parametrize("quantize", ["int4", "int8"])
-def test_quantized_steps_are_the_layer_by_layer_steps(monkeypatch, quantize):
+def test_quantized_steps_are_the_layer_by_layer_steps(counter, quantize):
     """int4 / int8 models: the C step multiplies with the same kernels as the layer-by-layer forward, and the
     most likely next token is the same at every step. The logits agree to 1e-3 of their largest value, not
     to float rounding: both write a product's input as int16 per group of 32 (steps of 1.5e-5 of the group's
@@ -96,8 +97,6 @@ def test_quantized_steps_are_the_layer_by_layer_steps(monkeypatch, quantize):
     to the next int16 step. The step's own arithmetic is checked to 1e-5 on float32 models above."""
     from llama_min.transforms import apply_transforms
 
-    use_int4_kernel(monkeypatch, "avx2")
-    counter = CountingLayers(monkeypatch)
     fast = apply_transforms(model(), quantize=quantize)
     tokens = rand_tokens(1, 24, seed=5)
     with torch.no_grad():
@@ -120,14 +119,12 @@ class Doubled(torch.nn.Module):
         return 2 * self.inner(x)
 
 
-def test_a_changed_model_is_read_again(monkeypatch):
+def test_a_changed_model_is_read_again(counter):
     """The description is checked on every call: a swapped module sends the step to the model's own forward,
     new weights (a replaced .data), a new cache and a cache tensor's new storage are read again, and the
     results stay the reference's."""
     from llama_min.transforms import apply_transforms
 
-    use_int4_kernel(monkeypatch, "avx2")
-    counter = CountingLayers(monkeypatch)
     ref, fast = model(), apply_transforms(model())
     tokens = rand_tokens(1, 12, seed=6)
     with torch.no_grad():
@@ -152,11 +149,9 @@ def test_a_changed_model_is_read_again(monkeypatch):
         assert counter.calls == 15
 
 
-def test_gradients_long_prompts_and_no_cache_take_the_models_forward(monkeypatch):
+def test_gradients_long_prompts_and_no_cache_take_the_models_forward(counter):
     from llama_min.transforms import apply_transforms
 
-    use_int4_kernel(monkeypatch, "avx2")
-    counter = CountingLayers(monkeypatch)
     fast = apply_transforms(model())
     tokens = rand_tokens(1, 40, seed=7)
     fast.setup_cache(1, 40)
@@ -169,15 +164,13 @@ def test_gradients_long_prompts_and_no_cache_take_the_models_forward(monkeypatch
     assert counter.calls == 0
 
 
-def test_the_description_keeps_no_cache_alive(monkeypatch):
+def test_the_description_keeps_no_cache_alive(counter):
     """After a generation clears its cache, the step's description does not hold the old cache's memory."""
     import gc
     import weakref
 
     from llama_min.transforms import apply_transforms
 
-    use_int4_kernel(monkeypatch, "avx2")
-    counter = CountingLayers(monkeypatch)
     fast = apply_transforms(model())
     tokens = rand_tokens(1, 10, seed=9)
     fast.setup_cache(1, 10)
