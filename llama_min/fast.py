@@ -271,20 +271,30 @@ class NativeRMSNorm(RMSNorm):
         return norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 or x.device.type != "cpu" or torch.compiler.is_compiling():
+        if not _native_activations(x):
             return super().forward(x)  # (a compiled graph fuses the reference's operations itself)
         return native.rms_norm(x, self.weight, self.eps)
 
 
+def _native_activations(x: torch.Tensor) -> bool:
+    """Whether x can go through llama_min's eager kernels: float32 on a CPU, outside a compiled graph and
+    outside autograd (they have no backward)."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and x.requires_grad))
+
+
 def use_native_decode(model) -> nn.Module:
     """The small operations between the matrix products through llama_min's kernels (native.py): every
-    RMSNorm -> NativeRMSNorm, and FastAttention's one-token steps in one decode_attention call (RoPE, cache
-    write, attention). For models whose activations are float32 on a CPU where the kernels build."""
+    RMSNorm -> NativeRMSNorm, FastAttention's one-token steps in one decode_attention call (RoPE, cache
+    write, attention), and FusedFeedForward's silu(gate) * up in one swiglu call. For models whose
+    activations are float32 on a CPU where the kernels build."""
     for layer in model.layers:
         layer.attention_norm = NativeRMSNorm.from_reference(layer.attention_norm)
         layer.ffn_norm = NativeRMSNorm.from_reference(layer.ffn_norm)
         if isinstance(layer.attention, FastAttention):
             layer.attention.native_decode = True
+        if isinstance(layer.feed_forward, FusedFeedForward):
+            layer.feed_forward.native_swiglu = True
     model.norm = NativeRMSNorm.from_reference(model.norm)
     return model
 
@@ -345,8 +355,13 @@ class FusedFeedForward(nn.Module):
         self.w13 = fuse_linears([ref.w1, ref.w3], transposed)
         self.w2 = ref.w2
 
+    native_swiglu = False  # set by use_native_decode: silu(gate) * up in one call of llama_min's kernel
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).split(self.hidden, dim=-1)
+        gate_up = self.w13(x)  # (B, T, 2F)
+        if self.native_swiglu and _native_activations(gate_up):
+            return self.w2(native.swiglu(gate_up, self.hidden))  # (B, T, F) -> (B, T, D)
+        gate, up = gate_up.split(self.hidden, dim=-1)
         return self.w2(F.silu(gate) * up)
 
 

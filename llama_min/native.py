@@ -20,15 +20,17 @@ When they are used (`enabled()`): Linux on x86-64, a CPU with avx2, fma and f16c
 their AVX2 level (on AVX-512 CPUs PyTorch's are the fast ones), a C compiler (`$CC`, else `cc`), and
 `LLAMA_MIN_NATIVE` not set to 0. Then float32 CPU models decode through `f32_linear` (fast.NativeLinear),
 4-bit layers of group size 32 use the 'avx2' layout (quantize.int4_layout), int8 layers `q8_linear`, and
-models with float32 activations run their norms and one-token attention through `rms_norm` and
-`decode_attention` (fast.use_native_decode). Otherwise all fall back to PyTorch's operations, with one line on stderr when a compiler was there but the build failed. The built
-library is cached under the asset cache (`~/.cache/llama_min/native`), named by a hash of the source and
-flags, written atomically. Prompts of many rows keep PyTorch's matrix-matrix kernels, which are faster there.
+models with float32 activations run their norms, one-token attention and SwiGLU through `rms_norm`,
+`decode_attention` and `swiglu` (fast.use_native_decode). Otherwise all fall back to PyTorch's operations,
+with one line on stderr when a compiler was there but the build failed. The built library is cached
+under the asset cache (`~/.cache/llama_min/native`), named by a hash of the source and flags, written
+atomically. Prompts of many rows keep PyTorch's matrix-matrix kernels, which are faster there.
 
 `f32_linear(x, w)`, `q4_linear(x, codes, dc)` and `q8_linear(x, w, scales)` are PyTorch custom operators
-(torch.library), so `torch.compile` keeps each in its graph as one call. `rms_norm` and `decode_attention`
-are eager only (a compiled step generates its own code for them). `decode_layers` runs a whole decode step
-through every decoder layer in one call with the functions above (native_step.py says when and why).
+(torch.library), so `torch.compile` keeps each in its graph as one call. `rms_norm`, `swiglu` and
+`decode_attention` are eager only (a compiled step generates its own code for them). `decode_layers` runs
+a whole decode step through every decoder layer in one call with the functions above (native_step.py says
+when and why).
 """
 
 from __future__ import annotations
@@ -117,6 +119,8 @@ def _library():
     lib.q8_linear.restype = ctypes.c_int
     lib.rms_norm.argtypes = [p, i64, i64, p, ctypes.c_float, p]
     lib.rms_norm.restype = None
+    lib.swiglu.argtypes = [p, i64, i64, p, ctypes.c_int]
+    lib.swiglu.restype = None
     lib.decode_attention.argtypes = [p, p, p, i64, i64, i64, i64, i64, p, i64, p, p, i64, p, ctypes.c_int]
     lib.decode_attention.restype = ctypes.c_int
     lib.decode_layers.argtypes = [p, i64, p, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float, p, i64, i64,
@@ -227,6 +231,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         raise ValueError(f"rms_norm: bad operands {x.dtype} {tuple(x.shape)}, {weight.dtype} {tuple(weight.shape)}")
     out = torch.empty_like(x)
     _library().rms_norm(x.data_ptr(), x.numel() // d, d, weight.data_ptr(), eps, out.data_ptr())
+    return out
+
+
+def swiglu(gate_up: torch.Tensor, hidden: int) -> torch.Tensor:
+    """silu(gate) * up in one pass, for float32 gate_up (..., 2 * hidden) = [gate | up] (a fused gate|up
+    product's output). Returns (..., hidden); silu(g) = g / (1 + e^-g)."""
+    gate_up = gate_up.contiguous()
+    if (gate_up.dtype != torch.float32 or gate_up.device.type != "cpu" or gate_up.shape[-1] != 2 * hidden):
+        raise ValueError(f"swiglu: bad operand {gate_up.dtype} {tuple(gate_up.shape)} for hidden size {hidden}")
+    out = gate_up.new_empty(*gate_up.shape[:-1], hidden)
+    _library().swiglu(gate_up.data_ptr(), gate_up.numel() // (2 * hidden), hidden, out.data_ptr(),
+                      torch.get_num_threads())
     return out
 
 

@@ -146,6 +146,26 @@ def test_native_rms_norm_is_the_reference_norm(monkeypatch):
             torch.testing.assert_close(native.rms_norm(x, norm.weight, norm.eps), norm(x), atol=1e-6, rtol=1e-6)
 
 
+def test_native_swiglu_is_silu_times_up(monkeypatch):
+    """native.swiglu on a fused gate|up output: PyTorch's F.silu(gate) * up, including the far ends of e^x
+    (clamped in the kernel) and a hidden size that leaves a tail of 3 done one by one."""
+    from conftest import use_int4_kernel
+    from llama_min import native
+    import torch.nn.functional as F
+
+    use_int4_kernel(monkeypatch, "avx2")
+    g = torch.Generator().manual_seed(0)
+    for hidden in (64, 19):
+        gate_up = torch.randn(2, 5, 2 * hidden, generator=g) * 6
+        gate_up[0, 0, :8] = torch.tensor([-200.0, -90.0, -88.0, -30.0, 30.0, 88.0, 90.0, 200.0])
+        gate, up = gate_up.split(hidden, dim=-1)
+        got = native.swiglu(gate_up, hidden)
+        assert got.shape == (2, 5, hidden)
+        torch.testing.assert_close(got, F.silu(gate) * up, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError):
+        native.swiglu(gate_up, hidden + 1)
+
+
 @pytest.mark.parametrize("heads", [(4, 2), (4, 4), (6, 1)])
 def test_native_decode_attention_is_rope_cache_and_attention(monkeypatch, heads):
     """decode_attention on q, k, v slices of one fused row, two batch rows, at position 0 and 13: the cache
@@ -190,6 +210,7 @@ def test_native_decode_same_numbers_as_reference(monkeypatch):
         ref, fast = model(**over), model(**over)
         use_native_decode(fuse_projections(fast))
         assert isinstance(fast.layers[0].attention, FusedAttention) and fast.layers[0].attention.native_decode
+        assert fast.layers[0].feed_forward.native_swiglu
         assert isinstance(fast.norm, NativeRMSNorm) and torch.equal(fast.norm.weight, ref.norm.weight)
         tokens = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))
         with torch.no_grad():
