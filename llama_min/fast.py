@@ -1,8 +1,8 @@
 """Inference transforms that change how the reference model computes, never what (within float rounding).
 
-  FastAttention          model.py's Attention with two shortcuts: one-token decoding attends per KV head
-                         without copying the cache n_rep times, and a prompt from position 0 lets the
-                         fused kernel build its causal mask itself.
+  FastAttention          model.py's Attention with shortcuts: one-token decoding attends per KV head
+                         without copying the cache n_rep times, longer inputs too (PyTorch >= 2.5),
+                         and a prompt from position 0 lets the fused kernel build its causal mask itself.
   transpose_wide_layers  float32 CPU weights of wide layers stored transposed (below).
   fuse_projections       q/k/v from one matrix product, the FFN's gate/up from another (FusedAttention,
                          FusedFeedForward): fewer, larger products per layer.
@@ -31,6 +31,11 @@ from torch import nn
 from . import native
 from .model import Attention, FeedForward, RMSNorm, apply_rotary_emb, repeat_kv
 from .quantize import PREFILL_ROWS, can_fuse_quantized, fuse_quantized, onednn_available, prompt_linear
+
+
+# PyTorch >= 2.5's attention takes fewer key/value heads than query heads itself (enable_gqa), with
+# query head h reading KV head h // n_rep: what repeat_kv builds, without copying the keys and values.
+SDPA_GQA = tuple(int(n) for n in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 class FastAttention(Attention):
@@ -68,11 +73,14 @@ class FastAttention(Attention):
         if T == 1:
             out = self._decode_gqa(q, k, v)  # (B, H, hd)
         else:
-            k, v = repeat_kv(k, self.n_rep).transpose(1, 2), repeat_kv(v, self.n_rep).transpose(1, 2)
+            gqa = {"enable_gqa": True} if SDPA_GQA and self.n_rep > 1 else {}  # query head h reads KV head h // n_rep
+            if not gqa:
+                k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)  # (B, S, H, hd)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T or S, hd)
             if start_pos == 0:  # the mask is a plain causal square: the kernel builds it
-                out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True)
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
             else:
-                out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
             out = out.transpose(1, 2)  # (B, T, H, hd)
         return self.wo(out.reshape(B, T, -1))
 
