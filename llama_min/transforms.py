@@ -12,15 +12,17 @@ weights) and is tested against the untouched reference in the tests named here:
                                            (float or quantized; built at load)    (test_fast)
   FastAttention              fast.py       decode GQA without cache copies,       float rounding, <= 1e-4
                                            SDPA's own causal mask                 (test_fast)
-  use_native_decode          fast.py       RMSNorm, and one-token RoPE + cache    float rounding, <= 1e-5
-                                           write + attention, each in one call    (test_fast)
-                                           of llama_min's AVX2 kernels
+  use_native_decode          fast.py       RMSNorm, one-token RoPE + cache write  float rounding, <= 1e-5
+                                           + attention, and SwiGLU, each in one   (test_fast)
+                                           call of llama_min's AVX2 kernels
   use_native_linears         fast.py       float32 CPU weights multiplied by      float rounding, <= 1e-4
                                            llama_min's AVX2 kernel (native.py)    (test_fast)
   use_onednn_linears         fast.py       (no AVX2 kernel) float32 CPU weights   float rounding, <= 1e-5
                                            in oneDNN's blocked layout             (test_fast)
   transpose_wide_layers      fast.py       (neither) float32 CPU wide weights     float rounding, <= 1e-4
                                            stored W^T                             (test_fast)
+  use_huge_pages             hugepages.py  (Linux, CPU) large weights outside     none: the same bits
+                                           mapped files moved onto 2 MB pages     (test_hugepages)
   use_native_step            native_step.py  decode steps (< 32 new tokens): every  float rounding, <= 1e-5
                                            layer in one call of llama_min's C    (test_native_step)
                                            code, with the kernels of the rows above
@@ -64,6 +66,10 @@ def apply_transforms(model: nn.Module, optimize: bool = True, quantize: Optional
         use_onednn_linears(model)  # every float matrix in oneDNN's layout (fast.py)
     elif cpu_float32:
         transpose_wide_layers(model)  # the rest: the output projection (and a tied embedding)
+    if weight.device.type == "cpu":
+        from .hugepages import use_huge_pages
+
+        use_huge_pages(model)  # the large weights on 2 MB pages: fewer address translations per step
     if native_glue:
         from .native_step import use_native_step
 

@@ -1,0 +1,102 @@
+"""Weights in memory backed by 2 MB pages (Linux transparent huge pages), for CPU decoding.
+
+A decode step streams every weight once per token. The CPU translates each address through the TLB, which
+holds a few thousand page translations: with ordinary 4 KB pages a float32 SmolLM2 step (540 MB) crosses
+about 130,000 of them, and llama_min's float32 kernel reads eight weight rows side by side, so eight page
+streams at once. Backed by 2 MB pages the same step crosses ~270. On this project's 2-core AVX2 machine the
+float32 SmolLM2 step ran 10-13% faster with its weights on huge pages (two alternating pairs of runs: 29.5
+and 30.5 against 33.6 and 35.1 ms a token; 33.3 and 33.3 against 37.2 and 35.0), while a plain sum over
+a 256 MB matrix streamed at the same rate either way.
+
+Linux gives an anonymous allocation 2 MB pages when the region is 2 MB-aligned and marked with
+madvise(MADV_HUGEPAGE) (or always, if /sys/kernel/mm/transparent_hugepage/enabled says "always") before
+it is first touched. `use_huge_pages` copies each large weight of a built model into such a region and
+points the parameter at the copy: the same numbers, bit for bit, and one copy at a time in flight. Weights
+that live in a memory-mapped checkpoint file stay where they are (a copy would hold them twice while the
+file stays mapped). Elsewhere (not Linux, huge pages "never") it does nothing.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import functools
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HUGE_PAGE = 2 << 20
+MIN_BYTES = 2 * HUGE_PAGE  # smaller weights gain little and would leave most of a huge page unused
+MADV_HUGEPAGE = 14
+THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def available() -> bool:
+    """Linux with transparent huge pages in "always" or "madvise" mode."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mode = THP_MODE.read_text()
+    except OSError:
+        return False
+    return "[always]" in mode or "[madvise]" in mode
+
+
+def huge_page_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of CPU tensor t whose data starts on a 2 MB boundary, its whole 2 MB stretches
+    marked MADV_HUGEPAGE before they are touched (the tail of under 2 MB keeps small pages)."""
+    n = t.numel() * t.element_size()
+    raw = torch.empty(n + HUGE_PAGE, dtype=torch.uint8)  # large: a fresh mapping, not touched yet
+    start = -raw.data_ptr() % HUGE_PAGE
+    whole = n // HUGE_PAGE * HUGE_PAGE
+    if whole:
+        _libc().madvise(ctypes.c_void_p(raw.data_ptr() + start), ctypes.c_size_t(whole),
+                        MADV_HUGEPAGE)  # advice only: a failure leaves small pages
+    out = raw[start:start + n].view(t.dtype).view(t.shape)
+    out.copy_(t)
+    return out
+
+
+@functools.cache
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _file_backed_ranges() -> tuple:
+    """(starts, ends) of this process's memory mappings that map a file, sorted (from /proc/self/maps)."""
+    spans = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/"):
+            lo, hi = (int(a, 16) for a in fields[0].split("-"))
+            spans.append((lo, hi))
+    spans.sort()
+    return [lo for lo, _ in spans], [hi for _, hi in spans]
+
+
+def _in_file(ptr: int, ranges: tuple) -> bool:
+    starts, ends = ranges
+    i = bisect.bisect_right(starts, ptr) - 1
+    return i >= 0 and ptr < ends[i]
+
+
+def use_huge_pages(model: nn.Module) -> nn.Module:
+    """Every CPU parameter and buffer of MIN_BYTES or more that is contiguous and not in a mapped file ->
+    a huge-page copy (huge_page_copy); tied parameters stay one tensor. Returns the model."""
+    if not available():
+        return model
+    ranges = _file_backed_ranges()
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if (t is None or t.device.type != "cpu" or not t.is_contiguous() or t.numel() * t.element_size() < MIN_BYTES
+                        or t.data_ptr() % HUGE_PAGE == 0 or _in_file(t.data_ptr(), ranges)):
+                    continue  # (already aligned: copied before, e.g. a tied weight seen again)
+                copy = huge_page_copy(t.detach())
+                if isinstance(t, nn.Parameter):
+                    t.data = copy
+                else:
+                    table[name] = copy
+    return model
