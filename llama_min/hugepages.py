@@ -19,8 +19,7 @@ file stays mapped). Elsewhere (not Linux, huge pages "never") it does nothing.
 from __future__ import annotations
 
 import bisect
-import ctypes
-import functools
+import mmap
 import sys
 from pathlib import Path
 
@@ -28,8 +27,8 @@ import torch
 from torch import nn
 
 HUGE_PAGE = 2 << 20
-MIN_BYTES = 2 * HUGE_PAGE  # smaller weights gain little and would leave most of a huge page unused
-MADV_HUGEPAGE = 14
+MIN_BYTES = HUGE_PAGE  # a smaller weight holds no whole huge page
+MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -41,27 +40,23 @@ def available() -> bool:
         mode = THP_MODE.read_text()
     except OSError:
         return False
-    return "[always]" in mode or "[madvise]" in mode
+    return ("[always]" in mode or "[madvise]" in mode) and hasattr(mmap.mmap, "madvise")
 
 
 def huge_page_copy(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of CPU tensor t whose data starts on a 2 MB boundary, its whole 2 MB stretches
-    marked MADV_HUGEPAGE before they are touched (the tail of under 2 MB keeps small pages)."""
+    """A contiguous copy of CPU tensor t in a fresh anonymous mapping, its data starting on a 2 MB boundary
+    and its whole 2 MB stretches advised MADV_HUGEPAGE before they are touched (a tail of under 2 MB keeps
+    small pages). The pages before the boundary are never touched, so they take no memory."""
     n = t.numel() * t.element_size()
-    raw = torch.empty(n + HUGE_PAGE, dtype=torch.uint8)  # large: a fresh mapping, not touched yet
+    region = mmap.mmap(-1, n + HUGE_PAGE)  # fresh from the kernel: not touched yet
+    raw = torch.frombuffer(region, dtype=torch.uint8)  # (the tensor keeps the mapping alive)
     start = -raw.data_ptr() % HUGE_PAGE
     whole = n // HUGE_PAGE * HUGE_PAGE
     if whole:
-        _libc().madvise(ctypes.c_void_p(raw.data_ptr() + start), ctypes.c_size_t(whole),
-                        MADV_HUGEPAGE)  # advice only: a failure leaves small pages
+        region.madvise(MADV_HUGEPAGE, start, whole)  # advice: where it is not taken, pages stay small
     out = raw[start:start + n].view(t.dtype).view(t.shape)
     out.copy_(t)
     return out
-
-
-@functools.cache
-def _libc():
-    return ctypes.CDLL(None, use_errno=True)
 
 
 def _file_backed_ranges() -> tuple:
