@@ -3,10 +3,12 @@
 A decode step streams every weight once per token. The CPU translates each address through the TLB, which
 holds a few thousand page translations: with ordinary 4 KB pages a float32 SmolLM2 step (540 MB) crosses
 about 130,000 of them, and llama_min's float32 kernel reads eight weight rows side by side, so eight page
-streams at once. Backed by 2 MB pages the same step crosses ~270. On this project's 2-core AVX2 machine the
-float32 SmolLM2 step ran 10-13% faster with its weights on huge pages (two alternating pairs of runs: 29.5
-and 30.5 against 33.6 and 35.1 ms a token; 33.3 and 33.3 against 37.2 and 35.0), while a plain sum over
-a 256 MB matrix streamed at the same rate either way.
+streams at once. Backed by 2 MB pages the same step crosses ~270. On this project's 2-core AVX2 machine,
+with every PyTorch allocation on huge pages (THP_MEM_ALLOC_ENABLE=1), the float32 SmolLM2 step ran 10-13%
+faster (two alternating pairs of runs: 29.5 and 30.5 against 33.6 and 35.1 ms a token; 33.3 and 33.3
+against 37.2 and 35.0), while a plain sum over a 256 MB matrix streamed at the same rate either way. The
+kernel hands out huge pages only while it has free 2 MB blocks (in one run 110 MB of the ~410 MB this
+moves got them), so the gain varies: 2-8% in two pairs of runs with this transform, none in a third.
 
 Linux gives an anonymous allocation 2 MB pages when the region is 2 MB-aligned and marked with
 madvise(MADV_HUGEPAGE) (or always, if /sys/kernel/mm/transparent_hugepage/enabled says "always") before
