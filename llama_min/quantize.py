@@ -41,15 +41,21 @@ INT4_GROUP_SIZES = (32, 64, 128)
 CHUNK_WEIGHTS = 1 << 20  # weights converted at a time: the temporaries of a conversion stay at a few MiB
 
 
+ONEDNN_MAX_K = 1536  # prompt_linear: rows of at most this many numbers go to oneDNN, longer ones to F.linear
+
+
 def prompt_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x W^T for a prompt's many rows, W (N, K) a dense weight in x's dtype.
 
-    On a CPU, float32, without autograd, through oneDNN's matrix kernel (it reorders W on each call): on
-    this project's 2-core AVX2 machine it took 18 ms against 29 ms for F.linear (MKL) on 512 rows times
-    SmolLM2's 3072 x 576 gate|up matrix, 5.7 against 7.4 ms on its 960 x 576 q|k|v, about the same on the
-    others. Elsewhere F.linear.
+    On a CPU, float32, without autograd, with short weight rows (K <= ONEDNN_MAX_K), through oneDNN's matrix
+    kernel (it reorders W on each call): on this project's 2-core AVX2 machine it took 18 ms against 29 ms
+    for F.linear (MKL) on 512 rows times SmolLM2's 3072 x 576 gate|up matrix, 5.7 against 7.4 ms on its
+    960 x 576 q|k|v, about the same on the others (K = 576 and 1536). On TinyLlama's (K = 2048 and 5632)
+    MKL was the faster, 512 rows times 2048 x 2048: 25 against 52-60 ms, 11264 x 2048: 150 against 168 ms,
+    2048 x 5632: 69 against 76 ms. Elsewhere F.linear.
     """
     if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32 and onednn_available()
+            and w.shape[1] <= ONEDNN_MAX_K
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), w, None, "none", [None], "")
         return y.view(*x.shape[:-1], w.shape[0])
