@@ -49,7 +49,7 @@ def huge_page_copy(t: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of CPU tensor t in a fresh anonymous mapping, its data starting on a 2 MB boundary
     and its whole 2 MB stretches advised MADV_HUGEPAGE before they are touched (a tail of under 2 MB keeps
     small pages). The pages before the boundary are never touched, so they take no memory."""
-    n = t.numel() * t.element_size()
+    n = t.nbytes
     region = mmap.mmap(-1, n + HUGE_PAGE)  # fresh from the kernel: not touched yet
     raw = torch.frombuffer(region, dtype=torch.uint8)  # (the tensor keeps the mapping alive)
     start = -raw.data_ptr() % HUGE_PAGE
@@ -79,6 +79,13 @@ def _in_file(ptr: int, ranges: tuple) -> bool:
     return i >= 0 and ptr < ends[i]
 
 
+def _movable(t, ranges: tuple) -> bool:
+    """A CPU tensor of MIN_BYTES or more, contiguous, not in a mapped file and not already on a 2 MB boundary
+    (a copy made before: a tied weight is met twice)."""
+    return (t is not None and t.device.type == "cpu" and t.is_contiguous() and t.nbytes >= MIN_BYTES
+            and t.data_ptr() % HUGE_PAGE != 0 and not _in_file(t.data_ptr(), ranges))
+
+
 def use_huge_pages(model: nn.Module) -> nn.Module:
     """Every CPU parameter and buffer of MIN_BYTES or more that is contiguous and not in a mapped file ->
     a huge-page copy (huge_page_copy); tied parameters stay one tensor. Returns the model."""
@@ -88,12 +95,11 @@ def use_huge_pages(model: nn.Module) -> nn.Module:
     for module in model.modules():
         for table in (module._parameters, module._buffers):
             for name, t in table.items():
-                if (t is None or t.device.type != "cpu" or not t.is_contiguous() or t.numel() * t.element_size() < MIN_BYTES
-                        or t.data_ptr() % HUGE_PAGE == 0 or _in_file(t.data_ptr(), ranges)):
-                    continue  # (already aligned: copied before, e.g. a tied weight seen again)
+                if not _movable(t, ranges):
+                    continue
                 copy = huge_page_copy(t.detach())
                 if isinstance(t, nn.Parameter):
-                    t.data = copy
+                    t.data = copy  # the same Parameter object: modules that share it see the copy
                 else:
                     table[name] = copy
     return model

@@ -39,9 +39,7 @@ from .errors import LlamaMinError
 PREFILL_ROWS = 32  # from this many rows on, a float GEMM on dequantized weights beats the int8 / 'avx2' kernels
 INT4_GROUP_SIZES = (32, 64, 128)
 CHUNK_WEIGHTS = 1 << 20  # weights converted at a time: the temporaries of a conversion stay at a few MiB
-
-
-ONEDNN_MAX_K = 1536  # prompt_linear: rows of at most this many numbers go to oneDNN, longer ones to F.linear
+ONEDNN_MAX_K = 1536  # prompt_linear: weight rows of at most this many numbers go to oneDNN, longer to F.linear
 
 
 def prompt_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
