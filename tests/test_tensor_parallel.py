@@ -331,6 +331,19 @@ def test_generate_script_under_torchrun(ckpts):
     assert len(one.stdout.split()) == 8 and two.stdout == one.stdout
 
 
+def test_leave_process_group_closes_the_group(tmp_path):
+    """The exit hook of a tensor-parallel run closes the group (a one-rank gloo group here, in-process)."""
+    import torch.distributed as dist
+
+    from llama_min.tensor_parallel import leave_process_group
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    assert dist.is_initialized()
+    leave_process_group()
+    assert not dist.is_initialized()
+    leave_process_group()  # a second call (atexit after an explicit one) does nothing
+
+
 # ---------------------------------------------------------------------------------------------
 # Each rank's slice read from the files equals the same slice cut from the model in memory (in-process)
 # ---------------------------------------------------------------------------------------------
