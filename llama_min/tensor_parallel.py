@@ -301,7 +301,7 @@ def leave_process_group(wait_s: float = 10.0) -> None:
 
     Without the wait, a gloo rank that finished first tears down its threads while a peer still
     talks to it, and one of them may abort ("terminate called without an active exception",
-    SIGABRT) after printing a correct answer: 3 of 60 two-rank runs under load did, 0 of 40 with a
+    SIGABRT) after printing a correct answer: 3 of 60 two-rank runs under load did, 0 of 80 with a
     barrier. gloo's monitored barrier gives up after `wait_s` (a peer that died or is stuck in
     another collective after an error), so a failing rank still exits at once; nccl only closes."""
     if not dist.is_initialized():
