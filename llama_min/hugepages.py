@@ -80,9 +80,11 @@ def _in_file(ptr: int, ranges: tuple) -> bool:
 
 
 def _movable(t, ranges: tuple) -> bool:
-    """A CPU tensor of MIN_BYTES or more, contiguous, not in a mapped file and not already on a 2 MB boundary
-    (a copy made before: a tied weight is met twice)."""
-    return (t is not None and t.device.type == "cpu" and t.is_contiguous() and t.nbytes >= MIN_BYTES
+    """A plain (strided) CPU tensor of MIN_BYTES or more, contiguous, not in a mapped file and not already on a
+    2 MB boundary (a copy made before: a tied weight is met twice). oneDNN's opaque weights have no address
+    of their own to move."""
+    return (t is not None and t.device.type == "cpu" and t.layout == torch.strided and t.is_contiguous()
+            and t.nbytes >= MIN_BYTES
             and t.data_ptr() % HUGE_PAGE != 0 and not _in_file(t.data_ptr(), ranges))
 
 

@@ -67,3 +67,20 @@ def test_huge_page_copy_of_odd_sizes():
         assert torch.equal(c, t) and c.data_ptr() % hugepages.HUGE_PAGE == 0 and c.is_contiguous()
         # advised for huge pages exactly when it holds a whole 2 MB stretch
         assert ("hg" in _vm_flags(c.data_ptr())) == (t.numel() * t.element_size() >= hugepages.HUGE_PAGE)
+
+
+def test_onednn_weights_stay():
+    """A weight in oneDNN's opaque layout (fast.use_onednn_linears, the float32 path of CPUs where
+    llama_min's own kernel is not used) has no data pointer: it is left alone, the plain ones move."""
+    from llama_min.fast import OneDNNLinear, onednn_available, use_onednn_linears
+
+    if not onednn_available():
+        pytest.skip("no oneDNN in this PyTorch build")
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 1024, bias=False), torch.nn.LayerNorm(1024 * 512))
+    model = use_onednn_linears(model.requires_grad_(False))
+    assert isinstance(model[0], OneDNNLinear)
+    x = torch.randn(3, 1024)
+    want = model[0](x)
+    hugepages.use_huge_pages(model)
+    assert torch.equal(model[0](x), want)
+    assert model[1].weight.data_ptr() % hugepages.HUGE_PAGE == 0  # 2 MB of plain weight: moved
