@@ -15,11 +15,11 @@ int4, per group of g = 32, 64 or 128 consecutive weights of a row (gpt-fast's as
     W ~= (q - 8) * scale + zero    (= q * scale + min)
     error <= scale / 2 per weight (plus the bf16 rounding of scale and zero, relative 2^-8).
     Where the layers are stored and multiplied ("layouts", chosen per layer by `int4_layout`):
-      'avx2'  CPUs with AVX2 but not AVX-512, groups of 32: llama_min's own kernel (kernels_avx2.c, native.py),
+      'avx2'  CPUs with AVX2 (AVX-512 or not), groups of 32: llama_min's own kernel (kernels_avx2.c, native.py),
               fp16 scale and min, activations as int16 per group of 32 (error <= 1.5e-5 of the group's
               largest value), float32 out.
-      'cpu'   other CPUs: `aten._weight_int4pack_mm_for_cpu` on weights repacked by
-              `aten._convert_weight_to_int4pack_for_cpu`; 'cuda': `aten._weight_int4pack_mm`. Both keep
+      'cpu'   other CPUs, and groups of 64 or 128: `aten._weight_int4pack_mm_for_cpu` on weights repacked by
+              `aten._convert_weight_to_int4pack_for_cpu` (in tiles of 32 rows, 64 with AVX-512); 'cuda': `aten._weight_int4pack_mm`. Both keep
               scale and zero in bf16, shaped (K/g, N, 2), take bf16 activations and return bf16: the
               product carries bf16 rounding (~2^-8 relative).
       'plain' anywhere else: two codes per byte, dequantized for an F.linear.
@@ -27,6 +27,7 @@ int4, per group of g = 32, 64 or 128 consecutive weights of a row (gpt-fast's as
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Optional
 
 import torch
@@ -66,8 +67,25 @@ def onednn_available() -> bool:
 
 
 def chunk_rows(k: int) -> int:
-    """Rows per conversion chunk for rows of k weights: ~CHUNK_WEIGHTS weights, a multiple of 32 rows."""
-    return max(32, CHUNK_WEIGHTS // k // 32 * 32)
+    """Rows per conversion chunk for rows of k weights: ~CHUNK_WEIGHTS weights, a multiple of 256 rows
+    (so chunks never split a tile of PyTorch's CPU int4 layout, see cpu_int4_tile_rows)."""
+    return max(256, CHUNK_WEIGHTS // k // 256 * 256)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_int4_tile_rows() -> int:
+    """How many rows one tile of PyTorch's CPU int4 layout holds: 32 on AVX2, 64 with AVX-512 (torch 2.13).
+
+    Rows packed in pieces equal the whole matrix packed at once only where the pieces hold whole tiles,
+    so the size is found that way (once): the smallest piece size whose packings, put together, are the
+    whole one's."""
+    convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+    q = torch.randint(0, 16, (256, 128), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    whole = convert(q, 2)
+    for rows in (16, 32, 64, 128):
+        if torch.equal(torch.cat([convert(q[r : r + rows], 2) for r in range(0, 256, rows)]), whole):
+            return rows
+    return 256
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,8 +209,8 @@ def pack_int4(q: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "avx2":
         q = q.to(torch.uint8).reshape(q.shape[0], -1, 2, 16)  # (N, K/32, low|high, 16)
         return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(q.shape[0], -1)
-    if layout == "cpu":  # the CPU tiles cover 32 rows each: rows pack independently in chunks of 32
-        chunk = chunk_rows(q.shape[1]) if q.shape[0] % 32 == 0 else q.shape[0]
+    if layout == "cpu":  # rows pack independently in chunks of whole tiles (cpu_int4_tile_rows)
+        chunk = chunk_rows(q.shape[1]) if q.shape[0] % cpu_int4_tile_rows() == 0 else q.shape[0]
         pieces = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[r : r + chunk].to(torch.int32), 2)
                   for r in range(0, q.shape[0], chunk)]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
@@ -277,7 +295,7 @@ class Int4Linear(nn.Module):
 def int4_from_rows(n: int, k: int, group_size: int, rows: Iterable, device=None) -> Int4Linear:
     """An Int4Linear filled piecewise: `rows` yields (row0, codes (r, K), scales (r, K/g), zeros (r, K/g)).
 
-    On the CPU each chunk (a multiple of 32 rows, or the rest) is packed straight into the final
+    On the CPU each chunk (a multiple of 256 rows, or the rest) is packed straight into the final
     buffer, so the extra memory is one chunk; the CUDA layout is packed once at the end.
     """
     if group_size not in INT4_GROUP_SIZES or k % group_size:
@@ -354,8 +372,8 @@ def can_fuse_quantized(layers) -> bool:
     """Whether these layers can be stacked along N by concatenating their stored buffers.
 
     All Int8Linear (rows are independent, one scale each), or all Int4Linear with the same group size
-    and K, in the 'plain' or 'avx2' layout (rows are independent) or the 'cpu' layout with N a multiple of 32
-    (that kernel's tiles hold 32 rows each, so tiles of different matrices never mix).
+    and K, in the 'plain' or 'avx2' layout (rows are independent) or the 'cpu' layout with every N a whole
+    number of that kernel's tiles (cpu_int4_tile_rows: 32 or 64 rows), so tiles of different matrices never mix.
     """
     kinds = {type(m) for m in layers}
     if kinds == {Int8Linear}:
@@ -365,7 +383,7 @@ def can_fuse_quantized(layers) -> bool:
     same = len({(m.in_features, m.group_size, m.layout) for m in layers}) == 1
     layout = layers[0].layout
     rows_apart = layout in ("plain", "avx2")
-    return same and (rows_apart or (layout == "cpu" and all(m.out_features % 32 == 0 for m in layers)))
+    return same and (rows_apart or (layout == "cpu" and all(m.out_features % cpu_int4_tile_rows() == 0 for m in layers)))
 
 
 def fuse_quantized(layers) -> nn.Module:

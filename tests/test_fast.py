@@ -343,11 +343,14 @@ def test_quantized_projections_fuse_to_the_same_numbers(quantize):
     from llama_min.fast import FusedAttention, FusedFeedForward, fuse_projections
     from llama_min.quantize import Int4Linear, Int8Linear, quantize_model
 
-    unfused = quantize_model(model(), quantize)
+    # groups of 64 take PyTorch's CPU layout, whose tiles are 64 rows with AVX-512: every matrix a whole
+    # number of them (q, k, v 64 rows each, w1 and w3 192) so that it stacks on any CPU
+    over = {"n_kv_heads": 4, "hidden_dim": 192} if quantize == "int4-64" else {}
+    unfused = quantize_model(model(**over), quantize)
     att, ffn = unfused.layers[1].attention, unfused.layers[1].feed_forward
     want_qkv = torch.cat([att.wq.dequantize(), att.wk.dequantize(), att.wv.dequantize()])
     want_13 = torch.cat([ffn.w1.dequantize(), ffn.w3.dequantize()])
-    fused = fuse_projections(quantize_model(model(), quantize))
+    fused = fuse_projections(quantize_model(model(**over), quantize))
     f_att, f_ffn = fused.layers[1].attention, fused.layers[1].feed_forward
     kind = Int8Linear if quantize == "int8" else Int4Linear
     assert isinstance(f_att, FusedAttention) and isinstance(f_ffn, FusedFeedForward)
@@ -365,15 +368,16 @@ def test_quantized_projections_fuse_to_the_same_numbers(quantize):
 
 
 def test_quantized_layers_that_do_not_stack_stay_apart(monkeypatch):
-    """int4 rows of 16 (k and v of a 1-KV-head model here) would mix PyTorch's CPU kernel's 32-row tiles:
-    not fused. (The 'avx2' layout keeps rows apart, so it stacks any rows.)"""
+    """int4 rows of 16 (k and v of a 1-KV-head model here) would mix PyTorch's CPU kernel's tiles of 32 (64
+    with AVX-512) rows: not fused; w1 and w3 of 192 rows are whole tiles: fused. (The 'avx2' layout keeps
+    rows apart, so it stacks any rows.)"""
     from conftest import use_int4_kernel
     from llama_min.fast import FastAttention
     from llama_min.transforms import apply_transforms
 
     use_int4_kernel(monkeypatch, "torch")
 
-    m = apply_transforms(model(n_kv_heads=1), quantize="int4")
+    m = apply_transforms(model(n_kv_heads=1, hidden_dim=192), quantize="int4")
     assert type(m.layers[0].attention) is FastAttention
     assert type(m.layers[0].feed_forward).__name__ == "FusedFeedForward"
 

@@ -140,6 +140,39 @@ def test_int4_linear_multiplies_by_its_codes(g, n, kernel, monkeypatch):
         assert (got - F.linear(x, lin.weight)).abs().max() < 0.1 * want.abs().max()
 
 
+@pytest.mark.parametrize("n", [832, 336])  # 832: chunks of 256 + the rest; 336: not whole tiles, packed at once
+def test_int4_cpu_layout_packed_in_chunks_is_the_whole(n, monkeypatch):
+    """Rows packed chunk by chunk (here 256 at a time) hold whole tiles of PyTorch's CPU layout (32 rows on
+    AVX2, 64 with AVX-512): the layer multiplies by exactly its codes. (Chunks of 32 rows on an AVX-512
+    machine once moved TinyLlama's w2 outputs by more than their own size.)"""
+    from llama_min import quantize
+
+    use_int4_kernel(monkeypatch, "torch")
+    monkeypatch.setattr(quantize, "CHUNK_WEIGHTS", 1)
+    torch.manual_seed(2)
+    lin = torch.nn.Linear(128, n, bias=False)
+    qlin = Int4Linear.from_linear(lin, 32)
+    assert qlin.layout == "cpu"
+    assert torch.equal(qlin.dequantize(), _reference_weights(*quantize_groupwise_int4(lin.weight, 32), 32, "cpu"))
+
+
+def test_int4_cpu_layers_stack_only_in_whole_tiles(monkeypatch):
+    """Two 'cpu'-layout layers of 96 rows: stacked only where 96 rows are whole tiles (32-row tiles), and
+    then the stack multiplies by both layers' weights."""
+    from llama_min.quantize import can_fuse_quantized, cpu_int4_tile_rows, fuse_quantized
+
+    use_int4_kernel(monkeypatch, "torch")
+    torch.manual_seed(3)
+    a, b = (Int4Linear.from_linear(torch.nn.Linear(128, 96, bias=False), 32) for _ in range(2))
+    assert can_fuse_quantized([a, b]) == (96 % cpu_int4_tile_rows() == 0)
+    if can_fuse_quantized([a, b]):
+        assert torch.equal(fuse_quantized([a, b]).dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
+    stacked = Int4Linear(torch.cat([a.weight, b.weight]), torch.cat([a.scales_and_zeros, b.scales_and_zeros], 1),
+                         128, 32, "cpu")  # what stacking would build: right only with whole tiles
+    right = torch.equal(stacked.dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
+    assert right == can_fuse_quantized([a, b])
+
+
 def test_quantize_int4_replaces_linears_and_agrees_with_float():
     from llama_min import ModelArgs, Transformer
 

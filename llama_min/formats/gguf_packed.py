@@ -141,7 +141,7 @@ class GGUFTensor:
             self.buf.madvise(mmap.MADV_DONTNEED, first, self.offset + end - first)
 
     def chunks(self):
-        """(row0, bytes) for consecutive chunks of rows (a multiple of 32, ~1M weights each); each chunk's
+        """(row0, bytes) for consecutive chunks of rows (a multiple of 256, ~1M weights each); each chunk's
         file pages are released once copied."""
         n, rows = self.shape[0], chunk_rows(self.shape[-1])
         for r0 in range(0, n, rows):
