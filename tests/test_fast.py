@@ -67,7 +67,9 @@ def test_onednn_layers_same_numbers_and_back():
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("k", [8, 64, 577, 1536])  # 577: K not a multiple of 8 (the last products one by one)
+# 45, 577: K not a multiple of 8 (the last products one by one); K <= 1024 with one row: one weight row at a
+# time (dot4: blocks of 32, then of 8, then the rest), above it and with several rows: 8 rows at a time
+@pytest.mark.parametrize("k", [8, 45, 64, 577, 1024, 1536])
 def test_native_f32_linear_against_float64(monkeypatch, k):
     """Every (row, column) against a float64 product: within float32 summation error, |err| <= 1e-5 *
     sum_k |x_k w_k| (K eps = 9e-5 is the worst case for K = 1536; a wrong or missing term is of order 1).
