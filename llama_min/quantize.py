@@ -19,9 +19,9 @@ int4, per group of g = 32, 64 or 128 consecutive weights of a row (gpt-fast's as
               fp16 scale and min, activations as int16 per group of 32 (error <= 1.5e-5 of the group's
               largest value), float32 out.
       'cpu'   other CPUs, and groups of 64 or 128: `aten._weight_int4pack_mm_for_cpu` on weights repacked by
-              `aten._convert_weight_to_int4pack_for_cpu` (in tiles of 32 rows, 64 with AVX-512); 'cuda': `aten._weight_int4pack_mm`. Both keep
-              scale and zero in bf16, shaped (K/g, N, 2), take bf16 activations and return bf16: the
-              product carries bf16 rounding (~2^-8 relative).
+              `aten._convert_weight_to_int4pack_for_cpu` (in tiles of 32 rows, 64 with AVX-512);
+              'cuda': `aten._weight_int4pack_mm`. Both keep scale and zero in bf16, shaped (K/g, N, 2),
+              take bf16 activations and return bf16: the product carries bf16 rounding (~2^-8 relative).
       'plain' anywhere else: two codes per byte, dequantized for an F.linear.
 """
 
@@ -383,7 +383,8 @@ def can_fuse_quantized(layers) -> bool:
     same = len({(m.in_features, m.group_size, m.layout) for m in layers}) == 1
     layout = layers[0].layout
     rows_apart = layout in ("plain", "avx2")
-    return same and (rows_apart or (layout == "cpu" and all(m.out_features % cpu_int4_tile_rows() == 0 for m in layers)))
+    whole_tiles = layout == "cpu" and all(m.out_features % cpu_int4_tile_rows() == 0 for m in layers)
+    return same and (rows_apart or whole_tiles)
 
 
 def fuse_quantized(layers) -> nn.Module:

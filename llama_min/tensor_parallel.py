@@ -303,7 +303,8 @@ def leave_process_group(wait_s: float = 10.0) -> None:
     talks to it, and one of them may abort ("terminate called without an active exception",
     SIGABRT) after printing a correct answer: 3 of 60 two-rank runs under load did, 0 of 80 with a
     barrier. gloo's monitored barrier gives up after `wait_s` (a peer that died or is stuck in
-    another collective after an error), so a failing rank still exits at once; nccl only closes."""
+    another collective after an error), so a failing rank still exits within `wait_s`; nccl only
+    closes."""
     if not dist.is_initialized():
         return
     if dist.get_backend() == "gloo" and dist.get_world_size() > 1:
