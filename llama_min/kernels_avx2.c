@@ -343,11 +343,18 @@ static inline __m256i group_dot_q8(const int8_t *q, const int16_t *x) {
                             _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 16))));
 }
 
+/* Rows longer than this prefetch their int8 weights into L2 only (not L1), where the activations (2K bytes
+ * of int16) fill much of L1 themselves. One row times a matrix, 2 threads, AVX-512 EPYC 2026-12-03:
+ * 4096 x 14336 16.5 -> 23.3 GB/s (PyTorch's int8 kernel: 26), 2048 x 5632 19.9 -> 24.5; 14336 x 4096 even;
+ * but 960 x 576 20 -> 15 GB/s, hence the rows of 4096 and fewer keep prefetching into L1. */
+#define Q8_L1_PREFETCH_MAX_K 4096
+
 /* xq: M rows of activations from quantize_rows -> y (M, N), rows ldy apart; work-sharing */
 static void q8_rows(const int16_t *xq, int64_t M, int64_t K, const int8_t *w, const float *scales, int64_t N,
                     float *y, int64_t ldy) {
     const int64_t G = K / 32, G8 = G / 8 * 8;
     const float *s = (const float *)(xq + M * K);
+    const int to_l2 = K > Q8_L1_PREFETCH_MAX_K;
     #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const int8_t *wn = w + n * K;
@@ -358,7 +365,10 @@ static void q8_rows(const int16_t *xq, int64_t M, int64_t K, const int8_t *w, co
             int64_t g = 0;
             for (; g < G8; g += 8) {
                 __m256i p[8];
-                if (m == 0)
+                if (m == 0 && to_l2)
+                    for (int j = 0; j < 4; j++)
+                        _mm_prefetch((const char *)(wn + 32 * g) + AHEAD + 64 * j, _MM_HINT_T1);
+                else if (m == 0)
                     for (int j = 0; j < 4; j++)
                         _mm_prefetch((const char *)(wn + 32 * g) + AHEAD + 64 * j, _MM_HINT_T0);
                 for (int j = 0; j < 8; j++)
