@@ -21,8 +21,8 @@ paths, the AVX2 code is still the faster one (one script, 2 threads). One row ti
 kernel (oneDNN's layout for float32) against llama_min's: float32 14336 x 4096 10.1 against 7.9 ms,
 2048 x 5632 1.82 against 0.97 ms; 4-bit 14336 x 4096 1.97 against 1.22 ms, 4096 x 14336 2.16 against
 2.12 ms; int8 5632 x 2048 396 against 265 us, 4096 x 14336 2.45 against 2.21 ms (3.17 ms before its
-long rows prefetched into L2 only, kernels_avx2.c). Whole SmolLM2 decode
-steps: 1.7-1.9x (float32), 3.3-3.7x (int8), 2.7-3.4x (int4).
+long rows prefetched into L2 only, kernels_avx2.c). Whole SmolLM2 decode steps: 1.7-1.9x (float32),
+3.3-3.7x (int8), 2.7-3.4x (int4).
 
 When they are used (`enabled()`): Linux on x86-64, a CPU with avx2, fma and f16c (AVX-512 or not), a C
 compiler (`$CC`, else `cc`), and `LLAMA_MIN_NATIVE` not set to 0. Then float32 CPU models decode through
