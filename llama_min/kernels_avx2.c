@@ -115,13 +115,13 @@ static float dot4(const float *w, const float *x, int64_t K) {
 
 /* x (M, K), W (N, K), both float32 and contiguous -> y (M, N), rows ldy apart; work-sharing */
 static void f32_rows(const float *x, int64_t M, int64_t K, const float *w, int64_t N, float *y, int64_t ldy) {
-    const int64_t blocks = N / 8;
     if (M == 1 && K <= SEQUENTIAL_MAX_K) {
         #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++)
             y[n] = dot4(w + n * K, x, K);
         return;
     }
+    const int64_t blocks = N / 8;
     #pragma omp for schedule(static) nowait
     for (int64_t b = 0; b < blocks; b++)
         eight_rows(x, M, K, w + 8 * b * K, ldy, y + 8 * b);
@@ -349,6 +349,16 @@ static inline __m256i group_dot_q8(const int8_t *q, const int16_t *x) {
  * but 960 x 576 20 -> 15 GB/s, hence the rows of 4096 and fewer keep prefetching into L1. */
 #define Q8_L1_PREFETCH_MAX_K 4096
 
+/* the 4 cache lines AHEAD bytes after p, into L2 only or into L1 too (the hint must be a constant) */
+static inline void prefetch_q8(const int8_t *p, int to_l2) {
+    for (int j = 0; j < 4; j++) {
+        if (to_l2)
+            _mm_prefetch((const char *)p + AHEAD + 64 * j, _MM_HINT_T1);
+        else
+            _mm_prefetch((const char *)p + AHEAD + 64 * j, _MM_HINT_T0);
+    }
+}
+
 /* xq: M rows of activations from quantize_rows -> y (M, N), rows ldy apart; work-sharing */
 static void q8_rows(const int16_t *xq, int64_t M, int64_t K, const int8_t *w, const float *scales, int64_t N,
                     float *y, int64_t ldy) {
@@ -365,12 +375,8 @@ static void q8_rows(const int16_t *xq, int64_t M, int64_t K, const int8_t *w, co
             int64_t g = 0;
             for (; g < G8; g += 8) {
                 __m256i p[8];
-                if (m == 0 && to_l2)
-                    for (int j = 0; j < 4; j++)
-                        _mm_prefetch((const char *)(wn + 32 * g) + AHEAD + 64 * j, _MM_HINT_T1);
-                else if (m == 0)
-                    for (int j = 0; j < 4; j++)
-                        _mm_prefetch((const char *)(wn + 32 * g) + AHEAD + 64 * j, _MM_HINT_T0);
+                if (m == 0)
+                    prefetch_q8(wn + 32 * g, to_l2);
                 for (int j = 0; j < 8; j++)
                     p[j] = group_dot_q8(wn + 32 * (g + j), xm + 32 * (g + j));
                 acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(p)), _mm256_loadu_ps(sm + g), acc);
