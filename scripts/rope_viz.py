@@ -11,7 +11,7 @@ Needs matplotlib: pip install 'llama_min[viz]'.
 import sys
 from pathlib import Path
 
-from llama_min.rope_viz import main
+from llama_min.inspect.rope_viz import main
 
 if __name__ == "__main__":
     sys.exit(main(default_out=Path(__file__).resolve().parent / "img"))

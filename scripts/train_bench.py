@@ -48,7 +48,7 @@ def other_share(before, after, seconds: float) -> float:
 
 def ours(args_dict: dict):
     from llama_min import ModelArgs, Transformer
-    from llama_min.train import init_weights
+    from llama_min.train.loop import init_weights
 
     torch.manual_seed(0)
     model = Transformer(ModelArgs.from_dict(args_dict))
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
                    "than this share of the CPUs (default 0.05)")
     p.add_argument("--json", type=Path, help="also write the raw samples here")
     a = p.parse_args(argv)
-    from llama_min.train_config import read_json_file, resolve_model_config
+    from llama_min.train.config import read_json_file, resolve_model_config
 
     if a.threads:
         torch.set_num_threads(a.threads)

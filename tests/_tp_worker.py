@@ -35,7 +35,7 @@ def run_job(job: str):
 
     import torch.distributed as dist
     from llama_min import Llama
-    from llama_min.tensor_parallel import init_distributed, tensor_parallelize
+    from llama_min.parallel.tensor_parallel import init_distributed, tensor_parallelize
 
     if job.startswith("mem:") or job == "hang":
         init_distributed(torch.device("cpu"))
@@ -68,9 +68,9 @@ def rss_job(job: str):
     """`rss:<path>` (tensor-parallel) or `rss1:<path>` (one process): peak RSS of load + one forward, in KiB."""
     from llama_min import Llama
 
-    import llama_min.formats.sliced  # noqa: F401  (code is not weights: import before measuring)
-    from llama_min.tensor_parallel import init_distributed
-    from llama_min.tokenizer import load_tokenizer
+    import llama_min.parallel.slicing  # noqa: F401  (code is not weights: import before measuring)
+    from llama_min.parallel.tensor_parallel import init_distributed
+    from llama_min.text.tokenizer import load_tokenizer
 
     from _tiny import tiny_model
 
@@ -93,7 +93,7 @@ def rss_job(job: str):
 
 def main() -> int:
     import torch.distributed as dist
-    from llama_min.tensor_parallel import is_rank0, leave_process_group
+    from llama_min.parallel.tensor_parallel import is_rank0, leave_process_group
 
     torch.set_num_threads(1)
     out = Path(sys.argv[1])

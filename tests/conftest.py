@@ -57,7 +57,7 @@ def use_int4_kernel(monkeypatch, which: str):
 
     "avx2" where it cannot be built skips locally and fails under CI (env CI=true), like require_asset.
     """
-    from llama_min import native
+    from llama_min.runtime import native
 
     if which == "torch":
         monkeypatch.setenv("LLAMA_MIN_NATIVE", "0")

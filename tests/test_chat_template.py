@@ -17,7 +17,7 @@ import pytest
 
 from conftest import FIXTURES, require_asset
 from llama_min.errors import LlamaMinError
-from llama_min.tokenizer import load_tokenizer
+from llama_min.text.tokenizer import load_tokenizer
 
 DATE = "26 Jul 2024"
 LLAMA_TEMPLATES = ["llama31-template", "llama32-template", "llama33-template", "smollm3-template"]
@@ -45,8 +45,8 @@ def _ids(out):
 def llama3_ref():
     """transformers over the Llama 3 vocab GGUF's byte-level BPE (no llama_min wrapper around it)."""
     transformers = pytest.importorskip("transformers")
-    from llama_min.gguf_file import read_gguf_metadata
-    from llama_min.gguf_vocab import hf_tokenizer_from_gguf
+    from llama_min.files.gguf import read_gguf_metadata
+    from llama_min.text.gguf_vocab import hf_tokenizer_from_gguf
 
     meta = read_gguf_metadata(require_asset("llama3-vocab-gguf"), prefix="tokenizer.")
     return transformers.PreTrainedTokenizerFast(tokenizer_object=hf_tokenizer_from_gguf(meta),
@@ -181,8 +181,8 @@ META_DIALOG = [{"role": "system", "content": "You are helpful."}, {"role": "user
 @pytest.mark.slow
 @pytest.mark.assets
 def test_hf_folder_uses_its_own_files_and_template(tmp_path):
-    from llama_min.gguf_file import read_gguf_metadata
-    from llama_min.gguf_vocab import hf_tokenizer_from_gguf
+    from llama_min.files.gguf import read_gguf_metadata
+    from llama_min.text.gguf_vocab import hf_tokenizer_from_gguf
 
     t31 = require_asset("llama31-template").read_text(encoding="utf-8")
     t32 = require_asset("llama32-template").read_text(encoding="utf-8")
@@ -221,7 +221,7 @@ def test_template_files_in_a_folder(tmp_path):
     saved.mkdir()
     tok.save(saved)                                                         # the template travels along
     assert load_tokenizer(saved).chat_template == t32
-    from llama_min.train_state import tokenizer_files                      # and into converted checkpoints
+    from llama_min.text.tokenizer import tokenizer_files                      # and into converted checkpoints
 
     assert tokenizer_files(tok, tmp_path)["chat_template.jinja"] == t32.encode()
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from _tiny import tiny_model
-from llama_min.fast import CompiledDecode, compile_decode, rope_real, uncompile
+from llama_min.runtime.fast import CompiledDecode, compile_decode, rope_real, uncompile
 from llama_min.model import apply_rotary_emb, precompute_freqs_cis, rope_frequencies
-from llama_min.transforms import apply_transforms
+from llama_min.runtime.transforms import apply_transforms
 
 
 def test_real_rope_is_the_complex_rotation():
@@ -68,7 +68,7 @@ def test_native_float32_layers_compile_into_the_graph(monkeypatch):
     from conftest import use_int4_kernel
     from torch._dynamo.testing import CompileCounter
 
-    from llama_min.fast import NativeLinear
+    from llama_min.runtime.fast import NativeLinear
 
     use_int4_kernel(monkeypatch, "avx2")
     torch._dynamo.reset()
@@ -133,7 +133,7 @@ def test_batches_run_eager_on_onednn_weights(monkeypatch):
     reference's either way."""
     from torch._dynamo.testing import CompileCounter
 
-    from llama_min.fast import OneDNNLinear, onednn_available
+    from llama_min.runtime.fast import OneDNNLinear, onednn_available
 
     if not onednn_available():
         pytest.skip("no oneDNN in this torch")
@@ -180,7 +180,7 @@ def test_compile_keeps_the_native_step_where_it_takes_the_call(monkeypatch):
     from conftest import use_int4_kernel
     from torch._dynamo.testing import CompileCounter
 
-    from llama_min.native_step import NativeStep
+    from llama_min.runtime.native_step import NativeStep
 
     use_int4_kernel(monkeypatch, "avx2")
     torch._dynamo.reset()

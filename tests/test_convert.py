@@ -1,4 +1,4 @@
-"""llama_min.convert / `llama-min convert`: own <-> Hugging Face (transformers loads the output), dtypes, tokenizers, errors."""
+"""llama_min.checkpoint / `llama-min convert`: own <-> Hugging Face (transformers loads the output), dtypes, tokenizers, errors."""
 
 import json
 import os
@@ -13,7 +13,7 @@ import torch
 from llama_min import ModelArgs, Transformer, load_checkpoint, save_checkpoint
 from llama_min.checkpoint import build_transformer
 from llama_min.cli.convert import main
-from llama_min.convert import convert
+from llama_min.checkpoint import convert
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,7 +110,7 @@ def test_script_is_the_same_command(tmp_path):
 @pytest.mark.assets
 @pytest.mark.slow
 def test_gguf_to_own_keeps_weights_and_tokenizer(tmp_path, require_asset):
-    from llama_min.tokenizer import load_tokenizer
+    from llama_min.text.tokenizer import load_tokenizer
 
     gguf = require_asset("smollm2")
     convert(gguf, tmp_path / "own")

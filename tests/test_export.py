@@ -14,7 +14,7 @@ import torch
 from llama_min import ModelArgs, load_checkpoint, load_tokenizer, save_checkpoint
 from llama_min.checkpoint import build_transformer
 from llama_min.errors import LlamaMinError
-from llama_min.formats.gguf_write import save_gguf
+from llama_min.formats.gguf.write import save_gguf
 from llama_min.formats.hf import save_hf
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,7 +140,7 @@ def test_sentencepiece_vocab_is_embedded(tmp_path, fixtures_dir):
 
 
 def test_byte_level_vocab_matches_llama_cpps_smollm2_file(tmp_path, smollm2_path):
-    from llama_min.gguf_file import read_gguf_metadata
+    from llama_min.files.gguf import read_gguf_metadata
 
     tok = load_tokenizer(smollm2_path)
     args, sd = random_model(vocab_size=49152, n_layers=1)
@@ -160,7 +160,7 @@ def test_byte_level_vocab_matches_llama_cpps_smollm2_file(tmp_path, smollm2_path
 @pytest.mark.slow
 def test_tiktoken_vocab_matches_llama_cpps_llama3_file(tmp_path, require_asset):
     """Llama 3's tiktoken ranks -> GGUF 'gpt2' vocabulary: the 280147 merges llama.cpp's file carries."""
-    from llama_min.gguf_file import read_gguf_metadata
+    from llama_min.files.gguf import read_gguf_metadata
 
     tok = load_tokenizer(require_asset("llama3-tokenizer"))
     reference = read_gguf_metadata(require_asset("llama3-vocab-gguf"), prefix="tokenizer.")
@@ -217,7 +217,7 @@ def llama3_style_tokenizer(folder: Path):
     """A byte-level BPE tokenizer.json (256 byte tokens, no merges) + Llama 3's chat special tokens."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    from llama_min.gguf_vocab import _BYTE_OF_CHAR
+    from llama_min.text.gguf_vocab import _BYTE_OF_CHAR
 
     vocab = {c: i for i, c in enumerate(sorted(_BYTE_OF_CHAR, key=_BYTE_OF_CHAR.get))}
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -293,7 +293,7 @@ def test_smollm2_q8_0_gguf_in_transformers(tmp_path, smollm2_path):
     Q8_0: transformers' GGUF loader and llama_min agree on the file."""
     from transformers import AutoModelForCausalLM
 
-    from llama_min.train_cli import main as train_main
+    from llama_min.cli.train import main as train_main
 
     (tmp_path / "text.txt").write_text("Shall I compare thee to a summer's day? Thou art more lovely. " * 40)
     code = train_main(["--init", str(smollm2_path), "--data", str(tmp_path / "text.txt"), "--out",

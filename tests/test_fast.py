@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from _tiny import tiny_model
-from llama_min.fast import TransposedEmbedding, TransposedLinear, onednn_available, transpose_wide_layers
+from llama_min.runtime.fast import TransposedEmbedding, TransposedLinear, onednn_available, transpose_wide_layers
 from test_generation import CharTokenizer
 
 
@@ -41,7 +41,7 @@ def test_which_layers_are_transposed():
 def test_onednn_layers_same_numbers_and_back():
     """Every float matrix in oneDNN's layout: the same logits (prompt, one token, a few rows at once), the
     tied embedding still reads its table, and dense_twin (what the compiler gets) holds the exact weights."""
-    from llama_min.fast import OneDNNLinear, dense_twin, use_onednn_linears
+    from llama_min.runtime.fast import OneDNNLinear, dense_twin, use_onednn_linears
 
     for over in ({}, {"tie_word_embeddings": True}):
         ref, fast = model(**over), use_onednn_linears(model(**over))
@@ -75,7 +75,7 @@ def test_native_f32_linear_against_float64(monkeypatch, k):
     sum_k |x_k w_k| (K eps = 9e-5 is the worst case for K = 1536; a wrong or missing term is of order 1).
     N = 5, 8, 13, 960 covers blocks of 8 rows and the rows after the last block; M up to 31 rows."""
     from conftest import use_int4_kernel
-    from llama_min import native
+    from llama_min.runtime import native
 
     use_int4_kernel(monkeypatch, "avx2")  # the same library: skip locally / fail under CI without it
     g = torch.Generator().manual_seed(k)
@@ -100,7 +100,7 @@ def test_native_linears_same_numbers_as_reference(monkeypatch):
     time, 5 rows at once (a speculative check) and a batch of 2 give the reference's logits; the weights are
     the reference's tensors themselves (a tied embedding still shares its table)."""
     from conftest import use_int4_kernel
-    from llama_min.fast import NativeLinear, use_native_linears
+    from llama_min.runtime.fast import NativeLinear, use_native_linears
 
     use_int4_kernel(monkeypatch, "avx2")
     for over in ({}, {"tie_word_embeddings": True}):
@@ -123,8 +123,8 @@ def test_native_linears_same_numbers_as_reference(monkeypatch):
 def test_float32_cpu_build_picks_the_native_kernel_else_onednn(monkeypatch):
     """apply_transforms: NativeLinear where the kernel builds; LLAMA_MIN_NATIVE=0 gives oneDNN's layout."""
     from conftest import use_int4_kernel
-    from llama_min.fast import NativeLinear, OneDNNLinear
-    from llama_min.transforms import apply_transforms
+    from llama_min.runtime.fast import NativeLinear, OneDNNLinear
+    from llama_min.runtime.transforms import apply_transforms
 
     use_int4_kernel(monkeypatch, "avx2")
     m = apply_transforms(model())
@@ -136,7 +136,7 @@ def test_float32_cpu_build_picks_the_native_kernel_else_onednn(monkeypatch):
 
 def test_native_rms_norm_is_the_reference_norm(monkeypatch):
     from conftest import use_int4_kernel
-    from llama_min import native
+    from llama_min.runtime import native
     from llama_min.model import RMSNorm
 
     use_int4_kernel(monkeypatch, "avx2")
@@ -152,7 +152,7 @@ def test_native_swiglu_is_silu_times_up(monkeypatch):
     """native.swiglu on a fused gate|up output: PyTorch's F.silu(gate) * up, including the far ends of e^x
     (clamped in the kernel) and a hidden size that leaves a tail of 3 done one by one."""
     from conftest import use_int4_kernel
-    from llama_min import native
+    from llama_min.runtime import native
     import torch.nn.functional as F
 
     use_int4_kernel(monkeypatch, "avx2")
@@ -173,7 +173,7 @@ def test_native_decode_attention_is_rope_cache_and_attention(monkeypatch, heads)
     """decode_attention on q, k, v slices of one fused row, two batch rows, at position 0 and 13: the cache
     row written as model.py's RoPE + KVCache.update write it, and the output as its attention over 0..pos."""
     from conftest import use_int4_kernel
-    from llama_min import native
+    from llama_min.runtime import native
     from llama_min.model import KVCache, apply_rotary_emb, attention_math, precompute_freqs_cis, repeat_kv
 
     use_int4_kernel(monkeypatch, "avx2")
@@ -205,7 +205,7 @@ def test_native_decode_same_numbers_as_reference(monkeypatch):
     """use_native_decode on the fused model: the reference's logits over a prompt and one-token steps (batch of
     2, GQA and one KV head); the norms hold the reference's weights."""
     from conftest import use_int4_kernel
-    from llama_min.fast import FusedAttention, NativeRMSNorm, fuse_projections, use_native_decode
+    from llama_min.runtime.fast import FusedAttention, NativeRMSNorm, fuse_projections, use_native_decode
 
     use_int4_kernel(monkeypatch, "avx2")
     for over in ({}, {"n_kv_heads": 1}):
@@ -233,7 +233,7 @@ def _steps(m, tokens, prefill):
 
 
 def test_fast_attention_same_numbers_as_reference():
-    from llama_min.fast import FastAttention, use_fast_attention
+    from llama_min.runtime.fast import FastAttention, use_fast_attention
 
     for over in ({}, {"n_kv_heads": 4}, {"n_kv_heads": 1}):
         ref, fast = model(**over), use_fast_attention(model(**over))
@@ -264,7 +264,7 @@ def _built(tmp_path, **kw):
     folder = tmp_path / "ckpt"
     if not folder.exists():
         save_checkpoint(folder, m.params, m.state_dict())
-    import llama_min.tokenizer as tk
+    import llama_min.text.tokenizer as tk
 
     orig = tk.load_tokenizer
     try:
@@ -302,7 +302,7 @@ def test_fused_projections_same_logits_and_no_second_copy():
     import gc
     import weakref
 
-    from llama_min.fast import FusedAttention, FusedFeedForward, fuse_projections
+    from llama_min.runtime.fast import FusedAttention, FusedFeedForward, fuse_projections
 
     for transposed in (False, True):
         for over in ({}, {"n_kv_heads": 4}, {"n_kv_heads": 1, "tie_word_embeddings": True}):
@@ -328,7 +328,7 @@ def test_fused_projections_same_logits_and_no_second_copy():
 
 def test_fused_weights_hold_the_stacked_rows():
     """Rows of wqkv are Wq, then Wk, then Wv; rows of w13 are W1 then W3 (read back from the fused layers)."""
-    from llama_min.fast import fuse_projections
+    from llama_min.runtime.fast import fuse_projections
 
     ref, fused = model(), fuse_projections(model(), transposed=True)
     att, ffn = ref.layers[1].attention, ref.layers[1].feed_forward
@@ -342,8 +342,8 @@ def test_fused_weights_hold_the_stacked_rows():
 def test_quantized_projections_fuse_to_the_same_numbers(quantize):
     """q/k/v and w1/w3 of a quantized model stack into one Int8Linear / Int4Linear holding the very same
     stored values (codes, scales), so the logits equal the unfused quantized model's up to kernel rounding."""
-    from llama_min.fast import FusedAttention, FusedFeedForward, fuse_projections
-    from llama_min.quantize import Int4Linear, Int8Linear, quantize_model
+    from llama_min.runtime.fast import FusedAttention, FusedFeedForward, fuse_projections
+    from llama_min.runtime.quantize import Int4Linear, Int8Linear, quantize_model
 
     # groups of 64 take PyTorch's CPU layout, whose tiles are 64 rows with AVX-512: every matrix a whole
     # number of them (q, k, v 64 rows each, w1 and w3 192) so that it stacks on any CPU
@@ -374,8 +374,8 @@ def test_quantized_layers_that_do_not_stack_stay_apart(monkeypatch):
     with AVX-512) rows: not fused; w1 and w3 of 192 rows are whole tiles: fused. (The 'avx2' layout keeps
     rows apart, so it stacks any rows.)"""
     from conftest import use_int4_kernel
-    from llama_min.fast import FastAttention
-    from llama_min.transforms import apply_transforms
+    from llama_min.runtime.fast import FastAttention
+    from llama_min.runtime.transforms import apply_transforms
 
     use_int4_kernel(monkeypatch, "torch")
 
@@ -389,7 +389,7 @@ def test_smollm2_optimized_32_greedy_tokens_as_the_reference(smollm2, smollm2_pa
     """The default model, float32 CPU, every transform (fused projections, W^T layout, FastAttention) against
     model.py's classes: the same 32 greedy tokens, logits of the prompt within 1e-4."""
     from llama_min import Llama
-    from llama_min.fast import FusedAttention
+    from llama_min.runtime.fast import FusedAttention
 
     assert isinstance(smollm2.model.layers[0].attention, FusedAttention)
     ref = Llama.build(smollm2_path, max_seq_len=256, max_batch_size=1, device="cpu", dtype=torch.float32,

@@ -20,8 +20,8 @@ from conftest import require_asset
 from llama_min import load_checkpoint
 from llama_min.errors import LlamaMinError
 from llama_min.generation import Sampling, sample_next
-from llama_min.sampling_checks import check_sampling
-from llama_min.tokenizer import load_tokenizer
+from llama_min.decoding.sampling_checks import check_sampling
+from llama_min.text.tokenizer import load_tokenizer
 from test_errors import PARAMS, tiny_state_dict, write_gguf, write_own
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -169,7 +169,7 @@ def test_fuzz_gguf_magic_then_junk(tmp_path, raw):
 @pytest.fixture(scope="module")
 def smollm2_header():
     """The metadata + tensor directory of the cached SmolLM2 GGUF (everything before its tensor data)."""
-    from llama_min.gguf_file import read_gguf_tensor_infos
+    from llama_min.files.gguf import read_gguf_tensor_infos
 
     path = require_asset("smollm2")
     _, infos = read_gguf_tensor_infos(path)

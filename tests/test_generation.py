@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llama_min import ModelArgs, Transformer
-from llama_min.session import ChatSession
+from llama_min.decoding.session import ChatSession
 from llama_min.generation import Llama, Sampling, apply_repetition_penalty, sample_next, sample_top_p
 
 V = 128
@@ -23,7 +23,7 @@ class CharTokenizer:
         return "".join(chr(i) for i in ids)
 
     def stream_decoder(self):
-        from llama_min.tokenizer import StreamDecoder
+        from llama_min.text.tokenizer import StreamDecoder
 
         return StreamDecoder(self)
 

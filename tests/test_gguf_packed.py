@@ -23,8 +23,8 @@ from gguf.quants import dequantize, quantize
 from conftest import use_int4_kernel
 from llama_min import load_checkpoint
 from llama_min.checkpoint import build_transformer
-from llama_min.formats.gguf_packed import GGUFTensor, is_quantized_gguf, load_gguf_packed, packed_linear
-from llama_min.quantize import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
+from llama_min.runtime.packed import GGUFTensor, is_quantized_gguf, load_gguf_packed, packed_linear
+from llama_min.runtime.quantize import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, hidden=512, vocab=128)
@@ -105,7 +105,7 @@ def one_tensor(tmp_path, qtype, arr, rng=None):
     """Write one (N, K) matrix as the model's only tensor; return (GGUFTensor, mmap, gguf reference float)."""
     import mmap
 
-    from llama_min.gguf_file import read_gguf_tensor_infos
+    from llama_min.files.gguf import read_gguf_tensor_infos
 
     raw = encode(arr, qtype, rng or np.random.default_rng(0))
     path = tmp_path / "one.gguf"
@@ -170,7 +170,7 @@ def test_q4_0_with_bf16_exact_scales_is_bit_identical(tmp_path, monkeypatch):
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     import mmap
 
-    from llama_min.gguf_file import read_gguf_tensor_infos
+    from llama_min.files.gguf import read_gguf_tensor_infos
 
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         lin = packed_linear(GGUFTensor(buf, *read_gguf_tensor_infos(path)[1][0]), "cpu", torch.float32)
@@ -328,7 +328,7 @@ def write_random_q4_0(path: Path, dim, n_layers, n_heads, n_kv_heads, hidden, vo
 PEAK_RSS_SCRIPT = textwrap.dedent("""
     import json, sys, torch, gguf.quants, tqdm
     from llama_min import Llama, ModelArgs, Transformer
-    from llama_min.formats.gguf_packed import load_gguf_packed
+    from llama_min.runtime.packed import load_gguf_packed
 
     def rss(key):
         return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))

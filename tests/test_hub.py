@@ -16,7 +16,7 @@ import torch
 from _tiny import random_hf_model
 from llama_min import Llama, load_checkpoint, load_tokenizer
 from llama_min.errors import EnvironmentFailure, LlamaMinError
-from llama_min.hub import DOWNLOAD_PATTERNS, resolve_checkpoint
+from llama_min.files.hub import DOWNLOAD_PATTERNS, resolve_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -31,11 +31,11 @@ def test_every_subpackage_is_declared():
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "llama_min").rglob("__init__.py")}
     assert found <= set(packages), f"add to [tool.setuptools] packages: {sorted(found - set(packages))}"
     assert package_dir == {"llama_min.configs": "configs"}
-    assert package_data == {"llama_min": ["*.c"], "llama_min.configs": ["*.json"]}  # kernels_avx2.c, the configs
+    assert package_data == {"llama_min.runtime.native": ["*.c"], "llama_min.configs": ["*.json"]}  # kernels_avx2.c, the configs
 
 
 def test_bundled_config_names_resolve_in_a_checkout():
-    from llama_min.train_config import resolve_model_config
+    from llama_min.train.config import resolve_model_config
 
     assert resolve_model_config("tiny") == ROOT / "configs" / "tiny.json"
     assert resolve_model_config("no-such-config") == Path("no-such-config")  # the reader reports it missing
@@ -81,10 +81,10 @@ def test_install_has_the_package_configs_and_console_script(installed):
         sorted(p.name for p in (ROOT / "configs").glob("*.json"))
     assert (target / "llama_min" / "cli" / "__init__.py").is_file()
     assert (target / "llama_min" / "formats" / "__init__.py").is_file()
-    assert (target / "llama_min" / "kernels_avx2.c").is_file()  # native.py compiles it on first use
+    assert (target / "llama_min" / "runtime" / "native" / "kernels_avx2.c").is_file()  # compiled on first use
     script = target / "bin" / "llama-min"
     assert script.is_file() and "from llama_min.cli import main" in script.read_text()
-    r = run(installed, sys.executable, "-c", "import llama_min, llama_min.train_config as t; "
+    r = run(installed, sys.executable, "-c", "import llama_min, llama_min.train.config as t; "
             "print(llama_min.__file__); print(t.resolve_model_config('tiny'))")
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [str(target / "llama_min" / "__init__.py"),

@@ -23,7 +23,7 @@ class CountingLayers:
     """Wraps native.decode_layers to count the steps that took the C path."""
 
     def __init__(self, monkeypatch):
-        from llama_min import native
+        from llama_min.runtime import native
 
         self.calls, real = 0, native.decode_layers
 
@@ -46,8 +46,8 @@ def test_float32_steps_are_the_reference(counter, over):
     """apply_transforms installs the step on a float32 CPU model; the short prompt (2 rows x 7 tokens) and every
     one-token step of a batch of 2 take the C path and give the untouched reference's logits (1e-5: float32
     rounding order only)."""
-    from llama_min.native_step import NativeStep
-    from llama_min.transforms import apply_transforms
+    from llama_min.runtime.native_step import NativeStep
+    from llama_min.runtime.transforms import apply_transforms
 
     ref, fast = model(**over), apply_transforms(model(**over))
     assert isinstance(fast.forward, NativeStep)
@@ -60,7 +60,7 @@ def test_float32_steps_are_the_reference(counter, over):
 def test_a_few_tokens_at_once_attend_causally(counter):
     """k+1 tokens in one call (a speculative check of k = 4 proposals) after a cached prefix: each token sees
     the cache and the new tokens before it, as the reference's causal mask; last_only gives the last row."""
-    from llama_min.transforms import apply_transforms
+    from llama_min.runtime.transforms import apply_transforms
 
     ref, fast = model(), apply_transforms(model())
     tokens = rand_tokens(1, 40, seed=8)
@@ -77,8 +77,8 @@ def test_a_few_tokens_at_once_attend_causally(counter):
 
 def test_unfused_layers_and_separate_gate_up(counter):
     """Layers whose q, k, v (and gate, up) are separate matrices: their outputs are placed side by side."""
-    from llama_min.fast import use_fast_attention, use_native_decode, use_native_linears
-    from llama_min.native_step import use_native_step
+    from llama_min.runtime.fast import use_fast_attention, use_native_decode, use_native_linears
+    from llama_min.runtime.native_step import use_native_step
 
     ref = model()
     fast = use_native_step(use_native_linears(use_native_decode(use_fast_attention(model()))))
@@ -95,7 +95,7 @@ def test_quantized_steps_are_the_layer_by_layer_steps(counter, quantize):
     to float rounding: both write a product's input as int16 per group of 32 (steps of 1.5e-5 of the group's
     largest value), and SwiGLU's exp (PyTorch's, libm's) may differ in a last bit, which can move a value
     to the next int16 step. The step's own arithmetic is checked to 1e-5 on float32 models above."""
-    from llama_min.transforms import apply_transforms
+    from llama_min.runtime.transforms import apply_transforms
 
     fast = apply_transforms(model(), quantize=quantize)
     tokens = rand_tokens(1, 24, seed=5)
@@ -123,7 +123,7 @@ def test_a_changed_model_is_read_again(counter):
     """The description is checked on every call: a swapped module sends the step to the model's own forward,
     new weights (a replaced .data), a new cache and a cache tensor's new storage are read again, and the
     results stay the reference's."""
-    from llama_min.transforms import apply_transforms
+    from llama_min.runtime.transforms import apply_transforms
 
     ref, fast = model(), apply_transforms(model())
     tokens = rand_tokens(1, 12, seed=6)
@@ -150,7 +150,7 @@ def test_a_changed_model_is_read_again(counter):
 
 
 def test_gradients_long_prompts_and_no_cache_take_the_models_forward(counter):
-    from llama_min.transforms import apply_transforms
+    from llama_min.runtime.transforms import apply_transforms
 
     fast = apply_transforms(model())
     tokens = rand_tokens(1, 40, seed=7)
@@ -169,7 +169,7 @@ def test_the_description_keeps_no_cache_alive(counter):
     import gc
     import weakref
 
-    from llama_min.transforms import apply_transforms
+    from llama_min.runtime.transforms import apply_transforms
 
     fast = apply_transforms(model())
     tokens = rand_tokens(1, 10, seed=9)
@@ -185,7 +185,7 @@ def test_the_description_keeps_no_cache_alive(counter):
 
 
 def test_decode_layers_refuses_operands_that_do_not_fit(monkeypatch):
-    from llama_min import native
+    from llama_min.runtime import native
 
     use_int4_kernel(monkeypatch, "avx2")
     freqs = torch.ones(1, 8, dtype=torch.complex64)

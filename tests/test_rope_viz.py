@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_min import rope_viz as rv
+from llama_min.inspect import rope_viz as rv
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "rope_viz.py"

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from llama_min.session import ChatSession
+from llama_min.decoding.session import ChatSession
 from test_generation import tiny_llama
 
 

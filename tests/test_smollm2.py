@@ -97,7 +97,7 @@ def test_generate_script_prompt_longer_than_window(gguf_path):
 
 def test_assistant_prefill_continues_the_answer(smollm2):
     """A dialog ending with an assistant message is continued (chat_completion, ChatSession, template path)."""
-    from llama_min.session import ChatSession
+    from llama_min.decoding.session import ChatSession
 
     question = {"role": "user", "content": "What is the capital of France?"}
     dialog = [question, {"role": "assistant", "content": "The capital of France is"}]

@@ -9,7 +9,7 @@ import torch
 from _tiny import tiny_model
 from llama_min.errors import LlamaMinError
 from llama_min.generation import Llama, Sampling, sample_next
-from llama_min.speculative import residual, sampling_probs, verify_greedy, verify_sampled
+from llama_min.decoding.speculative import residual, sampling_probs, verify_greedy, verify_sampled
 from test_generation import CharTokenizer
 
 
@@ -123,7 +123,7 @@ def test_greedy_speculative_equals_plain_greedy(draft_kind):
 def test_speculative_on_the_transformed_model_with_stops_logprobs_echo():
     """The optimized model (fused projections) as target; stop token, stop callback, logprobs and echo as in
     plain generate."""
-    from llama_min.transforms import apply_transforms
+    from llama_min.runtime.transforms import apply_transforms
 
     target = llama(apply_transforms(tiny_model(scale=0.3)))
     drafter = llama(perturbed(tiny_model(scale=0.3), 0.01))

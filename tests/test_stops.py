@@ -3,8 +3,8 @@
 import torch
 
 from llama_min.generation import cut_at_stop
-from llama_min.stops import StopStrings
-from llama_min.tokenizer import StreamDecoder
+from llama_min.decoding.stops import StopStrings
+from llama_min.text.tokenizer import StreamDecoder
 from test_generation import CharTokenizer, tiny_llama
 
 

@@ -22,7 +22,7 @@ from _tiny import TINY, rand_tokens, tiny_model, write_meta_checkpoint
 from _tp_worker import PROMPTS, NoTokenizer
 from llama_min import Llama, ModelArgs
 from llama_min.errors import LlamaMinError
-from llama_min.tensor_parallel import Layout, check_split, shard_state_dict
+from llama_min.parallel.tensor_parallel import Layout, check_split, shard_state_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "_tp_worker.py"
@@ -92,7 +92,7 @@ def write_tokenizer(folder: Path):
 
 def write_gguf(path: Path, model):
     """A float32 GGUF of the model (q/k rows in Meta's order, as llama.cpp stores them), by llama_min's writer."""
-    from llama_min.formats.gguf_write import save_gguf
+    from llama_min.formats.gguf.write import save_gguf
 
     save_gguf(path, model.params, model.state_dict(), qtype="f32")
 
@@ -335,7 +335,7 @@ def test_leave_process_group_closes_the_group(tmp_path):
     """The exit hook of a tensor-parallel run closes the group (a one-rank gloo group here, in-process)."""
     import torch.distributed as dist
 
-    from llama_min.tensor_parallel import leave_process_group
+    from llama_min.parallel.tensor_parallel import leave_process_group
 
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     assert dist.is_initialized()
@@ -354,7 +354,7 @@ def test_leave_process_group_closes_the_group(tmp_path):
 def test_rank_slices_read_from_files(ckpts, name, n):
     """Meta shards as they are (N=2) and re-split (N=1, 4), in both embedding layouts; HF (q/k un-permuted
     per head on the slice); GGUF."""
-    from llama_min.formats.sliced import load_rank_slices
+    from llama_min.parallel.slicing import load_rank_slices
 
     full = tiny_model(seed=3).state_dict()
     for r in range(n):
@@ -373,7 +373,7 @@ def test_quantized_gguf_splits_on_whole_blocks(tmp_path):
     import numpy as np
 
     from llama_min.checkpoint import load_checkpoint
-    from llama_min.formats.sliced import load_rank_slices
+    from llama_min.parallel.slicing import load_rank_slices
 
     model = tiny_model(seed=4, hidden_dim=128)
     path = tmp_path / "q8.gguf"

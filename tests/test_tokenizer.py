@@ -12,9 +12,9 @@ import struct
 import pytest
 
 from conftest import FIXTURES, require_asset
-from llama_min.chat import encode_dialog
-from llama_min.gguf_file import read_gguf_metadata
-from llama_min.tokenizer import (find_tokenizer_file, load_tokenizer, rebuild_llama2_tokenizer_model,
+from llama_min.text.chat import encode_dialog
+from llama_min.files.gguf import read_gguf_metadata
+from llama_min.text.tokenizer import (find_tokenizer_file, load_tokenizer, rebuild_llama2_tokenizer_model,
                                  rebuild_llama3_tokenizer_model)
 
 MISTRAL = FIXTURES / "mistral-tokenizer.model.v1"

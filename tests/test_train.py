@@ -13,10 +13,10 @@ import torch
 
 from llama_min import ModelArgs, Transformer, load_checkpoint
 from llama_min.checkpoint import build_transformer
-from llama_min.data import PackedData, encode_chat, encode_records, read_records
-from llama_min.lora import LoRALinear, apply_lora, merge_lora, merge_state_dict
-from llama_min.train import Trainer, lr_at
-from llama_min.train_config import TrainConfig
+from llama_min.train.data import PackedData, encode_chat, encode_records, read_records
+from llama_min.train.lora import LoRALinear, apply_lora, merge_lora, merge_state_dict
+from llama_min.train.loop import Trainer, lr_at
+from llama_min.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "train.py"
@@ -181,7 +181,7 @@ def _bpe_tokenizer(tmp_path: Path, specials: list) -> Path:
 
 @pytest.fixture(scope="module")
 def chat_tokenizers(tmp_path_factory, fixtures_dir):
-    from llama_min.tokenizer import load_tokenizer
+    from llama_min.text.tokenizer import load_tokenizer
 
     d = tmp_path_factory.mktemp("tok")
     toks = {
@@ -322,7 +322,7 @@ def _bad_inputs(d: Path, workdir: Path) -> dict:
 @pytest.mark.parametrize("case", ["empty", "utf8", "jsonl", "fields", "missing", "seq_len", "config", "flag",
                                   "both", "lora"])
 def test_user_errors_are_one_clear_line(workdir, tmp_path, capsys, case):
-    from llama_min import train_cli
+    from llama_min.cli import train as train_cli
 
     argv, expected = _bad_inputs(tmp_path, workdir)[case]
     out = tmp_path / "out"
@@ -364,7 +364,7 @@ def test_existing_run_needs_resume(workdir, tmp_path):
     ("tinyllama-1.1b", 5632, 1100), ("stories15M", 768, 15), ("stories110M", 2048, 110)])
 def test_model_configs_have_the_real_shapes(name, ffn, params_m):
     from llama_min.checkpoint import expected_shapes
-    from llama_min.train_config import read_json_file, resolve_model_config
+    from llama_min.train.config import read_json_file, resolve_model_config
 
     args = ModelArgs.from_dict(read_json_file(resolve_model_config(name), "model config"))
     shapes = expected_shapes(args)
@@ -376,7 +376,7 @@ def test_model_configs_have_the_real_shapes(name, ffn, params_m):
 
 @pytest.mark.parametrize("name", ["train_scratch", "train_finetune", "train_lora"])
 def test_training_configs_load(name):
-    from llama_min.train_config import read_json_file, resolve_model_config
+    from llama_min.train.config import read_json_file, resolve_model_config
 
     cfg = TrainConfig().updated(read_json_file(resolve_model_config(name), "training config"), name)
     cfg.updated({"config": "tiny", "data": ["x.txt"], "out": "o"}, "test").check()
@@ -404,7 +404,7 @@ def test_tied_embeddings_stay_tied(workdir, tmp_path):
 
 
 def test_help_explains_every_flag(capsys):
-    from llama_min import train_cli
+    from llama_min.cli import train as train_cli
 
     assert train_cli.main(["--help"]) == 0
     out = capsys.readouterr().out

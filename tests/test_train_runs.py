@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_min import train_cli
-from llama_min.train import Trainer
-from llama_min.train_config import TrainConfig
+from llama_min.cli import train as train_cli
+from llama_min.train.loop import Trainer
+from llama_min.train.config import TrainConfig
 from test_train import one_thread  # noqa: F401  (the autouse fixture: one torch thread here too)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,7 +159,7 @@ def test_damaged_latest_checkpoint_falls_back(shared, tmp_path, damage):
 
 KILL_DURING_SAVE = """
 import os, signal, sys
-import llama_min.train_state as ts
+import llama_min.train.state as ts
 real = ts.write_checkpoint
 def write_checkpoint(folder, weights, extra, state):
     if state["step"] == 4:  # half the weights file on disk, then the process dies with no chance to clean up
@@ -169,7 +169,7 @@ def write_checkpoint(folder, weights, extra, state):
         os.kill(os.getpid(), signal.SIGKILL)
     real(folder, weights, extra, state)
 ts.write_checkpoint = write_checkpoint
-from llama_min.train_cli import main
+from llama_min.cli.train import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -193,7 +193,7 @@ def test_kill_9_while_saving_then_resume(shared, tmp_path):
 
 
 def _failing_writer(monkeypatch, code: int, step: int = 4):
-    import llama_min.train_state as ts
+    import llama_min.train.state as ts
 
     real = ts.write_checkpoint
 

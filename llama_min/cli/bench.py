@@ -166,10 +166,10 @@ class Ours:
     def _build(args, sd, dtype_name):
         from ..checkpoint import build_transformer
         from ..generation import Llama
-        from ..transforms import apply_transforms
+        from ..runtime.transforms import apply_transforms
 
         if dtype_name == "packed":  # a quantized GGUF at its own precision, as Llama.build loads it
-            from ..formats.gguf_packed import load_gguf_packed
+            from ..runtime.packed import load_gguf_packed
 
             model = load_gguf_packed(args.gguf_path, "cpu", torch.float32, args.max_seq_len)
             apply_transforms(model.eval().requires_grad_(False))
@@ -298,7 +298,7 @@ def load_weights(opts):
     from ..checkpoint import load_checkpoint
     from ..files import read_json
     from ..model import ModelArgs, Transformer
-    from ..train_config import resolve_model_config
+    from ..train.config import resolve_model_config
 
     if opts.config:
         path = resolve_model_config(opts.config)

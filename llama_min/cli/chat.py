@@ -44,7 +44,7 @@ def main(argv=None, prog: Optional[str] = None) -> int:
 
 def run_chat(llama, args) -> int:
     """The interactive chat (cli/repl.py): answers stream to stdout, notes and timing go to stderr."""
-    from ..session import ChatSession
+    from ..decoding.session import ChatSession
     from .repl import chat_loop
 
     session = ChatSession(llama, system=args.system, **sampling_kwargs(args))

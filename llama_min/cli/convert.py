@@ -22,7 +22,7 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-from ..convert import DTYPES, FORMATS, GGUF_TYPES, convert
+from ..checkpoint import DTYPES, FORMATS, GGUF_TYPES, convert
 from .common import Parser, check_utf8, checkpoint_format, run_main
 
 

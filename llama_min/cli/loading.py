@@ -70,7 +70,7 @@ def check_flags(args) -> None:
         check_utf8("--" + flag, getattr(args, flag, None))
     check_device(args.device)
     if args.ckpt is not None:
-        from ..hub import resolve_checkpoint
+        from ..files.hub import resolve_checkpoint
 
         args.ckpt = str(resolve_checkpoint(args.ckpt))  # a hub id or HF cache folder -> its local snapshot
         checkpoint_format(args.ckpt)

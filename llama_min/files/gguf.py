@@ -1,0 +1,110 @@
+"""The one GGUF file reader: header, metadata key/values and the tensor directory.
+
+A GGUF (v2/v3) file is::
+
+    b"GGUF"  u32 version  u64 n_tensors  u64 n_kv
+    n_kv x (string key, u32 value type, value)
+    n_tensors x (string name, u32 n_dims, n_dims x u64 dims, u32 ggml type, u64 offset)
+    padding to ``general.alignment`` (default 32), then the tensor data (offsets count from there)
+
+Value types: 0 u8, 1 i8, 2 u16, 3 i16, 4 u32, 5 i32, 6 f32, 7 bool, 8 string, 9 array, 10 u64, 11 i64,
+12 f64. A string is a u64 byte length + UTF-8 bytes; an array is u32 item type, u64 count, then the items.
+
+This module knows nothing about tokenizers or models: ``llama_min.formats.gguf.read`` turns the tensor
+directory into weights, ``llama_min.text.tokenizer`` turns the ``tokenizer.*`` keys into a tokenizer. It is a
+small stdlib reader because ``gguf.GGUFReader`` takes ~9 s on Llama 3's 128256-token vocabulary (it wraps
+every string in a numpy view); the tests check it against the ``gguf`` package.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from pathlib import Path
+
+from ..errors import LlamaMinError
+
+_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def read_gguf_metadata(path: str | Path, prefix: str | None = None) -> dict:
+    """All metadata key/values of a GGUF file, or those whose key starts with ``prefix``.
+
+    Arrays come back as Python lists, strings as str.
+    """
+    return _read_header(path, prefix, tensors=False)[0]
+
+
+def read_gguf_tensor_infos(path: str | Path):
+    """(metadata, tensors): tensors = [(name, dims in ggml order, ggml type, absolute byte offset), ...]."""
+    return _read_header(path, None, tensors=True)
+
+
+def _read_header(path, prefix, tensors: bool):
+    path = Path(path)
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise LlamaMinError(f"{path}: not a GGUF file (no 'GGUF' magic)")
+        raw = f.read(4)
+        version = struct.unpack("<I", raw)[0] if len(raw) == 4 else 0
+        if version not in (2, 3):
+            raise LlamaMinError(f"{path}: GGUF version {version} is not supported (expected 2 or 3)")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            try:
+                meta, pos = _parse_kv(buf, prefix)
+                return meta, (_parse_tensor_infos(buf, pos, meta) if tensors else None)
+            except (struct.error, IndexError, KeyError, UnicodeDecodeError) as err:
+                raise LlamaMinError(f"{path}: corrupt or unsupported GGUF metadata ({err!r})") from None
+
+
+def _parse_kv(buf, prefix: str | None):
+    _n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
+    pos, out = 24, {}
+    for _ in range(n_kv):
+        key, pos = _read_str(buf, pos)
+        (vtype,) = struct.unpack_from("<I", buf, pos)
+        value, pos = _read_value(buf, pos + 4, vtype)
+        if prefix is None or key.startswith(prefix):
+            out[key] = value
+    return out, pos
+
+
+def _parse_tensor_infos(buf, pos: int, meta: dict) -> list:
+    """Each tensor: name, u32 n_dims, n_dims x u64 dims, u32 type, u64 offset (from the aligned data start)."""
+    (n_tensors,) = struct.unpack_from("<Q", buf, 8)
+    infos = []
+    for _ in range(n_tensors):
+        name, pos = _read_str(buf, pos)
+        (n_dims,) = struct.unpack_from("<I", buf, pos)
+        dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+        ggml_type, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
+        pos += 4 + 8 * n_dims + 12
+        infos.append((name, tuple(dims), ggml_type, offset))
+    align = int(meta.get("general.alignment", 32))
+    start = (pos + align - 1) // align * align
+    return [(name, dims, t, start + off) for name, dims, t, off in infos]
+
+
+def _read_str(buf, pos: int):
+    (n,) = struct.unpack_from("<Q", buf, pos)
+    if pos + 8 + n > len(buf):
+        raise IndexError("string runs past the end of the file")
+    return buf[pos + 8:pos + 8 + n].decode("utf-8"), pos + 8 + n
+
+
+def _read_value(buf, pos: int, vtype: int):
+    if vtype == 8:
+        return _read_str(buf, pos)
+    if vtype != 9:
+        fmt = "<" + _SCALAR[vtype]
+        return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
+    item_type, count = struct.unpack_from("<IQ", buf, pos)
+    pos += 12
+    if item_type in _SCALAR:                          # numbers: one unpack for the whole array
+        fmt = f"<{count}{_SCALAR[item_type]}"
+        return list(struct.unpack_from(fmt, buf, pos)), pos + struct.calcsize(fmt)
+    items = []
+    for _ in range(count):
+        item, pos = _read_value(buf, pos, item_type)
+        items.append(item)
+    return items, pos

@@ -1,0 +1,324 @@
+"""llama_min's own matrix kernels for AVX2 CPUs (kernels_avx2.c), compiled with the system's C compiler on first use.
+
+Why they exist: decoding multiplies one activation row by every weight matrix, so it should run at memory
+speed. Measured on this project's 2-core AVX2 machine, in one script:
+
+  - float32: PyTorch's CPU kernels (MKL, oneDNN) stream the short rows of a small model's matrices
+    (576 or 1536 numbers in SmolLM2) at 10-15 GB/s; `f32_linear` streams them at 20-28 GB/s (one row times
+    576 x 576: 75 us against 111 us in oneDNN's layout and 134 us in MKL; 576 x 1536: 149 against 235 and
+    251 us). A whole float32 SmolLM2 decode step went from 20-22 to 28-30 tok/s with it.
+  - the norms and attention of a one-token step: a few dozen small PyTorch operations per layer, each
+    costing microseconds of dispatch, become two calls (packed SmolLM2: 54-57 against 32-48 tok/s).
+  - 4-bit: PyTorch's kernel (`aten._weight_int4pack_mm_for_cpu`) has fast paths for AVX-512; on a CPU with
+    AVX2 only it is limited by arithmetic instead. One row times a 14336 x 4096 matrix took 4.2 ms through it
+    (8.7 GB/s of 4-bit weights), 1.65 ms through `q4_linear` (22 GB/s, as fast as float32 weights stream:
+    11.7 ms for 4x the bytes). `q4_linear` writes activations as int16 per group of 32 (error at most
+    1.5e-5 of the group's largest value, against 2^-9 of every value for the bf16 activations PyTorch's
+    kernel takes) and keeps fp16 scales, so a Q4_0 / Q4_1 file's own scale and offset are held exactly.
+
+On a CPU with AVX-512 (an AMD EPYC of the same 2-core kind, 2026-12-03), where PyTorch takes its AVX-512
+paths, the AVX2 code is still the faster one (one script, 2 threads). One row times a matrix, PyTorch's
+kernel (oneDNN's layout for float32) against llama_min's: float32 14336 x 4096 10.1 against 7.9 ms,
+2048 x 5632 1.82 against 0.97 ms; 4-bit 14336 x 4096 1.97 against 1.22 ms, 4096 x 14336 2.16 against
+2.12 ms; int8 5632 x 2048 396 against 265 us, 4096 x 14336 2.45 against 2.21 ms (3.17 ms before its
+long rows prefetched into L2 only, kernels_avx2.c). Whole SmolLM2 decode steps: 1.7-1.9x (float32),
+3.3-3.7x (int8), 2.7-3.4x (int4).
+
+When they are used (`enabled()`): Linux on x86-64, a CPU with avx2, fma and f16c (AVX-512 or not), a C
+compiler (`$CC`, else `cc`), and `LLAMA_MIN_NATIVE` not set to 0. Then float32 CPU models decode through
+`f32_linear` (fast.NativeLinear), 4-bit layers of group size 32 use the 'avx2' layout
+(quantize.int4_layout), int8 layers `q8_linear`, and models with float32 activations run their norms,
+one-token attention and SwiGLU through `rms_norm`, `decode_attention` and `swiglu`
+(fast.use_native_decode). Otherwise all fall back to PyTorch's operations, with one line on stderr when a
+compiler was there but the build failed. The built library is cached
+under the asset cache (`~/.cache/llama_min/native`), named by a hash of the source and flags, written
+atomically. Prompts of many rows keep PyTorch's matrix-matrix kernels, which are faster there.
+
+`f32_linear(x, w)`, `q4_linear(x, codes, dc)` and `q8_linear(x, w, scales)` are PyTorch custom operators
+(torch.library), so `torch.compile` keeps each in its graph as one call. `rms_norm`, `swiglu` and
+`decode_attention` are eager only (a compiled step generates its own code for them). `decode_layers` runs
+a whole decode step through every decoder layer in one call with the functions above (native_step.py says
+when and why).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels_avx2.c")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
+CPU_FLAGS = {"avx2", "fma", "f16c"}
+
+
+def enabled() -> bool:
+    """Whether the 'avx2' layout is used for new 4-bit layers (the kernel builds on first call)."""
+    return os.environ.get("LLAMA_MIN_NATIVE", "1") != "0" and _library() is not None
+
+
+def _cpu_supports() -> bool:
+    if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return CPU_FLAGS <= set(flags.split(":", 1)[1].split())
+
+
+def _build(cc: str, out: Path) -> Optional[str]:
+    """Compile SOURCE into `out` (atomically); None on success, else the compiler's first error line."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        run = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        if run.returncode != 0:
+            lines = [line for line in run.stderr.splitlines() if "error" in line] or run.stderr.splitlines()
+            return lines[0] if lines else f"exit status {run.returncode}"
+        os.replace(tmp, out)
+        return None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.lru_cache(maxsize=None)
+def _library():
+    """The loaded kernel (ctypes), or None where it cannot be used (see the module docstring)."""
+    if not _cpu_supports():
+        return None
+    cc = shutil.which(os.environ.get("CC") or "cc")
+    if cc is None:
+        return None
+    from ...assets import cache_dir
+
+    try:
+        key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+        out = cache_dir() / "native" / f"kernels_avx2-{key}.so"
+        error = None if out.exists() else _build(cc, out)
+    except OSError as e:
+        error = str(e)
+    if error is not None:
+        print(f"llama_min: could not build the AVX2 kernels ({error}); using PyTorch's", file=sys.stderr)
+        return None
+    lib = ctypes.CDLL(str(out))
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.q4_linear.argtypes = [p, i64, i64, p, p, i64, p, ctypes.c_int]
+    lib.q4_linear.restype = ctypes.c_int
+    lib.q4_dequantize.argtypes = [p, p, i64, i64, p, ctypes.c_int]
+    lib.q4_dequantize.restype = None
+    lib.f32_linear.argtypes = [p, i64, i64, p, i64, p, ctypes.c_int]
+    lib.f32_linear.restype = None
+    lib.q8_linear.argtypes = [p, i64, i64, p, p, i64, p, ctypes.c_int]
+    lib.q8_linear.restype = ctypes.c_int
+    lib.rms_norm.argtypes = [p, i64, i64, p, ctypes.c_float, p]
+    lib.rms_norm.restype = None
+    lib.swiglu.argtypes = [p, i64, i64, p, ctypes.c_int]
+    lib.swiglu.restype = None
+    lib.decode_attention.argtypes = [p, p, p, i64, i64, i64, i64, i64, p, i64, p, p, i64, p, ctypes.c_int]
+    lib.decode_attention.restype = ctypes.c_int
+    lib.decode_layers.argtypes = [p, i64, p, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float, p, i64, i64,
+                                  ctypes.c_int]
+    lib.decode_layers.restype = ctypes.c_int
+    return lib
+
+
+def f32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (M, K) float32, w (N, K) float32 -> x w^T (M, N) float32, for a few rows M (see kernels_avx2.c).
+
+    Called directly when eager (see q4_linear), inside torch.compile as `torch.ops.llama_min.f32_linear`.
+    """
+    if torch.compiler.is_compiling():
+        return torch.ops.llama_min.f32_linear(x, w)
+    return _f32_linear(x, w)
+
+
+def _f32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    x, w = x.contiguous(), w.contiguous()
+    (m, k), n = x.shape, w.shape[0]
+    if x.dtype != torch.float32 or w.dtype != torch.float32 or tuple(w.shape) != (n, k) or x.device.type != "cpu":
+        raise ValueError(f"f32_linear: bad operands {x.dtype} {tuple(x.shape)}, {w.dtype} {tuple(w.shape)}")
+    y = torch.empty(m, n, dtype=torch.float32)
+    _library().f32_linear(x.data_ptr(), m, k, w.data_ptr(), n, y.data_ptr(), torch.get_num_threads())
+    return y
+
+
+_f32_linear_op = torch.library.custom_op("llama_min::f32_linear", _f32_linear, mutates_args=())
+_f32_linear_op.register_fake(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
+
+
+def q4_linear(x: torch.Tensor, codes: torch.Tensor, dc: torch.Tensor) -> torch.Tensor:
+    """x (M, K) float32, codes (N, K/2) uint8, dc (N, 2, K/32) fp16 (scales, mins) -> x W^T (M, N) float32.
+
+    Called directly when eager (a custom operator's dispatch costs 10-25 us a call, as much as a small
+    layer's product); inside torch.compile through the operator `torch.ops.llama_min.q4_linear`.
+    """
+    if torch.compiler.is_compiling():
+        return torch.ops.llama_min.q4_linear(x, codes, dc)
+    return _q4_linear(x, codes, dc)
+
+
+def _q4_linear(x: torch.Tensor, codes: torch.Tensor, dc: torch.Tensor) -> torch.Tensor:
+    x = x.contiguous()
+    (m, k), n = x.shape, codes.shape[0]
+    if x.dtype != torch.float32 or codes.dtype != torch.uint8 or dc.dtype != torch.float16 or k % 32:
+        raise ValueError(f"q4_linear: bad operands {x.dtype} {tuple(x.shape)}, {codes.dtype}, {dc.dtype}")
+    if tuple(codes.shape) != (n, k // 2) or tuple(dc.shape) != (n, 2, k // 32):
+        raise ValueError(f"q4_linear: shapes {tuple(codes.shape)}, {tuple(dc.shape)} do not fit K = {k}")
+    codes, dc = codes.contiguous(), dc.contiguous()  # held here while the kernel reads them
+    return _quantized_product(_library().q4_linear, "q4_linear", x, codes, dc, n)
+
+
+_q4_linear_op = torch.library.custom_op("llama_min::q4_linear", _q4_linear, mutates_args=())
+_q4_linear_op.register_fake(lambda x, codes, dc: x.new_empty(x.shape[0], codes.shape[0], dtype=torch.float32))
+
+
+def q8_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) float32, w (N, K) int8, scales (N,) float32 -> (x w^T) * scales (M, N) float32; K % 32 == 0.
+
+    The activations are written as int16 per group of 32, as in q4_linear (PyTorch's int8 kernel takes them
+    as bf16). Called directly when eager, inside torch.compile as `torch.ops.llama_min.q8_linear`.
+    """
+    if torch.compiler.is_compiling():
+        return torch.ops.llama_min.q8_linear(x, w, scales)
+    return _q8_linear(x, w, scales)
+
+
+def _q8_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    x, w, scales = x.contiguous(), w.contiguous(), scales.contiguous()
+    (m, k), n = x.shape, w.shape[0]
+    if (x.dtype != torch.float32 or w.dtype != torch.int8 or scales.dtype != torch.float32 or k % 32
+            or tuple(w.shape) != (n, k) or tuple(scales.shape) != (n,)):
+        raise ValueError(f"q8_linear: bad operands {x.dtype} {tuple(x.shape)}, {w.dtype} {tuple(w.shape)}, "
+                         f"{scales.dtype} {tuple(scales.shape)}")
+    return _quantized_product(_library().q8_linear, "q8_linear", x, w, scales, n)
+
+
+def _quantized_product(kernel, name: str, x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, n: int):
+    """y (M, n) = kernel(x (M, K), w, scales): q4_linear and q8_linear take the same arguments in C (checked
+    operands, contiguous); the kernel returns nonzero when it had no memory for the int16 activations."""
+    (m, k), y = x.shape, torch.empty(x.shape[0], n, dtype=torch.float32)
+    if kernel(x.data_ptr(), m, k, w.data_ptr(), scales.data_ptr(), n, y.data_ptr(), torch.get_num_threads()) != 0:
+        raise MemoryError(f"{name}: no memory for the int16 activations of {m} x {k}")
+    return y
+
+
+_q8_linear_op = torch.library.custom_op("llama_min::q8_linear", _q8_linear, mutates_args=())
+_q8_linear_op.register_fake(lambda x, w, scales: x.new_empty(x.shape[0], w.shape[0]))
+
+
+def q4_dequantize(codes: torch.Tensor, dc: torch.Tensor) -> torch.Tensor:
+    """The weights of q4_linear as float32 (N, K): d * q + c (what quantize.Int4Linear.dequantize computes)."""
+    codes, dc = codes.contiguous(), dc.contiguous()
+    n, k = codes.shape[0], codes.shape[1] * 2
+    w = torch.empty(n, k, dtype=torch.float32)
+    _library().q4_dequantize(codes.data_ptr(), dc.data_ptr(), n, k, w.data_ptr(), torch.get_num_threads())
+    return w
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """model.py's RMSNorm of float32 x (..., D) in one call: x / sqrt(mean(x^2) + eps) * weight."""
+    x = x.contiguous()
+    d = x.shape[-1]
+    if (x.dtype != torch.float32 or weight.dtype != torch.float32 or tuple(weight.shape) != (d,)
+            or not weight.is_contiguous() or x.device.type != "cpu" or weight.device.type != "cpu"):
+        raise ValueError(f"rms_norm: bad operands {x.dtype} {tuple(x.shape)}, {weight.dtype} {tuple(weight.shape)}")
+    out = torch.empty_like(x)
+    _library().rms_norm(x.data_ptr(), x.numel() // d, d, weight.data_ptr(), eps, out.data_ptr())
+    return out
+
+
+def swiglu(gate_up: torch.Tensor, hidden: int) -> torch.Tensor:
+    """silu(gate) * up in one pass, for float32 gate_up (..., 2 * hidden) = [gate | up] (a fused gate|up
+    product's output). Returns (..., hidden); silu(g) = g / (1 + e^-g)."""
+    gate_up = gate_up.contiguous()
+    if (gate_up.dtype != torch.float32 or gate_up.device.type != "cpu" or gate_up.shape[-1] != 2 * hidden):
+        raise ValueError(f"swiglu: bad operand {gate_up.dtype} {tuple(gate_up.shape)} for hidden size {hidden}")
+    out = gate_up.new_empty(*gate_up.shape[:-1], hidden)
+    _library().swiglu(gate_up.data_ptr(), gate_up.numel() // (2 * hidden), hidden, out.data_ptr(),
+                      torch.get_num_threads())
+    return out
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs_row: torch.Tensor, pos: int,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """One new token per row, in one call: RoPE on q (B, 1, H, hd) and k (B, 1, K, hd), k and v written to the
+    caches (B_cache, S, K, hd) at `pos`, then every query head attends over positions 0..pos of its KV head.
+
+    freqs_row: the complex freqs_cis row of `pos`, (1, hd/2). Returns (B, H * hd) float32: what
+    model.py's Attention computes before its output projection. q, k, v may be views of one fused row.
+    """
+    B, _, H, hd = q.shape
+    K, S = k.shape[2], k_cache.shape[1]
+    stride = q.stride(0) if B > 1 else 0  # (a size-1 dimension's stride means nothing)
+    tensors = (q, k, v, k_cache, v_cache)
+    fits = (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and q.shape[1] == 1
+            and all(t.stride(-1) == 1 and t.stride(-2) == hd and (B == 1 or t.stride(0) == stride) for t in (q, k, v))
+            and tuple(k_cache.shape[2:]) == (K, hd) and k_cache.shape == v_cache.shape and k_cache.shape[0] >= B
+            and k_cache.is_contiguous() and v_cache.is_contiguous() and 0 <= pos < S and H % K == 0
+            and freqs_row.dtype == torch.complex64 and freqs_row.device.type == "cpu" and freqs_row.numel() == hd // 2)
+    if not fits:
+        raise ValueError("decode_attention: operands do not fit one new token per row and a (B, S, K, hd) cache")
+    cs = torch.view_as_real(freqs_row.reshape(-1)).contiguous()  # (hd/2, 2): cos, sin of each pair
+    out = torch.empty(B, H * hd, dtype=torch.float32)
+    status = _library().decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), stride, B, H, K, hd, cs.data_ptr(),
+                                         pos, k_cache.data_ptr(), v_cache.data_ptr(), S, out.data_ptr(),
+                                         torch.get_num_threads())
+    if status != 0:
+        raise MemoryError(f"decode_attention: no memory for the scores of {pos + 1} positions")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# A whole decode step through the decoder layers (decode_layers in kernels_avx2.c; native_step.NativeStep)
+# ------------------------------------------------------------------------------------------------
+
+FLOAT32, INT4, INT8 = 0, 1, 2  # matrix kinds, as kernels_avx2.c numbers them
+
+
+class Matrix(ctypes.Structure):
+    """One weight matrix for decode_layers: kind, N, K, the weight's data and its scales' (see the C struct)."""
+
+    _fields_ = [("kind", ctypes.c_int64), ("N", ctypes.c_int64), ("K", ctypes.c_int64),
+                ("w", ctypes.c_void_p), ("scales", ctypes.c_void_p)]
+
+
+class Layer(ctypes.Structure):
+    """One decoder layer for decode_layers: its norms' weights, matrices and KV cache."""
+
+    _fields_ = [("attention_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p),
+                ("n_qkv", ctypes.c_int64), ("n_up", ctypes.c_int64),
+                ("qkv", Matrix * 3), ("wo", Matrix), ("up", Matrix * 2), ("w2", Matrix),
+                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
+
+
+def decode_layers(layers, h: torch.Tensor, T: int, dims: tuple, eps: float, freqs_rows: torch.Tensor, pos: int,
+                  S: int) -> torch.Tensor:
+    """h (B*T, D) float32: T new tokens per row at positions pos .. pos+T-1 (row b's tokens are rows b*T ..
+    b*T+T-1), through every layer described by `layers` (a ctypes array of Layer; the caller checked every
+    pointer in it), in place. dims: (H, KV, hd, F); freqs_rows: the complex freqs_cis rows (T, hd/2)."""
+    M, D = h.shape
+    if (h.dtype != torch.float32 or not h.is_contiguous() or h.device.type != "cpu" or T < 1 or M % T
+            or pos < 0 or pos + T > S):
+        raise ValueError(f"decode_layers: bad operands {h.dtype} {tuple(h.shape)}, {T} tokens at {pos} of {S}")
+    H, KV, hd, F = dims
+    if freqs_rows.dtype != torch.complex64 or tuple(freqs_rows.shape) != (T, hd // 2):
+        raise ValueError("decode_layers: the freqs_cis rows do not fit the tokens and the head size")
+    cs = torch.view_as_real(freqs_rows).contiguous()  # (T, hd/2, 2): cos, sin of each pair
+    status = _library().decode_layers(layers, len(layers), h.data_ptr(), M // T, T, D, H, KV, hd, F, eps,
+                                      cs.data_ptr(), pos, S, torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("decode_layers: no memory for a step's activations")
+    return h

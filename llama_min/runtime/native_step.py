@@ -1,0 +1,264 @@
+"""A model's whole decode step through its decoder layers in one call of llama_min's C code.
+
+Why: after fast.py's transforms a small model's decode step is still about ten calls per layer (norm,
+q|k|v product, attention, output product, residual add, norm, gate|up product, SwiGLU, down product,
+add), and each call from Python costs tens of microseconds of interpreter, dispatch and thread
+hand-off, against a few microseconds of work for SmolLM2's small matrices. `native.decode_layers` runs
+the same arithmetic for all layers in one call (kernels_avx2.c: the same kernels each call would have
+used, in the same order), so the step costs what its weights take to stream from memory.
+
+What it computes is model.py's TransformerBlock, layer after layer, for the new tokens of each row (one
+in plain decoding; k+1 when a speculative step checks a draft's k tokens; a short prompt), each token
+attending to the cached positions and the new ones up to its own (the causal mask):
+
+    h = h + Attention(RMSNorm(h))        RoPE, cache write and attention as in decode_attention
+    h = h + FeedForward(RMSNorm(h))      w2( silu(w1 x) * w3 x )
+
+The embedding before the layers and the final norm and output product after them stay PyTorch modules.
+
+When: `use_native_step(model)` (transforms.apply_transforms does it where the kernels build and the
+activations are float32 on the CPU) installs a NativeStep as the model's `forward`. A call takes the C path
+when it feeds fewer than quantize.PREFILL_ROWS tokens in all (rows x new tokens; longer prompts are faster
+through PyTorch's matrix-matrix kernels) into a KV cache, with gradients off, and every layer holds kinds
+the C code multiplies by: float32 weights (nn.Linear, fast.NativeLinear), 4-bit 'avx2' layers
+(quantize.Int4Linear) and int8 layers with their native kernel (quantize.Int8Linear), fused
+(fast.FusedAttention / FusedFeedForward) or not. Anything else (long prompts, scoring without a cache, a
+layer wrapped for tensor parallelism, a bf16 model) goes to the model's own forward. Forward hooks on the
+layers are not called on the C path.
+
+Safety: the C code reads raw pointers, so every call walks the layers again and compares what it finds
+(module kinds, data pointers, shapes) with what the cached description was built from; any change
+(a module swapped, weights moved, a new cache) rebuilds it. The walk costs 0.15-0.3 ms a step for SmolLM2's
+30 layers, and ~1 ms for the TinyLlama shape's 22 larger ones (0.14 ms when repeated alone, with its comparisons
+run inside map(): inside a real step it costs ~1 ms either way, since the ~800 objects it compares have left
+the CPU's caches while the weights streamed through).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import native
+from .fast import FastAttention, FusedAttention, FusedFeedForward, NativeLinear, NativeRMSNorm
+from ..model import FeedForward, RMSNorm
+from .quantize import PREFILL_ROWS, Int4Linear, Int8Linear
+
+
+_MISSING = object()
+
+
+class _Reads:
+    """The attributes a description was read from, to tell cheaply whether any changed since.
+
+    get(obj, name) is obj.name, remembered with the dictionary it came from (an nn.Module keeps its
+    parameters, buffers and submodules in dictionaries of their own), and for a tensor its data pointer:
+    `unchanged()` is then a few hundred identity and pointer comparisons (see the module docstring). What a
+    module holds is remembered as it is (the model holds it anyway); a KV cache and its tensors only by
+    weak reference, so that a cache the model dropped is freed, not kept alive by the description.
+    """
+
+    def __init__(self):
+        self.held, self.weak, self.pointers, self.sizes = [], [], [], []
+
+    def items(self, modules: nn.ModuleList) -> list:
+        """The modules of a ModuleList, each remembered, and their number."""
+        self.sizes.append((modules.__dict__["_modules"], len(modules)))
+        return [self.get(modules, str(i)) for i in range(len(modules))]
+
+    def get(self, obj, name: str):
+        d = _dictionary(obj, name)
+        value = d.get(name, _MISSING)
+        if value is _MISSING:
+            return getattr(obj, name)  # a class attribute: not expected to change
+        if isinstance(obj, nn.Module) and isinstance(value, _HELD):
+            self.held.append((d, name, value))
+            if isinstance(value, torch.Tensor):
+                self.pointers.append((value, value.data_ptr()))
+        else:  # a cache, or what a cache holds
+            ptr = value.data_ptr() if isinstance(value, torch.Tensor) else None
+            self.weak.append((weakref.ref(obj), name, weakref.ref(value), ptr))
+        return value
+
+    def unchanged(self) -> bool:
+        return (all(d.get(name, _MISSING) is value for d, name, value in self.held)
+                and all(t.data_ptr() == ptr for t, ptr in self.pointers)
+                and all(len(d) == n for d, n in self.sizes)
+                and all(_still(owner, name, ref, ptr) for owner, name, ref, ptr in self.weak))
+
+
+_HELD = (nn.Module, torch.Tensor, int, float, str, type(None))
+
+
+def _dictionary(obj, name: str) -> dict:
+    """The dictionary obj.name is read from: an nn.Module keeps parameters, buffers and submodules apart."""
+    for where in ("_parameters", "_buffers", "_modules"):
+        d = obj.__dict__.get(where)
+        if d is not None and name in d:
+            return d
+    return obj.__dict__
+
+
+def _still(owner, name: str, ref, ptr: Optional[int]) -> bool:
+    """Whether the object `owner` refers to still holds the one `ref` refers to as `name` (both alive), and a
+    tensor its data where it was."""
+    obj, value = owner(), ref()
+    if obj is None or value is None or _dictionary(obj, name).get(name, _MISSING) is not value:
+        return False
+    return ptr is None or value.data_ptr() == ptr
+
+
+def _matrix(r: _Reads, layer: nn.Module) -> Optional[tuple]:
+    """(kind, N, K, weight pointer, scales pointer) of a layer the C code multiplies by, else None."""
+    kind = type(layer)
+    if kind is NativeLinear or (kind is nn.Linear and r.get(layer, "bias") is None):
+        w = r.get(layer, "weight")
+        if w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous() and w.dim() == 2:
+            return native.FLOAT32, w.shape[0], w.shape[1], w.data_ptr(), 0
+    elif kind is Int4Linear and r.get(layer, "layout") == "avx2":
+        codes, dc = r.get(layer, "weight"), r.get(layer, "scales_and_zeros")
+        n, k = dc.shape[0], codes.shape[1] * 2
+        if (codes.dtype == torch.uint8 and dc.dtype == torch.float16 and k % 32 == 0 and codes.is_contiguous()
+                and dc.is_contiguous() and tuple(codes.shape) == (n, k // 2) and tuple(dc.shape) == (n, 2, k // 32)
+                and codes.device.type == "cpu" and dc.device.type == "cpu"):
+            return native.INT4, n, k, codes.data_ptr(), dc.data_ptr()
+    elif kind is Int8Linear and r.get(layer, "native"):
+        w, s = r.get(layer, "weight"), r.get(layer, "scales")
+        n, k = w.shape
+        if (w.dtype == torch.int8 and s.dtype == torch.float32 and w.device.type == "cpu" and k % 32 == 0
+                and s.device.type == "cpu" and w.is_contiguous() and s.is_contiguous() and tuple(s.shape) == (n,)):
+            return native.INT8, n, k, w.data_ptr(), s.data_ptr()
+    return None
+
+
+def _norm(r: _Reads, norm: nn.Module) -> Optional[tuple]:
+    """(weight pointer, D, eps) of a float32 CPU RMSNorm, else None."""
+    if type(norm) not in (RMSNorm, NativeRMSNorm):
+        return None
+    w = r.get(norm, "weight")
+    if w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous() or w.dim() != 1:
+        return None
+    return w.data_ptr(), w.shape[0], r.get(norm, "eps")
+
+
+def _layer(r: _Reads, layer: nn.Module) -> Optional[tuple]:
+    """Everything decode_layers needs of one TransformerBlock as a tuple of plain values, else None."""
+    att, ffn = r.get(layer, "attention"), r.get(layer, "feed_forward")
+    if type(att) is FusedAttention:
+        qkv = (_matrix(r, r.get(att, "wqkv")),)
+    elif type(att) is FastAttention:
+        qkv = tuple(_matrix(r, r.get(att, name)) for name in ("wq", "wk", "wv"))
+    else:
+        return None
+    if type(ffn) is FusedFeedForward:
+        up = (_matrix(r, r.get(ffn, "w13")),)
+    elif type(ffn) is FeedForward:
+        up = (_matrix(r, r.get(ffn, "w1")), _matrix(r, r.get(ffn, "w3")))
+    else:
+        return None
+    wo, w2 = _matrix(r, r.get(att, "wo")), _matrix(r, r.get(ffn, "w2"))
+    norms = (_norm(r, r.get(layer, "attention_norm")), _norm(r, r.get(layer, "ffn_norm")))
+    cache = r.get(att, "cache")
+    if None in qkv or None in up or None in norms or wo is None or w2 is None or cache is None:
+        return None
+    k, v = r.get(cache, "k"), r.get(cache, "v")
+    H, KV, hd = r.get(att, "n_heads"), r.get(att, "n_kv_heads"), r.get(att, "head_dim")
+    if (k.dtype != torch.float32 or v.dtype != torch.float32 or k.device.type != "cpu" or v.device.type != "cpu"
+            or not k.is_contiguous() or not v.is_contiguous() or k.shape != v.shape or tuple(k.shape[2:]) != (KV, hd)):
+        return None
+    dims = (H, KV, hd, w2[2], k.shape[1], k.shape[0])  # H, KV, hd, F, S, the cache's batch size
+    return dims, norms, qkv, wo, up, w2, k.data_ptr(), v.data_ptr()
+
+
+def _fits(dims, norms, qkv, wo, up, w2) -> bool:
+    """Whether the matrices' shapes chain: D -> q|k|v -> D, D -> gate|up (2F) -> F -> D."""
+    H, KV, hd, F = dims[:4]
+    D = norms[0][1]
+    return (norms[1][1] == D and all(m[2] == D for m in qkv + up) and sum(m[1] for m in qkv) == (H + 2 * KV) * hd
+            and wo[1:3] == (D, H * hd) and sum(m[1] for m in up) == 2 * F and w2[1:3] == (D, F)
+            and (len(up) == 1 or up[0][1] == F) and H % KV == 0)
+
+
+def _struct(entries):
+    """The ctypes array of native.Layer for decode_layers, from _layer's tuples."""
+    layers = (native.Layer * len(entries))()
+    for out, (_, norms, qkv, wo, up, w2, k_ptr, v_ptr) in zip(layers, entries):
+        out.attention_norm, out.ffn_norm = norms[0][0], norms[1][0]
+        out.n_qkv, out.n_up = len(qkv), len(up)
+        for i, m in enumerate(qkv):
+            out.qkv[i] = native.Matrix(*m)
+        for i, m in enumerate(up):
+            out.up[i] = native.Matrix(*m)
+        out.wo, out.w2 = native.Matrix(*wo), native.Matrix(*w2)
+        out.k_cache, out.v_cache = k_ptr, v_ptr
+    return layers
+
+
+class NativeStep:
+    """model.forward with decode steps through native.decode_layers (see the module docstring);
+    `eager` is the forward it replaced, which takes every other call."""
+
+    def __init__(self, model):
+        self.model, self.eager = model, model.forward
+        self._reads, self._layers = None, None
+
+    def __call__(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
+        logits = self.try_step(tokens, start_pos, last_only)
+        return self.eager(tokens, start_pos, last_only) if logits is None else logits
+
+    def try_step(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> Optional[torch.Tensor]:
+        """The logits (B, T, V) (T = 1 with last_only) of a step through the C code, or None where it does not
+        take the call."""
+        B, T = tokens.shape
+        layers = self._describe(tokens, start_pos) if B * T < PREFILL_ROWS else None
+        if layers is None:
+            return None
+        m = self.model
+        if m.freqs_cis.device != tokens.device:
+            m.freqs_cis = m.freqs_cis.to(tokens.device)
+        h = m.tok_embeddings(tokens)  # (B, T, D)
+        h = h.reshape(B * T, -1).to(torch.float32, copy=True).contiguous()  # (B*T, D), ours to update in place
+        native.decode_layers(layers, h, T, self._dims[:4], self._eps, m.freqs_cis[start_pos : start_pos + T],
+                             start_pos, self._dims[4])
+        h = h.view(B, T, -1)
+        if last_only:
+            h = h[:, -1:]
+        return m.output(m.norm(h)).float()  # (B, T, V)
+
+    def _describe(self, tokens: torch.Tensor, start_pos: int):
+        """The ctypes description of the layers when this call can take the C path, else None; rebuilt
+        only when something it was read from changed."""
+        m = self.model
+        if tokens.device.type != "cpu" or torch.is_grad_enabled():
+            return None
+        if self._reads is None or not self._reads.unchanged():
+            self._build()
+        B, T = tokens.shape
+        if self._layers is None or B > self._dims[5] or start_pos < 0 or start_pos + T > self._dims[4]:
+            return None
+        return self._layers
+
+    def _build(self):
+        """Read the model's layers into a ctypes description (self._layers, or None where one does not fit)."""
+        r, m = _Reads(), self.model
+        entries = [_layer(r, layer) for layer in r.items(r.get(m, "layers"))]
+        self._reads, self._layers = r, None
+        if not entries or None in entries:
+            return
+        eps = {e for entry in entries for _, _, e in entry[1]}
+        first = entries[0]
+        if (any(e[0] != first[0] or not _fits(*e[:6]) for e in entries) or len(eps) != 1
+                or first[1][0][1] != m.params.dim):
+            return
+        self._layers, self._dims, self._eps = _struct(entries), first[0], eps.pop()
+
+
+def use_native_step(model) -> nn.Module:
+    """Install a NativeStep as the model's forward (once); the model's own forward still takes every call
+    the C path does not fit."""
+    if not isinstance(model.__dict__.get("forward"), NativeStep):
+        model.forward = NativeStep(model)
+    return model

@@ -1,0 +1,329 @@
+"""Quantized GGUF files run at their own precision: the file's blocks repacked for PyTorch's int4/int8 kernels.
+
+`load_gguf_packed(path)` builds a Transformer whose linear layers are `Int4Linear` / `Int8Linear`
+(llama_min/quantize.py), filled tensor by tensor, in chunks of rows, from the memory-mapped file; no
+float copy of the model exists at any time, and each tensor's file pages are released after use.
+
+ggml block layouts (little-endian, blocks along each row) and where they go:
+
+  Q4_0  32 weights: fp16 d, 16 bytes (low nibbles = elements 0-15, high = 16-31); w = d * (q - 8)
+        -> int4 group 32: scale = d, zero = 0                                         (exact)
+  Q4_1  32 weights: fp16 d, fp16 m, 16 bytes as Q4_0; w = d * q + m
+        -> int4 group 32: scale = d, zero = m + 8 d   ((q - 8) d + zero = d q + m)    (exact up to bf16)
+  Q4_K  256 weights: fp16 d, fp16 dmin, 12 bytes of 6-bit (scale, min) pairs for 8 sub-blocks of 32,
+        128 bytes: 32-byte chunk c holds sub-block 2c in its low nibbles, 2c+1 in its high ones;
+        w = d * sc * q - dmin * mn
+        -> int4 group 32: scale = d sc, zero = 8 d sc - dmin mn                       (exact up to bf16)
+  Q8_0, Q5_0, Q5_1, Q5_K, Q6_K, Q2_K, Q3_K -> dequantized a chunk of rows at a time (gguf.quants) and
+        requantized to int8 per output row: |change| <= max|w_row| / 254 (half an int8 step of the row)
+  F32, F16, BF16 -> float (norms always; a float linear layer stays float)
+  anything else (IQ*, TQ*, ...) -> float, with one warning line naming the tensor and its type
+
+"Exact up to bf16": PyTorch's 4-bit kernels keep scale and zero in bf16 (8 significant bits), so d and
+zero are rounded to bf16, a relative change of at most 2^-8 (0.4%) of each: a weight moves by at most
+|q - 8| * |d| * 2^-8 + |zero| * 2^-8; nothing else changes. The codes q are the file's own. llama_min's
+AVX2 kernel (the 'avx2' layout of quantize.py, used where it runs) keeps scale and min = zero - 8 scale
+in fp16 instead: Q4_0's d and -8d and Q4_1's d and m are fp16 numbers already, so those files' weights
+are held exactly; Q4_K's d*sc and -dmin*mn are rounded to fp16 (2^-11 relative).
+
+A quantized token_embd becomes an `Int4Embedding` (same 4-bit codes, unpacked per looked-up row) or an
+`Int8Embedding`; with tied embeddings the output layer is built from the same file tensor a second time.
+"""
+
+from __future__ import annotations
+
+import mmap
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import LlamaMinError
+from ..model import Transformer
+from .quantize import (Int4Embedding, Int8Embedding, int4_from_rows, int8_from_rows,
+                        chunk_rows, pack_int4, quantize_per_channel)
+from ..formats.common import expected_shapes
+from ..formats.gguf.read import args_from_gguf, gguf_to_meta_name
+
+FLOAT_TYPES = ("F32", "F16", "BF16")
+INT8_TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q2_K", "Q3_K")
+GROUP = 32  # every 4-bit type maps onto int4 groups of 32
+
+
+def _fp16(b: torch.Tensor) -> torch.Tensor:
+    """(..., 2) bytes of little-endian fp16 -> (...,) float32."""
+    return b.contiguous().view(torch.float16).squeeze(-1).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """(..., 16) bytes -> (..., 32) int32 codes: the low nibbles are elements 0-15, the high nibbles 16-31."""
+    qs = qs.to(torch.int32)  # the CPU packing kernel takes int32: convert once, on half the elements
+    return torch.cat([qs & 15, qs >> 4], dim=-1)
+
+
+def decode_q4_0(b: torch.Tensor):
+    """(r, blocks, 18) bytes -> codes (r, blocks*32), scale (r, blocks), zero (r, blocks)."""
+    d = _fp16(b[..., 0:2])
+    return _nibbles(b[..., 2:18]).flatten(1), d, torch.zeros_like(d)
+
+
+def decode_q4_1(b: torch.Tensor):
+    """(r, blocks, 20) bytes -> codes, scale = d, zero = m + 8 d."""
+    d, m = _fp16(b[..., 0:2]), _fp16(b[..., 2:4])
+    return _nibbles(b[..., 4:20]).flatten(1), d, m + 8 * d
+
+
+def q4_k_scales_mins(s: torch.Tensor):
+    """(..., 12) bytes -> 6-bit scales and mins (..., 8) of the 8 sub-blocks.
+
+    Sub-blocks 0-3: scale = low 6 bits of byte j, min = low 6 bits of byte j+4. Sub-blocks 4-7: the low
+    4 bits come from byte j+4 (low nibble: scale, high nibble: min), the top 2 bits from the top 2 bits of
+    byte j-4 (scale) and byte j (min).
+    """
+    s = s.to(torch.int32)
+    lo_sc, lo_mn = s[..., 0:4] & 63, s[..., 4:8] & 63
+    hi_sc = (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)
+    hi_mn = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
+    return torch.cat([lo_sc, hi_sc], dim=-1), torch.cat([lo_mn, hi_mn], dim=-1)
+
+
+def decode_q4_k(b: torch.Tensor):
+    """(r, blocks, 144) bytes -> codes (r, blocks*256), scale = d sc, zero = 8 d sc - dmin mn per 32."""
+    r, nb = b.shape[:2]
+    d, dmin = _fp16(b[..., 0:2])[..., None], _fp16(b[..., 2:4])[..., None]
+    sc, mn = q4_k_scales_mins(b[..., 4:16])
+    qs = b[..., 16:144].reshape(r, nb, 4, 1, 32).to(torch.int32)
+    q = torch.cat([qs & 15, qs >> 4], dim=3)  # (r, nb, 4 chunks, low|high, 32): sub-blocks 2c, 2c+1
+    scale = d * sc.float()
+    return q.reshape(r, nb * 256), scale.reshape(r, nb * 8), (8 * scale - dmin * mn.float()).reshape(r, nb * 8)
+
+
+INT4_DECODERS = {"Q4_0": decode_q4_0, "Q4_1": decode_q4_1, "Q4_K": decode_q4_k}
+
+
+class GGUFTensor:
+    """One tensor of the memory-mapped file: its name, ggml type, shape (rows, cols) and bytes, by rows."""
+
+    def __init__(self, buf: mmap.mmap, name: str, dims, ggml_type: int, offset: int):
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        self.buf, self.name, self.offset = buf, name, offset
+        try:
+            self.qtype = GGMLQuantizationType(ggml_type)
+        except ValueError:
+            raise LlamaMinError(f"tensor '{name}': unknown ggml type {ggml_type}") from None
+        self.shape = tuple(int(s) for s in reversed(dims))  # ggml lists dims innermost-first
+        self.block, self.block_bytes = GGML_QUANT_SIZES[self.qtype]
+        self.row_bytes = self.shape[-1] // self.block * self.block_bytes
+        self.nbytes = int(np.prod(self.shape[:-1], dtype=np.int64)) * self.row_bytes
+        if offset + self.nbytes > len(buf):
+            raise LlamaMinError(f"tensor '{name}' runs past the end of the file (truncated download?)")
+
+    @property
+    def type_name(self) -> str:
+        return self.qtype.name
+
+    def raw_rows(self, r0: int, r1: int) -> np.ndarray:
+        """Bytes of rows r0..r1-1, copied out of the mapping: (r1 - r0, row_bytes) uint8."""
+        start = self.offset + r0 * self.row_bytes
+        return np.frombuffer(self.buf, np.uint8, (r1 - r0) * self.row_bytes, start).reshape(r1 - r0, -1).copy()
+
+    def release(self, start: int = 0, end: Optional[int] = None):
+        """Drop the file pages of bytes [start, end) of this tensor from the process (the OS page cache
+        keeps them): resident memory then holds the model being built, not the file as well."""
+        end = self.nbytes if end is None else end
+        page = mmap.PAGESIZE
+        first = (self.offset + start) // page * page
+        if end > start and hasattr(self.buf, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            self.buf.madvise(mmap.MADV_DONTNEED, first, self.offset + end - first)
+
+    def chunks(self):
+        """(row0, bytes) for consecutive chunks of rows (a multiple of 256, ~1M weights each); each chunk's
+        file pages are released once copied."""
+        n, rows = self.shape[0], chunk_rows(self.shape[-1])
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            raw = self.raw_rows(r0, r1)
+            self.release(r0 * self.row_bytes, r1 * self.row_bytes)
+            yield r0, raw
+
+    def float_rows(self):
+        """(row0, float32 (r, K)) chunks, dequantized by the gguf package."""
+        from gguf.quants import dequantize
+
+        for r0, raw in self.chunks():
+            yield r0, torch.from_numpy(np.asarray(dequantize(raw, self.qtype), dtype=np.float32))
+
+    def int4_rows(self):
+        """(row0, codes, scales, zeros) chunks of a Q4_0 / Q4_1 / Q4_K tensor (groups of 32)."""
+        decode = INT4_DECODERS[self.type_name]
+        for r0, raw in self.chunks():
+            b = torch.from_numpy(raw).view(len(raw), -1, self.block_bytes)
+            yield (r0, *decode(b))
+
+    def to_float(self, dtype=torch.float32) -> torch.Tensor:
+        if len(self.shape) == 1:
+            from gguf.quants import dequantize
+
+            raw = np.frombuffer(self.buf, np.uint8, self.nbytes, self.offset)
+            return torch.from_numpy(np.asarray(dequantize(raw, self.qtype), dtype=np.float32).copy()).to(dtype)
+        out = torch.empty(self.shape, dtype=dtype)
+        for r0, w in self.float_rows():
+            out[r0 : r0 + len(w)] = w
+        return out
+
+
+def warn_unsupported(t: GGUFTensor):
+    print(f"warning: tensor '{t.name}' has type {t.type_name}, which the packed loader does not support; "
+          "it is dequantized to float", file=sys.stderr, flush=True)
+
+
+def packed_linear(t: GGUFTensor, device, dtype) -> nn.Module:
+    """The layer computing x W^T for file tensor W (N, K): Int4Linear, Int8Linear or a float nn.Linear."""
+    n, k = t.shape
+    if t.type_name in INT4_DECODERS:
+        return int4_from_rows(n, k, GROUP, t.int4_rows(), device)
+    if t.type_name in INT8_TYPES:
+        return int8_from_rows(n, k, t.float_rows(), device)
+    if t.type_name not in FLOAT_TYPES:
+        warn_unsupported(t)
+    lin = nn.Linear(k, n, bias=False, device="meta")
+    lin.weight = nn.Parameter(t.to_float(dtype).to(device), requires_grad=False)
+    return lin
+
+
+def packed_embedding(t: GGUFTensor, device, dtype) -> nn.Module:
+    """The token embedding table: Int4Embedding, Int8Embedding or a float nn.Embedding."""
+    v, dim = t.shape
+    if t.type_name in INT4_DECODERS:
+        packed = torch.empty(v, dim // 2, dtype=torch.uint8, device=device)
+        sz = torch.empty(v, dim // GROUP, 2, dtype=torch.bfloat16, device=device)
+        for r0, q, scales, zeros in t.int4_rows():
+            r1 = r0 + len(q)
+            packed[r0:r1] = pack_int4(q, "plain").to(device)
+            sz[r0:r1, :, 0], sz[r0:r1, :, 1] = scales, zeros
+        return Int4Embedding(packed, sz, GROUP)
+    if t.type_name in INT8_TYPES:
+        q = torch.empty(v, dim, dtype=torch.int8, device=device)
+        s = torch.empty(v, dtype=torch.float32, device=device)
+        for r0, w in t.float_rows():
+            q[r0 : r0 + len(w)], s[r0 : r0 + len(w)] = quantize_per_channel(w.to(device))
+        return Int8Embedding(q, s)
+    if t.type_name not in FLOAT_TYPES:
+        warn_unsupported(t)
+    emb = nn.Embedding(v, dim, device="meta")
+    emb.weight = nn.Parameter(t.to_float(dtype).to(device), requires_grad=False)
+    return emb
+
+
+def return_freed_memory():
+    """Hand memory freed by the last tensor's temporaries back to the OS (glibc keeps it in its heap
+    otherwise, and resident memory would grow by the largest temporaries on top of the model)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
+def is_quantized_gguf(path) -> bool:
+    """True for a GGUF file holding any quantized matrix (so the packed path applies)."""
+    from gguf.constants import GGMLQuantizationType
+
+    from ..files.gguf import read_gguf_tensor_infos
+
+    _, infos = read_gguf_tensor_infos(path)
+    return any(len(dims) == 2 and GGMLQuantizationType(t).name not in FLOAT_TYPES for _, dims, t, _ in infos)
+
+
+def use_packed(path, packed, dtype, quantize) -> bool:
+    """Whether Llama.build loads `path` packed: packed=True/False decides; None = yes for a quantized GGUF
+    when neither a float dtype nor a quantize= was asked for."""
+    if packed is False:
+        return False
+    path = Path(path)
+    if not path.is_file():
+        quantized = False
+    else:
+        with open(path, "rb") as f:
+            quantized = f.read(4) == b"GGUF" and is_quantized_gguf(path)
+    if packed and (not quantized or quantize is not None):
+        raise LlamaMinError(f"{path}: packed=True needs a quantized GGUF file and no quantize= "
+                            f"(got quantize={quantize!r})")
+    return quantized and (packed or (dtype is None and quantize is None))
+
+
+def _place(model: Transformer, meta_name: str, t: GGUFTensor, device, dtype):
+    """Put file tensor t into the model under its Meta name (a module for matrices, a Parameter for norms)."""
+    path = meta_name.rsplit(".", 1)[0]  # "layers.0.attention.wq"
+    parent, _, attr = path.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    if meta_name == "tok_embeddings.weight":
+        setattr(owner, attr, packed_embedding(t, device, dtype))
+    elif len(t.shape) == 2:
+        setattr(owner, attr, packed_linear(t, device, dtype))
+    else:
+        getattr(owner, attr).weight = nn.Parameter(t.to_float(dtype).to(device), requires_grad=False)
+
+
+def _tensors(path: Path, buf, infos, args) -> dict:
+    """Meta name -> GGUFTensor, shapes checked against the model's; rope_freqs applied to args."""
+    want = expected_shapes(args)
+    out = {}
+    for name, dims, ggml_type, offset in infos:
+        try:
+            t = GGUFTensor(buf, name, dims, ggml_type, offset)
+            if name == "rope_freqs.weight":  # Llama 3.1+ scaling as per-pair divisors of theta_i
+                args.rope_freq_divisors = [float(x) for x in t.to_float()]
+                continue
+            meta_name = gguf_to_meta_name(name)
+        except (ValueError, KeyError) as e:
+            raise LlamaMinError(f"{path}: tensor '{name}': {e}") from None
+        if meta_name not in want or want[meta_name] != t.shape:
+            raise LlamaMinError(f"{path}: tensor '{name}' has shape {list(t.shape)}, expected "
+                                f"{list(want.get(meta_name, ()))}")
+        out[meta_name] = t
+    missing = sorted(set(want) - set(out) - ({"output.weight"} if args.tie_word_embeddings else set()))
+    if missing:
+        raise LlamaMinError(f"{path}: missing tensor '{missing[0]}' (expected shape {list(want[missing[0]])})")
+    return out
+
+
+def load_gguf_packed(path, device="cpu", dtype=torch.float32, max_seq_len=None) -> Transformer:
+    """A Transformer for a GGUF file with its quantized matrices packed (see the module docstring).
+
+    Norms (and any float tensor) are loaded in `dtype`. Built on the meta device, then every module
+    is created directly on `device` from the file's bytes.
+    """
+    from tqdm import tqdm
+
+    from ..files.gguf import read_gguf_tensor_infos
+
+    path, device = Path(path), torch.device(device)
+    meta, infos = read_gguf_tensor_infos(path)
+    args = args_from_gguf(meta)
+    names = {name for name, *_ in infos}
+    args.tie_word_embeddings = "output.weight" not in names
+    if args.vocab_size <= 0 and "token_embd.weight" in names:
+        args.vocab_size = int(next(dims for name, dims, *_ in infos if name == "token_embd.weight")[1])
+    if max_seq_len:
+        args.max_seq_len = max_seq_len
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        tensors = _tensors(path, buf, infos, args)
+        with torch.device("meta"):
+            model = Transformer(args)
+        for meta_name, t in tqdm(tensors.items(), desc="packing", unit="tensor", leave=False, disable=None):
+            try:
+                _place(model, meta_name, t, device, dtype)
+                if meta_name == "tok_embeddings.weight" and args.tie_word_embeddings:
+                    model.output = packed_linear(t, device, dtype)
+            except (ValueError, KeyError, NotImplementedError) as e:
+                raise LlamaMinError(f"{path}: tensor '{t.name}' ({t.type_name}): {e}") from None
+            t.release()
+            return_freed_memory()
+    return model.eval().requires_grad_(False)

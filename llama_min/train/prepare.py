@@ -1,0 +1,151 @@
+"""Getting a run ready: read and check every input (data, model config or checkpoint, tokenizer), then
+build the model to train. Nothing here writes a file: the run folder is created only once all of this passed.
+
+  prepare_inputs       data files -> records; model args (config or --init checkpoint); the tokenizer
+                       (--tokenizer, the checkpoint's, this run's, or a sentencepiece BPE trained on the data);
+                       token stream -> PackedData windows
+  build_model          the Transformer: random init (from scratch) or the checkpoint's weights; LoRA adapters;
+                       gradient checkpointing
+  init_weights         GPT-2 style init for training from scratch
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..checkpoint import build_transformer, load_checkpoint
+from .data import PackedData, encode_records, read_records, train_sentencepiece
+from ..errors import LlamaMinError
+from ..files import read_json
+from .lora import apply_lora
+from ..model import ModelArgs, Transformer
+from .config import TrainConfig, resolve_model_config
+from .dist import Dist, log
+from ..text.tokenizer import tokenizer_files
+
+
+@dataclass
+class RunInputs:
+    """Everything read from the inputs of a run, checked, before anything is written."""
+
+    args: ModelArgs
+    tok: object                # llama_min.text.tokenizer.Tokenizer
+    tok_files: list            # files copied into final/ beside the weights
+    tok_blobs: dict            # {path in the run folder: bytes}, written when the run starts
+    chat: bool                 # the data holds chat records (samples are chat replies)
+    data: PackedData
+    init_sd: Optional[dict]    # the --init checkpoint's tensors (None from scratch)
+
+
+def prepare_inputs(cfg: TrainConfig, run_dir: Path, resume: bool) -> RunInputs:
+    """Read the data, the model's args and the tokenizer; tokenize and pack. Raises LlamaMinError early."""
+    records = [r for path in cfg.data for r in read_records(path)]
+    args, init_sd = model_args(cfg)
+    tok, tok_files, blobs = choose_tokenizer(cfg, args, records, run_dir, resume)
+    if args.vocab_size <= 0:  # params.json with vocab_size -1: take it from the tokenizer
+        args.vocab_size = tok.n_words
+    if tok.n_words > args.vocab_size:
+        raise LlamaMinError(f"the tokenizer has {tok.n_words} tokens but the model's vocab_size is "
+                            f"{args.vocab_size}; give a --tokenizer that matches the model")
+    ids, mask = encode_records(tok, records)
+    data = PackedData.build(ids, mask, cfg.seq_len, cfg.val_fraction, source=", ".join(cfg.data))
+    return RunInputs(args, tok, tok_files, blobs, any("messages" in r for r in records), data, init_sd)
+
+
+def model_args(cfg: TrainConfig) -> tuple:
+    """(ModelArgs, the --init checkpoint's state dict or None); --seq-len must fit the model."""
+    if cfg.config:
+        path = resolve_model_config(cfg.config)
+        args, init_sd, source = ModelArgs.from_dict(read_json(path, "model config")), None, str(path)
+    else:
+        (args, init_sd), source = load_checkpoint(cfg.init), cfg.init
+    if cfg.seq_len > args.max_seq_len:
+        raise LlamaMinError(f"--seq-len {cfg.seq_len} is larger than the model's max_seq_len {args.max_seq_len} "
+                            f"({source})")
+    return args, init_sd
+
+
+def choose_tokenizer(cfg: TrainConfig, args: ModelArgs, records: list, run_dir: Path, resume: bool) -> tuple:
+    """(tokenizer, files for final/, {run-folder path: bytes} to write at the start).
+
+    The tokenizer is --tokenizer, else the --init checkpoint's, else (resuming) the one this run trained,
+    else a sentencepiece BPE trained here on the data (rank 0 trains it, every rank gets the bytes).
+    """
+    from ..text.tokenizer import load_tokenizer
+
+    own = run_dir / "tokenizer.model"
+    path = cfg.tokenizer or cfg.init or (own if resume and own.is_file() else None)
+    if path == own:  # resuming a run whose tokenizer was trained on its data
+        return load_tokenizer(own), [own], {}
+    if path is not None:
+        tok = load_tokenizer(path)
+        blobs = {run_dir / "tokenizer" / name: blob for name, blob in tokenizer_files(tok, path).items()}
+        return tok, list(blobs), blobs
+    if args.vocab_size <= 0:
+        raise LlamaMinError(f"{cfg.config}: vocab_size must be set to train a tokenizer on the data")
+    log(f"training a sentencepiece BPE tokenizer (vocab {args.vocab_size}, byte fallback) on the data; "
+        f"saving it to {own}")
+    proto = train_sentencepiece([r.get("text", "") for r in records], args.vocab_size) if Dist.rank == 0 else None
+    proto = Dist.broadcast_object(proto)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "tokenizer.model").write_bytes(proto)
+        tok = load_tokenizer(Path(tmp) / "tokenizer.model")
+    return tok, [own], {own: proto}
+
+
+def build_model(cfg: TrainConfig, inputs: RunInputs, device: torch.device) -> Transformer:
+    """The plain Transformer to train (float32 master weights), seeded by cfg.seed."""
+    torch.manual_seed(cfg.seed)
+    if cfg.config:
+        with torch.device("meta"):
+            model = Transformer(inputs.args)
+        model.to_empty(device=device)
+        model.tie_weights()  # to_empty gives each module its own new tensor: tie them again
+        init_weights(model)
+    else:
+        model = build_transformer(inputs.args, inputs.init_sd, device=device, dtype=torch.float32)
+        model.tie_weights()
+        inputs.init_sd = None  # the model holds the tensors now
+    if cfg.lora_rank:
+        n = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        log(f"LoRA rank {cfg.lora_rank} on {cfg.lora_targets}: {n:,} trainable parameters")
+    else:
+        model.requires_grad_(True)
+    model.freqs_cis = model.freqs_cis.to(device)
+    if cfg.grad_checkpointing:
+        enable_grad_checkpointing(model)
+    return model
+
+
+def init_weights(model: Transformer, std: float = 0.02) -> None:
+    """GPT-2 style init for training from scratch: N(0, 0.02) matrices, the residual outputs (wo, w2)
+    scaled by 1/sqrt(2 * n_layers), norms at one."""
+    for name, p in model.named_parameters():
+        if p.ndim == 1:
+            nn.init.ones_(p)
+        elif name.endswith(("wo.weight", "w2.weight")):
+            nn.init.normal_(p, 0.0, std / math.sqrt(2 * model.n_layers))
+        else:
+            nn.init.normal_(p, 0.0, std)
+
+
+def enable_grad_checkpointing(model: Transformer) -> None:
+    """Recompute each block in the backward pass instead of storing its activations.
+
+    The block's own forward is wrapped on the instance, so parameter names do not change.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in model.layers:
+        def forward(*args, _inner=layer.forward):
+            if torch.is_grad_enabled():
+                return checkpoint(_inner, *args, use_reentrant=False)
+            return _inner(*args)
+        layer.forward = forward
