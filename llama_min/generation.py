@@ -133,7 +133,7 @@ class Llama:
         takes the one-token steps (native_step.py: float32, int8 and 4-bit models on AVX2 CPUs) they stay on
         it, as it decodes faster than the graph; nothing is compiled until a step it does not take.
         """
-        from .runtime.fast import compile_decode
+        from .runtime.compile import compile_decode
 
         compile_decode(self.model, mode=mode)
         start = time.perf_counter()

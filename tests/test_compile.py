@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from _tiny import tiny_model
-from llama_min.runtime.fast import CompiledDecode, compile_decode, rope_real, uncompile
+from llama_min.runtime.compile import CompiledDecode, compile_decode, rope_real, uncompile
 from llama_min.model import apply_rotary_emb, precompute_freqs_cis, rope_frequencies
 from llama_min.runtime.transforms import apply_transforms
 
