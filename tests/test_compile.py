@@ -180,7 +180,7 @@ def test_compile_keeps_the_native_step_where_it_takes_the_call(monkeypatch):
     from conftest import use_int4_kernel
     from torch._dynamo.testing import CompileCounter
 
-    from llama_min.runtime.native_step import NativeStep
+    from llama_min.runtime.step import NativeStep
 
     use_int4_kernel(monkeypatch, "avx2")
     torch._dynamo.reset()

@@ -46,7 +46,7 @@ def test_float32_steps_are_the_reference(counter, over):
     """apply_transforms installs the step on a float32 CPU model; the short prompt (2 rows x 7 tokens) and every
     one-token step of a batch of 2 take the C path and give the untouched reference's logits (1e-5: float32
     rounding order only)."""
-    from llama_min.runtime.native_step import NativeStep
+    from llama_min.runtime.step import NativeStep
     from llama_min.runtime.transforms import apply_transforms
 
     ref, fast = model(**over), apply_transforms(model(**over))
@@ -78,7 +78,7 @@ def test_a_few_tokens_at_once_attend_causally(counter):
 def test_unfused_layers_and_separate_gate_up(counter):
     """Layers whose q, k, v (and gate, up) are separate matrices: their outputs are placed side by side."""
     from llama_min.runtime.fast import use_fast_attention, use_native_decode, use_native_linears
-    from llama_min.runtime.native_step import use_native_step
+    from llama_min.runtime.step import use_native_step
 
     ref = model()
     fast = use_native_step(use_native_linears(use_native_decode(use_fast_attention(model()))))
