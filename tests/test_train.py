@@ -267,12 +267,15 @@ def test_lora_starts_at_the_base_model():
 # ------------------------------------------------------------------------------------------- torchrun
 
 
-@pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("mode", ["ddp", pytest.param("ddp-ac", marks=pytest.mark.slow),
+                                  pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_two_processes_match_one(workdir, tmp_path, mode):
     """torchrun --nproc_per_node 2 (gloo) with the same global batch logs the 1-process loss curve.
 
     FSDP2 is stopped after step 3 (just after an evaluation, which leaves the root module's parameters
-    unsharded) and resumed: the checkpoint must still hold every parameter's AdamW state.
+    unsharded) and resumed: the checkpoint must still hold every parameter's AdamW state. The resumed
+    part runs with --grad-checkpointing (FSDP2 composed with PyTorch's checkpoint, from a run folder saved
+    without it); ddp-ac runs DDP with it throughout.
     """
     common = ["--config", workdir / "tiny.json", "--data", workdir / "text.txt", "--max-steps", 5,
               "--batch-size", 4, "--seq-len", 32, "--eval-every", 3, "--lr", 3e-3, "--sample-tokens", 0]
@@ -282,8 +285,9 @@ def test_two_processes_match_one(workdir, tmp_path, mode):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT)]
     cmd = [*torchrun, *map(str, common), "--out", str(tmp_path / "two"),
            "--tokenizer", str(tmp_path / "one" / "tokenizer.model")]
-    cmds = [cmd] if mode == "ddp" else [cmd + ["--fsdp", "--stop-after", "3"],
-                                        [*torchrun, "--out", str(tmp_path / "two"), "--resume"]]
+    cmds = {"ddp": [cmd], "ddp-ac": [cmd + ["--grad-checkpointing"]],
+            "fsdp": [cmd + ["--fsdp", "--stop-after", "3"],
+                     [*torchrun, "--out", str(tmp_path / "two"), "--resume", "--grad-checkpointing"]]}[mode]
     for cmd in cmds:
         two = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180, cwd=ROOT)
         assert two.returncode == 0, two.stderr[-3000:]
@@ -382,13 +386,83 @@ def test_training_configs_load(name):
     cfg.updated({"config": "tiny", "data": ["x.txt"], "out": "o"}, "test").check()
 
 
+def _ac_steps(cfg: dict, n_steps: int = 3) -> dict:
+    """Build a Trainer (nothing written) and run `n_steps` optimizer steps: the losses, the gradients the
+    optimizer saw at each step, the block forwards counted per step (by forward pre-hooks, which fire for
+    a checkpoint's recomputation too), and the forwards of one evaluation."""
+    from llama_min.model import TransformerBlock
+
+    t = Trainer(TrainConfig().updated(cfg, "test"))
+    blocks = [m for m in t.model.modules() if isinstance(m, TransformerBlock)]
+    calls = [0]
+    for b in blocks:
+        b.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    grads = []
+    t.opt.register_step_pre_hook(lambda opt, *_: grads.append(
+        {n: p.grad.clone() for n, p in t.named}))
+    losses, per_step = [], []
+    for _ in range(n_steps):
+        calls[0] = 0
+        losses.append(t.train_step(lr_at(t.step, t.cfg)))
+        per_step.append(calls[0])
+    calls[0] = 0
+    t.evaluate()
+    return dict(trainer=t, blocks=blocks, losses=torch.tensor(losses), grads=grads, per_step=per_step,
+                eval_calls=calls[0], keys=list(t.model.state_dict()), names=[n for n, _ in t.named])
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_grad_checkpointing_is_pytorchs_and_changes_nothing(workdir, tmp_path, kind):
+    """--grad-checkpointing recomputes each block in backward (PyTorch's composable `checkpoint`: hooks,
+    no patched `forward`) and changes neither the numbers nor the parameter names.
+
+    LoRA runs with dropout, so the recomputation must replay the RNG of the first forward.
+    """
+    from llama_min.model import TransformerBlock
+
+    (tmp_path / "text.txt").write_text(make_text(800))
+    cfg = dict(config=str(workdir / "tiny.json"), data=[str(tmp_path / "text.txt")], batch_size=2, seq_len=32,
+               grad_accum=2, max_steps=3, eval_batches=1, sample_tokens=0, out=str(tmp_path / "never-written"))
+    if kind == "lora":
+        cfg.update(lora_rank=2, lora_alpha=4.0, lora_dropout=0.1, lora_targets="all")
+    off = _ac_steps(cfg)
+    on = _ac_steps(dict(cfg, grad_checkpointing=True))
+    assert not (tmp_path / "never-written").exists()
+
+    assert on["keys"] == off["keys"] and on["names"] == off["names"]  # run folders of either kind resume
+    for b in on["blocks"]:  # the module is untouched: its class's forward, nothing set on the instance
+        assert "forward" not in vars(b) and type(b) is TransformerBlock
+    n_blocks, n_micro = len(on["blocks"]), cfg["grad_accum"]
+    assert off["per_step"] == [n_blocks * n_micro] * 3          # one forward per block and micro-step
+    assert on["per_step"] == [2 * n_blocks * n_micro] * 3       # ... and its recomputation in backward
+    assert on["eval_calls"] == off["eval_calls"] > 0            # no autograd: nothing to recompute
+
+    torch.testing.assert_close(on["losses"], off["losses"])
+    dloss = (on["losses"] - off["losses"]).abs().max().item()
+    dgrad = 0.0
+    for g_on, g_off in zip(on["grads"], off["grads"], strict=True):
+        assert g_on.keys() == g_off.keys()
+        for name in g_on:
+            torch.testing.assert_close(g_on[name], g_off[name], msg=name)
+            dgrad = max(dgrad, (g_on[name] - g_off[name]).abs().max().item())
+    print(f"[grad checkpointing {kind}] forwards per step {off['per_step'][0]} -> {on['per_step'][0]}, "
+          f"max |dloss| {dloss:.1e}, max |dgrad| {dgrad:.1e}")
+
+
 def test_grad_checkpointing_gives_the_same_losses(workdir, tmp_path):
+    """Whole runs: checkpointing on from the start, or switched on when resuming a run saved without it."""
     kw = dict(config=str(workdir / "tiny.json"), data=[str(workdir / "text.txt")], max_steps=3, batch_size=2,
               seq_len=32, sample_tokens=0, eval_every=0)
     run_in_process(out=str(tmp_path / "a"), **kw)
-    run_in_process(out=str(tmp_path / "b"), grad_checkpointing=True, tokenizer=str(tmp_path / "a" / "tokenizer.model"),
-                   **kw)
-    assert [m["loss"] for m in metrics(tmp_path / "a")] == [m["loss"] for m in metrics(tmp_path / "b")]
+    kw["tokenizer"] = str(tmp_path / "a" / "tokenizer.model")
+    run_in_process(out=str(tmp_path / "b"), grad_checkpointing=True, **kw)
+    Trainer(TrainConfig().updated(dict(kw, out=str(tmp_path / "c")), "test")).fit(stop_after=1)
+    Trainer(TrainConfig().updated(dict(kw, out=str(tmp_path / "c"), grad_checkpointing=True), "test"),
+            resume=True).fit()
+    losses = [torch.tensor([m["loss"] for m in metrics(tmp_path / r)]) for r in "abc"]
+    assert len(losses[0]) == 3
+    torch.testing.assert_close(losses[1], losses[0])
+    torch.testing.assert_close(losses[2], losses[0])
 
 
 def test_tied_embeddings_stay_tied(workdir, tmp_path):

@@ -130,6 +130,20 @@ def test_resume_of_a_finished_run_changes_nothing(shared):
     assert _snapshot(run) == before  # byte-identical, not even rewritten
 
 
+def test_resume_with_grad_checkpointing_from_a_run_saved_without(shared, tmp_path):
+    """A run folder written without --grad-checkpointing resumes with it (the parameter names are the
+    same) and logs the losses of the uninterrupted run."""
+    out = tmp_path / "run"
+    rc, err = _main(shared, out, "--stop-after", 3)
+    assert rc == 0, err
+    rc, err = _capture_main(["--out", str(out), "--resume", "--grad-checkpointing"])
+    assert rc == 0, err
+    assert json.loads((out / "run.json").read_text())["grad_checkpointing"] is True
+    a, b = _losses(shared / "full"), _losses(out)
+    assert [s for s, *_ in a] == [s for s, *_ in b] == list(range(1, 7))
+    torch.testing.assert_close(torch.tensor([x[1] for x in b]), torch.tensor([x[1] for x in a]))
+
+
 # ------------------------------------------------------------------------------------- damaged checkpoints
 
 

@@ -139,13 +139,14 @@ def init_weights(model: Transformer, std: float = 0.02) -> None:
 def enable_grad_checkpointing(model: Transformer) -> None:
     """Recompute each block in the backward pass instead of storing its activations.
 
-    The block's own forward is wrapped on the instance, so parameter names do not change.
+    PyTorch's composable `checkpoint` registers a forward pre-hook and a forward hook on each block
+    (non-reentrant checkpointing, RNG state kept for dropout): the module, its class, its `forward` and
+    its parameter names are unchanged, so state dicts and run folders are the same with or without it.
+    Called on the plain model, before `wrap_model` applies DDP or `fully_shard` (FSDP2's hooks are
+    prepended and appended around these, so parameters are all-gathered for the recomputation too).
+    Without autograd (evaluation, samples) nothing is saved and there is nothing to recompute.
     """
-    from torch.utils.checkpoint import checkpoint
+    from torch.distributed._composable import checkpoint
 
     for layer in model.layers:
-        def forward(*args, _inner=layer.forward):
-            if torch.is_grad_enabled():
-                return checkpoint(_inner, *args, use_reentrant=False)
-            return _inner(*args)
-        layer.forward = forward
+        checkpoint(layer)
