@@ -6,7 +6,12 @@ speed. Measured on this project's 2-core AVX2 machine, in one script:
   - float32: PyTorch's CPU kernels (MKL, oneDNN) stream the short rows of a small model's matrices
     (576 or 1536 numbers in SmolLM2) at 10-15 GB/s; `f32_linear` streams them at 20-28 GB/s (one row times
     576 x 576: 75 us against 111 us in oneDNN's layout and 134 us in MKL; 576 x 1536: 149 against 235 and
-    251 us). A whole float32 SmolLM2 decode step went from 20-22 to 28-30 tok/s with it.
+    251 us). A whole float32 SmolLM2 decode step went from 20-22 to 28-30 tok/s with it. For one
+    activation row, rows of at most 1024 weights are read one row at a time (a single sequential stream;
+    kernels_avx2.c, SEQUENTIAL_MAX_K): on the AVX-512 machine below that took SmolLM2's float32 decode from
+    44.5 to 57.3 tok/s. A few rows at once (a batch, a speculative check) read each block of 8 weight rows
+    once from memory and from L1 for the other rows: 8 rows times SmolLM2's 49152 x 576 output cost 1.75x
+    one row, where MKL's kernel cost 2.4x (2.5x already at 2 rows).
   - the norms and attention of a one-token step: a few dozen small PyTorch operations per layer, each
     costing microseconds of dispatch, become two calls (packed SmolLM2: 54-57 against 32-48 tok/s).
   - 4-bit: PyTorch's kernel (`aten._weight_int4pack_mm_for_cpu`) has fast paths for AVX-512; on a CPU with
@@ -15,6 +20,8 @@ speed. Measured on this project's 2-core AVX2 machine, in one script:
     11.7 ms for 4x the bytes). `q4_linear` writes activations as int16 per group of 32 (error at most
     1.5e-5 of the group's largest value, against 2^-9 of every value for the bf16 activations PyTorch's
     kernel takes) and keeps fp16 scales, so a Q4_0 / Q4_1 file's own scale and offset are held exactly.
+  - 8-bit: `q8_linear` (int8 weights times the same int16 activations, sums exact in int32): the default
+    model's Q8_0 output layer took 1.6 ms a token against 3.6 ms through PyTorch's int8 kernel (one profile).
 
 On a CPU with AVX-512 (an AMD EPYC of the same 2-core kind, 2026-12-03), where PyTorch takes its AVX-512
 paths, the AVX2 code is still the faster one (one script, 2 threads). One row times a matrix, PyTorch's
@@ -26,19 +33,26 @@ long rows prefetched into L2 only, kernels_avx2.c). Whole SmolLM2 decode steps: 
 
 When they are used (`enabled()`): Linux on x86-64, a CPU with avx2, fma and f16c (AVX-512 or not), a C
 compiler (`$CC`, else `cc`), and `LLAMA_MIN_NATIVE` not set to 0. Then float32 CPU models decode through
-`f32_linear` (fast.NativeLinear), 4-bit layers of group size 32 use the 'avx2' layout
+`f32_linear` (linear.NativeLinear), 4-bit layers of group size 32 use the 'avx2' layout
 (quantize.int4_layout), int8 layers `q8_linear`, and models with float32 activations run their norms,
 one-token attention and SwiGLU through `rms_norm`, `decode_attention` and `swiglu`
-(fast.use_native_decode). Otherwise all fall back to PyTorch's operations, with one line on stderr when a
+(native_decode.use_native_decode). Otherwise all fall back to PyTorch's operations, with one line on stderr when a
 compiler was there but the build failed. The built library is cached
 under the asset cache (`~/.cache/llama_min/native`), named by a hash of the source and flags, written
-atomically. Prompts of many rows keep PyTorch's matrix-matrix kernels, which are faster there.
+atomically. Prompts of many rows (linear.PREFILL_ROWS, 32, or more) keep PyTorch's matrix-matrix kernels,
+which are faster there: oneDNN's on the dense float32 weight (linear.prompt_linear; it reorders the weight on
+each call and still beat MKL on SmolLM2's wide matrices, 18 against 29 ms for 512 rows times 3072 x 576), MKL's
+where rows are longer than 1536 (25 against 52-60 ms for 512 rows times 2048 x 2048); 4-bit layers
+dequantize the matrix (`q4_dequantize`) for one float product (prefill of a TinyLlama-shaped Q4_0 model:
+0.80-1.00x transformers' float32, against 0.50x through PyTorch's 4-bit kernel).
 
 `f32_linear(x, w)`, `q4_linear(x, codes, dc)` and `q8_linear(x, w, scales)` are PyTorch custom operators
 (torch.library), so `torch.compile` keeps each in its graph as one call. `rms_norm`, `swiglu` and
 `decode_attention` are eager only (a compiled step generates its own code for them). `decode_layers` runs
-a whole decode step through every decoder layer in one call with the functions above (native_step.py says
-when and why).
+a whole decode step through every decoder layer in one call with the functions above (runtime/step.py says
+when and why). `torch.compile` leaves the steps it takes to it, because it decoded faster than the compiled
+graph: alternating in one script on the AVX2 machine, packed SmolLM2 54.7-69.0 tok/s against 35.7-40.6
+through the graph, float32 26.1-28.9 against 18.5-21.2, the same tokens.
 """
 
 from __future__ import annotations
