@@ -217,9 +217,9 @@ def llama3_style_tokenizer(folder: Path):
     """A byte-level BPE tokenizer.json (256 byte tokens, no merges) + Llama 3's chat special tokens."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    from llama_min.text.gguf_vocab import _BYTE_OF_CHAR
+    from llama_min.text.gguf_vocab import byte_level_encode
 
-    vocab = {c: i for i, c in enumerate(sorted(_BYTE_OF_CHAR, key=_BYTE_OF_CHAR.get))}
+    vocab = {byte_level_encode(bytes([b])): b for b in range(256)}
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tk.decoder = decoders.ByteLevel()

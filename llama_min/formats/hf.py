@@ -159,7 +159,8 @@ def hf_config_from_args(args: ModelArgs, dtype: str = "float32") -> dict:
     return cfg
 
 
-def _hf_weight_files(path: Path) -> list:
+def hf_weight_files(path: Path) -> list:
+    """The weight files of a Hugging Face folder: those its index names, else the single or sharded files."""
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (path / index).is_file():
             weight_map = read_json(path / index, "index").get("weight_map")
@@ -191,7 +192,7 @@ def hf_to_meta_name(key: str) -> Optional[str]:
 def load_hf(path: Path, dtype):
     args = args_from_hf_config(read_json(path / "config.json", "config.json"), path / "config.json")
     sd = {}
-    for f in _hf_weight_files(path):
+    for f in hf_weight_files(path):
         if not f.is_file():
             raise LlamaMinError(f"{f}: listed in the index but missing")
         if f.suffix == ".safetensors":

@@ -20,12 +20,16 @@ from typing import Optional
 
 import torch
 
+from ..checkpoint import detect_format, load_checkpoint
 from ..errors import LlamaMinError
 from ..files import read_json
-from ..model import ModelArgs
-from .tensor_parallel import Layout, Slice, check_split, take
+from ..files.gguf import read_gguf_tensor_infos
 from ..formats.common import cast, expected_shapes, hf_to_meta_qk, safetensors_open, torch_load
+from ..formats.gguf.read import args_from_gguf, gguf_tensor, gguf_to_meta_name
+from ..formats.hf import HF_LAYER_TO_META, HF_TO_META, args_from_hf_config, hf_weight_files
 from ..formats.meta import SHARD_DIM
+from ..model import ModelArgs
+from .tensor_parallel import Layout, Slice, build_local_model, check_split, take
 
 
 class MetaShards:
@@ -99,13 +103,11 @@ class SafetensorsFiles:
     """HF (config.json + model*.safetensors / pytorch_model*.bin) or own (params.json + model.safetensors)."""
 
     def __init__(self, path: Path, fmt: str):
-        from ..formats.hf import HF_LAYER_TO_META, HF_TO_META, _hf_weight_files, args_from_hf_config
-
         self.path, self.hf, self.emb_axis = path, fmt == "hf", 1
         self.hint = "the config does not match the weights"
         if self.hf:
             self.args = args_from_hf_config(read_json(path / "config.json", "config.json"))
-            files = _hf_weight_files(path)
+            files = hf_weight_files(path)
         else:
             self.args = ModelArgs.from_dict(read_json(path / "params.json", "params.json"))
             files = [path / "model.safetensors"]
@@ -165,9 +167,6 @@ class GGUFSlices:
     def __init__(self, path: Path):
         import numpy as np
 
-        from ..files.gguf import read_gguf_tensor_infos
-        from ..formats.gguf.read import args_from_gguf, gguf_tensor, gguf_to_meta_name
-
         self.path, self.emb_axis, self.hint = path, 1, "the metadata does not match the tensors"
         meta, infos = read_gguf_tensor_infos(path)
         self.args = args_from_gguf(meta)
@@ -225,8 +224,6 @@ class WholeFile:
     """Formats without a slice reader (llama2.c files, small by nature): loaded whole, then cut."""
 
     def __init__(self, path: Path):
-        from ..checkpoint import load_checkpoint
-
         self.args, self.sd = load_checkpoint(path)
         self.emb_axis, self.hint = 1, "the header does not match the tensors"
 
@@ -239,8 +236,6 @@ class WholeFile:
 
 def open_sliced(path: Path):
     """The slice reader for a checkpoint path (format detected as `load_checkpoint` does)."""
-    from ..checkpoint import detect_format
-
     fmt = detect_format(path)
     if fmt == "meta":
         return MetaShards(path)
@@ -272,8 +267,6 @@ def load_rank_slices(path, rank: int, world: int, dtype: Optional[torch.dtype] =
 
 def load_rank_model(path, rank: int, world: int, device=None, dtype=None, max_seq_len: Optional[int] = None):
     """This rank's part of the model at `path` (reference modules, local shapes; no collectives yet)."""
-    from .tensor_parallel import build_local_model
-
     args, layout, sd = load_rank_slices(path, rank, world, dtype)
     if max_seq_len is not None:
         args.max_seq_len = max_seq_len

@@ -6,7 +6,8 @@ The file itself is read by ``llama_min.files.gguf``; this module only converts v
   from a ``'llama'`` vocab. Written with a tiny protobuf encoder so no ``protobuf`` package is needed.
   With ``meta_llama2=True`` it carries Meta's training settings and is byte-identical to Meta's file.
 - ``hf_tokenizer_from_gguf``: a byte-level BPE ``tokenizers.Tokenizer`` from a ``'gpt2'`` vocab.
-- ``byte_level_decode``: GPT-2's byte-level alphabet (each byte is spelled as one printable char) to bytes.
+- ``byte_level_decode`` / ``byte_level_encode``: GPT-2's byte-level alphabet (each byte spelled as one
+  printable char, ``BYTE_OF_CHAR``) to bytes and back.
 """
 
 from __future__ import annotations
@@ -139,12 +140,18 @@ def _byte_level_alphabet() -> dict[str, int]:
     return {c: b for b, c in chars.items()}
 
 
-_BYTE_OF_CHAR = _byte_level_alphabet()
+BYTE_OF_CHAR = _byte_level_alphabet()  # GPT-2's byte-level alphabet: char -> byte, 256 entries
+_CHAR_OF_BYTE = {b: c for c, b in BYTE_OF_CHAR.items()}
 
 
 def byte_level_decode(token: str) -> bytes:
     """The raw bytes of a GPT-2 byte-level token string (e.g. ``'Ġworld'`` -> ``b' world'``)."""
-    return bytes(_BYTE_OF_CHAR[c] for c in token)
+    return bytes(BYTE_OF_CHAR[c] for c in token)
+
+
+def byte_level_encode(data: bytes) -> str:
+    """Bytes spelled in GPT-2's byte-level alphabet (e.g. ``b' world'`` -> ``'Ġworld'``)."""
+    return "".join(_CHAR_OF_BYTE[b] for b in data)
 
 
 # GGUF tokenizer.ggml.pre -> how text is split before BPE

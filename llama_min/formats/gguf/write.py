@@ -30,6 +30,7 @@ import torch
 from ...errors import LlamaMinError
 from ...files import atomic_write
 from ...model import ModelArgs, rope_frequencies
+from ...text.gguf_vocab import LLAMA3_PATTERN, byte_level_encode
 from .read import GGUF_LAYER_TO_META, GGUF_TO_META
 
 QTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -234,8 +235,6 @@ def spm_vocab(proto: bytes) -> tuple:
 
 def _pre_tokenizer_name(pre: Optional[dict]) -> str:
     """GGUF `tokenizer.ggml.pre` for a tokenizer.json pre-tokenizer llama_min's GGUF reader knows."""
-    from ...text.gguf_vocab import LLAMA3_PATTERN
-
     if pre and pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt2"
     steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else []
@@ -274,17 +273,13 @@ def tiktoken_vocab(tok) -> tuple:
     a token t into two tokens (a, b) is a merge, ordered by (rank of t, rank of a, rank of b). That is the
     list Hugging Face's tokenizer.json and llama.cpp's Llama 3 GGUF carry (280147 merges for 128000 ranks).
     """
-    from ...text.gguf_vocab import _BYTE_OF_CHAR
-
-    char_of = {b: c for c, b in _BYTE_OF_CHAR.items()}
     ranks = tok.ranks
     by_rank = sorted(ranks.items(), key=lambda kv: kv[1])
-    spell = lambda b: "".join(char_of[x] for x in b)  # noqa: E731
     merges = []
     for token, rank in by_rank:
         splits = [(ranks[token[:i]], ranks[token[i:]], i) for i in range(1, len(token))
                   if token[:i] in ranks and token[i:] in ranks]
-        merges += [f"{spell(token[:i])} {spell(token[i:])}" for _, _, i in sorted(splits)]
+        merges += [f"{byte_level_encode(token[:i])} {byte_level_encode(token[i:])}" for _, _, i in sorted(splits)]
     specials = sorted(tok.specials.items(), key=lambda kv: kv[1])
-    tokens = [spell(t) for t, _ in by_rank] + [name for name, _ in specials]
+    tokens = [byte_level_encode(t) for t, _ in by_rank] + [name for name, _ in specials]
     return tokens, [1] * len(by_rank) + [3] * len(specials), merges, "llama-bpe"
