@@ -16,12 +16,13 @@ from typing import Callable, Optional
 import torch
 
 from .checkpoint import build_transformer, load_checkpoint
-from .errors import LlamaMinError
-from .model import Transformer
 from .decoding.sampling import Sampling, Stats, elapsed, logprobs_of, sample_next
 from .decoding.sampling import apply_repetition_penalty as apply_repetition_penalty  # re-exported: the sampling API
 from .decoding.sampling import sample_top_p as sample_top_p
 from .decoding.stops import StopStrings
+from .errors import LlamaMinError
+from .model import Transformer
+from .runtime.step import choose_step
 
 
 def free_memory(device) -> Optional[int]:
@@ -57,8 +58,11 @@ def default_dtype(device) -> torch.dtype:
 
 
 class Llama:
-    def __init__(self, model: Transformer, tokenizer, max_seq_len: int, max_batch_size: int):
+    def __init__(self, model: Transformer, tokenizer, max_seq_len: int, max_batch_size: int, step=None):
+        """`step`: how decode steps run (runtime/step.py); None = choose_step(model): llama_min's C step where
+        it takes the model's layers, else the model's own forward. Generation calls `self.step`."""
         self.model, self.tokenizer = model, tokenizer
+        self.step = step if step is not None else choose_step(model)
         self.max_seq_len, self.max_batch_size = max_seq_len, max_batch_size
         self.device = model.norm.weight.device
         self.tensor_parallel = getattr(model, "tensor_parallel", None) is not None  # rank 0 decides tokens
@@ -84,8 +88,8 @@ class Llama:
         """
         from .runtime.packed import load_gguf_packed, use_packed
         from .runtime.quantize import parse_quantize
-        from .text.tokenizer import load_tokenizer
         from .runtime.transforms import apply_transforms
+        from .text.tokenizer import load_tokenizer
 
         parse_quantize(quantize)  # a bad spec fails before loading
         if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
@@ -102,14 +106,14 @@ class Llama:
             from .parallel.slicing import load_rank_model
             from .parallel.tensor_parallel import build_rank
 
-            tokenizer = []
+            tokenizer = load_tokenizer(tokenizer_path or ckpt_path, chat_format=chat_format)
+
             def load(rank, world, dev):
-                tokenizer.append(load_tokenizer(tokenizer_path or ckpt_path, chat_format=chat_format))
                 model = load_rank_model(ckpt_path, rank, world, dev, dtype, max_seq_len)
-                _check_vocab(tokenizer[0], model.vocab_size, ckpt_path)
+                _check_vocab(tokenizer, model.vocab_size, ckpt_path)
                 return model
             model = build_rank(load, device, optimize=optimize, quantize=quantize)
-            return Llama(model, tokenizer[0], max_seq_len, max_batch_size)
+            return Llama(model, tokenizer, max_seq_len, max_batch_size)
         tokenizer = load_tokenizer(tokenizer_path or ckpt_path, chat_format=chat_format)
         if packed:  # a quantized GGUF at its own precision: built directly from the file's blocks
             model = load_gguf_packed(ckpt_path, device, dtype, max_seq_len)
@@ -124,23 +128,25 @@ class Llama:
         return Llama(model, tokenizer, max_seq_len, max_batch_size)
 
     def compile(self, mode: Optional[str] = None):
-        """Run one-token decode steps through torch.compile (fast.compile_decode); prompts stay eager.
+        """Run one-token decode steps through torch.compile: `self.step` becomes runtime.compile.CompiledStep,
+        over the step chosen before (prompts and scoring stay on that one).
 
         Compiles now, on a dummy one-token step, and keeps the seconds it took in `self.compile_s`
-        (minutes on a CPU: freezing + max-autotune, fast.CPU_OPTIONS). One graph serves every position and
+        (minutes on a CPU: freezing + max-autotune, compile.CPU_OPTIONS). One graph serves every position and
         cache length; a batch of more than one row compiles once more on first use (on a CPU with float32
-        weights in oneDNN's layout, batches run eager instead: fast.CompiledDecode). Where llama_min's C step
-        takes the one-token steps (native_step.py: float32, int8 and 4-bit models on AVX2 CPUs) they stay on
-        it, as it decodes faster than the graph; nothing is compiled until a step it does not take.
+        weights in oneDNN's layout, batches run eager instead). Where llama_min's C step takes the one-token
+        steps (step.NativeStep: float32, int8 and 4-bit models on AVX2 CPUs) they stay on it, as it decodes
+        faster than the graph; nothing is compiled until a step it does not take.
         """
-        from .runtime.compile import compile_decode
+        from .runtime.compile import CompiledStep
 
-        compile_decode(self.model, mode=mode)
+        if not isinstance(self.step, CompiledStep):
+            self.step = CompiledStep(self.model, self.step, mode=mode)
         start = time.perf_counter()
         with torch.inference_mode():
             self.model.setup_cache(1, 8)
             try:
-                self.model(torch.zeros(1, 1, dtype=torch.long, device=self.device), 0)
+                self.step(torch.zeros(1, 1, dtype=torch.long, device=self.device), 0)
             finally:
                 self.model.clear_cache()
         self.compile_s = elapsed(start, self.device)
@@ -217,7 +223,7 @@ class Llama:
         self._setup_cache(bsz, total_len)
         try:
             for cur_pos in range(min(lens), total_len):
-                logits = self.model(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
+                logits = self.step(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
                 history = tokens[:, :cur_pos] if repetition_penalty != 1.0 else None
                 next_token = sample_next(self.known_tokens(logits[:, -1]), s, history, generator)
                 next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)

@@ -1,11 +1,11 @@
-"""The compiled one-token decode step (fast.compile_decode, Llama.compile): one graph, no graph breaks, no
+"""The compiled one-token decode step (compile.CompiledStep, Llama.compile): one graph, no graph breaks, no
 recompilation across positions or cache lengths, the same logits as the reference model."""
 
 import pytest
 import torch
 
 from _tiny import tiny_model
-from llama_min.runtime.compile import CompiledDecode, compile_decode, rope_real, uncompile
+from llama_min.runtime.compile import CompiledStep, rope_real
 from llama_min.model import apply_rotary_emb, precompute_freqs_cis, rope_frequencies
 from llama_min.runtime.transforms import apply_transforms
 
@@ -34,18 +34,20 @@ def _models(quantize=None, **over):
     return ref, apply_transforms(tiny_model(scale=0.2, **over), quantize=quantize)
 
 
-def _decode(m, tokens, prefill):
-    """Logits of one-token steps after an eager prefill of `prefill` tokens, through a cache of len(tokens)."""
+def _decode(m, tokens, prefill, step=None):
+    """Logits of one-token steps by `step` (default: the model's forward) after a prefill of `prefill` tokens,
+    through a cache of len(tokens)."""
+    run = step if step is not None else m
     m.setup_cache(tokens.shape[0], tokens.shape[1])
-    m(tokens[:, :prefill])
-    out = [m(tokens[:, t:t + 1], t) for t in range(prefill, tokens.shape[1])]
+    run(tokens[:, :prefill])
+    out = [run(tokens[:, t:t + 1], t) for t in range(prefill, tokens.shape[1])]
     m.clear_cache()
     return torch.cat(out, dim=1)
 
 
 def _assert_one_graph(m):
     """torch._dynamo.explain on one decode step of m: one graph, no break."""
-    decode = CompiledDecode(m, backend="eager")
+    decode = CompiledStep(m, backend="eager")
     m.setup_cache(1, 16)
     caches = [layer.attention.cache for layer in m.layers]
     with torch.inference_mode():
@@ -68,18 +70,17 @@ def test_native_float32_layers_compile_into_the_graph(monkeypatch):
     from conftest import use_int4_kernel
     from torch._dynamo.testing import CompileCounter
 
-    from llama_min.runtime.fast import NativeLinear
+    from llama_min.runtime.linear import NativeLinear
 
     use_int4_kernel(monkeypatch, "avx2")
     torch._dynamo.reset()
     ref, fast = _models()
     assert isinstance(fast.output, NativeLinear)
     counter = CompileCounter()
-    compile_decode(fast, backend=counter, keep_native_step=False)
+    step = CompiledStep(fast, backend=counter)
     tokens = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
-        torch.testing.assert_close(_decode(fast, tokens, 6), _decode(ref, tokens, 6), atol=1e-4, rtol=1e-4)
-    uncompile(fast)
+        torch.testing.assert_close(_decode(fast, tokens, 6, step), _decode(ref, tokens, 6), atol=1e-4, rtol=1e-4)
     assert counter.frame_count == 1
 
 
@@ -97,9 +98,7 @@ def test_avx2_int4_layers_compile_into_the_graph(monkeypatch):
     with torch.inference_mode():
         want = _decode(m, tokens, 6)
         counter = CompileCounter()
-        compile_decode(m, backend=counter, keep_native_step=False)
-        got = _decode(m, tokens, 6)
-    uncompile(m)
+        got = _decode(m, tokens, 6, CompiledStep(m, backend=counter))
     assert counter.frame_count == 1
     # the step's real-arithmetic RoPE differs from the eager complex one at float32 rounding, which the int8
     # output layer's bf16 input and output can turn into a bf16 step of a logit
@@ -114,17 +113,14 @@ def test_no_recompilation_across_positions_and_cache_lengths(over):
 
     torch._dynamo.reset()
     ref, fast = _models(**over)
-    installed = fast.__dict__.get("forward")  # native_step.NativeStep where the AVX2 kernels build
     counter = CompileCounter()
-    compile_decode(fast, backend=counter, keep_native_step=False)
+    step = CompiledStep(fast, backend=counter)  # over the model's own forward: every one-token step compiled
     with torch.inference_mode():
         for length, prefill in ((20, 6), (33, 9)):
             tokens = torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(length))
-            torch.testing.assert_close(_decode(fast, tokens, prefill), _decode(ref, tokens, prefill),
+            torch.testing.assert_close(_decode(fast, tokens, prefill, step), _decode(ref, tokens, prefill),
                                        atol=1e-4, rtol=1e-4)
     assert counter.frame_count == 1
-    uncompile(fast)
-    assert fast.__dict__.get("forward") is installed  # what compile_decode replaced
 
 
 def test_batches_run_eager_on_onednn_weights(monkeypatch):
@@ -133,7 +129,7 @@ def test_batches_run_eager_on_onednn_weights(monkeypatch):
     reference's either way."""
     from torch._dynamo.testing import CompileCounter
 
-    from llama_min.runtime.fast import OneDNNLinear, onednn_available
+    from llama_min.runtime.linear import OneDNNLinear, onednn_available
 
     if not onednn_available():
         pytest.skip("no oneDNN in this torch")
@@ -142,14 +138,14 @@ def test_batches_run_eager_on_onednn_weights(monkeypatch):
     ref, fast = _models()
     assert isinstance(fast.output, OneDNNLinear)
     counter = CompileCounter()
-    compile_decode(fast, backend=counter)
+    step = CompiledStep(fast, backend=counter)
     tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
-        torch.testing.assert_close(_decode(fast, tokens, 6), _decode(ref, tokens, 6), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(_decode(fast, tokens, 6, step), _decode(ref, tokens, 6), atol=1e-4, rtol=1e-4)
         assert counter.frame_count == 0
-        torch.testing.assert_close(_decode(fast, tokens[:1], 6), _decode(ref, tokens[:1], 6), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(_decode(fast, tokens[:1], 6, step), _decode(ref, tokens[:1], 6),
+                                   atol=1e-4, rtol=1e-4)
         assert counter.frame_count == 1
-    uncompile(fast)
 
 
 @pytest.mark.slow
@@ -157,16 +153,17 @@ def test_inductor_compiled_step_same_logits_and_greedy_tokens():
     """The real compiler (inductor, what Llama.compile uses): logits within 1e-4 of the reference, and a greedy
     generation through Llama.compile gives the eager model's tokens."""
     from llama_min.generation import Llama
+    from llama_min.runtime.step import ReferenceStep
     from test_generation import CharTokenizer
 
     torch._dynamo.reset()
     ref, fast = _models()
-    fast.__dict__.pop("forward", None)  # without llama_min's C step (native_step.py), which compile would keep
-    llama = Llama(fast, CharTokenizer(), max_seq_len=128, max_batch_size=1).compile()
-    assert llama.compile_s > 0 and isinstance(fast.forward, CompiledDecode)
+    # over the model's own forward, not llama_min's C step (which the compiled step would keep)
+    llama = Llama(fast, CharTokenizer(), max_seq_len=128, max_batch_size=1, step=ReferenceStep(fast)).compile()
+    assert llama.compile_s > 0 and isinstance(llama.step, CompiledStep) and llama.step.name == "compiled"
     tokens = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        torch.testing.assert_close(_decode(fast, tokens, 8), _decode(ref, tokens, 8), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(_decode(fast, tokens, 8, llama.step), _decode(ref, tokens, 8), atol=1e-4, rtol=1e-4)
     prompt = tokens[0, :8].tolist()
     got, _ = llama.generate([prompt], max_gen_len=16, temperature=0, stop_ids=set())
     want, _ = Llama(ref, CharTokenizer(), max_seq_len=128, max_batch_size=1).generate(
@@ -175,23 +172,21 @@ def test_inductor_compiled_step_same_logits_and_greedy_tokens():
 
 
 def test_compile_keeps_the_native_step_where_it_takes_the_call(monkeypatch):
-    """A model with llama_min's C step (native_step.py): compiled one-token steps stay on it (no frame is
-    compiled), logits as the reference's, and uncompile puts the step back."""
+    """A model with llama_min's C step (step.NativeStep): compiled one-token steps stay on it (no frame is
+    compiled), logits as the reference's."""
     from conftest import use_int4_kernel
     from torch._dynamo.testing import CompileCounter
 
-    from llama_min.runtime.step import NativeStep
+    from llama_min.runtime.step import NativeStep, choose_step
 
     use_int4_kernel(monkeypatch, "avx2")
     torch._dynamo.reset()
     ref, fast = _models()
-    step = fast.forward
-    assert isinstance(step, NativeStep)
+    native = choose_step(fast)
+    assert isinstance(native, NativeStep)
     counter = CompileCounter()
-    compile_decode(fast, backend=counter)
+    step = CompiledStep(fast, native, backend=counter)
     tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
-        torch.testing.assert_close(_decode(fast, tokens, 6), _decode(ref, tokens, 6), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_decode(fast, tokens, 6, step), _decode(ref, tokens, 6), atol=1e-5, rtol=1e-5)
     assert counter.frame_count == 0
-    uncompile(fast)
-    assert fast.forward is step

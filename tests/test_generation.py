@@ -215,8 +215,8 @@ def test_chat_session_reuses_cache_and_matches_full_prefill(monkeypatch):
     tok = llama.tokenizer
     session = ChatSession(llama, system="sys", temperature=0)
     fed = []
-    real_forward = llama.model.forward
-    monkeypatch.setattr(llama.model, "forward", lambda t, start_pos=0, **kw: (fed.append(t.shape[1]), real_forward(t, start_pos, **kw))[1])
+    real_step = llama.step
+    monkeypatch.setattr(llama, "step", lambda t, start_pos=0, **kw: (fed.append(t.shape[1]), real_step(t, start_pos, **kw))[1])
     a1 = session.ask("hi", max_gen_len=10)
     prefill_1 = fed[0]
     fed.clear()
@@ -226,7 +226,7 @@ def test_chat_session_reuses_cache_and_matches_full_prefill(monkeypatch):
     full = tok.encode_dialog(dialog)
     assert fed[0] < len(full) and prefill_1 == len(tok.encode_dialog(dialog[:2]))  # only new tokens prefilled
     # The same turn answered from scratch (whole dialog prefilled) gives the same tokens.
-    monkeypatch.setattr(llama.model, "forward", real_forward)
+    monkeypatch.setattr(llama, "step", real_step)
     out, _ = llama.generate([full], max_gen_len=10, temperature=0, stop_ids=tok.stop_ids)
     assert a2 == tok.decode(out[0])
     session.reset()

@@ -25,7 +25,8 @@ def build_parser(prog: Optional[str] = None) -> Parser:
     p.add_argument("--system", help="system message of the conversation (/system TEXT changes it)")
     p.add_argument("--prefill", default="", metavar="TEXT",
                    help="start every answer with TEXT, which the model continues (e.g. '{' for JSON)")
-    p.add_argument("--verbose", action="store_true", help="timing after every answer (default: once at exit)")
+    p.add_argument("--verbose", action="store_true", help="say which decode step runs, and timing after every answer "
+                   "(default: once at exit)")
     add_model_flags(p)
     add_sampling_flags(p)
     return p

@@ -31,7 +31,8 @@ def build_parser(prog: Optional[str] = None) -> Parser:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end the completion where this text appears (matched on the text, not on tokens; "
                    "never printed); repeat for several")
-    p.add_argument("--verbose", action="store_true", help="with --chat: timing after every answer")
+    p.add_argument("--verbose", action="store_true", help="say which decode step runs (llama_min's C step, the model's forward, "
+                   "compiled); with --chat, timing after every answer")
     p.add_argument("--prefill", default="", metavar="TEXT", help="with --chat: start every answer with TEXT")
     add_model_flags(p)
     add_sampling_flags(p)

@@ -103,6 +103,8 @@ def load_llama(args):
                         device=args.device, dtype=dtype, seed=args.seed, quantize=args.quantize,
                         packed=False if args.dequantize else None,
                         chat_format=args.chat_format, tensor_parallel=parallel)
+    if getattr(args, "verbose", False) and not args.quiet:  # asked for: said even when stderr is a file
+        say(f"decode step: {llama.step.name} ({llama.step.about})")
     return llama, time.perf_counter() - start
 
 

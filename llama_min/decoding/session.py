@@ -83,7 +83,7 @@ class ChatSession:
             keep += 1
         self.cached = self.cached[:keep]  # what stays valid if the prefill is interrupted
         llama = self.llama
-        logits = llama.model(torch.tensor([ids[keep:]], device=llama.device), keep, last_only=True)
+        logits = llama.step(torch.tensor([ids[keep:]], device=llama.device), keep, last_only=True)
         self.cached = list(ids)
         llama.stats.prompt_tokens = len(ids) - keep
         return logits
@@ -117,7 +117,7 @@ class ChatSession:
                 reply.append(nxt)
                 if on_token is not None:
                     on_token(nxt)
-                logits = llama.model(torch.tensor([[nxt]], device=llama.device), len(self.cached), last_only=True)
+                logits = llama.step(torch.tensor([[nxt]], device=llama.device), len(self.cached), last_only=True)
                 self.cached.append(nxt)
         finally:  # also on Ctrl-C: keep what was said
             llama.stats.new_tokens = len(reply)

@@ -101,7 +101,7 @@ def _propose(draft, tokens: list, d_valid: int, k: int, choose: _Choice, generat
     proposal, dists = [], []
     feed, start = tokens[d_valid:], d_valid
     for _ in range(k):
-        logits = draft.model(torch.tensor([feed], device=draft.device), start, last_only=True)[:, -1]
+        logits = draft.step(torch.tensor([feed], device=draft.device), start, last_only=True)[:, -1]
         dist = choose(logits, [tokens + proposal])
         x = int(dist[0]) if dist.ndim == 1 else int(torch.multinomial(dist[0], 1, generator=generator))
         dists.append(dist)
@@ -134,10 +134,10 @@ def speculative_generate(target, draft, prompt_tokens: list, max_gen_len: int, s
     try:
         if n0 > 1:  # prefill all but the last prompt token: each round feeds the pending token first
             want_all = logprobs and echo
-            logits = target.model(torch.tensor([prompt[:-1]], device=target.device), 0, last_only=not want_all)
+            logits = target.step(torch.tensor([prompt[:-1]], device=target.device), 0, last_only=not want_all)
             if want_all:  # positions 0 .. n0-2 score prompt tokens 1 .. n0-1
                 prompt_lps += logprobs_of(logits, torch.tensor([prompt[1:]], device=target.device))[0].tolist()
-            draft.model(torch.tensor([prompt[:-1]], device=draft.device), 0, last_only=True)
+            draft.step(torch.tensor([prompt[:-1]], device=draft.device), 0, last_only=True)
         stats.prefill_s = elapsed(start, target.device)
         tokens, lps, reason = _rounds(target, draft, prompt, total_len, draft_tokens, choose, generator,
                                       stop, on_token, logprobs, stats)
@@ -164,7 +164,7 @@ def _rounds(target, draft, prompt, total_len, k, choose, generator, stop, on_tok
         k_round = min(k, total_len - n - 1)  # the round emits at most k_round + 1 tokens
         proposal, q = _propose(draft, tokens, d_valid, k_round, choose, generator)
         feed = tokens[t_valid:] + proposal
-        logits = target.model(torch.tensor([feed], device=target.device), t_valid)[0, -(k_round + 1):]  # (k+1, V)
+        logits = target.step(torch.tensor([feed], device=target.device), t_valid)[0, -(k_round + 1):]  # (k+1, V)
         dist = choose(logits, [tokens + proposal[:i] for i in range(k_round + 1)])
         if dist.ndim == 1:
             m, y = verify_greedy(dist.tolist(), proposal)

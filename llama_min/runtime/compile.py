@@ -1,5 +1,9 @@
-"""One-token decode steps through torch.compile (Llama.compile): the compiled step.
+"""The compiled step: one-token decode steps through torch.compile (`Llama.compile()`; step.py's third step).
 
+Where llama_min's C step (step.NativeStep) takes a call, the compiled step leaves it there: on SmolLM2
+the C step decoded faster than the compiled graph (alternating in one script on a 2-core AVX2 machine:
+packed 55-69 against 36-41 tok/s, float32 26-29 against 19-21), so the graph serves only the calls it
+does not take (a model whose layers the C code does not multiply by, a GPU).
 """
 
 from __future__ import annotations
@@ -7,7 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fast import FastAttention, dense_twin
+from .attention import FastAttention
+from .linear import dense_twin
+from .step import NativeStep, ReferenceStep
 
 
 # ------------------------------------------------------------------------------------------------
@@ -45,17 +51,24 @@ def rope_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     return torch.stack([even * c - odd * s, even * s + odd * c], dim=-1).flatten(-2).type_as(x)
 
 
-class CompiledDecode:
-    """model.forward with one-token steps through a compiled graph; everything else (prompts, scoring) eager,
-    and so are batches of several rows when the model's float weights are in oneDNN's layout (it multiplies
-    8 rows in about the time of one; the compiled dense kernels here took 2x longer than eager for 8 rows).
+class CompiledStep:
+    """One-token steps through a compiled graph; every other call (prompts, scoring, no cache) goes to
+    `fallback` (the step it was chosen over: step.NativeStep or step.ReferenceStep), and so do batches of
+    several rows when the model's float weights are in oneDNN's layout (it multiplies 8 rows in about the
+    time of one; the compiled dense kernels here took 2x longer than eager for 8 rows).
 
-    Installed as the model's `forward` by `compile_decode`; `eager` is the model's own forward.
+    mode None: CPU_OPTIONS on a CPU (freezing + max-autotune), torch.compile's default elsewhere; or any
+    torch.compile mode. The graph is built on the first one-token call it takes (minutes on a CPU).
     """
 
-    def __init__(self, model, mode=None, backend="inductor", keep_native_step=True):
-        self.model, self.eager = model, model.forward
-        self.native = keep_native_step and hasattr(self.eager, "try_step")  # a native_step.NativeStep
+    name = "compiled"
+
+    @property
+    def about(self) -> str:
+        return f"one-token steps through torch.compile; the rest by the {self.fallback.name} step"
+
+    def __init__(self, model, fallback=None, mode=None, backend="inductor"):
+        self.model, self.fallback = model, fallback if fallback is not None else ReferenceStep(model)
         self.graph = dense_twin(model)  # the compiler cannot trace oneDNN's opaque weights: it gets dense copies
         self.cos = model.freqs_cis.real.contiguous()  # (2 * max_seq_len, hd/2) float32
         self.sin = model.freqs_cis.imag.contiguous()
@@ -64,14 +77,14 @@ class CompiledDecode:
                                       options=CPU_OPTIONS if on_cpu else None)
 
     def __call__(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
-        if self.native:  # llama_min's C step, where it takes the call: faster than the graph (see compile_decode)
-            logits = self.eager.try_step(tokens, start_pos, last_only)
+        if isinstance(self.fallback, NativeStep):  # the C step, where it takes the call: faster than the graph
+            logits = self.fallback.try_step(tokens, start_pos, last_only)
             if logits is not None:
                 return logits
         caches = [layer.attention.cache for layer in self.model.layers]
         several_rows_on_onednn = tokens.shape[0] > 1 and self.graph is not self.model  # oneDNN does rows better
         if tokens.shape[1] != 1 or any(c is None for c in caches) or several_rows_on_onednn:
-            return self.eager(tokens, start_pos, last_only)
+            return self.fallback(tokens, start_pos, last_only)
         if start_pos >= caches[0].k.shape[1]:
             raise ValueError(f"position {start_pos} is past the KV cache of {caches[0].k.shape[1]}")
         ks, vs = [c.k for c in caches], [c.v for c in caches]
@@ -108,28 +121,3 @@ class CompiledDecode:
         q = q.view(B, att.n_kv_heads, att.n_rep, att.head_dim)  # the n_rep query heads of each KV head
         out = F.scaled_dot_product_attention(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), attn_mask=visible)
         return att.wo(out.reshape(B, 1, -1))  # (B, K, n_rep, hd) -> (B, 1, H*hd)
-
-
-def compile_decode(model, mode=None, backend="inductor", keep_native_step=True) -> CompiledDecode:
-    """Route the model's one-token steps through a compiled graph (see above); returns the CompiledDecode.
-
-    mode None: CPU_OPTIONS on a CPU (freezing + max-autotune), torch.compile's default elsewhere; or any
-    torch.compile mode. The graph is built on the first one-token call (minutes on a CPU).
-    keep_native_step: where the model has llama_min's C step (native_step.py) and it takes a call, that
-    call keeps it: on SmolLM2 the C step decoded faster than the compiled graph (alternating in one script
-    on this project's 2-core AVX2 machine: packed 55-69 against 36-41 tok/s, float32 26-29 against 19-21),
-    so the graph serves only the calls it does not take.
-    `uncompile(model)` undoes the routing.
-    """
-    decode = CompiledDecode(model, mode, backend, keep_native_step)
-    model.forward = decode
-    return decode
-
-
-def uncompile(model):
-    """Back to the forward compile_decode replaced (the model's own, or its native_step.NativeStep)."""
-    decode = model.__dict__.get("forward")
-    if isinstance(decode, CompiledDecode):
-        del model.forward
-        if getattr(decode.eager, "__self__", None) is not model:  # not the model's own method: put it back
-            model.forward = decode.eager

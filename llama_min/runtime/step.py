@@ -1,8 +1,20 @@
-"""A model's whole decode step through its decoder layers in one call of llama_min's C code.
+"""The decode step a Llama runs, chosen once when it is built and held by name (`Llama.step`).
 
-Why: after fast.py's transforms a small model's decode step is still about ten calls per layer (norm,
-q|k|v product, attention, output product, residual add, norm, gate|up product, SwiGLU, down product,
-add), and each call from Python costs tens of microseconds of interpreter, dispatch and thread
+  reference  the model's own forward: model.py's Transformer.forward, through whatever modules the
+             transforms (transforms.py) swapped in. Every call, any shape, with or without gradients.
+  native     steps of fewer than quantize.PREFILL_ROWS tokens into a KV cache run every decoder layer in
+             one call of llama_min's C code (NativeStep); every other call is the model's own forward
+  compiled   one-token steps through torch.compile (compile.py, `Llama.compile()`); every other call is
+             the step it was chosen over (native or reference)
+
+`choose_step(model)` picks native where the C code can multiply by every layer the model holds (float32
+activations on a CPU where the kernels build, layers of the kinds listed under NativeStep), else reference.
+A model built with `optimize=False` keeps model.py's own classes, which the C step does not take: it runs
+the reference. `llama-min generate --verbose` prints the chosen step's name.
+
+Why a native step: after the transforms a small model's decode step is still about ten calls per layer
+(norm, q|k|v product, attention, output product, residual add, norm, gate|up product, SwiGLU, down
+product, add), and each call from Python costs tens of microseconds of interpreter, dispatch and thread
 hand-off, against a few microseconds of work for SmolLM2's small matrices. `native.decode_layers` runs
 the same arithmetic for all layers in one call (kernels_avx2.c: the same kernels each call would have
 used, in the same order), so the step costs what its weights take to stream from memory.
@@ -15,23 +27,23 @@ attending to the cached positions and the new ones up to its own (the causal mas
     h = h + FeedForward(RMSNorm(h))      w2( silu(w1 x) * w3 x )
 
 The embedding before the layers and the final norm and output product after them stay PyTorch modules.
+A call takes the C path when it feeds fewer than quantize.PREFILL_ROWS tokens in all (rows x new tokens;
+longer prompts are faster through PyTorch's matrix-matrix kernels) into a KV cache, with gradients off,
+and every layer holds kinds the C code multiplies by: float32 weights (nn.Linear, NativeLinear), 4-bit
+layers in llama_min's own layout and int8 layers with their native kernel (quantize.py), fused or not.
+Anything else (long prompts, scoring without a cache, a layer wrapped for tensor parallelism, a bf16
+model) goes to the model's own forward. Forward hooks on the layers are not called on the C path.
 
-When: `use_native_step(model)` (transforms.apply_transforms does it where the kernels build and the
-activations are float32 on the CPU) installs a NativeStep as the model's `forward`. A call takes the C path
-when it feeds fewer than quantize.PREFILL_ROWS tokens in all (rows x new tokens; longer prompts are faster
-through PyTorch's matrix-matrix kernels) into a KV cache, with gradients off, and every layer holds kinds
-the C code multiplies by: float32 weights (nn.Linear, fast.NativeLinear), 4-bit 'avx2' layers
-(quantize.Int4Linear) and int8 layers with their native kernel (quantize.Int8Linear), fused
-(fast.FusedAttention / FusedFeedForward) or not. Anything else (long prompts, scoring without a cache, a
-layer wrapped for tensor parallelism, a bf16 model) goes to the model's own forward. Forward hooks on the
-layers are not called on the C path.
-
-Safety: the C code reads raw pointers, so every call walks the layers again and compares what it finds
-(module kinds, data pointers, shapes) with what the cached description was built from; any change
-(a module swapped, weights moved, a new cache) rebuilds it. The walk costs 0.15-0.3 ms a step for SmolLM2's
-30 layers, and ~1 ms for the TinyLlama shape's 22 larger ones (0.14 ms when repeated alone, with its comparisons
-run inside map(): inside a real step it costs ~1 ms either way, since the ~800 objects it compares have left
-the CPU's caches while the weights streamed through).
+Safety: the C code reads raw pointers, so it must never read a weight or cache that was replaced or
+freed. Every call therefore walks the layers again and compares what it finds (module kinds, the
+parameter and buffer objects, their data pointers, shapes, the cache objects) with what the cached
+description was read from (_Reads); any difference rebuilds the description before the C code runs.
+So a weight changed in place (`load_state_dict`, which copies into the same storage) is read where it
+is, and a weight or cache replaced (`.to()`, a new parameter, `setup_cache`) is found changed and read
+anew: a stale or freed pointer is never passed. The description holds caches only by weak reference,
+so a dropped cache is freed. The walk costs 0.15-0.3 ms a step for SmolLM2's 30 layers and ~1 ms for
+the TinyLlama shape's 22 larger ones (the ~800 objects it compares have left the CPU's caches while the
+weights streamed through).
 """
 
 from __future__ import annotations
@@ -43,9 +55,12 @@ import torch
 from torch import nn
 
 from . import native
-from .fast import FastAttention, FusedAttention, FusedFeedForward, NativeLinear, NativeRMSNorm
+from .attention import FastAttention
+from .fusion import FusedAttention, FusedFeedForward
+from .linear import PREFILL_ROWS, NativeLinear
+from .native_decode import NativeRMSNorm
 from ..model import FeedForward, RMSNorm
-from .quantize import PREFILL_ROWS, Int4Linear, Int8Linear
+from .quantize import Int4Linear, Int8Linear
 
 
 _MISSING = object()
@@ -144,8 +159,9 @@ def _norm(r: _Reads, norm: nn.Module) -> Optional[tuple]:
     return w.data_ptr(), w.shape[0], r.get(norm, "eps")
 
 
-def _layer(r: _Reads, layer: nn.Module) -> Optional[tuple]:
-    """Everything decode_layers needs of one TransformerBlock as a tuple of plain values, else None."""
+def _weights(r: _Reads, layer: nn.Module) -> Optional[tuple]:
+    """(norms, q|k|v matrices, wo, gate|up matrices, w2) of one TransformerBlock, as plain values, when the C
+    code multiplies by all of them, else None."""
     att, ffn = r.get(layer, "attention"), r.get(layer, "feed_forward")
     if type(att) is FusedAttention:
         qkv = (_matrix(r, r.get(att, "wqkv")),)
@@ -161,9 +177,19 @@ def _layer(r: _Reads, layer: nn.Module) -> Optional[tuple]:
         return None
     wo, w2 = _matrix(r, r.get(att, "wo")), _matrix(r, r.get(ffn, "w2"))
     norms = (_norm(r, r.get(layer, "attention_norm")), _norm(r, r.get(layer, "ffn_norm")))
-    cache = r.get(att, "cache")
-    if None in qkv or None in up or None in norms or wo is None or w2 is None or cache is None:
+    if None in qkv or None in up or None in norms or wo is None or w2 is None:
         return None
+    return norms, qkv, wo, up, w2
+
+
+def _layer(r: _Reads, layer: nn.Module) -> Optional[tuple]:
+    """Everything decode_layers needs of one TransformerBlock (its weights and KV cache), else None."""
+    weights = _weights(r, layer)
+    att = r.get(layer, "attention")
+    cache = r.get(att, "cache") if weights is not None else None
+    if cache is None:
+        return None
+    norms, qkv, wo, up, w2 = weights
     k, v = r.get(cache, "k"), r.get(cache, "v")
     H, KV, hd = r.get(att, "n_heads"), r.get(att, "n_kv_heads"), r.get(att, "head_dim")
     if (k.dtype != torch.float32 or v.dtype != torch.float32 or k.device.type != "cpu" or v.device.type != "cpu"
@@ -197,17 +223,42 @@ def _struct(entries):
     return layers
 
 
-class NativeStep:
-    """model.forward with decode steps through native.decode_layers (see the module docstring);
-    `eager` is the forward it replaced, which takes every other call."""
+class ReferenceStep:
+    """The model's own forward for every call (see the module docstring)."""
 
-    def __init__(self, model):
-        self.model, self.eager = model, model.forward
+    name = "reference"
+    about = "the model's own forward: model.py's, through the modules the transforms swapped in"
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
+        return self.model(tokens, start_pos, last_only=last_only)
+
+
+class NativeStep(ReferenceStep):
+    """Steps of a few tokens into a KV cache through native.decode_layers, the model's own forward for the
+    rest (see the module docstring)."""
+
+    name = "native"
+    about = (f"steps of fewer than {PREFILL_ROWS} tokens through every layer in one call of llama_min's C code; "
+             "longer prompts through the model's own forward")
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
         self._reads, self._layers = None, None
 
     def __call__(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
         logits = self.try_step(tokens, start_pos, last_only)
-        return self.eager(tokens, start_pos, last_only) if logits is None else logits
+        return super().__call__(tokens, start_pos, last_only) if logits is None else logits
+
+    @staticmethod
+    def takes(model: nn.Module) -> bool:
+        """Whether the C code multiplies by every layer the model holds (its KV cache aside)."""
+        if not native.enabled():
+            return False
+        r = _Reads()
+        return all(_weights(r, layer) is not None for layer in r.items(r.get(model, "layers")))
 
     def try_step(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> Optional[torch.Tensor]:
         """The logits (B, T, V) (T = 1 with last_only) of a step through the C code, or None where it does not
@@ -231,7 +282,6 @@ class NativeStep:
     def _describe(self, tokens: torch.Tensor, start_pos: int):
         """The ctypes description of the layers when this call can take the C path, else None; rebuilt
         only when something it was read from changed."""
-        m = self.model
         if tokens.device.type != "cpu" or torch.is_grad_enabled():
             return None
         if self._reads is None or not self._reads.unchanged():
@@ -256,9 +306,9 @@ class NativeStep:
         self._layers, self._dims, self._eps = _struct(entries), first[0], eps.pop()
 
 
-def use_native_step(model) -> nn.Module:
-    """Install a NativeStep as the model's forward (once); the model's own forward still takes every call
-    the C path does not fit."""
-    if not isinstance(model.__dict__.get("forward"), NativeStep):
-        model.forward = NativeStep(model)
-    return model
+def choose_step(model: nn.Module) -> ReferenceStep:
+    """The step to run `model` with: native where the C code takes its layers (float32 activations on a
+    CPU where llama_min's kernels build), else the model's own forward."""
+    weight = model.norm.weight
+    on_cpu_float32 = weight.device.type == "cpu" and weight.dtype == torch.float32
+    return NativeStep(model) if on_cpu_float32 and NativeStep.takes(model) else ReferenceStep(model)
