@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Perplexity of a checkpoint on a text file, llama.cpp's method (same flags as `llama-min eval`).
 
-The code lives in llama_min/perplexity.py; install the package first (pip install -e .).
+The command lives in llama_min/cli/eval.py, the computation in llama_min/decoding/perplexity.py;
+install the package first (pip install -e .).
 """
 
 import sys

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from llama_min import ModelArgs, Transformer
 from llama_min.errors import LlamaMinError
-from llama_min.decoding.perplexity import main, perplexity, windows
+from llama_min.cli.eval import main
+from llama_min.decoding.perplexity import perplexity, windows
 
 
 def tiny_model():
