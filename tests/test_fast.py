@@ -1,10 +1,10 @@
-"""The inference transforms (fast.py, transforms.py) compute the same numbers as the reference model."""
+"""The inference transforms (transforms.py and the modules it names) compute the same numbers as the reference model."""
 
 import pytest
 import torch
 
 from _tiny import tiny_model
-from llama_min.runtime.fast import TransposedEmbedding, TransposedLinear, onednn_available, transpose_wide_layers
+from llama_min.runtime.linear import TransposedEmbedding, TransposedLinear, onednn_available, transpose_wide_layers
 from test_generation import CharTokenizer
 
 
@@ -41,7 +41,7 @@ def test_which_layers_are_transposed():
 def test_onednn_layers_same_numbers_and_back():
     """Every float matrix in oneDNN's layout: the same logits (prompt, one token, a few rows at once), the
     tied embedding still reads its table, and dense_twin (what the compiler gets) holds the exact weights."""
-    from llama_min.runtime.fast import OneDNNLinear, dense_twin, use_onednn_linears
+    from llama_min.runtime.linear import OneDNNLinear, dense_twin, use_onednn_linears
 
     for over in ({}, {"tie_word_embeddings": True}):
         ref, fast = model(**over), use_onednn_linears(model(**over))
@@ -63,7 +63,7 @@ def test_onednn_layers_same_numbers_and_back():
 
 
 # ------------------------------------------------------------------------------------------------
-# llama_min's own float32 kernel (native.f32_linear, fast.NativeLinear)
+# llama_min's own float32 kernel (native.f32_linear, linear.NativeLinear)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -100,7 +100,7 @@ def test_native_linears_same_numbers_as_reference(monkeypatch):
     time, 5 rows at once (a speculative check) and a batch of 2 give the reference's logits; the weights are
     the reference's tensors themselves (a tied embedding still shares its table)."""
     from conftest import use_int4_kernel
-    from llama_min.runtime.fast import NativeLinear, use_native_linears
+    from llama_min.runtime.linear import NativeLinear, use_native_linears
 
     use_int4_kernel(monkeypatch, "avx2")
     for over in ({}, {"tie_word_embeddings": True}):
@@ -123,7 +123,7 @@ def test_native_linears_same_numbers_as_reference(monkeypatch):
 def test_float32_cpu_build_picks_the_native_kernel_else_onednn(monkeypatch):
     """apply_transforms: NativeLinear where the kernel builds; LLAMA_MIN_NATIVE=0 gives oneDNN's layout."""
     from conftest import use_int4_kernel
-    from llama_min.runtime.fast import NativeLinear, OneDNNLinear
+    from llama_min.runtime.linear import NativeLinear, OneDNNLinear
     from llama_min.runtime.transforms import apply_transforms
 
     use_int4_kernel(monkeypatch, "avx2")
@@ -205,7 +205,8 @@ def test_native_decode_same_numbers_as_reference(monkeypatch):
     """use_native_decode on the fused model: the reference's logits over a prompt and one-token steps (batch of
     2, GQA and one KV head); the norms hold the reference's weights."""
     from conftest import use_int4_kernel
-    from llama_min.runtime.fast import FusedAttention, NativeRMSNorm, fuse_projections, use_native_decode
+    from llama_min.runtime.fusion import FusedAttention, fuse_projections
+    from llama_min.runtime.native_decode import NativeRMSNorm, use_native_decode
 
     use_int4_kernel(monkeypatch, "avx2")
     for over in ({}, {"n_kv_heads": 1}):
@@ -233,7 +234,7 @@ def _steps(m, tokens, prefill):
 
 
 def test_fast_attention_same_numbers_as_reference():
-    from llama_min.runtime.fast import FastAttention, use_fast_attention
+    from llama_min.runtime.attention import FastAttention, use_fast_attention
 
     for over in ({}, {"n_kv_heads": 4}, {"n_kv_heads": 1}):
         ref, fast = model(**over), use_fast_attention(model(**over))
@@ -302,7 +303,7 @@ def test_fused_projections_same_logits_and_no_second_copy():
     import gc
     import weakref
 
-    from llama_min.runtime.fast import FusedAttention, FusedFeedForward, fuse_projections
+    from llama_min.runtime.fusion import FusedAttention, FusedFeedForward, fuse_projections
 
     for transposed in (False, True):
         for over in ({}, {"n_kv_heads": 4}, {"n_kv_heads": 1, "tie_word_embeddings": True}):
@@ -328,7 +329,7 @@ def test_fused_projections_same_logits_and_no_second_copy():
 
 def test_fused_weights_hold_the_stacked_rows():
     """Rows of wqkv are Wq, then Wk, then Wv; rows of w13 are W1 then W3 (read back from the fused layers)."""
-    from llama_min.runtime.fast import fuse_projections
+    from llama_min.runtime.fusion import fuse_projections
 
     ref, fused = model(), fuse_projections(model(), transposed=True)
     att, ffn = ref.layers[1].attention, ref.layers[1].feed_forward
@@ -342,7 +343,7 @@ def test_fused_weights_hold_the_stacked_rows():
 def test_quantized_projections_fuse_to_the_same_numbers(quantize):
     """q/k/v and w1/w3 of a quantized model stack into one Int8Linear / Int4Linear holding the very same
     stored values (codes, scales), so the logits equal the unfused quantized model's up to kernel rounding."""
-    from llama_min.runtime.fast import FusedAttention, FusedFeedForward, fuse_projections
+    from llama_min.runtime.fusion import FusedAttention, FusedFeedForward, fuse_projections
     from llama_min.runtime.quantize import Int4Linear, Int8Linear, quantize_model
 
     # groups of 64 take PyTorch's CPU layout, whose tiles are 64 rows with AVX-512: every matrix a whole
@@ -374,7 +375,7 @@ def test_quantized_layers_that_do_not_stack_stay_apart(monkeypatch):
     with AVX-512) rows: not fused; w1 and w3 of 192 rows are whole tiles: fused. (The 'avx2' layout keeps
     rows apart, so it stacks any rows.)"""
     from conftest import use_int4_kernel
-    from llama_min.runtime.fast import FastAttention
+    from llama_min.runtime.attention import FastAttention
     from llama_min.runtime.transforms import apply_transforms
 
     use_int4_kernel(monkeypatch, "torch")
@@ -389,7 +390,7 @@ def test_smollm2_optimized_32_greedy_tokens_as_the_reference(smollm2, smollm2_pa
     """The default model, float32 CPU, every transform (fused projections, W^T layout, FastAttention) against
     model.py's classes: the same 32 greedy tokens, logits of the prompt within 1e-4."""
     from llama_min import Llama
-    from llama_min.runtime.fast import FusedAttention
+    from llama_min.runtime.fusion import FusedAttention
 
     assert isinstance(smollm2.model.layers[0].attention, FusedAttention)
     ref = Llama.build(smollm2_path, max_seq_len=256, max_batch_size=1, device="cpu", dtype=torch.float32,

@@ -70,9 +70,9 @@ def test_huge_page_copy_of_odd_sizes():
 
 
 def test_onednn_weights_stay():
-    """A weight in oneDNN's opaque layout (fast.use_onednn_linears, the float32 path of CPUs where
+    """A weight in oneDNN's opaque layout (linear.use_onednn_linears, the float32 path of CPUs where
     llama_min's own kernel is not used) has no data pointer: it is left alone, the plain ones move."""
-    from llama_min.runtime.fast import OneDNNLinear, onednn_available, use_onednn_linears
+    from llama_min.runtime.linear import OneDNNLinear, onednn_available, use_onednn_linears
 
     if not onednn_available():
         pytest.skip("no oneDNN in this PyTorch build")

@@ -1,7 +1,7 @@
 """Quantized GGUF files run at their own precision: the file's blocks repacked for PyTorch's int4/int8 kernels.
 
 `load_gguf_packed(path)` builds a Transformer whose linear layers are `Int4Linear` / `Int8Linear`
-(llama_min/quantize.py), filled tensor by tensor, in chunks of rows, from the memory-mapped file; no
+(runtime/quantize.py), filled tensor by tensor, in chunks of rows, from the memory-mapped file; no
 float copy of the model exists at any time, and each tensor's file pages are released after use.
 
 ggml block layouts (little-endian, blocks along each row) and where they go:
@@ -22,7 +22,7 @@ ggml block layouts (little-endian, blocks along each row) and where they go:
 "Exact up to bf16": PyTorch's 4-bit kernels keep scale and zero in bf16 (8 significant bits), so d and
 zero are rounded to bf16, a relative change of at most 2^-8 (0.4%) of each: a weight moves by at most
 |q - 8| * |d| * 2^-8 + |zero| * 2^-8; nothing else changes. The codes q are the file's own. llama_min's
-AVX2 kernel (the 'avx2' layout of quantize.py, used where it runs) keeps scale and min = zero - 8 scale
+AVX2 kernel (quantize.AVX2Layout, used where it runs) keeps scale and min = zero - 8 scale
 in fp16 instead: Q4_0's d and -8d and Q4_1's d and m are fp16 numbers already, so those files' weights
 are held exactly; Q4_K's d*sc and -dmin*mn are rounded to fp16 (2^-11 relative).
 
@@ -43,8 +43,8 @@ from torch import nn
 
 from ..errors import LlamaMinError
 from ..model import Transformer
-from .quantize import (Int4Embedding, Int8Embedding, int4_from_rows, int8_from_rows,
-                        chunk_rows, pack_int4, quantize_per_channel)
+from .quantize import (PLAIN_INT4, Int4Embedding, Int8Embedding, chunk_rows, int4_from_rows, int8_from_rows,
+                       quantize_per_channel)
 from ..formats.common import expected_shapes
 from ..formats.gguf.read import args_from_gguf, gguf_to_meta_name
 
@@ -203,7 +203,7 @@ def packed_embedding(t: GGUFTensor, device, dtype) -> nn.Module:
         sz = torch.empty(v, dim // GROUP, 2, dtype=torch.bfloat16, device=device)
         for r0, q, scales, zeros in t.int4_rows():
             r1 = r0 + len(q)
-            packed[r0:r1] = pack_int4(q, "plain").to(device)
+            packed[r0:r1] = PLAIN_INT4.pack(q).to(device)
             sz[r0:r1, :, 0], sz[r0:r1, :, 1] = scales, zeros
         return Int4Embedding(packed, sz, GROUP)
     if t.type_name in INT8_TYPES:

@@ -14,15 +14,17 @@ int4, per group of g = 32, 64 or 128 consecutive weights of a row (gpt-fast's as
     scale = (max - min) / 15,   zero = min + 8 * scale,   q = round((w - min) / scale) in 0..15
     W ~= (q - 8) * scale + zero    (= q * scale + min)
     error <= scale / 2 per weight (plus the bf16 rounding of scale and zero, relative 2^-8).
-    Where the layers are stored and multiplied ("layouts", chosen per layer by `int4_layout`):
-      'avx2'  CPUs with AVX2 (AVX-512 or not), groups of 32: llama_min's own kernel (kernels_avx2.c, native.py),
-              fp16 scale and min, activations as int16 per group of 32 (error <= 1.5e-5 of the group's
-              largest value), float32 out.
-      'cpu'   other CPUs, and groups of 64 or 128: `aten._weight_int4pack_mm_for_cpu` on weights repacked by
-              `aten._convert_weight_to_int4pack_for_cpu` (in tiles of 32 rows, 64 with AVX-512);
-              'cuda': `aten._weight_int4pack_mm`. Both keep scale and zero in bf16, shaped (K/g, N, 2),
-              take bf16 activations and return bf16: the product carries bf16 rounding (~2^-8 relative).
-      'plain' anywhere else: two codes per byte, dequantized for an F.linear.
+    Where the layers are stored and multiplied: one Int4Layout class per layout, its instance chosen per
+    layer by `int4_layout` when the layer is built and held by it (Int4Linear.packing; .layout is its name):
+      'avx2'  AVX2Layout: CPUs with AVX2 (AVX-512 or not), groups of 32: llama_min's own kernel (native/,
+              kernels_avx2.c), fp16 scale and min, activations as int16 per group of 32 (error <= 1.5e-5 of
+              the group's largest value), float32 out.
+      'cpu'   CPUTileLayout: other CPUs, and groups of 64 or 128: `aten._weight_int4pack_mm_for_cpu` on
+              weights repacked by `aten._convert_weight_to_int4pack_for_cpu` (in tiles of 32 rows, 64 with
+              AVX-512); 'cuda' (CUDATileLayout): `aten._weight_int4pack_mm`. Both keep scale and zero in bf16,
+              shaped (K/g, N, 2), take bf16 activations and return bf16: the product carries bf16 rounding
+              (~2^-8 relative).
+      'plain' PlainLayout: anywhere else: two codes per byte, dequantized for an F.linear.
 """
 
 from __future__ import annotations
@@ -36,34 +38,10 @@ from torch import nn
 
 from . import native
 from ..errors import LlamaMinError
+from .linear import PREFILL_ROWS, prompt_linear
 
-PREFILL_ROWS = 32  # from this many rows on, a float GEMM on dequantized weights beats the int8 / 'avx2' kernels
 INT4_GROUP_SIZES = (32, 64, 128)
 CHUNK_WEIGHTS = 1 << 20  # weights converted at a time: the temporaries of a conversion stay at a few MiB
-ONEDNN_MAX_K = 1536  # prompt_linear: weight rows of at most this many numbers go to oneDNN, longer to F.linear
-
-
-def prompt_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x W^T for a prompt's many rows, W (N, K) a dense weight in x's dtype.
-
-    On a CPU, float32, without autograd, with short weight rows (K <= ONEDNN_MAX_K), through oneDNN's matrix
-    kernel (it reorders W on each call): on this project's 2-core AVX2 machine it took 18 ms against 29 ms
-    for F.linear (MKL) on 512 rows times SmolLM2's 3072 x 576 gate|up matrix, 5.7 against 7.4 ms on its
-    960 x 576 q|k|v, about the same on the others (K = 576 and 1536). On TinyLlama's (K = 2048 and 5632)
-    MKL was the faster, 512 rows times 2048 x 2048: 25 against 52-60 ms, 11264 x 2048: 150 against 168 ms,
-    2048 x 5632: 69 against 76 ms. Elsewhere F.linear.
-    """
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32 and onednn_available()
-            and w.shape[1] <= ONEDNN_MAX_K
-            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), w, None, "none", [None], "")
-        return y.view(*x.shape[:-1], w.shape[0])
-    return F.linear(x, w)
-
-
-def onednn_available() -> bool:
-    """Whether this torch has oneDNN's linear operator (prompt_linear here, fast.OneDNNLinear)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def chunk_rows(k: int) -> int:
@@ -182,66 +160,200 @@ def quantize_groupwise_int4(w: torch.Tensor, group_size: int):
     return q.reshape(n, k), scales, zeros
 
 
-def int4_layout(device, n: int, k: int, group_size: int) -> str:
-    """'avx2', 'cpu' or 'cuda' when that kernel takes this shape, else 'plain' (dequantize + F.linear).
+class Int4Layout:
+    """How an Int4Linear stores its codes and group scales, and the kernel that multiplies by them.
 
-    'avx2' (llama_min/native.py) needs groups of 32 and a CPU where it was built; PyTorch's CPU kernel
-    needs N % 16 == 0; the CUDA kernel (inner k tiles of 8) K % 1024 == 0, N % 8 == 0 and a GPU of
-    compute capability 8.0 or newer.
+    One instance per layout (INT4_LAYOUTS), chosen once per layer when it is built (int4_layout) and held by
+    the layer (Int4Linear.packing): what differs between layouts is a method here, not a test of a name.
+    This base keeps scale and zero in bf16, shaped (K/g, N, 2): weight value = (q - 8) * scale + zero.
     """
-    device = torch.device(device)
-    if device.type == "cpu" and group_size == 32 and native.enabled():
-        return "avx2"
-    if device.type == "cpu" and n % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
-        return "cpu"
-    if (device.type == "cuda" and n % 8 == 0 and k % 1024 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm")
-            and torch.cuda.get_device_capability(device)[0] >= 8):
-        return "cuda"
-    return "plain"
+
+    name = ""
+    native = False  # multiplied by llama_min's C code (native.q4_linear; the whole-step decode_layers reads it)
+    rows_dim = 1  # the dimension of scales_and_zeros along the N rows (stacking layers concatenates along it)
+    packs_in_pieces = True  # rows can be packed a chunk (a multiple of 256 rows) at a time
+
+    def takes(self, device: torch.device, n: int, k: int, group_size: int) -> bool:
+        """Whether this layout's kernel takes an (n, k) layer of groups of group_size on `device`."""
+        raise NotImplementedError
+
+    def empty_scales(self, n: int, k: int, group_size: int, device) -> torch.Tensor:
+        return torch.empty(k // group_size, n, 2, dtype=torch.bfloat16, device=device)
+
+    def put_scales(self, sz: torch.Tensor, r0: int, r1: int, scales: torch.Tensor, zeros: torch.Tensor):
+        """Rows r0..r1-1's scales and zeros (r, K/g), float32, into the stored form sz."""
+        sz[:, r0:r1, 0], sz[:, r0:r1, 1] = scales.t(), zeros.t()
+
+    def pack(self, q: torch.Tensor) -> torch.Tensor:
+        """Codes (N, K) in 0..15 -> the stored form."""
+        raise NotImplementedError
+
+    def matmul(self, layer: "Int4Linear", x2: torch.Tensor) -> torch.Tensor:
+        """x2 (M, K) -> x2 W^T (M, N), W the layer's weights."""
+        raise NotImplementedError
+
+    def dequantize(self, layer: "Int4Linear") -> torch.Tensor:
+        """The weights the layer multiplies by, (N, K) float32."""
+        raise NotImplementedError
+
+    def can_stack(self, layers) -> bool:
+        """Whether layers of this layout (same K and group size) stack along N by concatenating their buffers."""
+        return True  # rows are stored apart
+
+    def __repr__(self) -> str:
+        return f"<int4 layout {self.name}>"
 
 
-def pack_int4(q: torch.Tensor, layout: str) -> torch.Tensor:
-    """Codes (N, K) in 0..15 -> the stored form: the CPU/CUDA kernel's tiles, or two codes per byte.
+class AVX2Layout(Int4Layout):
+    """llama_min's own kernel (kernels_avx2.c): groups of 32, byte j of a group holding element j in its low
+    nibble and j+16 in its high one; scales_and_zeros fp16 (N, 2, K/32), each row's scales then its mins,
+    weight value = q * scale + min (the same weights: min = zero - 8 * scale)."""
 
-    'plain': byte j of a row holds element 2j in its low nibble and 2j+1 in its high nibble.
-    'avx2': per group of 32, byte j holds element j in its low nibble and j+16 in its high one.
-    """
-    if layout == "avx2":
+    name, native, rows_dim = "avx2", True, 0
+
+    def takes(self, device, n, k, group_size):
+        return device.type == "cpu" and group_size == 32 and native.enabled()
+
+    def empty_scales(self, n, k, group_size, device):
+        return torch.empty(n, 2, k // group_size, dtype=torch.float16, device=device)
+
+    def put_scales(self, sz, r0, r1, scales, zeros):
+        sz[r0:r1, 0], sz[r0:r1, 1] = scales, zeros - 8 * scales  # Q4_0's -8d and Q4_1's m come back exactly
+
+    def pack(self, q):
         q = q.to(torch.uint8).reshape(q.shape[0], -1, 2, 16)  # (N, K/32, low|high, 16)
         return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(q.shape[0], -1)
-    if layout == "cpu":  # rows pack independently in chunks of whole tiles (cpu_int4_tile_rows)
+
+    def matmul(self, layer, x2):
+        if x2.shape[0] >= PREFILL_ROWS:  # a prompt: one float GEMM on the weights dequantized for it
+            return prompt_linear(x2.float(), self.dequantize(layer))
+        return native.q4_linear(x2.float(), layer.weight, layer.scales_and_zeros)
+
+    def dequantize(self, layer):
+        """q * scale + min per group, by kernels_avx2.c (exact: one float32 multiply-add per weight)."""
+        return native.q4_dequantize(layer.weight, layer.scales_and_zeros)
+
+
+class CPUTileLayout(Int4Layout):
+    """PyTorch's CPU kernel (`aten._weight_int4pack_mm_for_cpu`) on codes repacked in its tiles of 32 rows (64
+    with AVX-512); needs N % 16 == 0. Takes bf16 activations and returns bf16."""
+
+    name = "cpu"
+
+    def takes(self, device, n, k, group_size):
+        return device.type == "cpu" and n % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+    def pack(self, q):
+        """In chunks of whole tiles (cpu_int4_tile_rows), which pack independently."""
         chunk = chunk_rows(q.shape[1]) if q.shape[0] % cpu_int4_tile_rows() == 0 else q.shape[0]
         pieces = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[r : r + chunk].to(torch.int32), 2)
                   for r in range(0, q.shape[0], chunk)]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-    if layout == "cuda":  # this kernel's input: uint8 (N, K/2), even element in the high nibble
-        q = q.to(torch.uint8)
+
+    def matmul(self, layer, x2):
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), layer.weight, layer.group_size,
+                                                          layer.scales_and_zeros)
+
+    def dequantize(self, layer):
+        """The kernel itself, in float32, applied to the identity (exact)."""
+        eye = torch.eye(layer.in_features, dtype=torch.float32)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, layer.weight, layer.group_size,
+                                                          layer.scales_and_zeros.float()).t()
+
+    def can_stack(self, layers):
+        """Only where every N is a whole number of tiles, so that tiles of different matrices never mix."""
+        return all(m.out_features % cpu_int4_tile_rows() == 0 for m in layers)
+
+
+class CUDATileLayout(Int4Layout):
+    """PyTorch's CUDA kernel (`aten._weight_int4pack_mm`, inner k tiles of 8): K % 1024 == 0, N % 8 == 0, a GPU
+    of compute capability 8.0 or newer. Packed once, the whole matrix; bf16 activations and output."""
+
+    name, packs_in_pieces = "cuda", False
+
+    def takes(self, device, n, k, group_size):
+        return (device.type == "cuda" and n % 8 == 0 and k % 1024 == 0
+                and hasattr(torch.ops.aten, "_weight_int4pack_mm") and torch.cuda.get_device_capability(device)[0] >= 8)
+
+    def pack(self, q):
+        q = q.to(torch.uint8)  # this kernel's input: uint8 (N, K/2), even element in the high nibble
         return torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4) | q[:, 1::2], 8)
-    q = q.to(torch.uint8)
-    return q[:, ::2] | (q[:, 1::2] << 4)
+
+    def matmul(self, layer, x2):
+        return torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), layer.weight, layer.group_size,
+                                                  layer.scales_and_zeros)
+
+    def dequantize(self, layer):
+        """The kernel applied to the identity, in bf16 (rounded to bf16)."""
+        eye = torch.eye(layer.in_features, dtype=torch.bfloat16, device=layer.weight.device)
+        w_t = torch.ops.aten._weight_int4pack_mm(eye, layer.weight, layer.group_size, layer.scales_and_zeros)
+        return w_t.t().float()
+
+    def can_stack(self, layers):
+        return False  # the tiles interleave rows
 
 
-def unpack_plain_int4(packed: torch.Tensor) -> torch.Tensor:
-    """(…, K/2) bytes of the 'plain' layout -> (…, K) codes in 0..15 (uint8)."""
-    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
+class PlainLayout(Int4Layout):
+    """Anywhere else: two codes per byte (byte j of a row holds element 2j in its low nibble and 2j+1 in its
+    high one), dequantized for an F.linear. Int4Embedding stores its rows this way too."""
+
+    name = "plain"
+
+    def takes(self, device, n, k, group_size):
+        return True
+
+    def pack(self, q):
+        q = q.to(torch.uint8)
+        return q[:, ::2] | (q[:, 1::2] << 4)
+
+    @staticmethod
+    def unpack(packed: torch.Tensor) -> torch.Tensor:
+        """(…, K/2) bytes -> (…, K) codes in 0..15 (uint8)."""
+        return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
+
+    def matmul(self, layer, x2):
+        return F.linear(x2, self.dequantize(layer).to(x2.dtype))
+
+    def dequantize(self, layer):
+        n, k, g = layer.out_features, layer.in_features, layer.group_size
+        q = self.unpack(layer.weight).float().view(n, k // g, g)
+        sz = layer.scales_and_zeros.float().transpose(0, 1)  # (N, K/g, 2)
+        return ((q - 8) * sz[..., :1] + sz[..., 1:]).reshape(n, k)
+
+
+INT4_LAYOUTS = (AVX2Layout(), CPUTileLayout(), CUDATileLayout(), PlainLayout())  # in order of preference
+PLAIN_INT4 = INT4_LAYOUTS[-1]
+
+
+def int4_layout(device, n: int, k: int, group_size: int) -> Int4Layout:
+    """The first of INT4_LAYOUTS whose kernel takes this shape on `device` ('plain' takes any)."""
+    device = torch.device(device)
+    return next(layout for layout in INT4_LAYOUTS if layout.takes(device, n, k, group_size))
 
 
 class Int4Linear(nn.Module):
     """A bias-free nn.Linear replacement with 4-bit weights, a scale and zero per group of g weights.
 
-    weight: the packed codes (layout 'avx2', 'cpu', 'cuda' or 'plain', see `pack_int4`).
-    scales_and_zeros: bf16 (K/g, N, 2), weight value = (q - 8) * scale + zero; in the 'avx2' layout
-    fp16 (N, 2, K/32) holding each row's scales, then its mins, weight value = q * scale + min (the same
-    weights: min = zero - 8 * scale), which is what kernels_avx2.c reads.
+    weight: the packed codes, scales_and_zeros: the group scales, both in the stored form of `packing` (an
+    Int4Layout, see its classes), which also multiplies by them. `layout` is its name ('avx2', 'cpu', 'cuda'
+    or 'plain'); `native` whether llama_min's C code multiplies by this layer.
     """
 
     def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, in_features: int, group_size: int,
-                 layout: str):
+                 packing: Int4Layout):
         super().__init__()
-        self.in_features, self.out_features = in_features, scales_and_zeros.shape[0 if layout == "avx2" else 1]
-        self.group_size, self.layout = group_size, layout
+        self.in_features, self.out_features = in_features, scales_and_zeros.shape[packing.rows_dim]
+        self.group_size, self.packing = group_size, packing
         self.register_buffer("weight", packed)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
+
+    @property
+    def layout(self) -> str:
+        return self.packing.name
+
+    @property
+    def native(self) -> bool:
+        return self.packing.native
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> "Int4Linear":
@@ -252,40 +364,12 @@ class Int4Linear(nn.Module):
         return int4_from_rows(n, k, group_size, chunks, w.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        if self.layout == "avx2" and x2.shape[0] < PREFILL_ROWS:
-            y = native.q4_linear(x2.float(), self.weight, self.scales_and_zeros)
-        elif self.layout == "avx2":  # a prompt: one float GEMM on the weights dequantized for it
-            y = prompt_linear(x2.float(), self.dequantize())
-        elif self.layout == "cpu":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2.to(torch.bfloat16), self.weight, self.group_size, self.scales_and_zeros)
-        elif self.layout == "cuda":
-            y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), self.weight, self.group_size,
-                                                   self.scales_and_zeros)
-        else:
-            y = F.linear(x2, self.dequantize().to(x.dtype))
+        y = self.packing.matmul(self, x.reshape(-1, self.in_features))
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
-        """The weights this layer multiplies by, (N, K) float32.
-
-        'avx2': q * scale + min per group, by kernels_avx2.c (exact: one float32 multiply-add per weight);
-        'cpu': the kernel itself, in float32, applied to the identity (exact likewise); 'cuda': the same
-        in bf16 (rounded to bf16); 'plain': unpacked directly.
-        """
-        k, g = self.in_features, self.group_size
-        if self.layout == "avx2":
-            return native.q4_dequantize(self.weight, self.scales_and_zeros)
-        if self.layout == "cpu":
-            eye = torch.eye(k, dtype=torch.float32)
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, g, self.scales_and_zeros.float()).t()
-        if self.layout == "cuda":
-            eye = torch.eye(k, dtype=torch.bfloat16, device=self.weight.device)
-            return torch.ops.aten._weight_int4pack_mm(eye, self.weight, g, self.scales_and_zeros).t().float()
-        q = unpack_plain_int4(self.weight).float().view(self.out_features, k // g, g)
-        sz = self.scales_and_zeros.float().transpose(0, 1)  # (N, K/g, 2)
-        return ((q - 8) * sz[..., :1] + sz[..., 1:]).reshape(self.out_features, k)
+        """The weights this layer multiplies by, (N, K) float32 (see the layout's dequantize)."""
+        return self.packing.dequantize(self)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, int4 group {self.group_size}, "
@@ -295,31 +379,25 @@ class Int4Linear(nn.Module):
 def int4_from_rows(n: int, k: int, group_size: int, rows: Iterable, device=None) -> Int4Linear:
     """An Int4Linear filled piecewise: `rows` yields (row0, codes (r, K), scales (r, K/g), zeros (r, K/g)).
 
-    On the CPU each chunk (a multiple of 256 rows, or the rest) is packed straight into the final
-    buffer, so the extra memory is one chunk; the CUDA layout is packed once at the end.
+    Where the layout packs in pieces (the CPU ones) each chunk (a multiple of 256 rows, or the rest) is packed
+    straight into the final buffer, so the extra memory is one chunk; the CUDA layout is packed once at the end.
     """
     if group_size not in INT4_GROUP_SIZES or k % group_size:
         raise LlamaMinError(f"int4 group size {group_size}: expected one of {INT4_GROUP_SIZES} dividing K = {k}")
     device = torch.device(device or "cpu")
     layout = int4_layout(device, n, k, group_size)
-    if layout == "avx2":
-        sz = torch.empty(n, 2, k // group_size, dtype=torch.float16, device=device)
-    else:
-        sz = torch.empty(k // group_size, n, 2, dtype=torch.bfloat16, device=device)
-    whole = torch.empty(n, k, dtype=torch.uint8, device=device) if layout == "cuda" else None
-    packed = None if whole is not None else torch.empty(n, k // 2, dtype=torch.uint8, device=device)
+    sz = layout.empty_scales(n, k, group_size, device)
+    codes = None if layout.packs_in_pieces else torch.empty(n, k, dtype=torch.uint8, device=device)
+    packed = None if codes is not None else torch.empty(n, k // 2, dtype=torch.uint8, device=device)
     for r0, q, scales, zeros in rows:
         r1 = r0 + len(q)
-        if layout == "avx2":  # scale and min: Q4_0's -8d and Q4_1's m come back exactly from zero - 8 scale
-            sz[r0:r1, 0], sz[r0:r1, 1] = scales, zeros - 8 * scales
+        layout.put_scales(sz, r0, r1, scales, zeros)
+        if codes is not None:
+            codes[r0:r1] = q
         else:
-            sz[:, r0:r1, 0], sz[:, r0:r1, 1] = scales.t(), zeros.t()
-        if whole is not None:
-            whole[r0:r1] = q
-        else:
-            packed[r0:r1] = pack_int4(q.to(device), layout)
-    if whole is not None:
-        packed = pack_int4(whole, layout)
+            packed[r0:r1] = layout.pack(q.to(device))
+    if codes is not None:
+        packed = layout.pack(codes)
     return Int4Linear(packed, sz, k, group_size, layout)
 
 
@@ -371,9 +449,8 @@ def quantize_model(model: nn.Module, spec: str) -> nn.Module:
 def can_fuse_quantized(layers) -> bool:
     """Whether these layers can be stacked along N by concatenating their stored buffers.
 
-    All Int8Linear (rows are independent, one scale each), or all Int4Linear with the same group size
-    and K, in the 'plain' or 'avx2' layout (rows are independent) or the 'cpu' layout with every N a whole
-    number of that kernel's tiles (cpu_int4_tile_rows: 32 or 64 rows), so tiles of different matrices never mix.
+    All Int8Linear (rows are independent, one scale each), or all Int4Linear with the same group size, K and
+    layout, where that layout stacks them (Int4Layout.can_stack: rows stored apart, or whole tiles).
     """
     kinds = {type(m) for m in layers}
     if kinds == {Int8Linear}:
@@ -381,10 +458,7 @@ def can_fuse_quantized(layers) -> bool:
     if kinds != {Int4Linear}:
         return False
     same = len({(m.in_features, m.group_size, m.layout) for m in layers}) == 1
-    layout = layers[0].layout
-    rows_apart = layout in ("plain", "avx2")
-    whole_tiles = layout == "cpu" and all(m.out_features % cpu_int4_tile_rows() == 0 for m in layers)
-    return same and (rows_apart or whole_tiles)
+    return same and layers[0].packing.can_stack(layers)
 
 
 def fuse_quantized(layers) -> nn.Module:
@@ -393,9 +467,8 @@ def fuse_quantized(layers) -> nn.Module:
     if isinstance(first, Int8Linear):
         return Int8Linear(torch.cat([m.weight for m in layers]), torch.cat([m.scales for m in layers]))
     packed = torch.cat([m.weight for m in layers])  # (N_1 + N_2 + ..., K/2)
-    n_dim = 0 if first.layout == "avx2" else 1  # 'avx2': (N, 2, K/32); else (K/g, N, 2)
-    sz = torch.cat([m.scales_and_zeros for m in layers], dim=n_dim)
-    return Int4Linear(packed, sz, first.in_features, first.group_size, first.layout)
+    sz = torch.cat([m.scales_and_zeros for m in layers], dim=first.packing.rows_dim)
+    return Int4Linear(packed, sz, first.in_features, first.group_size, first.packing)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,7 +477,7 @@ def fuse_quantized(layers) -> nn.Module:
 
 
 class Int4Embedding(nn.Module):
-    """Embedding rows as 4-bit codes, two per byte ('plain' layout), with bf16 scale/zero per group of g.
+    """Embedding rows as 4-bit codes, two per byte (PlainLayout), with bf16 scale/zero per group of g.
 
     Row t of the table = (q[t] - 8) * scale[t] + zero[t] per group: the same values an Int4Linear built
     from the same codes multiplies by. Lookup unpacks only the rows asked for.
@@ -419,7 +492,7 @@ class Int4Embedding(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         g = self.group_size
-        q = unpack_plain_int4(self.weight[tokens]).float()  # (..., D)
+        q = PLAIN_INT4.unpack(self.weight[tokens]).float()  # (..., D)
         q = q.view(*tokens.shape, self.embedding_dim // g, g)
         sz = self.scales_and_zeros[tokens].float()  # (..., D/g, 2)
         return ((q - 8) * sz[..., :1] + sz[..., 1:]).flatten(-2)

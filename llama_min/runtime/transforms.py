@@ -1,35 +1,39 @@
 """The inference transforms `Llama.build` applies to a built reference model, in order, and what each may change.
 
 model.py is the reference; each transform rewrites a built model in place (module swaps, repacked
-weights) and is tested against the untouched reference in the tests named here:
+weights) and is tested against the untouched reference in the tests named here. "<= t" means what the
+tests assert: torch.testing.assert_close(got, reference, atol=t, rtol=t), |got - ref| <= t + t * |ref|,
+on the logits of prompts and of one-token steps through the KV cache.
 
-  transform                  module        what it changes                       allowed difference (tests)
-  quantize="int8"            quantize.py   nn.Linear -> Int8Linear (per-channel)  int8 rounding (test_quantize)
-  quantize="int4[-64|-128]"  quantize.py   nn.Linear -> Int4Linear (per group)    int4 rounding (test_quantize)
-  (packed GGUF)              formats/gguf_packed.py  built from the file's blocks  fp16 / bf16 rounding of scales
-                                           as Int4Linear / Int8Linear            (test_gguf_packed)
-  fuse_projections           fast.py       q/k/v in one product, w1/w3 in one     float rounding, <= 1e-4
-                                           (float or quantized; built at load)    (test_fast)
-  FastAttention              fast.py       decode GQA without cache copies,       float rounding, <= 1e-4
-                                           SDPA's own causal mask                 (test_fast)
-  use_native_decode          fast.py       RMSNorm, one-token RoPE + cache write  float rounding, <= 1e-5
-                                           + attention, and SwiGLU, each in one   (test_fast)
-                                           call of llama_min's AVX2 kernels
-  use_native_linears         fast.py       float32 CPU weights multiplied by      float rounding, <= 1e-4
-                                           llama_min's AVX2 kernel (native.py)    (test_fast)
-  use_onednn_linears         fast.py       (no AVX2 kernel) float32 CPU weights   float rounding, <= 1e-5
-                                           in oneDNN's blocked layout             (test_fast)
-  transpose_wide_layers      fast.py       (neither) float32 CPU wide weights     float rounding, <= 1e-4
-                                           stored W^T                             (test_fast)
-  use_huge_pages             hugepages.py  (Linux, CPU) large weights outside     none: the same bits
-                                           mapped files moved onto 2 MB pages     (test_hugepages)
-  use_native_step            native_step.py  decode steps (< 32 new tokens): every  float rounding, <= 1e-5
-                                           layer in one call of llama_min's C    (test_native_step)
-                                           code, with the kernels of the rows above
+  transform                  module            what it changes                        allowed difference (tests)
+  quantize="int8"            quantize.py       nn.Linear -> Int8Linear (per channel)  int8 rounding (test_quantize)
+  quantize="int4[-64|-128]"  quantize.py       nn.Linear -> Int4Linear (per group),   int4 rounding (test_quantize)
+                                               one Int4Layout chosen per layer
+  (packed GGUF)              packed.py         built from the file's blocks as        fp16 / bf16 rounding of scales
+                                               Int4Linear / Int8Linear                (test_gguf_packed)
+  fuse_projections           fusion.py         q/k/v in one product, w1/w3 in one     float: <= 1e-4; quantized: the
+                                               (float or quantized; built at load)    same stored values (test_fast)
+  FastAttention              attention.py      decode GQA without cache copies,       float rounding, <= 1e-5
+                                               SDPA's own causal mask                 (test_fast)
+  use_native_decode          native_decode.py  RMSNorm, one-token RoPE + cache write  float rounding, <= 1e-5
+                                               + attention, and SwiGLU, each in one   (test_fast)
+                                               call of llama_min's kernels
+  use_native_linears         linear.py         float32 CPU weights multiplied by      float rounding, <= 1e-5
+                                               llama_min's AVX2 kernel (native/)      (test_fast)
+  use_onednn_linears         linear.py         (no AVX2 kernel) float32 CPU weights   float rounding, <= 1e-5
+                                               in oneDNN's blocked layout             (test_fast)
+  transpose_wide_layers      linear.py         (neither) float32 CPU wide weights     float rounding, <= 1e-5
+                                               stored W^T                             (test_fast)
+  use_huge_pages             hugepages.py      (Linux, CPU) large weights outside     none: the same bits
+                                               mapped files moved onto 2 MB pages     (test_hugepages)
 
+linear.py's docstring says which machines take which of the three float32 CPU layouts. All of them
+together (an optimized float32 build against optimize=False): <= 1e-4 (test_fast).
 `apply_transforms(model, optimize=False)` with no quantization leaves exactly model.py's classes.
-`Llama.compile()` adds one more, on demand: fast.compile_decode (one-token steps through torch.compile,
-RoPE in real arithmetic; float rounding, <= 1e-4, test_compile).
+The decode step that runs the transformed model is chosen apart from these (step.py: llama_min's C step,
+every layer in one call, <= 1e-5, test_native_step). `Llama.compile()` adds one more, on demand:
+compile.compile_decode (one-token steps through torch.compile, RoPE in real arithmetic; float rounding,
+<= 1e-4, test_compile).
 """
 
 from __future__ import annotations
@@ -48,8 +52,10 @@ def apply_transforms(model: nn.Module, optimize: bool = True, quantize: Optional
     if not optimize:
         return model
     from . import native
-    from .fast import (fuse_projections, onednn_available, transpose_wide_layers, use_fast_attention,
-                       use_native_decode, use_native_linears, use_onednn_linears)
+    from .attention import use_fast_attention
+    from .fusion import fuse_projections
+    from .linear import onednn_available, transpose_wide_layers, use_native_linears, use_onednn_linears
+    from .native_decode import use_native_decode
 
     weight = model.norm.weight
     native_glue = weight.device.type == "cpu" and weight.dtype == torch.float32 and native.enabled()
@@ -61,9 +67,9 @@ def apply_transforms(model: nn.Module, optimize: bool = True, quantize: Optional
     if native_glue:
         use_native_decode(model)  # norms and one-token attention in one kernel call each (any weight format)
     if own_kernel:
-        use_native_linears(model)  # every float matrix through llama_min's AVX2 kernel (fast.py, native.py)
+        use_native_linears(model)  # every float matrix through llama_min's AVX2 kernel (linear.py, native/)
     elif onednn:
-        use_onednn_linears(model)  # every float matrix in oneDNN's layout (fast.py)
+        use_onednn_linears(model)  # every float matrix in oneDNN's layout (linear.py)
     elif cpu_float32:
         transpose_wide_layers(model)  # the rest: the output projection (and a tied embedding)
     if weight.device.type == "cpu":
