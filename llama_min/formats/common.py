@@ -63,52 +63,44 @@ class ConfigReader:
             raise LlamaMinError(f"{self.source}: missing key \"{self.within}{self.prefix}{key}\"")
         return value
 
-    def int(self, key: str, default=REQUIRED, minimum: int = 1):
-        """An integer >= minimum (a float with an integer value counts); `default` when absent."""
+    def checked(self, key: str, default, ok, expected: str, convert=None):
+        """The value at `key` if `ok(value)` (then `convert(value)` when given), else an error saying it
+        expected `expected`; `default` when absent. Every typed read below is one of these."""
         value = self.raw(key, default)
         if value is None:
             return default
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise self.error(key, value, f"an integer >= {minimum}")
-        return value
+        if not ok(value):
+            raise self.error(key, value, expected)
+        return convert(value) if convert else value
+
+    def int(self, key: str, default=REQUIRED, minimum: int = 1):
+        """An integer >= minimum (a float with an integer value counts); `default` when absent."""
+        return self.checked(key, default, lambda v: is_integral(v) and v >= minimum, f"an integer >= {minimum}", int)
 
     def number(self, key: str, default=REQUIRED) -> float:
         """A finite positive number; `default` when absent."""
-        value = self.raw(key, default)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-            raise self.error(key, value, "a positive finite number")
-        return float(value)
+        return self.checked(key, default, is_positive_number, "a positive finite number", float)
 
     def flag(self, key: str, default: bool = False) -> bool:
-        value = self.raw(key, default)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise self.error(key, value, "true or false")
-        return value
+        return self.checked(key, default, lambda v: isinstance(v, bool), "true or false")
 
     def text(self, key: str, default=None):
-        value = self.raw(key, default)
-        if value is None:
-            return default
-        if not isinstance(value, str):
-            raise self.error(key, value, "a string")
-        return value
+        return self.checked(key, default, lambda v: isinstance(v, str), "a string")
 
     def numbers(self, key: str, default=None):
         """A non-empty list of positive finite numbers; `default` when absent."""
-        value = self.raw(key, default)
-        if value is None:
-            return default
-        ok = isinstance(value, list) and value and all(
-            not isinstance(v, bool) and isinstance(v, (int, float)) and 0 < v < math.inf for v in value)
-        if not ok:
-            raise self.error(key, value, "a list of positive numbers")
-        return [float(v) for v in value]
+        return self.checked(key, default, lambda v: isinstance(v, list) and v and all(map(is_positive_number, v)),
+                            "a list of positive numbers", lambda v: [float(x) for x in v])
+
+
+def is_integral(value) -> bool:
+    """An int, or a float with an integer value (JSON writers differ); never a bool."""
+    return not isinstance(value, bool) and (isinstance(value, int) or isinstance(value, float) and value.is_integer())
+
+
+def is_positive_number(value) -> bool:
+    """An int or float in (0, inf); never a bool."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < math.inf
 
 
 def build_args(source, renames: Optional[dict] = None, **values) -> ModelArgs:

@@ -14,80 +14,67 @@ from typing import Optional
 from ..errors import LlamaMinError
 from ..files import read_json
 
-DOC = {
-    "config": "model config JSON (ModelArgs fields, params.json form) to train from scratch; a name like "
-              "'tiny' means configs/tiny.json",
-    "init": "checkpoint to fine-tune (Meta dir, HF dir, .gguf file, llama_min dir): anything load_checkpoint reads",
-    "tokenizer": "tokenizer file or dir; default: the --init checkpoint's, or (with --config) a sentencepiece BPE "
-                 "trained on the data with the config's vocab_size and saved to OUT/tokenizer.model",
-    "data": "training text: .txt (tokenized and packed) or .jsonl ({\"text\": ...} or chat {\"messages\": [...]}, "
-            "loss on assistant tokens only); several files are concatenated",
-    "out": "run directory: run.json, metrics.jsonl, checkpoints/, final/",
-    "max_steps": "optimizer steps in the run; also the length of the LR schedule",
-    "batch_size": "windows (sequences) per micro-step, global over all processes (must divide by their number)",
-    "grad_accum": "micro-steps per optimizer step: tokens per step = batch_size * grad_accum * seq_len",
-    "seq_len": "tokens per window (at most the model's max_seq_len)",
-    "lr": "peak learning rate (after warmup)",
-    "min_lr_ratio": "the cosine decay ends at lr * min_lr_ratio",
-    "warmup_steps": "linear warmup from lr/warmup_steps to lr over this many steps",
-    "weight_decay": "AdamW decoupled weight decay on matrices (not on norms or LoRA-frozen weights)",
-    "beta1": "AdamW beta1", "beta2": "AdamW beta2", "adam_eps": "AdamW epsilon",
-    "grad_clip": "clip the global gradient norm to this (0 = no clipping)",
-    "seed": "seeds the model init, LoRA init, data order and dropout",
-    "val_fraction": "fraction of the windows (the last ones) held out for validation",
-    "eval_every": "evaluate val loss / perplexity and print a sample every N steps (0 = only at the end)",
-    "eval_batches": "validation batches (of batch_size windows) per evaluation",
-    "sample_prompt": "prompt of the sample printed at each evaluation (default: the start of the data)",
-    "sample_tokens": "new tokens in that sample (0 = no sample)",
-    "save_every": "write a resumable checkpoint every N steps (0 = only with --stop-after)",
-    "keep_checkpoints": "how many recent checkpoints to keep",
-    "bf16": "bfloat16 autocast over float32 master weights (null = on for a CUDA GPU with bf16, off on CPU: "
-            "there it is not bit-exact and its speed depends on the CPU's bf16 support)",
-    "grad_checkpointing": "recompute each block's activations in the backward pass: less memory, ~30% more time",
-    "fsdp": "under torchrun: shard parameters, gradients and optimizer state (FSDP2 fully_shard) instead of DDP",
-    "device": "cpu | cuda | cuda:N (default: the GPU of this process if there is one, else cpu)",
-    "lora_rank": "LoRA rank r (0 = full fine-tuning of every weight)",
-    "lora_alpha": "LoRA scale numerator: the update is (alpha / r) * B A",
-    "lora_dropout": "dropout on the LoRA branch input",
-    "lora_targets": "linear layers that get adapters: a comma-separated subset of wq,wk,wv,wo,w1,w2,w3",
-}
+
+def setting(default, doc: str):
+    """A TrainConfig field: its default and its documentation, side by side."""
+    return field(default=default, metadata={"doc": doc})
 
 
 @dataclass
 class TrainConfig:
-    config: Optional[str] = None
-    init: Optional[str] = None
-    tokenizer: Optional[str] = None
-    data: list = field(default_factory=list)
-    out: Optional[str] = None
-    max_steps: int = 1000
-    batch_size: int = 8
-    grad_accum: int = 1
-    seq_len: int = 256
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0
-    seed: int = 1
-    val_fraction: float = 0.05
-    eval_every: int = 100
-    eval_batches: int = 4
-    sample_prompt: Optional[str] = None
-    sample_tokens: int = 40
-    save_every: int = 0
-    keep_checkpoints: int = 1
-    bf16: Optional[bool] = None
-    grad_checkpointing: bool = False
-    fsdp: bool = False
-    device: Optional[str] = None
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "wq,wk,wv,wo,w1,w2,w3"
+    """Every training setting: its type, its default and its documentation (DOC, the flags' help)."""
+
+    config: Optional[str] = setting(None, "model config JSON (ModelArgs fields, params.json form) to train from "
+                                          "scratch; a name like 'tiny' means configs/tiny.json")
+    init: Optional[str] = setting(None, "checkpoint to fine-tune (Meta dir, HF dir, .gguf file, llama_min dir): "
+                                        "anything load_checkpoint reads")
+    tokenizer: Optional[str] = setting(None, "tokenizer file or dir; default: the --init checkpoint's, or (with "
+                                             "--config) a sentencepiece BPE trained on the data with the config's "
+                                             "vocab_size and saved to OUT/tokenizer.model")
+    data: list = field(default_factory=list, metadata={"doc": "training text: .txt (tokenized and packed) or "
+                                                              ".jsonl ({\"text\": ...} or chat {\"messages\": [...]}, "
+                                                              "loss on assistant tokens only); several files are "
+                                                              "concatenated"})
+    out: Optional[str] = setting(None, "run directory: run.json, metrics.jsonl, checkpoints/, final/")
+    max_steps: int = setting(1000, "optimizer steps in the run; also the length of the LR schedule")
+    batch_size: int = setting(8, "windows (sequences) per micro-step, global over all processes (must divide by "
+                                 "their number)")
+    grad_accum: int = setting(1, "micro-steps per optimizer step: tokens per step = batch_size * grad_accum * "
+                                 "seq_len")
+    seq_len: int = setting(256, "tokens per window (at most the model's max_seq_len)")
+    lr: float = setting(3e-4, "peak learning rate (after warmup)")
+    min_lr_ratio: float = setting(0.1, "the cosine decay ends at lr * min_lr_ratio")
+    warmup_steps: int = setting(50, "linear warmup from lr/warmup_steps to lr over this many steps")
+    weight_decay: float = setting(0.1, "AdamW decoupled weight decay on matrices (not on norms or LoRA-frozen "
+                                       "weights)")
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.95, "AdamW beta2")
+    adam_eps: float = setting(1e-8, "AdamW epsilon")
+    grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = no clipping)")
+    seed: int = setting(1, "seeds the model init, LoRA init, data order and dropout")
+    val_fraction: float = setting(0.05, "fraction of the windows (the last ones) held out for validation")
+    eval_every: int = setting(100, "evaluate val loss / perplexity and print a sample every N steps (0 = only at "
+                                   "the end)")
+    eval_batches: int = setting(4, "validation batches (of batch_size windows) per evaluation")
+    sample_prompt: Optional[str] = setting(None, "prompt of the sample printed at each evaluation (default: the "
+                                                 "start of the data)")
+    sample_tokens: int = setting(40, "new tokens in that sample (0 = no sample)")
+    save_every: int = setting(0, "write a resumable checkpoint every N steps (0 = only with --stop-after)")
+    keep_checkpoints: int = setting(1, "how many recent checkpoints to keep")
+    bf16: Optional[bool] = setting(None, "bfloat16 autocast over float32 master weights (null = on for a CUDA GPU "
+                                         "with bf16, off on CPU: there it is not bit-exact and its speed depends "
+                                         "on the CPU's bf16 support)")
+    grad_checkpointing: bool = setting(False, "recompute each block's activations in the backward pass: less "
+                                              "memory, ~30% more time")
+    fsdp: bool = setting(False, "under torchrun: shard parameters, gradients and optimizer state (FSDP2 "
+                                "fully_shard) instead of DDP")
+    device: Optional[str] = setting(None, "cpu | cuda | cuda:N (default: the GPU of this process if there is one, "
+                                          "else cpu)")
+    lora_rank: int = setting(0, "LoRA rank r (0 = full fine-tuning of every weight)")
+    lora_alpha: float = setting(16.0, "LoRA scale numerator: the update is (alpha / r) * B A")
+    lora_dropout: float = setting(0.0, "dropout on the LoRA branch input")
+    lora_targets: str = setting("wq,wk,wv,wo,w1,w2,w3", "linear layers that get adapters: a comma-separated subset "
+                                                        "of wq,wk,wv,wo,w1,w2,w3")
 
     def updated(self, values: dict, source: str) -> "TrainConfig":
         """A copy with `values` applied; unknown keys are an error naming `source` ("_doc" is ignored)."""
@@ -131,6 +118,9 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
+
+
+DOC = {f.name: f.metadata["doc"] for f in fields(TrainConfig)}  # setting -> its help text
 
 
 def read_json_file(path, what: str) -> dict:
