@@ -118,7 +118,8 @@ def test_int4_linear_multiplies_by_its_codes(g, n, kernel, monkeypatch):
     lin = torch.nn.Linear(256, n, bias=False)
     qlin = Int4Linear.from_linear(lin, g)
     want_layout = "avx2" if kernel == "avx2" and g == 32 else "cpu" if n % 16 == 0 else "plain"
-    assert qlin.layout == want_layout
+    assert qlin.layout == want_layout and qlin.packing.name == want_layout
+    assert qlin.native == (want_layout == "avx2")  # what the C decode step asks of a 4-bit layer
     want_w = _reference_weights(*quantize_groupwise_int4(lin.weight, g), g, qlin.layout)
     assert torch.equal(qlin.dequantize(), want_w)
     if qlin.layout == "avx2":  # the C dequantizer (for prompts) agrees with the torch one bit for bit
