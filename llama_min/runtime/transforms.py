@@ -76,8 +76,4 @@ def apply_transforms(model: nn.Module, optimize: bool = True, quantize: Optional
         from .hugepages import use_huge_pages
 
         use_huge_pages(model)  # the large weights on 2 MB pages: fewer address translations per step
-    if native_glue:
-        from .step import use_native_step
-
-        use_native_step(model)  # decode steps through every layer in one call of llama_min's C code
     return model
