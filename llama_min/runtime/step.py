@@ -133,7 +133,7 @@ def _matrix(r: _Reads, layer: nn.Module) -> Optional[tuple]:
         w = r.get(layer, "weight")
         if w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous() and w.dim() == 2:
             return native.FLOAT32, w.shape[0], w.shape[1], w.data_ptr(), 0
-    elif kind is Int4Linear and r.get(layer, "layout") == "avx2":
+    elif kind is Int4Linear and r.get(layer, "native"):
         codes, dc = r.get(layer, "weight"), r.get(layer, "scales_and_zeros")
         n, k = dc.shape[0], codes.shape[1] * 2
         if (codes.dtype == torch.uint8 and dc.dtype == torch.float16 and k % 32 == 0 and codes.is_contiguous()
