@@ -79,7 +79,7 @@ class Llama:
         generator, so the same seed gives Meta's samples on the same weights.
         quantize: "int8" (per-channel), "int4" / "int4-64" / "int4-128" (a scale and zero per group of 32 / 64 /
         128 weights), see quantize.py. packed: run a quantized GGUF at its own precision
-        (formats/gguf_packed.py); None = yes when the file is a quantized GGUF and neither dtype nor quantize
+        (runtime/packed.py); None = yes when the file is a quantized GGUF and neither dtype nor quantize
         is given; False = dequantize it to float. optimize: apply the inference transforms (transforms.py);
         False keeps exactly model.py's classes. chat_format: "template" (the checkpoint's Jinja template),
         "meta" or "chatml"; None = the template when the checkpoint ships one, else the built-in format.

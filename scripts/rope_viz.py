@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Redraw the RoPE pictures of the README into scripts/img/ (the code lives in llama_min/rope_viz.py).
+"""Redraw the RoPE pictures of the README into scripts/img/ (the code lives in llama_min/inspect/rope_viz.py).
 
     python scripts/rope_viz.py                       # all pictures into scripts/img/
     python scripts/rope_viz.py --only decay scaling  # just these two

@@ -53,7 +53,7 @@ def smollm2(smollm2_path):
 
 
 def use_int4_kernel(monkeypatch, which: str):
-    """Make new 4-bit CPU layers use `which` kernel: "avx2" (llama_min/native.py) or "torch" (PyTorch's).
+    """Make new 4-bit CPU layers use `which` kernel: "avx2" (llama_min/runtime/native/) or "torch" (PyTorch's).
 
     "avx2" where it cannot be built skips locally and fails under CI (env CI=true), like require_asset.
     """

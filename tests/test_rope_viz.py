@@ -1,4 +1,4 @@
-"""llama_min/rope_viz.py (and its wrapper scripts/rope_viz.py): the data behind the RoPE pictures (no
+"""llama_min/inspect/rope_viz.py (and its wrapper scripts/rope_viz.py): the data behind the RoPE pictures (no
 matplotlib needed) and the pictures themselves."""
 
 import math

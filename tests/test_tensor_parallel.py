@@ -1,4 +1,4 @@
-"""Tensor parallelism (llama_min/tensor_parallel.py, formats/sliced.py) on CPU with gloo.
+"""Tensor parallelism (llama_min/parallel/: tensor_parallel.py, slicing.py) on CPU with gloo.
 
 The oracle is the one-process reference: the same tiny random model computed whole (in memory, or loaded
 with the ordinary, independent loaders of formats/meta.py, hf.py, gguf.py). N processes must give the same

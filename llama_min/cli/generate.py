@@ -67,7 +67,7 @@ def parse_args(argv=None, prog: Optional[str] = None):
 def load_speedups(llama, args):
     """The draft model for speculative decoding (or None), and --compile; the compile time on stderr."""
     draft = None
-    if args.draft or args.draft_quantize:  # llama_min/speculative.py
+    if args.draft or args.draft_quantize:  # llama_min/decoding/speculative.py
         from ..generation import Llama
 
         draft = Llama.build(args.draft or args.ckpt, None if args.draft else args.tokenizer,

@@ -263,7 +263,7 @@ def tensor_parallelize(model: Transformer, group=None, emb_axis: int = 1) -> Tra
     """Split a full model held in memory by this process into its rank's part, with collectives.
 
     The in-memory route (tests, small models); `Llama.build(..., tensor_parallel=True)` instead reads
-    only the rank's slice from the checkpoint (formats/sliced.py)."""
+    only the rank's slice from the checkpoint (parallel/slicing.py)."""
     layout = Layout(model.params, dist.get_rank(group), dist.get_world_size(group), emb_axis)
     weight = model.norm.weight
     local = build_local_model(model.params, layout, shard_state_dict(model.state_dict(), layout))

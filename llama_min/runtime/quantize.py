@@ -102,7 +102,7 @@ class Int8Linear(nn.Module):
         rows = x.numel() // self.in_features
         if rows >= PREFILL_ROWS:  # a long prompt: compute-bound, so dequantize once and use a float GEMM
             return prompt_linear(x, self.weight.to(x.dtype) * self.scales[:, None].to(x.dtype))
-        if self.native and x.device.type == "cpu":  # llama_min's AVX2 kernel (native.py)
+        if self.native and x.device.type == "cpu":  # llama_min's AVX2 kernel (native/)
             y = native.q8_linear(x.reshape(-1, self.in_features).float(), self.weight, self.scales)
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         if x.device.type == "cpu" and _has_int8pack_mm():

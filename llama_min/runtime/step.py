@@ -2,7 +2,7 @@
 
   reference  the model's own forward: model.py's Transformer.forward, through whatever modules the
              transforms (transforms.py) swapped in. Every call, any shape, with or without gradients.
-  native     steps of fewer than quantize.PREFILL_ROWS tokens into a KV cache run every decoder layer in
+  native     steps of fewer than linear.PREFILL_ROWS tokens into a KV cache run every decoder layer in
              one call of llama_min's C code (NativeStep); every other call is the model's own forward
   compiled   one-token steps through torch.compile (compile.py, `Llama.compile()`); every other call is
              the step it was chosen over (native or reference)
@@ -27,7 +27,7 @@ attending to the cached positions and the new ones up to its own (the causal mas
     h = h + FeedForward(RMSNorm(h))      w2( silu(w1 x) * w3 x )
 
 The embedding before the layers and the final norm and output product after them stay PyTorch modules.
-A call takes the C path when it feeds fewer than quantize.PREFILL_ROWS tokens in all (rows x new tokens;
+A call takes the C path when it feeds fewer than linear.PREFILL_ROWS tokens in all (rows x new tokens;
 longer prompts are faster through PyTorch's matrix-matrix kernels) into a KV cache, with gradients off,
 and every layer holds kinds the C code multiplies by: float32 weights (nn.Linear, NativeLinear), 4-bit
 layers in llama_min's own layout and int8 layers with their native kernel (quantize.py), fused or not.

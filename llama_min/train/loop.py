@@ -8,8 +8,8 @@
   train             the whole job as the command line runs it (a finished run is left as it is)
   lr_at             the learning-rate schedule
 
-The jobs around the loop live beside it: inputs and model (train_prepare), several processes
-(train_parallel), the run folder and its checkpoints (train_state), reporting (train_metrics).
+The jobs around the loop live beside it: inputs and model (prepare.py), several processes
+(dist.py), the run folder and its checkpoints (state.py), reporting (metrics.py).
 
 Exact resume: a checkpoint holds the trainable weights, AdamW's moments and step counts, every rank's RNG
 state and the data position (samples consumed; the order is a pure function of seed and position, see

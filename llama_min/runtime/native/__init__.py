@@ -296,7 +296,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs_ro
 
 
 # ------------------------------------------------------------------------------------------------
-# A whole decode step through the decoder layers (decode_layers in kernels_avx2.c; native_step.NativeStep)
+# A whole decode step through the decoder layers (decode_layers in kernels_avx2.c; step.NativeStep)
 # ------------------------------------------------------------------------------------------------
 
 FLOAT32, INT4, INT8 = 0, 1, 2  # matrix kinds, as kernels_avx2.c numbers them
