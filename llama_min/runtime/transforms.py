@@ -30,10 +30,10 @@ on the logits of prompts and of one-token steps through the KV cache.
 linear.py's docstring says which machines take which of the three float32 CPU layouts. All of them
 together (an optimized float32 build against optimize=False): <= 1e-4 (test_fast).
 `apply_transforms(model, optimize=False)` with no quantization leaves exactly model.py's classes.
-The decode step that runs the transformed model is chosen apart from these (step.py: llama_min's C step,
-every layer in one call, <= 1e-5, test_native_step). `Llama.compile()` adds one more, on demand:
-compile.compile_decode (one-token steps through torch.compile, RoPE in real arithmetic; float rounding,
-<= 1e-4, test_compile).
+The decode step that runs the transformed model is chosen apart from these, and held by name in
+`Llama.step` (step.py): llama_min's C step, every layer in one call (<= 1e-5, test_native_step), or the
+model's own forward; `Llama.compile()` puts compile.CompiledStep over it (one-token steps through
+torch.compile, RoPE in real arithmetic; float rounding, <= 1e-4, test_compile).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+
 
 def apply_transforms(model: nn.Module, optimize: bool = True, quantize: Optional[str] = None) -> nn.Module:
     """Quantize (if asked: "int8", "int4", "int4-64", "int4-128"), then the speed transforms (if optimize)."""
