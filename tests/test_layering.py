@@ -14,8 +14,6 @@ module. On that graph:
   (g) inside the package, imports of llama_min are relative;
   (h) at most MAX_TOP_MODULES modules at the top of llama_min/ (__init__ and __main__ counted).
 
-KNOWN_TODO lists the violations left in files other engineers are changing right now; each entry is one edge
-and must still be a violation (a fixed one fails test_known_todo_entries_are_still_violations: remove it).
 Each check is a plain function returning its violations; the self-tests at the bottom feed each one a small
 fake package or graph with a violation and check that it is caught.
 """
@@ -28,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Set, Tuple
 
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "llama_min"
@@ -48,7 +45,8 @@ PACKAGE = "llama_min"
 #   runtime           fast layouts, quantization, packed GGUF modules, native kernels (formats' tensors, and
 #                     assets' cache folder for the compiled kernels)
 #   parallel          per-rank reading of checkpoint files (checkpoint, formats), sharded runtime modules
-#   decoding          sampling, stops, speculative decoding, perplexity: given a model or logits, no Llama
+#   decoding          sampling, stops, speculative decoding, chat sessions, perplexity: given a Llama or a
+#                     model, never importing generation
 #   generation        Llama: builds the model (checkpoint, runtime, parallel), decodes with decoding/
 #   train | inspect   training and pictures: may use everything below
 #   llama_min         the package's __init__: re-exports of the public API from below
@@ -71,15 +69,6 @@ LAYERS: List[Tuple[str, ...]] = [
 ]
 
 MAX_TOP_MODULES = 8
-
-# Violations in files their owners are changing right now (runtime/, generation.py, decoding/session.py,
-# decoding/speculative.py), to be fixed there and removed here. One edge each: (check, importer, imported
-# module, or "module:name" for a private name).
-KNOWN_TODO: Set[Tuple[str, str, str]] = {
-    # decoding/session.py imports generation (Llama, only as a type; from_rank0, which is
-    # parallel.tensor_parallel.broadcast_from_rank0): decoding sits below generation, which imports it
-    ("layers", "llama_min.decoding.session", "llama_min.generation"),
-}
 
 
 # --------------------------------------------------------------------------------------------- the graph
@@ -328,10 +317,9 @@ def check_top_count(modules: Dict[str, Module], package: str = PACKAGE,
 # --------------------------------------------------------------------------------------------- the tests
 
 
-def assert_clean(found: List[Violation], title: str, known: Set[Tuple[str, str, str]] = KNOWN_TODO) -> None:
-    """No violation in `found` but those `known` (KNOWN_TODO)."""
-    new = sorted(message for kind, importer, target, message in found if (kind, importer, target) not in known)
-    assert not new, f"{title}:\n  " + "\n  ".join(new)
+def assert_clean(found: List[Violation], title: str) -> None:
+    """No violation in `found` (each is named in the message)."""
+    assert not found, f"{title}:\n  " + "\n  ".join(sorted(message for *_, message in found))
 
 
 MODULES = load_package()
@@ -355,8 +343,7 @@ def test_imports_go_down_the_layers():
 
 
 def test_no_import_cycle():
-    graph = {node: {t for t in targets if ("cycle", node, t) not in KNOWN_TODO} for node, targets in GRAPH.items()}
-    cycle = find_cycle(graph)
+    cycle = find_cycle(GRAPH)
     assert cycle is None, "import cycle (lazy imports included): " + " -> ".join(cycle)
 
 
@@ -370,21 +357,6 @@ def test_imports_inside_the_package_are_relative():
 
 def test_few_modules_at_the_top():
     assert_clean(check_top_count(MODULES), "too many modules at the top of llama_min/")
-
-
-def test_known_todo_entries_are_still_violations():
-    """A KNOWN_TODO entry that no check finds any more is stale: remove it."""
-    every = (check_model_imports(MODULES) + check_formats_imports(GRAPH) + check_no_cli_imports(GRAPH)
-             + check_layers(GRAPH) + check_private_names(MODULES) + check_relative(MODULES)
-             + check_top_count(MODULES))
-    found = {(kind, importer, target) for kind, importer, target, _ in every}
-    found |= {("cycle", node, t) for node, targets in GRAPH.items() for t in targets}
-    stale = KNOWN_TODO - found
-    assert not stale, f"KNOWN_TODO entries that are no longer violations (remove them): {sorted(stale)}"
-
-
-# --------------------------------------------------------------------------------------------- self-tests
-# Each check must be able to fail: a fake package of a few sources, with one violation per check.
 
 
 def fake_package(tmp_path: Path, files: Dict[str, str]) -> Dict[str, Module]:
@@ -466,13 +438,6 @@ def test_self_private_check_catches_underscore_names(tmp_path):
     })
     assert sorted(v[2] for v in check_private_names(mods)) == ["llama_min.formats.hf:_files",
                                                                "llama_min.text.gguf_vocab:_B"]
-
-
-def test_self_known_todo_lets_only_its_own_entries_pass():
-    found = [("private", "llama_min.a", "llama_min.b:_x", "a imports _x from b")]
-    assert_clean(found, "t", known={("private", "llama_min.a", "llama_min.b:_x")})
-    with pytest.raises(AssertionError, match="a imports _x from b"):
-        assert_clean(found, "t", known={("private", "llama_min.a", "llama_min.b:_y")})
 
 
 def test_self_relative_check_catches_absolute_imports(tmp_path):

@@ -6,5 +6,6 @@
   session.py      a chat session that keeps its KV cache between turns
   perplexity.py   perplexity of a text in windows, as llama.cpp's llama-perplexity counts it
 
-May import: model, text, runtime, parallel, files, errors, and generation (Llama). Never train or cli.
+May import: model, text, formats, checkpoint, runtime, parallel, files, errors. Never generation (which holds
+these parts together and imports them), train or cli.
 """

@@ -16,15 +16,16 @@ import torch
 
 from ..errors import LlamaMinError
 from ..files import atomic_write
-from ..generation import Llama, from_rank0
-from .sampling import Sampling, Stats, elapsed, sample_next
 from ..model import KVCache
+from ..parallel.tensor_parallel import broadcast_from_rank0
+from .sampling import Sampling, Stats, elapsed, sample_next
 
 
 class ChatSession:
-    """A dialog with a model: `ask(text)` answers and remembers; `undo`, `set_system`, `reset`, `save`."""
+    """A dialog with a model (`llama`, a generation.Llama): `ask(text)` answers and remembers; `undo`,
+    `set_system`, `reset`, `save`."""
 
-    def __init__(self, llama: Llama, system: Optional[str] = None, seed: Optional[int] = None, **sampling):
+    def __init__(self, llama, system: Optional[str] = None, seed: Optional[int] = None, **sampling):
         self.llama, self.system = llama, system
         self.sampling = Sampling(**sampling)
         self.generator = None if seed is None else torch.Generator(llama.device).manual_seed(seed)
@@ -111,7 +112,7 @@ class ChatSession:
             while len(self.cached) < total:
                 history = torch.tensor([self.cached], device=llama.device) if self.sampling.repetition_penalty != 1 else None
                 nxt = sample_next(llama.known_tokens(logits[:, -1]), self.sampling, history, self.generator)
-                nxt = int((from_rank0(nxt) if llama.tensor_parallel else nxt)[0])  # rank 0 decides
+                nxt = int((broadcast_from_rank0(nxt) if llama.tensor_parallel else nxt)[0])  # rank 0 decides
                 if nxt in tok.stop_ids:
                     break
                 reply.append(nxt)

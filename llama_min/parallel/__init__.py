@@ -3,5 +3,6 @@
   tensor_parallel.py  the layout (which weights split how), sharded modules, the process group's life
   slicing.py          reading only this rank's slice of a checkpoint file
 
-May import: model, text, formats, runtime, files, errors. Never decoding, train or cli.
+May import: model, text, formats, checkpoint, runtime, files, errors. Never decoding, generation, train or
+cli.
 """

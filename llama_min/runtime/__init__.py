@@ -14,5 +14,6 @@
   compile.py        one-token decode steps through torch.compile
   native/           llama_min's C kernels (kernels_avx2.c) and their build on first use
 
-May import: model, text, formats, files, errors. Never parallel, decoding, train or cli.
+May import: model, text, formats, checkpoint, assets (the kernels' cache folder), files, errors. Never
+parallel, decoding, generation, train or cli.
 """
