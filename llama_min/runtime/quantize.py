@@ -79,6 +79,13 @@ def quantize_per_channel(w: torch.Tensor):
     return q, scales
 
 
+def hold_int8_rows(module: nn.Module, q: torch.Tensor, scales: torch.Tensor) -> None:
+    """Register int8 rows q (N, K) and their float32 scales (N,) as the buffers `weight` and `scales`
+    (state-dict names of Int8Linear and Int8Embedding alike)."""
+    module.register_buffer("weight", q)
+    module.register_buffer("scales", scales)
+
+
 def _has_int8pack_mm() -> bool:
     return hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
@@ -89,8 +96,7 @@ class Int8Linear(nn.Module):
     def __init__(self, q: torch.Tensor, scales: torch.Tensor):
         super().__init__()
         self.out_features, self.in_features = q.shape
-        self.register_buffer("weight", q)
-        self.register_buffer("scales", scales)
+        hold_int8_rows(self, q, scales)
         self._scales_bf16 = scales.to(torch.bfloat16)
         self.native = q.device.type == "cpu" and self.in_features % 32 == 0 and native.enabled()
 
@@ -504,8 +510,7 @@ class Int8Embedding(nn.Module):
     def __init__(self, q: torch.Tensor, scales: torch.Tensor):
         super().__init__()
         self.num_embeddings, self.embedding_dim = q.shape
-        self.register_buffer("weight", q)
-        self.register_buffer("scales", scales)
+        hold_int8_rows(self, q, scales)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.weight[tokens].float() * self.scales[tokens][..., None]

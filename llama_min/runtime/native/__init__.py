@@ -186,7 +186,7 @@ def q4_linear(x: torch.Tensor, codes: torch.Tensor, dc: torch.Tensor) -> torch.T
 
 def _q4_linear(x: torch.Tensor, codes: torch.Tensor, dc: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
-    (m, k), n = x.shape, codes.shape[0]
+    (_, k), n = x.shape, codes.shape[0]
     if x.dtype != torch.float32 or codes.dtype != torch.uint8 or dc.dtype != torch.float16 or k % 32:
         raise ValueError(f"q4_linear: bad operands {x.dtype} {tuple(x.shape)}, {codes.dtype}, {dc.dtype}")
     if tuple(codes.shape) != (n, k // 2) or tuple(dc.shape) != (n, 2, k // 32):
@@ -212,7 +212,7 @@ def q8_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.T
 
 def _q8_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     x, w, scales = x.contiguous(), w.contiguous(), scales.contiguous()
-    (m, k), n = x.shape, w.shape[0]
+    (_, k), n = x.shape, w.shape[0]
     if (x.dtype != torch.float32 or w.dtype != torch.int8 or scales.dtype != torch.float32 or k % 32
             or tuple(w.shape) != (n, k) or tuple(scales.shape) != (n,)):
         raise ValueError(f"q8_linear: bad operands {x.dtype} {tuple(x.shape)}, {w.dtype} {tuple(w.shape)}, "
