@@ -146,10 +146,10 @@ def test_int4_cpu_layout_packed_in_chunks_is_the_whole(n, monkeypatch):
     """Rows packed chunk by chunk (here 256 at a time) hold whole tiles of PyTorch's CPU layout (32 rows on
     AVX2, 64 with AVX-512): the layer multiplies by exactly its codes. (Chunks of 32 rows on an AVX-512
     machine once moved TinyLlama's w2 outputs by more than their own size.)"""
-    from llama_min.runtime import quantize
+    from llama_min.runtime import int4_layouts
 
     use_int4_kernel(monkeypatch, "torch")
-    monkeypatch.setattr(quantize, "CHUNK_WEIGHTS", 1)
+    monkeypatch.setattr(int4_layouts, "CHUNK_WEIGHTS", 1)
     torch.manual_seed(2)
     lin = torch.nn.Linear(128, n, bias=False)
     qlin = Int4Linear.from_linear(lin, 32)
@@ -160,7 +160,8 @@ def test_int4_cpu_layout_packed_in_chunks_is_the_whole(n, monkeypatch):
 def test_int4_cpu_layers_stack_only_in_whole_tiles(monkeypatch):
     """Two 'cpu'-layout layers of 96 rows: stacked only where 96 rows are whole tiles (32-row tiles), and
     then the stack multiplies by both layers' weights."""
-    from llama_min.runtime.quantize import can_fuse_quantized, cpu_int4_tile_rows, fuse_quantized
+    from llama_min.runtime.int4_layouts import cpu_int4_tile_rows
+    from llama_min.runtime.quantize import can_fuse_quantized, fuse_quantized
 
     use_int4_kernel(monkeypatch, "torch")
     torch.manual_seed(3)

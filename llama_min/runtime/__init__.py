@@ -7,7 +7,8 @@
                     (llama_min's AVX2 kernel, oneDNN's blocked layout, wide layers stored W^T), and which
                     machines take which
   native_decode.py  the norms, one-token attention and SwiGLU through llama_min's kernels
-  quantize.py       int8 / int4 weight-only layers; the int4 layouts, one Int4Layout class each
+  quantize.py       int8 / int4 weight-only layers (quantizing, the layers, fusing them)
+  int4_layouts.py   how 4-bit codes are stored and multiplied: one Int4Layout class per layout
   packed.py         a quantized GGUF's blocks as int8 / int4 layers, without going through float
   hugepages.py      large weights on 2 MB pages
   step.py           the decode step a Llama runs (its own forward, or every layer in one call of the C code)

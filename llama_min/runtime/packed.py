@@ -22,7 +22,7 @@ ggml block layouts (little-endian, blocks along each row) and where they go:
 "Exact up to bf16": PyTorch's 4-bit kernels keep scale and zero in bf16 (8 significant bits), so d and
 zero are rounded to bf16, a relative change of at most 2^-8 (0.4%) of each: a weight moves by at most
 |q - 8| * |d| * 2^-8 + |zero| * 2^-8; nothing else changes. The codes q are the file's own. llama_min's
-AVX2 kernel (quantize.AVX2Layout, used where it runs) keeps scale and min = zero - 8 scale
+AVX2 kernel (int4_layouts.AVX2Layout, used where it runs) keeps scale and min = zero - 8 scale
 in fp16 instead: Q4_0's d and -8d and Q4_1's d and m are fp16 numbers already, so those files' weights
 are held exactly; Q4_K's d*sc and -dmin*mn are rounded to fp16 (2^-11 relative).
 

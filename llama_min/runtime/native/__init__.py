@@ -34,7 +34,7 @@ long rows prefetched into L2 only, kernels_avx2.c). Whole SmolLM2 decode steps: 
 When they are used (`enabled()`): Linux on x86-64, a CPU with avx2, fma and f16c (AVX-512 or not), a C
 compiler (`$CC`, else `cc`), and `LLAMA_MIN_NATIVE` not set to 0. Then float32 CPU models decode through
 `f32_linear` (linear.NativeLinear), 4-bit layers of group size 32 use the 'avx2' layout
-(quantize.int4_layout), int8 layers `q8_linear`, and models with float32 activations run their norms,
+(int4_layouts.int4_layout), int8 layers `q8_linear`, and models with float32 activations run their norms,
 one-token attention and SwiGLU through `rms_norm`, `decode_attention` and `swiglu`
 (native_decode.use_native_decode). Otherwise all fall back to PyTorch's operations, with one line on stderr when a
 compiler was there but the build failed. The built library is cached
