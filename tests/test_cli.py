@@ -210,6 +210,23 @@ def test_generate_streams_and_reports(capsys, tiny_ckpt):
     assert len(err) == 2 and "generated 5 tok at" in err[1]  # stderr is not a terminal: no loading line
 
 
+def test_reference_runs_model_py_and_verbose_names_the_step(capsys, monkeypatch, tiny_ckpt):
+    """--reference decodes through model.py's Transformer.forward (every step) and writes the greedy text the
+    optimized run writes; --verbose names the step each run chose; --reference refuses --quantize."""
+    from llama_min.model import Transformer
+
+    calls, real = [], Transformer.forward
+    monkeypatch.setattr(Transformer, "forward", lambda self, *a, **kw: (calls.append(1), real(self, *a, **kw))[1])
+    flags = ("generate", "-m", tiny_ckpt, "-p", "Hello", "-n", "5", "--temperature", "0", "-t", "1", "--verbose")
+    code, reference_out, err = run_cli(capsys, *flags, "--reference")
+    assert code == 0 and err[0].startswith("decode step: reference (the model's own forward")
+    assert len(calls) == 5  # the prompt, then one call per new token after the first
+    code, out, err = run_cli(capsys, *flags)
+    assert code == 0 and err[0].startswith("decode step: ") and out == reference_out
+    code, _, err = run_cli(capsys, *flags, "--reference", "--quantize", "int8")
+    assert code == 2 and err == ["error: --reference runs model.py's own layers; it does not take --quantize"]
+
+
 def test_loading_line_only_when_someone_watches(capsys, monkeypatch, tiny_ckpt):
     size = sum(f.stat().st_size for f in tiny_ckpt.iterdir()) / 1e6
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)

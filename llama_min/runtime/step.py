@@ -227,7 +227,7 @@ class ReferenceStep:
     """The model's own forward for every call (see the module docstring)."""
 
     name = "reference"
-    about = "the model's own forward: model.py's, through the modules the transforms swapped in"
+    about = "the model's own forward: Transformer.forward in model.py, over the layers the model holds"
 
     def __init__(self, model: nn.Module):
         self.model = model
