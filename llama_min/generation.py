@@ -84,7 +84,7 @@ class Llama:
         False keeps exactly model.py's classes. chat_format: "template" (the checkpoint's Jinja template),
         "meta" or "chatml"; None = the template when the checkpoint ships one, else the built-in format.
         tensor_parallel: run as one of the processes torchrun started; each reads and holds only its slice
-        of the weights (tensor_parallel.py; a quantized GGUF is dequantized). Same arguments on every rank.
+        of the weights (parallel/; a quantized GGUF is dequantized). Same arguments on every rank.
         """
         from .runtime.packed import load_gguf_packed, use_packed
         from .runtime.quantize import parse_quantize
@@ -104,7 +104,7 @@ class Llama:
         torch.manual_seed(seed)
         if tensor_parallel:  # every rank: the same seed, its slice of the weights; rank 0 decides tokens
             from .parallel.slicing import load_rank_model
-            from .parallel.tensor_parallel import build_rank
+            from .parallel.group import build_rank
 
             tokenizer = load_tokenizer(tokenizer_path or ckpt_path, chat_format=chat_format)
 
@@ -395,8 +395,8 @@ def _generator(seed: Optional[int], device):
 
 
 def from_rank0(t: torch.Tensor) -> torch.Tensor:
-    """Under tensor parallelism rank 0's choice wins on every rank (tensor_parallel.py)."""
-    from .parallel.tensor_parallel import broadcast_from_rank0
+    """Under tensor parallelism rank 0's choice wins on every rank (parallel/group.py)."""
+    from .parallel.group import broadcast_from_rank0
 
     return broadcast_from_rank0(t)
 

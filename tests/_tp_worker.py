@@ -35,7 +35,8 @@ def run_job(job: str):
 
     import torch.distributed as dist
     from llama_min import Llama
-    from llama_min.parallel.tensor_parallel import init_distributed, tensor_parallelize
+    from llama_min.parallel.group import init_distributed
+    from llama_min.parallel.sharded import tensor_parallelize
 
     if job.startswith("mem:") or job == "hang":
         init_distributed(torch.device("cpu"))
@@ -69,7 +70,7 @@ def rss_job(job: str):
     from llama_min import Llama
 
     import llama_min.parallel.slicing  # noqa: F401  (code is not weights: import before measuring)
-    from llama_min.parallel.tensor_parallel import init_distributed
+    from llama_min.parallel.group import init_distributed
     from llama_min.text.tokenizer import load_tokenizer
 
     from _tiny import tiny_model
@@ -93,7 +94,7 @@ def rss_job(job: str):
 
 def main() -> int:
     import torch.distributed as dist
-    from llama_min.parallel.tensor_parallel import is_rank0, leave_process_group
+    from llama_min.parallel.group import is_rank0, leave_process_group
 
     torch.set_num_threads(1)
     out = Path(sys.argv[1])

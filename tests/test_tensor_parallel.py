@@ -1,4 +1,4 @@
-"""Tensor parallelism (llama_min/parallel/: tensor_parallel.py, slicing.py) on CPU with gloo.
+"""Tensor parallelism (llama_min/parallel/: layout.py, sharded.py, group.py, slicing.py) on CPU with gloo.
 
 The oracle is the one-process reference: the same tiny random model computed whole (in memory, or loaded
 with the ordinary, independent loaders of formats/meta.py, hf.py, gguf.py). N processes must give the same
@@ -22,7 +22,7 @@ from _tiny import TINY, rand_tokens, tiny_model, write_meta_checkpoint
 from _tp_worker import PROMPTS, NoTokenizer
 from llama_min import Llama, ModelArgs
 from llama_min.errors import LlamaMinError
-from llama_min.parallel.tensor_parallel import Layout, check_split, shard_state_dict
+from llama_min.parallel.layout import Layout, check_split, shard_state_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "_tp_worker.py"
@@ -335,7 +335,7 @@ def test_leave_process_group_closes_the_group(tmp_path):
     """The exit hook of a tensor-parallel run closes the group (a one-rank gloo group here, in-process)."""
     import torch.distributed as dist
 
-    from llama_min.parallel.tensor_parallel import leave_process_group
+    from llama_min.parallel.group import leave_process_group
 
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     assert dist.is_initialized()

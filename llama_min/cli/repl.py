@@ -168,7 +168,7 @@ def answer(session, text: str, max_new_tokens: int, prefill: str = "") -> None:
 def chat_loop(session, max_new_tokens: int, verbose: bool = False, quiet: bool = False, stdin=None,
               prefill: str = "") -> int:
     """Run the chat until /exit, end of input, or two Ctrl-C in a row at the prompt. Returns 0."""
-    from ..parallel.tensor_parallel import read_on_rank0
+    from ..parallel.group import read_on_rank0
 
     reader, timing, interrupts = _Input(stdin), _Timing(), 0
     if reader.interactive and not quiet:

@@ -17,7 +17,7 @@ import torch
 from ..errors import LlamaMinError
 from ..files import atomic_write
 from ..model import KVCache
-from ..parallel.tensor_parallel import broadcast_from_rank0
+from ..parallel.group import broadcast_from_rank0
 from .sampling import Sampling, Stats, elapsed, sample_next
 
 

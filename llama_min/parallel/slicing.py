@@ -1,7 +1,7 @@
 """Read one tensor-parallel rank's slice of a checkpoint, never the whole model.
 
 Every reader opens its files memory-mapped and copies out only the rows or columns a rank keeps
-(`tensor_parallel.Layout.slices`), so a rank's peak memory is about 1/N of the weights:
+(`layout.Layout.slices`), so a rank's peak memory is about 1/N of the weights:
 
   Meta    consolidated.NN.pth shards: with N ranks = N shards, rank r's tensors are shard r's as they
           are; otherwise each tensor is cut from the shards that overlap the rank's range (re-split)
@@ -29,7 +29,7 @@ from ..formats.gguf.read import args_from_gguf, gguf_tensor, gguf_to_meta_name
 from ..formats.hf import HF_LAYER_TO_META, HF_TO_META, args_from_hf_config, hf_weight_files
 from ..formats.meta import SHARD_DIM
 from ..model import ModelArgs
-from .tensor_parallel import Layout, Slice, build_local_model, check_split, take
+from .layout import Layout, Slice, build_local_model, check_split, take
 
 
 class MetaShards:

@@ -81,8 +81,8 @@ class Dist:
     @classmethod
     def teardown(cls):
         """Leave the process group together: a rank that closed gloo while a peer still talked to it
-        could abort at exit (see tensor_parallel.leave_process_group)."""
-        from ..parallel.tensor_parallel import leave_process_group
+        could abort at exit (see parallel.group.leave_process_group)."""
+        from ..parallel.group import leave_process_group
 
         leave_process_group()
         cls.rank, cls.world, cls.local_rank = 0, 1, 0
