@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Set, Tuple
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "llama_min"
@@ -326,37 +328,30 @@ MODULES = load_package()
 GRAPH = internal_edges(MODULES)
 
 
-def test_model_imports_only_torch_and_stdlib():
-    assert_clean(check_model_imports(MODULES), "model.py imports more than torch and the standard library")
+RULES = {  # test id: (what a violation means, the check)
+    "model-imports-only-torch-and-stdlib": ("model.py imports more than torch and the standard library",
+                                            lambda: check_model_imports(MODULES)),
+    "formats-imports-only-model-text-files-errors": ("formats/ imports outside model, text, files, errors",
+                                                     lambda: check_formats_imports(GRAPH)),
+    "nothing-imports-cli": ("a library module imports cli/", lambda: check_no_cli_imports(GRAPH)),
+    "imports-go-down-the-layers": ("imports going up the layers (LAYERS)", lambda: check_layers(GRAPH)),
+    "no-private-name-crosses-modules": ("private names imported from another module",
+                                        lambda: check_private_names(MODULES)),
+    "imports-inside-the-package-are-relative": ("absolute llama_min imports inside llama_min/",
+                                                lambda: check_relative(MODULES)),
+    "few-modules-at-the-top": ("too many modules at the top of llama_min/", lambda: check_top_count(MODULES)),
+}
 
 
-def test_formats_imports_only_model_text_files_errors():
-    assert_clean(check_formats_imports(GRAPH), "formats/ imports outside model, text, files, errors")
-
-
-def test_nothing_imports_cli():
-    assert_clean(check_no_cli_imports(GRAPH), "a library module imports cli/")
-
-
-def test_imports_go_down_the_layers():
-    assert_clean(check_layers(GRAPH), "imports going up the layers (LAYERS)")
+@pytest.mark.parametrize("rule", RULES)
+def test_the_package_keeps_the_rule(rule):
+    title, check = RULES[rule]
+    assert_clean(check(), title)
 
 
 def test_no_import_cycle():
     cycle = find_cycle(GRAPH)
     assert cycle is None, "import cycle (lazy imports included): " + " -> ".join(cycle)
-
-
-def test_no_private_name_crosses_modules():
-    assert_clean(check_private_names(MODULES), "private names imported from another module")
-
-
-def test_imports_inside_the_package_are_relative():
-    assert_clean(check_relative(MODULES), "absolute llama_min imports inside llama_min/")
-
-
-def test_few_modules_at_the_top():
-    assert_clean(check_top_count(MODULES), "too many modules at the top of llama_min/")
 
 
 def fake_package(tmp_path: Path, files: Dict[str, str]) -> Dict[str, Module]:
