@@ -160,8 +160,8 @@ def _norm(r: _Reads, norm: nn.Module) -> Optional[tuple]:
 
 
 def _weights(r: _Reads, layer: nn.Module) -> Optional[tuple]:
-    """(norms, q|k|v matrices, wo, gate|up matrices, w2) of one TransformerBlock, as plain values, when the C
-    code multiplies by all of them, else None."""
+    """(attention module, norms, q|k|v matrices, wo, gate|up matrices, w2) of one TransformerBlock, the matrices
+    as plain values, when the C code multiplies by all of them, else None."""
     att, ffn = r.get(layer, "attention"), r.get(layer, "feed_forward")
     if type(att) is FusedAttention:
         qkv = (_matrix(r, r.get(att, "wqkv")),)
@@ -179,17 +179,16 @@ def _weights(r: _Reads, layer: nn.Module) -> Optional[tuple]:
     norms = (_norm(r, r.get(layer, "attention_norm")), _norm(r, r.get(layer, "ffn_norm")))
     if None in qkv or None in up or None in norms or wo is None or w2 is None:
         return None
-    return norms, qkv, wo, up, w2
+    return att, norms, qkv, wo, up, w2
 
 
 def _layer(r: _Reads, layer: nn.Module) -> Optional[tuple]:
     """Everything decode_layers needs of one TransformerBlock (its weights and KV cache), else None."""
     weights = _weights(r, layer)
-    att = r.get(layer, "attention")
-    cache = r.get(att, "cache") if weights is not None else None
+    cache = r.get(weights[0], "cache") if weights is not None else None
     if cache is None:
         return None
-    norms, qkv, wo, up, w2 = weights
+    att, norms, qkv, wo, up, w2 = weights
     k, v = r.get(cache, "k"), r.get(cache, "v")
     H, KV, hd = r.get(att, "n_heads"), r.get(att, "n_kv_heads"), r.get(att, "head_dim")
     if (k.dtype != torch.float32 or v.dtype != torch.float32 or k.device.type != "cpu" or v.device.type != "cpu"
