@@ -22,6 +22,7 @@ from .decoding.sampling import sample_top_p as sample_top_p
 from .decoding.stops import StopStrings
 from .errors import LlamaMinError
 from .model import Transformer
+from .parallel.group import broadcast_from_rank0
 from .runtime.step import choose_step
 
 
@@ -227,7 +228,7 @@ class Llama:
                 history = tokens[:, :cur_pos] if repetition_penalty != 1.0 else None
                 next_token = sample_next(self.known_tokens(logits[:, -1]), s, history, generator)
                 next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
-                next_token = from_rank0(next_token) if self.tensor_parallel else next_token
+                next_token = broadcast_from_rank0(next_token) if self.tensor_parallel else next_token
                 tokens[:, cur_pos] = next_token
                 if logprobs:  # log p(token t+1 | tokens <= t): position t's logits score the token after it
                     scored = slice(prev_pos + 1, cur_pos + 1)
@@ -285,7 +286,7 @@ class Llama:
             for row in torch.nonzero(rows).flatten().tolist():
                 if on_token(row, int(next_token[row])):
                     stop_here[row] = True
-            return from_rank0(stop_here) if self.tensor_parallel else stop_here
+            return broadcast_from_rank0(stop_here) if self.tensor_parallel else stop_here
 
         return ask
 
@@ -392,13 +393,6 @@ def cut_at_stop(text: str, stop: Optional[list]) -> str:
 def _generator(seed: Optional[int], device):
     """None (torch's global generator, as Meta's code) or a private generator seeded with `seed`."""
     return None if seed is None else torch.Generator(device).manual_seed(seed)
-
-
-def from_rank0(t: torch.Tensor) -> torch.Tensor:
-    """Under tensor parallelism rank 0's choice wins on every rank (parallel/group.py)."""
-    from .parallel.group import broadcast_from_rank0
-
-    return broadcast_from_rank0(t)
 
 
 def _check_vocab(tokenizer, vocab_size: int, ckpt_path) -> None:

@@ -11,9 +11,6 @@ import json
 import sys
 from typing import Optional
 
-import torch
-
-from ..decoding.perplexity import perplexity
 from ..errors import EnvironmentFailure, LlamaMinError
 from .common import run_main
 
@@ -55,7 +52,10 @@ def read_text(path) -> str:
 
 def run(args) -> dict:
     """Build the checkpoint's Llama, tokenize --data, score it: perplexity()'s result plus what was run."""
-    from ..generation import Llama  # lazy: `llama-min --help` does not load the model code
+    import torch  # lazy: `llama-min --help` loads neither torch nor the model code
+
+    from ..decoding.perplexity import perplexity
+    from ..generation import Llama
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -117,19 +117,10 @@ def transpose_wide_layers(model) -> nn.Module:
     In a tied model the embedding then reads its rows from the transposed output matrix.
     """
     tied = model.output.weight is model.tok_embeddings.weight
-    _swap(model)
+    swap_float32_linears(model, TransposedLinear, wide_only=True)
     if tied and isinstance(model.output, TransposedLinear):
         model.tok_embeddings = TransposedEmbedding(model.output)
     return model
-
-
-def _swap(module: nn.Module):
-    """Every wide nn.Linear under `module` -> a TransposedLinear of its weight."""
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.Linear) and child.out_features >= child.in_features:
-            setattr(module, name, TransposedLinear(child.weight))
-        else:
-            _swap(child)
 
 
 def linear_holding(weight: torch.Tensor) -> nn.Linear:
@@ -148,7 +139,7 @@ def linear_holding(weight: torch.Tensor) -> nn.Linear:
 # of SmolLM2's 49152 x 576 output cost 13 ms against 59 ms, one row the same as before, and a 512-token
 # prompt 1.3x less (measured on this project's 2-core AVX2 machine). The reordered weight is an opaque
 # tensor: it cannot be indexed, so a tied embedding keeps its own dense table, and torch.compile
-# cannot trace it, so the compiled step gets dense copies of these layers (CompiledDecode, dense_twin):
+# cannot trace it, so the compiled step gets dense copies of these layers (compile.CompiledStep, dense_twin):
 # a compiled float32 CPU model holds its weights twice, the eager prompts keep oneDNN's speed.
 # ------------------------------------------------------------------------------------------------
 
@@ -180,13 +171,14 @@ def use_onednn_linears(model) -> nn.Module:
     return swap_float32_linears(model, OneDNNLinear)
 
 
-def swap_float32_linears(module: nn.Module, make) -> nn.Module:
-    """Replace every float32 CPU nn.Linear under `module` by make(its weight)."""
+def swap_float32_linears(module: nn.Module, make, wide_only: bool = False) -> nn.Module:
+    """Replace every float32 CPU nn.Linear under `module` (wide_only: those with out >= in) by make(its weight)."""
     for name, child in list(module.named_children()):
-        if type(child) is nn.Linear and child.weight.dtype == torch.float32 and child.weight.device.type == "cpu":
+        if (type(child) is nn.Linear and child.weight.dtype == torch.float32 and child.weight.device.type == "cpu"
+                and (not wide_only or child.out_features >= child.in_features)):
             setattr(module, name, make(child.weight))
         else:
-            swap_float32_linears(child, make)
+            swap_float32_linears(child, make, wide_only)
     return module
 
 
