@@ -11,6 +11,7 @@
   int4_layouts.py   how 4-bit codes are stored and multiplied: one Int4Layout class per layout
   packed.py         a quantized GGUF's blocks as int8 / int4 layers, without going through float
   hugepages.py      large weights on 2 MB pages
+  memory.py         free memory on the device, and refusing what will not fit before allocating it
   step.py           the decode step a Llama runs (its own forward, or every layer in one call of the C code)
   compile.py        one-token decode steps through torch.compile
   native/           llama_min's C kernels (kernels_avx2.c) and their build on first use
