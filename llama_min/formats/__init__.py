@@ -10,3 +10,24 @@
 No format knows the model beyond ModelArgs and the tensor names. May import: model, text, files, errors;
 never runtime, parallel, decoding, train or cli. The public door is llama_min.checkpoint.
 """
+
+# The one table of checkpoint formats: every help text, error message and listing reads it (no torch here,
+# so `--help` stays fast). name -> (what llama_min calls it, what it looks like on disk, written by convert)
+CHECKPOINT_FORMATS = {
+    "gguf": ("GGUF", "a .gguf file, float or quantized", True),
+    "hf": ("Hugging Face", "a folder with config.json + *.safetensors or pytorch_model*.bin, or a hub id "
+           "already in the local Hugging Face cache", True),
+    "meta": ("Meta", "a folder with params.json + consolidated.*.pth", False),
+    "own": ("llama_min", "a folder with params.json + model.safetensors", True),
+    "llama2c": ("llama2.c", "a llama2.c .bin or .pt file", False),
+}
+
+
+def format_name(fmt: str) -> str:
+    """The name a message uses for a format key ('gguf' -> 'GGUF')."""
+    return CHECKPOINT_FORMATS[fmt][0] if fmt in CHECKPOINT_FORMATS else fmt
+
+
+def formats_sentence() -> str:
+    """'GGUF (a .gguf file, ...); Hugging Face (a folder with ...); ...': what a checkpoint can be, in one line."""
+    return "; ".join(f"{name} ({shape})" for name, shape, _ in CHECKPOINT_FORMATS.values())
