@@ -40,5 +40,5 @@ def test_bad_flags_are_one_line_before_any_work(capsys):
     assert main(["--ckpt", __file__]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0] == "error: --rounds 0: expected an integer in [1, inf]"
-    assert err[1].startswith(f"error: --ckpt {__file__}: not a checkpoint: expected a .gguf file")
+    assert err[1].startswith(f"error: --ckpt {__file__}: not a checkpoint: expected GGUF (a .gguf file")
     assert len(err) == 2

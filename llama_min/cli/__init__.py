@@ -10,23 +10,32 @@
 Each subcommand is a module here with `main(argv=None) -> int`; scripts/*.py call the same functions.
 Exit codes are the same everywhere (llama_min/cli/common.py): 0 done, 2 a user error (one `error:` line),
 1 a machine failure, 130 Ctrl-C.
+
+Starting is cheap: no module here imports torch or the model code at import time (each command imports them
+once its flags are checked), so `--help` answers at once and Ctrl-C is one line from the first instant.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Optional
 
-from .. import __version__
-from . import bench, chat, convert, generate, train
-from . import eval as evaluate
-from .common import USER_ERROR, run_main
+from .common import quit_on_ctrl_c
+
+signal.signal(signal.SIGINT, quit_on_ctrl_c)  # until a command runs (run_main): Ctrl-C = one line, exit 130
+
+from .. import __version__  # noqa: E402 - after the handler: every import from here on can be interrupted
+from ..formats import formats_sentence  # noqa: E402
+from . import bench, chat, convert, generate, train  # noqa: E402
+from . import eval as evaluate  # noqa: E402
+from .common import USER_ERROR, UsageError, run_main  # noqa: E402
 
 COMMANDS = {  # name -> (module, one-line summary)
     "generate": (generate, "complete a prompt, streamed to stdout (-p TEXT), or chat (--chat)"),
     "chat": (chat, "multi-turn chat on stdin; the KV cache is kept across turns (= generate --chat)"),
     "train": (train, "train from scratch (--config) or fine-tune (--init), fully or with LoRA"),
-    "convert": (convert, "rewrite a checkpoint in llama_min's format or as a Hugging Face folder"),
+    "convert": (convert, "rewrite a checkpoint as a llama_min folder, a Hugging Face folder or a GGUF file"),
     "eval": (evaluate, "perplexity of a checkpoint on a text file"),
     "bench": (bench, "decode / prefill speed vs transformers and vs the memory-bandwidth ceiling"),
 }
@@ -37,7 +46,8 @@ def usage(prog: str) -> str:
              "A minimal, exact Llama-family implementation: run, chat with, train, convert and measure "
              "Llama checkpoints (Meta, Hugging Face, GGUF, llama_min).", "", "commands:"]
     lines += [f"  {name:9s} {summary}" for name, (_, summary) in COMMANDS.items()]
-    lines += ["", f"`{prog} <command> --help` explains a command's options. --debug shows tracebacks.",
+    lines += ["", "A checkpoint (-m/--ckpt) can be: " + formats_sentence() + ".",
+              "", f"`{prog} <command> --help` explains a command's options. --debug shows tracebacks.",
               f"Examples:\n  {prog} generate -p \"The capital of France is\" --temperature 0\n"
               f"  {prog} chat --system \"You answer in one sentence.\"\n"
               f"  {prog} train --config tiny --data notes.txt --out runs/tiny"]
@@ -62,6 +72,9 @@ def main(argv: Optional[list] = None, prog: str = "llama-min") -> int:
 
 
 def _unknown(name: str, prog: str):
-    from .common import UsageError
+    """A mistyped command: 'did you mean' the closest one (difflib; argparse has its own only from 3.14)."""
+    import difflib
 
-    raise UsageError(f"unknown command '{name}'; expected one of: {', '.join(COMMANDS)} (see {prog} --help)")
+    close = difflib.get_close_matches(name, COMMANDS, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise UsageError(f"unknown command '{name}': {hint}expected one of {', '.join(COMMANDS)} (see {prog} --help)")

@@ -18,12 +18,15 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ..errors import EnvironmentFailure, LlamaMinError
+from ..formats import formats_sentence
 
 USER_ERROR, ENV_FAILURE, INTERRUPTED, BROKEN_PIPE = 2, 1, 130, 141
 
@@ -44,10 +47,21 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+def quit_on_ctrl_c(signum, frame) -> None:
+    """The SIGINT handler while the program starts (cli/__init__ installs it first): one line, exit 130."""
+    os.write(2, b"\ninterrupted\n")
+    os._exit(INTERRUPTED)
+
+
 def run_main(body: Callable[[list], Optional[int]], argv: Optional[Sequence[str]] = None) -> int:
-    """Run `body(argv)` under the exit-code rule above; returns the exit code (never raises, never exits)."""
+    """Run `body(argv)` under the exit-code rule above; returns the exit code (never raises, never exits).
+
+    From here on Ctrl-C is Python's KeyboardInterrupt again, so a command can catch it (chat stops an
+    answer, train saves a checkpoint); one it does not catch ends as the `interrupted` line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code = body(argv)
         sys.stdout.flush()  # a closed pipe shows up here at the latest
@@ -184,9 +198,6 @@ def check_device(name: Optional[str]) -> None:
         raise UsageError(f"--device {name}: expected cpu, cuda, cuda:N or mps")
 
 
-FORMAT_NAMES = {"gguf": "GGUF", "own": "llama_min", "meta": "Meta", "hf": "Hugging Face"}
-EXPECTED_CKPT = ("expected a .gguf file, a Meta/HF/llama_min folder (params.json + consolidated.*.pth, "
-                 "config.json + *.safetensors, or params.json + model.safetensors)")
 
 
 def checkpoint_format(path, flag: str = "--ckpt") -> str:
@@ -199,7 +210,7 @@ def checkpoint_format(path, flag: str = "--ckpt") -> str:
     try:
         return detect_format(path)
     except (LlamaMinError, ValueError, OSError):
-        raise LlamaMinError(f"{flag} {path}: not a checkpoint: {EXPECTED_CKPT}") from None
+        raise LlamaMinError(f"{flag} {path}: not a checkpoint: expected {formats_sentence()}") from None
 
 
 def human_size(n_bytes: int) -> str:

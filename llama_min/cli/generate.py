@@ -98,7 +98,8 @@ def run_completion(llama, args, draft=None) -> None:
     sys.stdout.flush()
     if not args.quiet:
         reason = llama.stats.stop_reasons[0]
-        say(f"[stopped: {reason}]")
+        flag = {"max-new-tokens": f" (-n {args.max_new_tokens})", "window full": f" (-c {args.max_seq_len})"}
+        say(f"[stopped: {reason}{flag.get(reason, '')}]")
         if not "".join(shown).strip() and reason == "end of turn":
             say("[the model ended its turn at once: it is probably a chat model; try --chat]")
 

