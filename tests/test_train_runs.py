@@ -258,17 +258,19 @@ def test_read_only_final_export_is_one_line(shared, tmp_path, monkeypatch, code)
 
 
 def test_closing_summary(shared):
-    """The last lines: steps and time, the final losses as logged in metrics.jsonl, and the command to try."""
+    """The last lines: steps and time, the final losses as logged in metrics.jsonl, the command to try, and
+    why the run stopped."""
     run = shared / "full"
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     out = shared / "summary"
     rc, err = _main(shared, out)
     assert rc == 0, err
-    tail = err.strip().splitlines()[-3:]
+    tail = err.strip().splitlines()[-4:]
     assert tail[0].startswith("done: steps 0 -> 6 in ") and " s; " in tail[0]
     assert f"train loss {last['loss']:.4f}, val loss {last['val_loss']:.4f}" in tail[0]
     assert tail[1] == f"final model: {out / 'final'}"
     assert tail[2].startswith(f"try it: llama-min generate --ckpt {out / 'final'} --prompt ")
+    assert tail[3] == f"[stopped: reached --max-steps 6; model in {out / 'final'}]"
 
 
 # ---------------------------------------------------------------------------------------- evaluate first

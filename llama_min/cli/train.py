@@ -9,14 +9,24 @@ line, {"text": "..."} or a chat {"messages": [{"role": "user", "content": ...}, 
 Output in --out DIR: run.json (settings), metrics.jsonl (one JSON line per step: step, loss, lr, ...),
 checkpoints/step_N/ (resumable: weights, AdamW state, RNG, data position; --save-every / --stop-after) and
 final/ (the trained model, LoRA merged, in llama_min's own format with its tokenizer: try it with
-llama-min generate --ckpt DIR/final). --resume continues the run in DIR from its last checkpoint and
-reproduces the losses of an uninterrupted run exactly; a finished run is left as it is. An existing folder
-is never written into unless it is this run's (--resume) or --overwrite says so.
+llama-min generate --ckpt DIR/final). An existing folder is never written into unless it is this run's
+(--resume) or --overwrite says so.
+
+--resume continues the run in DIR from its last checkpoint and reproduces the losses of an uninterrupted
+run exactly. A finished run resumed with a larger --max-steps trains on from final/ when no checkpoint is as
+new: its weights (a LoRA run: fresh adapters on the merged weights) and data position, a fresh AdamW, the LR
+schedule of the new --max-steps; the old final/ stays until the new one is complete and metrics.jsonl is
+appended to. With the same --max-steps there is nothing to do and nothing is touched.
+
+Before building the model the peak memory of a training step is estimated (weights, gradients, AdamW,
+activations, logits); a run that cannot fit the free memory is refused with the numbers and the flags that
+lower it. The progress bar is drawn only when stderr is a terminal; the last line says why the run stopped.
 
 Examples:
   llama-min train --config tiny --data data/shakespeare.txt --out runs/tiny --max-steps 300
-  llama-min train --init model.gguf --data chat.jsonl --out runs/ft --lora-rank 8 --lr 1e-3
+  llama-min train -m model.gguf --data chat.jsonl --out runs/ft --lora-rank 8 --lr 1e-3
   llama-min train --out runs/tiny --resume
+  llama-min train --out runs/tiny --resume --max-steps 600      (a finished run, trained on)
   torchrun --nproc_per_node 2 scripts/train.py --config tiny --data notes.txt --out runs/ddp [--fsdp]
 """
 
@@ -25,9 +35,12 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import Parser, classify, run_main
+from pathlib import Path
+
+from .common import Parser, checkpoint_format, checkpoint_size, classify, human_size, run_main, say
 from ..errors import LlamaMinError
 from ..files import read_json
+from ..formats import format_name, formats_sentence
 from ..train.config import DOC, TrainConfig
 from ..train.dist import log
 from ..train.state import RunDir
@@ -42,7 +55,8 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
     g = p.add_argument_group("model and data")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--config", metavar="MODEL.json", help=_help("config"))
-    src.add_argument("--init", metavar="CKPT", help=_help("init"))
+    src.add_argument("-m", "--ckpt", "--init", dest="init", metavar="CKPT",
+                     help="checkpoint to fine-tune: " + formats_sentence().replace("%", "%%"))
     g.add_argument("--tokenizer", metavar="PATH", help=_help("tokenizer"))
     g.add_argument("--data", metavar="FILE", nargs="+", help=_help("data"))
     g.add_argument("--out", metavar="DIR", help=_help("out"))
@@ -114,14 +128,28 @@ def run(argv=None, prog=None) -> None:
 
     if getattr(ns, "threads", None):
         torch.set_num_threads(ns.threads)
-    from ..train.loop import train
+    from ..train.loop import finished_line, train
 
-    try:
-        train(cfg, resume=getattr(ns, "resume", False), stop_after=stop_after,
-              overwrite=getattr(ns, "overwrite", False))
-    except KeyboardInterrupt:
-        log("the last complete checkpoint (if any) continues with --resume")
-        raise
+    resume = getattr(ns, "resume", False)
+    line = finished_line(cfg) if resume else None
+    if line is not None:
+        log(line)
+        return
+    announce_checkpoint(cfg, resume)
+    train(cfg, resume=resume, stop_after=stop_after, overwrite=getattr(ns, "overwrite", False))
+
+
+def announce_checkpoint(cfg: TrainConfig, resume: bool) -> None:
+    """`loading PATH (FORMAT, SIZE)...` for the checkpoint the run reads its weights from: the --init one, or
+    final/ when a finished run continues (a hub id is left to the loader)."""
+    path = cfg.init
+    if resume:
+        start = RunDir(cfg.out).resume_from(bool(cfg.lora_rank))
+        path = start.base or path
+    if path is None or not Path(path).exists() or os.environ.get("RANK", "0") != "0":
+        return
+    fmt = checkpoint_format(path, "--init")
+    say(f"loading {path} ({format_name(fmt)}, {human_size(checkpoint_size(path))})...")
 
 
 def main(argv=None, prog=None) -> int:

@@ -26,8 +26,8 @@ class TrainConfig:
 
     config: Optional[str] = setting(None, "model config JSON (ModelArgs fields, params.json form) to train from "
                                           "scratch; a name like 'tiny' means configs/tiny.json")
-    init: Optional[str] = setting(None, "checkpoint to fine-tune (Meta dir, HF dir, .gguf file, llama_min dir): "
-                                        "anything load_checkpoint reads")
+    init: Optional[str] = setting(None, "checkpoint to fine-tune (-m/--ckpt/--init on the command line): any "
+                                        "file or folder load_checkpoint reads")
     tokenizer: Optional[str] = setting(None, "tokenizer file or dir; default: the --init checkpoint's, or (with "
                                              "--config) a sentencepiece BPE trained on the data with the config's "
                                              "vocab_size and saved to OUT/tokenizer.model")

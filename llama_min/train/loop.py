@@ -1,15 +1,18 @@
 """Train from scratch or fine-tune (full or LoRA) on your own text, on one device or under torchrun.
 
-  Trainer(cfg)      reads and checks every input and builds the model, optimizer and (with resume) the
-                    checkpoint's state: nothing is written yet, and `evaluate()` already works
+  Trainer(cfg)      reads and checks every input, checks the step fits in memory (memory.py) and builds the
+                    model, optimizer and (with resume) the checkpoint's state: nothing is written yet, and
+                    `evaluate()` already works
   Trainer.fit       creates the run folder, then the loop: AdamW, warmup + cosine, gradient accumulation,
                     clipping, bf16 autocast, eval loss / perplexity + a sample, metrics.jsonl, checkpoints,
-                    final export and a closing summary
-  train             the whole job as the command line runs it (a finished run is left as it is)
+                    final export, a closing summary and a last line saying why it stopped
+  train             the whole job as the command line runs it
+  finished_line     why a --resume has nothing to do (the run reached --max-steps), or None
   lr_at             the learning-rate schedule
 
 The jobs around the loop live beside it: inputs and model (prepare.py), several processes
-(dist.py), the run folder and its checkpoints (state.py), reporting (metrics.py).
+(dist.py), the run folder and its checkpoints (state.py), reporting (metrics.py), the memory
+preflight (memory.py).
 
 Exact resume: a checkpoint holds the trainable weights, AdamW's moments and step counts, every rank's RNG
 state and the data position (samples consumed; the order is a pure function of seed and position, see
@@ -18,6 +21,11 @@ state and the data position (samples consumed; the order is a pure function of s
 Several processes (`torchrun --nproc_per_node N scripts/train.py ...`): DDP, or FSDP2 (`fully_shard`) with
 `fsdp`. `batch_size` is global: each rank reads its slice of every batch and the loss is normalised by the
 global number of target tokens, so N processes compute the 1-process gradient. Only rank 0 writes files.
+
+Continuing a finished run: `--resume` with a larger `--max-steps` trains on from final/ when no checkpoint is
+as new (its weights and data position; AdamW starts fresh, and a LoRA run puts fresh adapters on the merged
+weights). The LR schedule is that of the new --max-steps. final/ is replaced only once the new one is complete
+and metrics.jsonl is appended to.
 """
 
 from __future__ import annotations
@@ -38,8 +46,9 @@ from .lora import merge_state_dict
 from .config import TrainConfig
 from .metrics import RunLog
 from .dist import Dist, full_tensor, log, no_sync, trainable_named, wrap_model
+from .memory import check_training_memory
 from .prepare import build_model, init_weights, prepare_inputs  # noqa: F401  (init_weights: re-export)
-from .state import CKPT_DIR, RunDir
+from .state import CKPT_DIR, ResumeFrom, RunDir
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -71,11 +80,13 @@ class Trainer:
         self.cfg, self.resume, self.overwrite = cfg, resume, overwrite
         self.run = RunDir(cfg.out)
         self.run.check(resume, overwrite)
+        self.start = self.run.resume_from(bool(cfg.lora_rank)) if resume else ResumeFrom("start")
         self.device = Dist.setup(cfg.device)
         if cfg.batch_size % Dist.world:
             raise LlamaMinError(f"--batch-size {cfg.batch_size} does not divide among {Dist.world} processes")
-        self.inputs = prepare_inputs(cfg, self.run.path, resume)
+        self.inputs = prepare_inputs(cfg, self.run.path, resume, self.start.base)
         self.data, self.tok, self.args = self.inputs.data, self.inputs.tok, self.inputs.args
+        check_training_memory(self.args, cfg, self.device, Dist.world, held=self._loaded_bytes())
         self.model = build_model(cfg, self.inputs, self.device)  # the plain Transformer (export, samples)
         self.wrapped = wrap_model(self.model, self.device, cfg.fsdp)  # what the training step calls
         # the trainable parameters as the optimizer holds them (an FSDP2 root module shows its unsharded
@@ -87,6 +98,7 @@ class Trainer:
         self.autocast = cfg.bf16 if cfg.bf16 is not None else (
             self.device.type == "cuda" and torch.cuda.is_bf16_supported())
         self.step, self.samples = 0, 0  # optimizer steps done, training windows consumed
+        self.base_step = self.start.base_step  # the step of final/ this run's weights continue (None: none)
         self.log = RunLog(self.run)
         if resume:
             self._restore()
@@ -95,20 +107,47 @@ class Trainer:
     def tok_files(self) -> list:
         return self.inputs.tok_files
 
+    def _loaded_bytes(self) -> int:
+        """Bytes of a checkpoint already loaded into CPU memory that the model will hold (0 on a GPU)."""
+        sd = self.inputs.init_sd
+        if sd is None or self.device.type != "cpu":
+            return 0
+        return sum(t.numel() * t.element_size() for t in sd.values() if t.dtype == torch.float32)
+
     def _restore(self) -> None:
-        """Load the newest readable checkpoint of the run (weights, AdamW, RNG, data position)."""
+        """Continue from final/ (a finished run), or load the newest readable checkpoint of the run (weights,
+        AdamW, RNG, data position)."""
+        if self.start.kind == "final":
+            self._continue_from_final()
+            return
         state = self.run.restore(self.named, self.opt, self.device)
         if state is None:
             log(f"note: no checkpoint in {self.run.path / CKPT_DIR}; starting at step 0")
             return
         self.step, self.samples = state["step"], state["samples_seen"]
+        self.base_step = state.get("base_step")
         log(f"resuming {self.run.path} at step {self.step}")
+
+    def _continue_from_final(self) -> None:
+        """The model was built from final/: take its step and data position; AdamW starts empty."""
+        cfg, start = self.cfg, self.start
+        self.step = start.step
+        self.samples = start.samples if start.samples is not None else start.step * cfg.batch_size * cfg.grad_accum
+        torch.manual_seed(start.step * 7919 + Dist.rank)  # dropout: no RNG state was saved with final/
+        weights = (f"fresh rank-{cfg.lora_rank} LoRA adapters on its merged weights" if cfg.lora_rank
+                   else "its weights")
+        log(f"continuing {self.run.path} from {self.run.final} at step {self.step} to {cfg.max_steps}: "
+            f"{weights} and a fresh AdamW (no checkpoint holds the optimizer's state of step {self.step})")
 
     # ----------------------------------------------------------------------------------------- loop
 
     def fit(self, stop_after: Optional[int] = None) -> Optional[Path]:
         """Run to cfg.max_steps (or stop after `stop_after` with a checkpoint); export and return DIR/final/."""
         cfg = self.cfg
+        line = finished_line(cfg) if self.start.kind == "final" else None
+        if line is not None:  # final/ already reached --max-steps: nothing is rewritten
+            log(line)
+            return self.run.final
         if stop_after is not None and stop_after <= self.step:
             log(f"nothing to do: the run is already at step {self.step} (--stop-after {stop_after})")
             return None
@@ -125,13 +164,30 @@ class Trainer:
                     self.save(rec)
                 if self.step == stop_after and self.step < cfg.max_steps:
                     self.log.close_bar()
-                    log(f"stopped after step {self.step}; continue with --resume")
+                    log(f"[stopped after step {self.step} (--stop-after); continue with --resume]")
                     return None
+            self.log.close_bar()
+            final = self.export()
+        except KeyboardInterrupt:
+            self.log.close_bar()
+            log(self._interrupted_line())
+            raise
         finally:
             self.log.close_bar()
-        final = self.export()
         self.log.summary(final, self.sample_prompt(), self.inputs.chat)
+        log(f"[stopped: reached --max-steps {cfg.max_steps}; model in {final}]")
         return final
+
+    def _interrupted_line(self) -> str:
+        """`[interrupted at step N; ...]`: what --resume will continue from."""
+        try:
+            start = self.run.resume_from(bool(self.cfg.lora_rank))
+        except LlamaMinError:
+            start = ResumeFrom("start")
+        where = {"checkpoint": f"the checkpoint of step {start.step} in {self.run.ckpt_root}",
+                 "final": f"{self.run.final} (step {start.step})"}
+        return (f"[interrupted at step {self.step}; --resume continues from "
+                f"{where.get(start.kind, 'step 0 (no checkpoint: --save-every K writes them)')}]")
 
     def _step_and_log(self) -> dict:
         """One optimizer step, evaluated when due, recorded in metrics.jsonl."""
@@ -249,7 +305,8 @@ class Trainer:
 
     def save(self, rec: dict) -> None:
         """A resumable checkpoint of the current step (every rank calls this)."""
-        state = {"samples_seen": self.samples, "loss": rec["loss"], "config": asdict(self.cfg)}
+        state = {"samples_seen": self.samples, "loss": rec["loss"], "config": asdict(self.cfg),
+                 "base_step": self.base_step}
         self.run.save(self.step, self.named, self.opt, state, self.device, self.cfg.keep_checkpoints)
 
     def export(self) -> Path:
@@ -257,7 +314,7 @@ class Trainer:
         sd = {k: full_tensor(v) for k, v in self.model.state_dict().items()}  # gathered on every rank
         if self.cfg.lora_rank:
             sd = merge_state_dict(sd, self.cfg.lora_alpha / self.cfg.lora_rank)
-        final = self.run.export(self.args, sd, self.inputs.tok_files)
+        final = self.run.export(self.args, sd, self.inputs.tok_files, {"step": self.step, "samples_seen": self.samples})
         Dist.barrier()
         return final
 
@@ -266,14 +323,30 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: Optional[int] = No
           overwrite: bool = False) -> Optional[Path]:
     """Prepare and run a training job; returns DIR/final (None when stopped early).
 
-    Resuming a finished run (final/ written and the last step logged) changes nothing and returns final/.
+    Resuming a finished run with no larger --max-steps changes nothing and returns final/.
     """
-    run = RunDir(cfg.out) if cfg.out else None
-    if resume and run is not None and run.finished(cfg.max_steps):
-        log(f"{run.path}: the run is finished (step {run.last_logged_step()} of {cfg.max_steps}); "
-            f"its model is {run.final}; nothing to do")
-        return run.final
+    line = finished_line(cfg) if resume else None
+    if line is not None:
+        log(line)
+        return RunDir(cfg.out).final
     try:
         return Trainer(cfg, resume, overwrite).fit(stop_after)
     finally:
         Dist.teardown()
+
+
+def finished_line(cfg: TrainConfig) -> Optional[str]:
+    """For --resume: the line saying the run in cfg.out is finished and --max-steps asks for no more steps
+    (None when there is training to do)."""
+    if not cfg.out:
+        return None
+    run = RunDir(cfg.out)
+    final = run.final_state()
+    if final is None or final["step"] < cfg.max_steps:
+        return None
+    if run.resume_from(bool(cfg.lora_rank)).step > final["step"]:  # a newer checkpoint: resume it
+        return None
+    done = final["step"]
+    where = f"(step {done} of {cfg.max_steps})" if done == cfg.max_steps else f"at step {done}, past --max-steps {cfg.max_steps}"
+    return (f"{run.path}: the run is finished {where}; its model is {run.final}; nothing to do "
+            f"(a larger --max-steps continues it)")

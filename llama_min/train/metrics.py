@@ -1,7 +1,9 @@
 """What a run reports while it trains: a metrics.jsonl line per step, a progress bar, evaluation lines with
 a sample, and a closing summary (time, final losses, the command that tries the trained model).
 
-Everything goes to stderr from rank 0 only, so the lines of several processes do not interleave.
+Everything goes to stderr from rank 0 only, so the lines of several processes do not interleave. The progress
+bar is drawn only when stderr is a terminal: in a log file there are plain lines (the evaluations, with the
+training loss), never carriage returns.
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ class RunLog:
             f"{cfg.batch_size * cfg.grad_accum} windows per step; steps {step} -> {cfg.max_steps}")
 
     def open_bar(self, step: int, total: int) -> None:
-        """Start the clock and (rank 0) the progress bar at `step` of `total`."""
+        """Start the clock and (rank 0, stderr a terminal) the progress bar at `step` of `total`."""
         self.started, self.first_step = time.perf_counter(), step
-        if Dist.rank == 0:
+        if Dist.rank == 0 and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=step, unit="step", file=sys.stderr, dynamic_ncols=True)
@@ -60,7 +62,8 @@ class RunLog:
         """`step N: val loss L, perplexity P` and the sample, when `rec` holds an evaluation."""
         if Dist.rank or "val_loss" not in rec:
             return
-        msg = f"step {step}: val loss {rec['val_loss']:.4f}, perplexity {rec['val_ppl']:.2f}"
+        loss = f"train loss {rec['loss']:.4f}, " if "loss" in rec else ""
+        msg = f"step {step}: {loss}val loss {rec['val_loss']:.4f}, perplexity {rec['val_ppl']:.2f}"
         if "sample" in rec:
             msg += f"\n  sample: {rec['sample']['prompt']!r} -> {rec['sample']['text']!r}"
         self.bar.write(msg, file=sys.stderr) if self.bar is not None else log(msg)

@@ -1,10 +1,11 @@
 """Getting a run ready: read and check every input (data, model config or checkpoint, tokenizer), then
 build the model to train. Nothing here writes a file: the run folder is created only once all of this passed.
 
-  prepare_inputs       data files -> records; model args (config or --init checkpoint); the tokenizer
+  prepare_inputs       data files -> records; model args (config, --init checkpoint, or the final/ a resumed
+                       finished run continues from); the tokenizer
                        (--tokenizer, the checkpoint's, this run's, or a sentencepiece BPE trained on the data);
                        token stream -> PackedData windows
-  build_model          the Transformer: random init (from scratch) or the checkpoint's weights; LoRA adapters;
+  build_model          the Transformer: random init (from scratch) or the loaded weights; LoRA adapters;
                        gradient checkpointing
   init_weights         GPT-2 style init for training from scratch
 """
@@ -41,13 +42,16 @@ class RunInputs:
     tok_blobs: dict            # {path in the run folder: bytes}, written when the run starts
     chat: bool                 # the data holds chat records (samples are chat replies)
     data: PackedData
-    init_sd: Optional[dict]    # the --init checkpoint's tensors (None from scratch)
+    init_sd: Optional[dict]    # the tensors to start from: --init's, or `base`'s (None: random init)
 
 
-def prepare_inputs(cfg: TrainConfig, run_dir: Path, resume: bool) -> RunInputs:
-    """Read the data, the model's args and the tokenizer; tokenize and pack. Raises LlamaMinError early."""
+def prepare_inputs(cfg: TrainConfig, run_dir: Path, resume: bool, base: Optional[Path] = None) -> RunInputs:
+    """Read the data, the model's args and the tokenizer; tokenize and pack. Raises LlamaMinError early.
+
+    `base`: a checkpoint whose weights replace --config / --init's (final/ when a finished run continues).
+    """
     records = [r for path in cfg.data for r in read_records(path)]
-    args, init_sd = model_args(cfg)
+    args, init_sd = model_args(cfg, base)
     tok, tok_files, blobs = choose_tokenizer(cfg, args, records, run_dir, resume)
     if args.vocab_size <= 0:  # params.json with vocab_size -1: take it from the tokenizer
         args.vocab_size = tok.n_words
@@ -59,9 +63,11 @@ def prepare_inputs(cfg: TrainConfig, run_dir: Path, resume: bool) -> RunInputs:
     return RunInputs(args, tok, tok_files, blobs, any("messages" in r for r in records), data, init_sd)
 
 
-def model_args(cfg: TrainConfig) -> tuple:
-    """(ModelArgs, the --init checkpoint's state dict or None); --seq-len must fit the model."""
-    if cfg.config:
+def model_args(cfg: TrainConfig, base: Optional[Path] = None) -> tuple:
+    """(ModelArgs, the state dict of `base` or --init, or None from scratch); --seq-len must fit the model."""
+    if base is not None:
+        (args, init_sd), source = load_checkpoint(base), str(base)
+    elif cfg.config:
         path = resolve_model_config(cfg.config)
         args, init_sd, source = ModelArgs.from_dict(read_json(path, "model config")), None, str(path)
     else:
@@ -103,7 +109,7 @@ def choose_tokenizer(cfg: TrainConfig, args: ModelArgs, records: list, run_dir: 
 def build_model(cfg: TrainConfig, inputs: RunInputs, device: torch.device) -> Transformer:
     """The plain Transformer to train (float32 master weights), seeded by cfg.seed."""
     torch.manual_seed(cfg.seed)
-    if cfg.config:
+    if inputs.init_sd is None:
         with torch.device("meta"):
             model = Transformer(inputs.args)
         model.to_empty(device=device)

@@ -7,8 +7,13 @@
                         (`files.publish_dir`): a kill at any moment leaves the earlier checkpoints usable
   RunDir.restore        the newest checkpoint that reads back completely (a damaged one is reported and the
                         one before it is used), re-sharded for FSDP2
-  RunDir.export         final/: the plain model in llama_min's format with its tokenizer, published as a whole
-  metrics.jsonl         one JSON line per step; on resume the lines after the checkpoint are dropped
+  RunDir.resume_from    where --resume continues: the newest checkpoint (exact), or final/ (its weights and
+                        the step and data position in final/trained.json; a fresh optimizer) when no
+                        checkpoint is as new
+  RunDir.export         final/: the plain model in llama_min's format with its tokenizer and trained.json,
+                        published as a whole: the previous final/ stays until the new one is complete
+  metrics.jsonl         one JSON line per step, appended; on resume the lines a killed run wrote after the
+                        resume point are dropped, the lines before it are kept byte for byte
 
 Every write goes through llama_min.files; an OSError while writing (disk full, read-only folder) becomes an
 `EnvironmentFailure` naming the path. Nothing here unpickles: tensors go through safetensors, the rest JSON.
@@ -21,7 +26,9 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -30,6 +37,7 @@ from ..files import TEMP_PREFIX, atomic_write, clean_stale_temps, publish_dir, r
 from .dist import Dist, full_tensor, like, log
 
 CKPT_DIR = "checkpoints"
+TRAINED = "trained.json"  # in final/: {"step", "samples_seen"} of the model published there
 RUN_ENTRIES = ("run.json", "metrics.jsonl", CKPT_DIR, "final", "tokenizer.model", "tokenizer")  # what a run writes
 
 
@@ -46,6 +54,21 @@ def writing(target: Path, what: str):
         code = re.search(r"os error (\d+)", str(e))
         reason = os.strerror(int(code.group(1))) if code else str(e)
         raise EnvironmentFailure(f"{target}: {reason} (while writing {what})") from None
+
+
+@dataclass
+class ResumeFrom:
+    """Where a run starts: step 0, a checkpoint (exact resume) or final/ (its weights, a fresh optimizer).
+
+    `base` is the folder whose weights the model is built from instead of --config / --init (final/ when the
+    run continues a finished one); `samples` is the data position (None: step * windows per step).
+    """
+
+    kind: str                  # "start" | "checkpoint" | "final"
+    step: int = 0
+    samples: Optional[int] = 0
+    base: Optional[Path] = None
+    base_step: Optional[int] = None  # the step of final/ the weights were continued from (saved in checkpoints)
 
 
 class RunDir:
@@ -81,9 +104,48 @@ class RunDir:
         """The highest step in metrics.jsonl (0 without one)."""
         return max((rec["step"] for rec in self._metrics_records()), default=0)
 
-    def finished(self, max_steps: int) -> bool:
-        """final/ is there and the metrics reached the last step: resuming has nothing to do."""
-        return (self.final / "params.json").is_file() and self.last_logged_step() >= max_steps
+    def final_state(self) -> Optional[dict]:
+        """{"step", "samples_seen"} of the model in final/ (None without one). A final/ written before
+        trained.json existed is at the last logged step (its data position is then unknown: None)."""
+        if not (self.final / "params.json").is_file():
+            return None
+        if (self.final / TRAINED).is_file():
+            state = read_json(self.final / TRAINED, "final model state")
+            if isinstance(state.get("step"), int):
+                return {"step": state["step"], "samples_seen": state.get("samples_seen")}
+        return {"step": self.last_logged_step(), "samples_seen": None}
+
+    def newest_checkpoint_state(self) -> Optional[dict]:
+        """state.json of the newest checkpoint whose state reads back (None: no checkpoint)."""
+        for ckpt in reversed(self.checkpoints()):
+            try:
+                state = read_json(ckpt / "state.json", "checkpoint state")
+            except LlamaMinError:
+                continue
+            if isinstance(state.get("step"), int):
+                return state
+        return None
+
+    def resume_from(self, lora: bool) -> ResumeFrom:
+        """Where --resume continues: the newest of final/ and the checkpoints.
+
+        A checkpoint as new as final/ wins (it holds AdamW's state too), except for LoRA: final/ holds the
+        adapters merged, so a LoRA run continues from final/ with fresh adapters. A LoRA checkpoint of a run
+        that continued from final/ is restored onto final/'s weights (its `base_step`).
+        """
+        final, ckpt = self.final_state(), self.newest_checkpoint_state()
+        if final is not None and (ckpt is None or ckpt["step"] < final["step"]
+                                  or (lora and ckpt["step"] == final["step"])):
+            return ResumeFrom("final", final["step"], final["samples_seen"], self.final, final["step"])
+        if ckpt is None:
+            return ResumeFrom("start")
+        base_step = ckpt.get("base_step")
+        base = self.final if lora and base_step is not None else None
+        if base is not None and (final is None or final["step"] != base_step):
+            raise LlamaMinError(f"{self.ckpt_root}: the LoRA checkpoint of step {ckpt['step']} was trained on "
+                                f"{self.final} of step {base_step}, which is no longer there; start the run "
+                                "again with --overwrite")
+        return ResumeFrom("checkpoint", ckpt["step"], ckpt.get("samples_seen"), base, base_step)
 
     # --------------------------------------------------------------------------------------- starting
 
@@ -95,12 +157,21 @@ class RunDir:
                     for name in RUN_ENTRIES:
                         _remove(self.path / name)
                 self.path.mkdir(parents=True, exist_ok=True)
+                self._recover_final()
                 for folder in (self.path, self.ckpt_root, self.path / "tokenizer"):
                     _clean_temps(folder)
                 for target, blob in tokenizer_blobs.items():
                     atomic_write(target, blob)
                 atomic_write(self.path / "run.json", json.dumps(settings, indent=2))
         Dist.barrier()
+
+    def _recover_final(self) -> None:
+        """A kill between publish_dir's two renames leaves final/ aside as a temp folder: put it back
+        before the temps are cleaned, so a finished model is never lost."""
+        aside = self.path / f"{TEMP_PREFIX}final.old"
+        if not self.final.exists() and (aside / "params.json").is_file():
+            os.replace(aside, self.final)
+            log(f"restored {self.final} (moved aside by an interrupted export)")
 
     # ------------------------------------------------------------------------------------- checkpoints
 
@@ -177,16 +248,21 @@ class RunDir:
         return out
 
     def truncate_metrics(self, last_step: int) -> None:
-        """Rank 0: keep one line per step <= last_step, dropping what a killed run wrote after its checkpoint."""
+        """Rank 0: keep the lines of steps <= last_step byte for byte (one per step), dropping what a killed
+        run wrote after the resume point; the file is rewritten only when there is something to drop."""
         if Dist.rank or not self.metrics_path.exists():
             return
+        lines = self.metrics_path.read_bytes().splitlines(keepends=True)
         kept, seen = [], set()
-        for rec in self._metrics_records():
-            if rec["step"] <= last_step and rec["step"] not in seen:
-                seen.add(rec["step"])
-                kept.append(json.dumps(rec) + "\n")
+        for line in lines:
+            step = _record_step(line)
+            if step is not None and step <= last_step and step not in seen:
+                seen.add(step)
+                kept.append(line if line.endswith(b"\n") else line + b"\n")
+        if kept == lines:
+            return
         with writing(self.metrics_path, "the metrics"):
-            atomic_write(self.metrics_path, "".join(kept))
+            atomic_write(self.metrics_path, b"".join(kept))
 
     def append_metrics(self, rec: dict) -> None:
         """Rank 0: one more JSON line in metrics.jsonl."""
@@ -198,22 +274,35 @@ class RunDir:
 
     # ------------------------------------------------------------------------------------------- export
 
-    def export(self, args, state_dict: dict, tokenizer_files: list) -> Path:
-        """Rank 0: publish final/ (params.json, model.safetensors, tokenizer file(s)), replacing an older one."""
+    def export(self, args, state_dict: dict, tokenizer_files: list, trained: dict) -> Path:
+        """Rank 0: publish final/ (params.json, model.safetensors, tokenizer file(s), trained.json = `trained`),
+        replacing an older one only once the new one is complete."""
         from ..checkpoint import save_checkpoint
+
+        def build(tmp: Path) -> None:
+            save_checkpoint(tmp, args, state_dict, tokenizer_files)
+            (tmp / TRAINED).write_text(json.dumps(trained), encoding="utf-8")
 
         error = None
         if Dist.rank == 0:
             try:
                 with writing(self.final, "the final model"):
-                    publish_dir(self.final, lambda tmp: save_checkpoint(tmp, args, state_dict, tokenizer_files),
-                                replace=True)
+                    publish_dir(self.final, build, replace=True)
             except EnvironmentFailure as e:
                 error = str(e)
         error = Dist.broadcast_object(error)
         if error:
             raise EnvironmentFailure(error)
         return self.final
+
+
+def _record_step(line: bytes) -> Optional[int]:
+    """The step of one metrics.jsonl line (None for a line cut short or not a step record)."""
+    try:
+        rec = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return rec["step"] if isinstance(rec, dict) and isinstance(rec.get("step"), int) else None
 
 
 def _remove(path: Path) -> None:
