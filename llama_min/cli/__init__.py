@@ -25,8 +25,7 @@ from .common import quit_on_ctrl_c
 
 signal.signal(signal.SIGINT, quit_on_ctrl_c)  # until a command runs (run_main): Ctrl-C = one line, exit 130
 
-from .. import __version__  # noqa: E402 - after the handler: every import from here on can be interrupted
-from ..formats import formats_sentence  # noqa: E402
+from ..formats import formats_sentence  # noqa: E402 - after the handler: every import from here on can be interrupted
 from . import bench, chat, convert, generate, train  # noqa: E402
 from . import eval as evaluate  # noqa: E402
 from .common import USER_ERROR, UsageError, run_main  # noqa: E402
@@ -63,12 +62,27 @@ def main(argv: Optional[list] = None, prog: str = "llama-min") -> int:
         print(usage(prog), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else USER_ERROR
     if argv[0] == "--version":
-        print(f"llama_min {__version__}")
+        print(f"llama_min {version()}")
         return 0
     if argv[0] not in COMMANDS:
         return run_main(lambda _: _unknown(argv[0], prog), [])
     module = COMMANDS[argv[0]][0]
     return module.main(argv[1:] + debug, prog=f"{prog} {argv[0]}")
+
+
+def version() -> str:
+    """The installed version (from the package's metadata; the package's own __version__ when not installed).
+    Read this way, `python -m llama_min` also works from the folder that holds a clone named llama_min, where
+    Python takes the clone's folder for the package itself and its __init__ is never run."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("llama_min")
+    except PackageNotFoundError:
+        from .. import __version__
+
+        return __version__
 
 
 def _unknown(name: str, prog: str):
