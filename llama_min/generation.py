@@ -11,6 +11,7 @@ The KV cache is sized to each request (prompt + new tokens, capped by max_seq_le
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -23,7 +24,7 @@ from .decoding.stops import StopStrings
 from .errors import LlamaMinError
 from .model import Transformer
 from .parallel.group import broadcast_from_rank0
-from .runtime.memory import check_memory
+from .runtime.memory import check_memory, check_window
 from .runtime.step import choose_step
 
 
@@ -66,6 +67,12 @@ class Llama:
         "meta" or "chatml"; None = the template when the checkpoint ships one, else the built-in format.
         tensor_parallel: run as one of the processes torchrun started; each reads and holds only its slice
         of the weights (parallel/; a quantized GGUF is dequantized). Same arguments on every rank.
+
+        Memory: before the weights are read (from the file's header or config where the format has one), the
+        peak of the window is checked against free memory (runtime/memory.py check_window): the RoPE table
+        of 2 * max_seq_len positions while it is built, the KV cache for max_batch_size x max_seq_len, and one
+        forward (the last position's logits for one row; with max_batch_size > 1, the logits of whole
+        windows, as scoring does). One LlamaMinError line with the numbers when it does not fit.
         """
         from .runtime.packed import load_gguf_packed, use_packed
         from .runtime.quantize import parse_quantize
@@ -90,23 +97,25 @@ class Llama:
             tokenizer = load_tokenizer(tokenizer_path or ckpt_path, chat_format=chat_format)
 
             def load(rank, world, dev):
-                model = load_rank_model(ckpt_path, rank, world, dev, dtype, max_seq_len)
+                model = load_rank_model(ckpt_path, rank, world, dev, dtype, max_seq_len, max_batch_size)
                 _check_vocab(tokenizer, model.vocab_size, ckpt_path)
                 return model
             model = build_rank(load, device, optimize=optimize, quantize=quantize)
             return Llama(model, tokenizer, max_seq_len, max_batch_size)
         tokenizer = load_tokenizer(tokenizer_path or ckpt_path, chat_format=chat_format)
         if packed:  # a quantized GGUF at its own precision: built directly from the file's blocks
-            model = load_gguf_packed(ckpt_path, device, dtype, max_seq_len)
+            model = load_gguf_packed(ckpt_path, device, dtype, max_seq_len, max_batch_size)
         else:
-            args, state_dict = load_checkpoint(ckpt_path, dtype=dtype)
-            args.max_seq_len = max_seq_len
-            check_memory(2 * max_seq_len * args.hd // 2 * 8, f"the RoPE table for max_seq_len {max_seq_len}", device)
-            model = build_transformer(args, state_dict, device=device)
-            del state_dict
+            model = _load_float(ckpt_path, device, dtype, max_seq_len, max_batch_size)
         _check_vocab(tokenizer, model.vocab_size, ckpt_path)
         apply_transforms(model.eval().requires_grad_(False), optimize=optimize, quantize=quantize)
         return Llama(model, tokenizer, max_seq_len, max_batch_size)
+
+    @property
+    def trained_window(self) -> Optional[int]:
+        """The context the checkpoint was trained for, from its file (GGUF llama.context_length, HF
+        max_position_embeddings, llama2.c / own max_seq_len); None when the file does not say (Meta)."""
+        return self.model.params.trained_window
 
     def compile(self, mode: Optional[str] = None):
         """Run one-token decode steps through torch.compile: `self.step` becomes runtime.compile.CompiledStep,
@@ -373,6 +382,43 @@ def cut_at_stop(text: str, stop: Optional[list]) -> str:
 def _generator(seed: Optional[int], device):
     """None (torch's global generator, as Meta's code) or a private generator seeded with `seed`."""
     return None if seed is None else torch.Generator(device).manual_seed(seed)
+
+
+def _load_float(ckpt_path, device, dtype, max_seq_len: int, max_batch_size: int) -> Transformer:
+    """The float model, the window's memory checked before its weights are read where the header tells
+    the sizes (GGUF, HF, own, Meta), else after reading them but before the RoPE table (llama2.c, hub ids)."""
+    item = torch.empty((), dtype=dtype).element_size()
+    header = _header_args(ckpt_path)
+    if header is not None:
+        check_window(header, max_seq_len, max_batch_size, device, item)
+    args, state_dict = load_checkpoint(ckpt_path, dtype=dtype)
+    args.max_seq_len = max_seq_len
+    if header is None:
+        check_window(args, max_seq_len, max_batch_size, device, item)
+    return build_transformer(args, state_dict, device=device)
+
+
+def _header_args(ckpt_path):
+    """ModelArgs from a checkpoint's header or config alone (no weight read), or None where only the
+    weights tell the sizes (llama2.c files, hub ids) or the format is not recognised here."""
+    from .checkpoint import detect_format
+    from .files import read_json
+    from .formats.common import args_from_params
+    from .formats.hf import args_from_hf_config
+    from .runtime.packed import gguf_header_args
+
+    try:
+        fmt = detect_format(ckpt_path)
+    except (ValueError, OSError):
+        return None  # a hub id, or an error load_checkpoint reports in its own words
+    path = Path(ckpt_path)
+    if fmt == "gguf":
+        return gguf_header_args(path)[0]
+    if fmt == "hf":
+        return args_from_hf_config(read_json(path / "config.json", "config.json"), path / "config.json")
+    if fmt in ("own", "meta"):
+        return args_from_params(read_json(path / "params.json", "params.json"), path / "params.json")
+    return None
 
 
 def _check_vocab(tokenizer, vocab_size: int, ckpt_path) -> None:

@@ -20,7 +20,7 @@ hd head dim, S cached positions, V vocab. No biases anywhere.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -50,12 +50,17 @@ class ModelArgs:
     tie_word_embeddings: bool = False  # output projection shares the embedding matrix
     max_seq_len: int = 2048
     sliding_window: Optional[int] = None  # Mistral: keys older than this are masked; requests must fit inside it
+    # The context the checkpoint was trained for, when its file says (GGUF context_length, HF
+    # max_position_embeddings, llama2.c / own max_seq_len); None = unknown (Meta's params.json). Read, never used
+    # by the math; not part of equality (a file's metadata, not the model).
+    trained_window: Optional[int] = field(default=None, compare=False)
 
     def __post_init__(self):
         """Check sizes and divisibility now, not later as a shape error deep in a forward pass."""
         for name in ("dim", "n_layers", "n_heads", "multiple_of", "max_seq_len", "n_kv_heads", "hidden_dim",
-                     "head_dim", "vocab_size", "sliding_window"):
-            value, optional = getattr(self, name), name in ("n_kv_heads", "hidden_dim", "head_dim", "sliding_window")
+                     "head_dim", "vocab_size", "sliding_window", "trained_window"):
+            value, optional = getattr(self, name), name in ("n_kv_heads", "hidden_dim", "head_dim", "sliding_window",
+                                                            "trained_window")
             if not (optional and value is None or name == "vocab_size" and value == -1):  # -1: from the tokenizer
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -133,7 +133,7 @@ PARAMS_KINDS = {
     "norm_eps": "number", "rope_theta": "number", "use_scaled_rope": "flag", "rope_scaling_factor": "number",
     "rope_low_freq_factor": "number", "rope_high_freq_factor": "number", "rope_original_max_pos": "int",
     "rope_freq_divisors": "numbers", "tie_word_embeddings": "flag", "max_seq_len": "int",
-    "sliding_window": "int",
+    "sliding_window": "int", "trained_window": "int",
 }
 PARAMS_REQUIRED = ("dim", "n_layers", "n_heads")
 
@@ -143,6 +143,8 @@ def args_from_params(params, source) -> ModelArgs:
 
     dim, n_layers and n_heads are required (a missing one must not silently become 7B's default); keys
     holding null take ModelArgs' defaults; a nested {"model": {...}} is accepted; unknown keys are ignored.
+    trained_window: the file's own, else its max_seq_len (own files written before the field); Meta's files
+    have neither (None: unknown).
     """
     if isinstance(params, dict) and isinstance(params.get("model"), dict):
         params = params["model"]
@@ -156,6 +158,8 @@ def args_from_params(params, source) -> ModelArgs:
             value = getattr(r, kind)(key, default)
         if value is not None:
             values[key] = value
+    if "trained_window" not in params and "max_seq_len" in values:  # own files before the field: their window
+        values["trained_window"] = values["max_seq_len"]
     return build_args(source, **values)
 
 

@@ -112,7 +112,8 @@ def args_from_hf_config(cfg: dict, source="config.json") -> ModelArgs:
         n_kv_heads=r.int("num_key_value_heads", n_heads), vocab_size=r.int("vocab_size"),
         hidden_dim=r.int("intermediate_size"), head_dim=r.int("head_dim", None),
         norm_eps=r.number("rms_norm_eps", 1e-6), tie_word_embeddings=r.flag("tie_word_embeddings", False),
-        max_seq_len=max_pos, sliding_window=window, **_rope_settings(r),
+        max_seq_len=max_pos, sliding_window=window, trained_window=r.int("max_position_embeddings", None),
+        **_rope_settings(r),
     )
     _check_special_ids(r, args.vocab_size)
     return args

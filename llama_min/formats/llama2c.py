@@ -57,7 +57,8 @@ def _args(header, shared: bool) -> ModelArgs:
     dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = header
     try:
         return ModelArgs(dim=dim, hidden_dim=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                         vocab_size=abs(vocab), max_seq_len=seq_len, tie_word_embeddings=shared)
+                         vocab_size=abs(vocab), max_seq_len=seq_len, tie_word_embeddings=shared,
+                         trained_window=seq_len)
     except ValueError as e:
         raise LlamaMinError(f"llama2.c header {list(header)} is not a valid model ({e})") from None
 
@@ -176,6 +177,7 @@ def _load_pt(path: Path, dtype):
         raise LlamaMinError(f"{path}: llama2.c checkpoint without tok_embeddings / layers.0 feed_forward tensors")
     params = dict(ckpt["model_args"], hidden_dim=sd["layers.0.feed_forward.w1.weight"].shape[0],
                   vocab_size=sd["tok_embeddings.weight"].shape[0])
+    params["trained_window"] = params.get("max_seq_len")  # the window train.py trained with
     try:
         args = ModelArgs.from_dict(params)
     except (TypeError, ValueError) as e:

@@ -16,7 +16,7 @@ Every reader opens its files memory-mapped and copies out only the rows or colum
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -29,6 +29,7 @@ from ..formats.gguf.read import args_from_gguf, gguf_tensor, gguf_to_meta_name
 from ..formats.hf import HF_LAYER_TO_META, HF_TO_META, args_from_hf_config, hf_weight_files
 from ..formats.meta import SHARD_DIM
 from ..model import ModelArgs
+from ..runtime.memory import check_window
 from .layout import Layout, Slice, build_local_model, check_split, take
 
 
@@ -246,16 +247,19 @@ def open_sliced(path: Path):
     return WholeFile(path)
 
 
-def load_rank_slices(path, rank: int, world: int, dtype: Optional[torch.dtype] = None):
+def load_rank_slices(path, rank: int, world: int, dtype: Optional[torch.dtype] = None,
+                     preflight: Optional[Callable[[ModelArgs, Layout], None]] = None):
     """(ModelArgs, Layout, this rank's tensors) from a checkpoint, reading only the rank's slices.
 
     The split is checked against the model's sizes, and every tensor's full shape against ModelArgs,
-    before any weight is read."""
+    before any weight is read; so is `preflight(args, layout)` when given (load_rank_model: memory)."""
     path = Path(path)
     reader = open_sliced(path)
     args = reader.args
     check_split(args, world, str(path))
     layout = Layout(args, rank, world, reader.emb_axis)
+    if preflight is not None:
+        preflight(args, layout)
     want, slices = expected_shapes(args), layout.slices()
     for s in slices.values():
         if reader.shape(s.source) != want[s.source]:
@@ -265,9 +269,18 @@ def load_rank_slices(path, rank: int, world: int, dtype: Optional[torch.dtype] =
     return args, layout, sd
 
 
-def load_rank_model(path, rank: int, world: int, device=None, dtype=None, max_seq_len: Optional[int] = None):
-    """This rank's part of the model at `path` (reference modules, local shapes; no collectives yet)."""
-    args, layout, sd = load_rank_slices(path, rank, world, dtype)
+def load_rank_model(path, rank: int, world: int, device=None, dtype=None, max_seq_len: Optional[int] = None,
+                    max_batch_size: int = 1):
+    """This rank's part of the model at `path` (reference modules, local shapes; no collectives yet).
+
+    Before its slices are read, the rank's share of the window (the whole RoPE table, its KV heads'
+    cache for max_batch_size x max_seq_len, a forward) is checked against free memory (memory.check_window)."""
+    def preflight(args: ModelArgs, layout: Layout) -> None:
+        window = max_seq_len if max_seq_len is not None else args.max_seq_len
+        item = torch.empty((), dtype=dtype or torch.float32).element_size()
+        check_window(args, window, max_batch_size, device or "cpu", item, kv_heads=layout.kv_heads)
+
+    args, layout, sd = load_rank_slices(path, rank, world, dtype, preflight)
     if max_seq_len is not None:
         args.max_seq_len = max_seq_len
     return build_local_model(args, layout, sd, device=device).eval().requires_grad_(False)

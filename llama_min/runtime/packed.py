@@ -43,6 +43,7 @@ from torch import nn
 
 from ..errors import LlamaMinError
 from ..model import Transformer
+from .memory import check_window
 from .quantize import (PLAIN_INT4, Int4Embedding, Int8Embedding, chunk_rows, int4_from_rows, int8_from_rows,
                        quantize_per_channel)
 from ..formats.common import expected_shapes
@@ -294,25 +295,36 @@ def _tensors(path: Path, buf, infos, args) -> dict:
     return out
 
 
-def load_gguf_packed(path, device="cpu", dtype=torch.float32, max_seq_len=None) -> Transformer:
-    """A Transformer for a GGUF file with its quantized matrices packed (see the module docstring).
-
-    Norms (and any float tensor) are loaded in `dtype`. Built on the meta device, then every module
-    is created directly on `device` from the file's bytes.
-    """
-    from tqdm import tqdm
-
+def gguf_header_args(path):
+    """(ModelArgs, tensor infos) of a GGUF file from its header alone (no weight is read): tied embeddings
+    when there is no output.weight, the vocabulary size from token_embd when the metadata has none."""
     from ..files.gguf import read_gguf_tensor_infos
 
-    path, device = Path(path), torch.device(device)
     meta, infos = read_gguf_tensor_infos(path)
     args = args_from_gguf(meta)
     names = {name for name, *_ in infos}
     args.tie_word_embeddings = "output.weight" not in names
     if args.vocab_size <= 0 and "token_embd.weight" in names:
         args.vocab_size = int(next(dims for name, dims, *_ in infos if name == "token_embd.weight")[1])
+    return args, infos
+
+
+def load_gguf_packed(path, device="cpu", dtype=torch.float32, max_seq_len=None,
+                     max_batch_size: int = 1) -> Transformer:
+    """A Transformer for a GGUF file with its quantized matrices packed (see the module docstring).
+
+    Norms (and any float tensor) are loaded in `dtype`. Built on the meta device, then every module
+    is created directly on `device` from the file's bytes. Before any weight is read, the window's peak
+    (max_seq_len x max_batch_size: RoPE table, KV cache, a forward) is checked against free memory
+    (memory.check_window).
+    """
+    from tqdm import tqdm
+
+    path, device = Path(path), torch.device(device)
+    args, infos = gguf_header_args(path)
     if max_seq_len:
         args.max_seq_len = max_seq_len
+    check_window(args, args.max_seq_len, max_batch_size, device, torch.empty((), dtype=dtype).element_size())
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         tensors = _tensors(path, buf, infos, args)
         with torch.device("meta"):

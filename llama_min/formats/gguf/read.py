@@ -60,7 +60,7 @@ def args_from_gguf(meta: dict, source="GGUF file") -> ModelArgs:
         hidden_dim=r.int("feed_forward_length"), head_dim=r.int("attention.key_length", None),
         norm_eps=float(f"{eps:.7g}"),  # stored as float32: 1e-5 reads back as 9.99999974738e-06
         rope_theta=r.number("rope.freq_base", 10000.0),
-        max_seq_len=min(r.int("context_length", 2048), 8192),
+        max_seq_len=min(r.int("context_length", 2048), 8192), trained_window=r.int("context_length", None),
     )
     for key in ("rope.dimension_count", "attention.value_length"):  # partial RoPE, v heads unlike k heads
         value = r.int(key, None)
