@@ -18,8 +18,12 @@ Converting (llama-min convert):
   convert(src, dst, to="own")  dst/params.json + dst/model.safetensors (Meta names and q/k layout) + tokenizer
   convert(src, dst, to="hf")   dst/config.json + dst/model.safetensors (HF names, HF q/k row order) + tokenizer
                                + generation_config.json: transformers' LlamaForCausalLM.from_pretrained(dst) loads it
-  convert(src, dst, to="gguf", gguf_type="f16")   one .gguf file (f32|f16|bf16|q8_0) with the tokenizer and
-                               chat template: llama.cpp, Ollama, LM Studio and transformers' GGUF loader read it
+  convert(src, dst, to="gguf", gguf_type=None)   one .gguf file (f32|f16|bf16|q8_0) with the tokenizer and
+                               chat template: llama.cpp, Ollama, LM Studio and transformers' GGUF loader read it.
+                               The tensor type: `gguf_type`, else the one `dtype` names (float32 -> f32), else
+                               bf16 for a bfloat16 source and f16 for any other (llama.cpp's converter's rule:
+                               the 16-bit float that loses least). A GGUF source's own metadata (name,
+                               pre-tokenizer, special ids, chat template, ...) is kept as the file said it.
 
 `src` is anything load_checkpoint reads: a Meta dir (shards merged), a Hugging Face dir, a .gguf file
 (dequantized) or a llama_min dir. The tokenizer goes along: its file(s) are copied, or written out when it
@@ -39,6 +43,7 @@ import torch
 
 from .errors import LlamaMinError
 from .files import publish_dir
+from .formats import CHECKPOINT_FORMATS, format_name
 from .formats.common import check_state_dict, expected_shapes, hf_to_meta_qk, meta_to_hf_qk  # noqa: F401
 from .formats.gguf.read import load_gguf
 from .formats.hf import load_hf, save_hf, to_hf  # noqa: F401
@@ -120,13 +125,15 @@ def load_checkpoint(path, dtype: Optional[torch.dtype] = None):
 # ------------------------------------------------------------------------------------------ converting
 
 DTYPES = ("float32", "bfloat16", "float16")
-FORMATS = ("own", "hf", "gguf")
+FORMATS = tuple(key for key, (_, _, written) in CHECKPOINT_FORMATS.items() if written)  # what convert writes
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+GGUF_TYPE_OF_DTYPE = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
 
-def convert(src, dst, to: str = "own", dtype: Optional[str] = None, gguf_type: str = "f16") -> Path:
+def convert(src, dst, to: str = "own", dtype: Optional[str] = None, gguf_type: Optional[str] = None) -> Path:
     """Load `src`, write it to `dst` in format `to` ('own' | 'hf' | 'gguf'), cast to `dtype` if given.
 
+    `gguf_type` (f32 | f16 | bf16 | q8_0): the GGUF tensor type; None: `export_gguf_type`'s choice.
     The output is built under a temp name beside `dst` and renamed into place when complete; an existing
     `dst` is refused (so nothing is overwritten by mistake).
     """
@@ -136,17 +143,16 @@ def convert(src, dst, to: str = "own", dtype: Optional[str] = None, gguf_type: s
     if dst.exists():
         raise LlamaMinError(f"{dst}: already exists; choose a new destination")
     if to not in FORMATS:
-        raise LlamaMinError(f"--to {to!r}: expected one of {', '.join(FORMATS)}")
+        raise LlamaMinError(f"--to {to!r}: expected one of "
+                            f"{', '.join(f'{f} ({format_name(f)})' for f in FORMATS)}")
     if dtype is not None and dtype not in DTYPES:
         raise LlamaMinError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    if to == "gguf" and gguf_type not in GGUF_TYPES:
+    if to == "gguf" and gguf_type is not None and gguf_type not in GGUF_TYPES:
         raise LlamaMinError(f"--gguf-type {gguf_type!r}: expected one of {', '.join(GGUF_TYPES)}")
     args, sd = load_checkpoint(src, dtype=getattr(torch, dtype) if dtype else None)
     tok = _tokenizer_or_none(src)
     if to == "gguf":
-        from .formats.gguf.write import save_gguf
-
-        return save_gguf(dst, args, sd, tok, gguf_type)
+        return _convert_to_gguf(src, dst, args, sd, tok, gguf_type or export_gguf_type(sd, dtype))
 
     def build(tmp: Path) -> None:
         for name, blob in (tokenizer_files(tok, src) if tok is not None else {}).items():
@@ -157,6 +163,26 @@ def convert(src, dst, to: str = "own", dtype: Optional[str] = None, gguf_type: s
             save_hf(tmp, args, sd, tokenizer=tok)
 
     return publish_dir(dst, build)
+
+
+def export_gguf_type(sd: dict, dtype: Optional[str] = None) -> str:
+    """The GGUF tensor type when none is asked: the one `dtype` names, else llama.cpp's converter's default
+    (bf16 when the source's matrices are bfloat16, f16 otherwise, float32 and dequantized GGUF included)."""
+    if dtype is not None:
+        return GGUF_TYPE_OF_DTYPE[dtype]
+    first_matrix = next((t for t in sd.values() if t.ndim == 2), None)
+    return "bf16" if first_matrix is not None and first_matrix.dtype == torch.bfloat16 else "f16"
+
+
+def _convert_to_gguf(src, dst: Path, args: ModelArgs, sd: dict, tok, gguf_type: str) -> Path:
+    """Write the GGUF export; a GGUF source's metadata goes along (save_gguf keeps what it said)."""
+    from .files.gguf import read_gguf_metadata
+    from .formats.gguf.write import save_gguf
+
+    path = resolve_checkpoint(src)
+    keep = read_gguf_metadata(path) if detect_format(path) == "gguf" else None
+    name = Path(path).stem if Path(path).is_file() else Path(path).resolve().name
+    return save_gguf(dst, args, sd, tok, gguf_type, name=name, keep=keep)
 
 
 def _tokenizer_or_none(src):

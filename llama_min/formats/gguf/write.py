@@ -9,10 +9,16 @@ Layout (what llama.cpp, Ollama, LM Studio and transformers' GGUF loader read):
 - norms (1-D) stay float32; matrices take `qtype`. Q8_0 = blocks of 32 along each row, an fp16 scale d
   and 32 int8: w = d * q (a matrix whose rows are not a multiple of 32 falls back to f16).
 - Llama 3.1 scaled RoPE becomes a `rope_freqs` tensor of per-pair divisors: theta_i' = theta_i / rope_freqs[i].
-- the tokenizer as `tokenizer.ggml.*`: a sentencepiece model as model 'llama' (pieces, scores, piece types);
-  a byte-level BPE (tokenizer.json, or Llama 3's tiktoken ranks) as model 'gpt2' (byte-level token strings,
-  merges "a b", token types 1 normal / 3 control / 4 user-defined) with `tokenizer.ggml.pre` naming the
-  pre-tokenizer; plus BOS/EOS ids, add_bos_token and `tokenizer.chat_template`.
+- the tokenizer as `tokenizer.ggml.*`: a sentencepiece model as model 'llama' (pieces, scores, piece types,
+  pre 'default'); a byte-level BPE (tokenizer.json, or Llama 3's tiktoken ranks) as model 'gpt2' (byte-level
+  token strings, merges "a b", token types 1 normal / 3 control / 4 user-defined) with `tokenizer.ggml.pre`
+  naming the pre-tokenizer the way llama.cpp's converter does (pretokenizer.py); plus BOS/EOS ids,
+  add_bos_token and `tokenizer.chat_template`.
+- `keep`: the metadata of a GGUF file being converted. What it said and llama_min's ModelArgs and tokenizers
+  do not carry wins over what the writer would derive (`kept_metadata`): `general.*` (name, licence, ...),
+  `llama.context_length`, `llama.rope.scaling.*`, `tokenizer.ggml.pre`, every special-token id, the
+  add_bos/add_eos/add_space_prefix flags and the chat templates. A GGUF -> GGUF conversion thus keeps every
+  key llama.cpp reads for a Llama model.
 
 Tensors are converted and written one at a time, so the export holds one extra tensor in memory.
 """
@@ -30,33 +36,47 @@ import torch
 from ...errors import LlamaMinError
 from ...files import atomic_write
 from ...model import ModelArgs, rope_frequencies
-from ...text.gguf_vocab import LLAMA3_PATTERN, byte_level_encode
+from ...text.gguf_vocab import byte_level_encode
+from .pretokenizer import llama_cpp_pre_name
 from .read import GGUF_LAYER_TO_META, GGUF_TO_META
 
 QTYPES = ("f32", "f16", "bf16", "q8_0")
 FILE_TYPE = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # general.file_type (llama.cpp's LLAMA_FTYPE_*)
 
+# What a GGUF source said that an export keeps (see kept_metadata); the writer decides these itself:
+WRITER_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
+KEPT_PREFIXES = ("general.", "llama.rope.scaling.", "tokenizer.chat_template")
+KEPT_KEYS = ("llama.context_length", "tokenizer.ggml.pre", "tokenizer.ggml.add_bos_token",
+             "tokenizer.ggml.add_eos_token", "tokenizer.ggml.add_space_prefix",
+             "tokenizer.ggml.remove_extra_whitespaces")
+
 
 def save_gguf(out_path, args: ModelArgs, state_dict: dict, tokenizer=None, qtype: str = "f32",
-              chat_template: Optional[str] = None, name: str = "llama_min export") -> Path:
+              chat_template: Optional[str] = None, name: str = "llama_min export",
+              keep: Optional[dict] = None) -> Path:
     """Write `state_dict` (Meta names/layout) as one GGUF file; `tokenizer` (a llama_min Tokenizer) is embedded.
 
     qtype: f32 | f16 | bf16 | q8_0 for the matrices. chat_template defaults to the tokenizer's own.
+    name: `general.name`. keep: the metadata of the GGUF file being converted; the keys `kept_metadata`
+    picks from it win over what the writer derives (its `general.name` over `name`).
+    Everything is checked before the file is started: a tokenizer llama.cpp could not read raises here.
     """
     import gguf
 
     if qtype not in QTYPES:
         raise LlamaMinError(f"GGUF type '{qtype}': expected one of {', '.join(QTYPES)}")
     plan = _tensor_plan(args, state_dict, qtype)
-    template = chat_template or getattr(tokenizer, "chat_template", None)
+    said = kept_metadata(keep or {})
+    meta = _model_metadata(args, name, qtype)
+    if tokenizer is not None:
+        meta.update(_tokenizer_metadata(tokenizer, args.vocab_size, said.get("tokenizer.ggml.pre")))
+    meta.update(_template_metadata(chat_template, tokenizer))
+    meta.update(said)
 
     def write(tmp: str) -> None:
         w = gguf.GGUFWriter(tmp, arch="llama")
-        _model_metadata(w, args, name, qtype)
-        if tokenizer is not None:
-            _tokenizer_metadata(w, tokenizer, args.vocab_size)
-        if isinstance(template, str) and template:
-            w.add_chat_template(template)
+        for key, value in meta.items():
+            _add_value(w, key, value)
         for gguf_name, tensor, ggml_type in plan:
             shape, nbytes = _stored_shape_and_size(tensor.shape, ggml_type)
             w.add_tensor_info(gguf_name, shape, np.dtype(np.float32), nbytes, raw_dtype=ggml_type)
@@ -68,6 +88,39 @@ def save_gguf(out_path, args: ModelArgs, state_dict: dict, tokenizer=None, qtype
         w.close()
 
     return atomic_write(out_path, write)
+
+
+def kept_metadata(meta: dict) -> dict:
+    """The keys of a GGUF file's metadata that an export of it keeps as the file said them.
+
+    Those llama_min's ModelArgs and tokenizers do not carry, or not exactly: `general.*` but the file type
+    and architecture (the writer decides those), the context length (ModelArgs caps it at 8192), RoPE
+    scaling keys, the pre-tokenizer name, every `*_token_id` (unknown and padding ids included), the
+    add_bos/add_eos/add_space_prefix/remove_extra_whitespaces flags and the chat template(s).
+    """
+    def kept(key: str) -> bool:
+        if key in WRITER_KEYS:
+            return False
+        special_id = key.startswith("tokenizer.ggml.") and key.endswith("_token_id")
+        return special_id or key in KEPT_KEYS or key.startswith(KEPT_PREFIXES)
+
+    return {k: v for k, v in meta.items() if kept(k)}
+
+
+def _add_value(w, key: str, value) -> None:
+    """One metadata value in the type llama.cpp's writer gives such keys: ints u32, floats f32."""
+    if isinstance(value, bool):
+        w.add_bool(key, value)
+    elif isinstance(value, int):
+        w.add_uint32(key, value) if value >= 0 else w.add_int32(key, value)
+    elif isinstance(value, float):
+        w.add_float32(key, value)
+    elif isinstance(value, str):
+        w.add_string(key, value)
+    elif isinstance(value, list):
+        w.add_array(key, value)  # the item type follows the items (str, int -> i32, float -> f32)
+    else:
+        raise LlamaMinError(f"GGUF metadata '{key}': cannot write a {type(value).__name__}")
 
 
 def meta_to_gguf_name(name: str) -> str:
@@ -134,58 +187,79 @@ def _encode(t: torch.Tensor, ggml_type) -> np.ndarray:
     return quantize(arr, ggml_type)
 
 
-def _model_metadata(w, args: ModelArgs, name: str, qtype: str) -> None:
-    w.add_name(name)
-    w.add_file_type(FILE_TYPE[qtype])
+def _model_metadata(args: ModelArgs, name: str, qtype: str) -> dict:
+    """general.* and llama.* keys for `args` (the architecture key is the GGUFWriter's own)."""
+    meta = {"general.name": name, "general.file_type": FILE_TYPE[qtype]}
     if qtype == "q8_0":
-        w.add_quantization_version(2)
-    w.add_context_length(args.max_seq_len)
-    w.add_embedding_length(args.dim)
-    w.add_block_count(args.n_layers)
-    w.add_feed_forward_length(args.ffn_hidden)
-    w.add_head_count(args.n_heads)
-    w.add_head_count_kv(args.kv_heads)
-    w.add_layer_norm_rms_eps(args.norm_eps)
-    w.add_rope_freq_base(args.rope_theta)
-    w.add_rope_dimension_count(args.hd)
-    w.add_vocab_size(args.vocab_size)
+        meta["general.quantization_version"] = 2
+    meta.update({
+        "llama.context_length": args.max_seq_len, "llama.embedding_length": args.dim,
+        "llama.block_count": args.n_layers, "llama.feed_forward_length": args.ffn_hidden,
+        "llama.attention.head_count": args.n_heads, "llama.attention.head_count_kv": args.kv_heads,
+        "llama.attention.layer_norm_rms_epsilon": float(args.norm_eps), "llama.rope.freq_base": float(args.rope_theta),
+        "llama.rope.dimension_count": args.hd, "llama.vocab_size": args.vocab_size,
+    })
     if args.hd != args.dim // args.n_heads:
-        w.add_key_length(args.hd)
-        w.add_value_length(args.hd)
+        meta["llama.attention.key_length"] = meta["llama.attention.value_length"] = args.hd
+    return meta
+
+
+def _template_metadata(chat_template: Optional[str], tok) -> dict:
+    """tokenizer.chat_template (`chat_template`, else the tokenizer's default), plus its named templates as
+    `tokenizer.chat_template.NAME` listed in `tokenizer.chat_templates` (llama.cpp's keys)."""
+    templates = dict(getattr(tok, "chat_templates", None) or {})
+    default = chat_template or getattr(tok, "chat_template", None)
+    meta = {"tokenizer.chat_template": default} if isinstance(default, str) and default else {}
+    named = {k: v for k, v in templates.items() if k != "default" and v != default and k.isidentifier()}
+    for k, v in named.items():
+        meta[f"tokenizer.chat_template.{k}"] = v
+    if named:
+        meta["tokenizer.chat_templates"] = list(named)
+    return meta
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
 
 
-def _tokenizer_metadata(w, tok, vocab_size: int) -> None:
-    """tokenizer.ggml.* for a llama_min tokenizer, padded with unused tokens up to the model's vocab size."""
+def _tokenizer_metadata(tok, vocab_size: int, pre: Optional[str] = None) -> dict:
+    """tokenizer.ggml.* for a llama_min tokenizer, padded with unused tokens up to the model's vocab size.
+
+    pre: the pre-tokenizer name a GGUF source said; otherwise the one llama.cpp's converter would find.
+    """
+    meta = {}
+    pre = pre or llama_cpp_pre_name(tok)
     if tok.kind == "sentencepiece":
         tokens, scores, types, space_prefix = spm_vocab(tok.sp.serialized_model_proto())
-        w.add_tokenizer_model("llama")
-        w.add_add_space_prefix(space_prefix)
+        meta.update({"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": pre,
+                     "tokenizer.ggml.add_space_prefix": space_prefix})
+        merges = []
     else:
-        tokens, types, merges, pre = tiktoken_vocab(tok) if tok.kind == "tiktoken" else byte_level_vocab(tok)
+        tokens, types, merges = tiktoken_vocab(tok) if tok.kind == "tiktoken" else byte_level_vocab(tok)
         scores = None
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(pre)
-        w.add_token_merges(merges)
+        meta.update({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre})
     if len(tokens) > vocab_size:
         raise LlamaMinError(f"tokenizer has {len(tokens)} tokens, the model's vocabulary only {vocab_size}")
     pad = vocab_size - len(tokens)
-    w.add_token_list(tokens + [f"[PAD{i}]" for i in range(len(tokens), vocab_size)])
-    w.add_token_types(types + [5] * pad)  # 5: unused
+    meta["tokenizer.ggml.tokens"] = tokens + [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]
+    meta["tokenizer.ggml.token_type"] = types + [5] * pad  # 5: unused
     if scores is not None:
-        w.add_token_scores(scores + [-1e9] * pad)
-    for add, value in ((w.add_bos_token_id, tok.bos_id), (w.add_eos_token_id, tok.eos_id),
-                       (w.add_pad_token_id, tok.pad_id)):
-        if value >= 0:
-            add(value)
-    if tok.kind == "sentencepiece" and tok.sp.unk_id() >= 0:
-        w.add_unk_token_id(tok.sp.unk_id())
+        meta["tokenizer.ggml.scores"] = scores + [-1e9] * pad
+    if merges:
+        meta["tokenizer.ggml.merges"] = merges
+    meta.update(_special_ids(tok))
+    meta["tokenizer.ggml.add_bos_token"] = bool(tok.add_bos)
+    return meta
+
+
+def _special_ids(tok) -> dict:
+    """BOS, EOS, padding, unknown (sentencepiece) and end-of-turn (when it is not EOS) ids the tokenizer has."""
+    ids = {"bos": tok.bos_id, "eos": tok.eos_id, "padding": tok.pad_id}
+    if tok.kind == "sentencepiece":
+        ids["unknown"] = tok.sp.unk_id()
     eot = next((i for i in map(tok.token_id, ("<|eot_id|>", "<|im_end|>")) if i is not None), None)
-    if eot is not None and eot != tok.eos_id:  # the end-of-turn token, when it is not EOS
-        w.add_eot_token_id(eot)
-    w.add_add_bos_token(bool(tok.add_bos))
+    if eot is not None and eot != tok.eos_id:
+        ids["eot"] = eot
+    return {f"tokenizer.ggml.{k}_token_id": int(i) for k, i in ids.items() if i is not None and i >= 0}
 
 
 def _proto_fields(buf: bytes):
@@ -233,23 +307,8 @@ def spm_vocab(proto: bytes) -> tuple:
     return pieces, scores, types, dummy_prefix
 
 
-def _pre_tokenizer_name(pre: Optional[dict]) -> str:
-    """GGUF `tokenizer.ggml.pre` for a tokenizer.json pre-tokenizer llama_min's GGUF reader knows."""
-    if pre and pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
-    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else []
-    kinds = [s.get("type") for s in steps]
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
-        return "smollm"
-    if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") == LLAMA3_PATTERN \
-            and not steps[1].get("use_regex", True):
-        return "llama-bpe"
-    raise LlamaMinError(f"tokenizer pre-tokenizer {json.dumps(pre)[:120]} has no GGUF equivalent llama_min "
-                        "knows (expected GPT-2's, SmolLM's digits + GPT-2, or Llama 3's split)")
-
-
 def byte_level_vocab(tok) -> tuple:
-    """(tokens, types, merges, pre) of a byte-level BPE `tokenizers` tokenizer (HF tokenizer.json)."""
+    """(tokens, types, merges) of a byte-level BPE `tokenizers` tokenizer (HF tokenizer.json)."""
     spec = json.loads(tok.tk.to_str())
     model = spec.get("model", {})
     if model.get("type") != "BPE":
@@ -263,11 +322,11 @@ def byte_level_vocab(tok) -> tuple:
     if None in tokens:
         raise LlamaMinError(f"tokenizer.json has no token with id {tokens.index(None)}")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return tokens, types, merges, _pre_tokenizer_name(spec.get("pre_tokenizer"))
+    return tokens, types, merges
 
 
 def tiktoken_vocab(tok) -> tuple:
-    """(tokens, types, merges, 'llama-bpe') for Llama 3's tiktoken ranks + its 256 special tokens.
+    """(tokens, types, merges) for Llama 3's tiktoken ranks + its 256 special tokens.
 
     Tokens are the rank bytes in GPT-2's byte-level alphabet. tiktoken stores no merges; every split of
     a token t into two tokens (a, b) is a merge, ordered by (rank of t, rank of a, rank of b). That is the
@@ -282,4 +341,4 @@ def tiktoken_vocab(tok) -> tuple:
         merges += [f"{byte_level_encode(token[:i])} {byte_level_encode(token[i:])}" for _, _, i in sorted(splits)]
     specials = sorted(tok.specials.items(), key=lambda kv: kv[1])
     tokens = [byte_level_encode(t) for t, _ in by_rank] + [name for name, _ in specials]
-    return tokens, [1] * len(by_rank) + [3] * len(specials), merges, "llama-bpe"
+    return tokens, [1] * len(by_rank) + [3] * len(specials), merges
