@@ -5,11 +5,18 @@
       under llama_min/ (folders with an __init__.py) and its top-level modules (__init__.py and __main__.py
       may be left out);
   (3) every `llama-min <command>` it shows is a real command (llama_min.cli.COMMANDS);
-  (4) every image it links exists.
+  (4) every image it links exists;
+  (5) the quick start runs as shown: its commands (but the install, which .ci/run carries out the same way)
+      print what its ```text block says; the stop-string example stops at its stop string.
 """
 
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from llama_min.cli import COMMANDS
 
@@ -90,3 +97,55 @@ def test_tree_check_notices_a_change():
     assert tree_mismatch(names, real) == ([], [])
     assert tree_mismatch(names, real | {"newpkg/"}) == (["newpkg/"], [])  # a folder added to the package
     assert tree_mismatch(names, real - {"cli/"}) == ([], ["cli/"])       # a folder removed from it
+
+
+def needs_command() -> None:
+    """Skip where the package is not installed (a bare checkout); under CI=true, where it is, never."""
+    if shutil.which("llama-min") is None and os.environ.get("CI", "").lower() != "true":
+        pytest.skip("the llama-min command is not installed (pip install -e .)")
+
+
+def section(text: str, heading: str) -> str:
+    start = text.index(f"\n## {heading}\n")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+def shell(line: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def loose(line: str) -> str:
+    """A regex for a shown stderr line: numbers and the cache path may differ from run to run."""
+    pattern = re.escape(re.sub(r"\S*/\.cache/llama_min/", "CACHE/", line))
+    return pattern.replace("CACHE/", r"\S*/").replace(r"190\.3", r"[\d.]+")
+
+
+@pytest.mark.assets
+def test_quick_start_runs_as_shown(smollm2_path):
+    needs_command()
+    quick = section(readme(), "Quick start")
+    commands = re.findall(r"```bash\n(.*?)```", quick, flags=re.S)[0].strip().splitlines()
+    install = [c for c in commands if c.startswith("pip install")]
+    assert len(install) == 1 and '"torch==2.13.0"' in install[0] and " -e ." in install[0]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert 'pip install --quiet "torch==2.13.0"' in ci and 'pip install --quiet -e ".[dev]"' in ci
+    shown = re.findall(r"```text\n(.*?)```", quick, flags=re.S)[0].splitlines()
+    shown_err = [line for line in shown if line.startswith(("loading ", "["))]
+    shown_out = [line for line in shown if line not in shown_err]
+    for command in (c for c in commands if c not in install):
+        r = shell(command.split("  #")[0])
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.splitlines() == shown_out
+        err = r.stderr.splitlines()
+        assert len(err) == len(shown_err) and all(re.fullmatch(loose(s), e) for s, e in zip(shown_err, err)), \
+            (shown_err, err)
+
+
+@pytest.mark.assets
+def test_stop_string_example_stops_there(smollm2_path):
+    needs_command()
+    line = next(c for c in code(readme()).splitlines() if "--stop $'" in c)
+    r = shell(line.split("  #")[0] + " -t 1")
+    assert r.returncode == 0 and "[stopped: stop string]" in r.stderr.splitlines(), r.stderr
+    assert "\n" not in r.stdout.rstrip("\n")  # stopped at the end of the answer's line, the newline not shown
