@@ -5,7 +5,9 @@
   Llama.generate     ragged batches in lockstep from the shortest prompt (longer prompts are teacher-forced),
                      stop sets, logprobs of the generated tokens, echo, a per-token callback for streaming
 
-The KV cache is sized to each request (prompt + new tokens, capped by max_seq_len).
+The KV cache is sized to each request (prompt + new tokens, capped by max_seq_len). Before anything of the
+window is allocated, Llama.build checks its peak against free memory (runtime/memory.py check_window), and
+each request's KV cache is checked again when it is set up.
 """
 
 from __future__ import annotations

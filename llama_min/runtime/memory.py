@@ -109,6 +109,7 @@ def window_peak(params, max_seq_len: int, batch: int = 1, item: int = 4, scored:
     hd, positions = params.hd, 2 * max_seq_len  # Meta's table covers twice the window
     kv = kv_cache_bytes(params.n_layers, kv_heads or params.kv_heads, hd, batch, max_seq_len, item)
     table, forward = rope_table_bytes(hd, positions), forward_bytes(params, batch, scored)
+    # peak = max(building, running): the build's temporaries are gone before the cache and a forward exist
     out = WindowPeak(building=rope_build_bytes(hd, positions), running=table + kv + forward)
     out.parts[f"RoPE table for {positions} positions while built"] = out.building
     out.parts["RoPE table kept"] = table
@@ -137,8 +138,9 @@ def check_window(params, max_seq_len: int, batch: int, device, item: int = 4, sc
                  kv_heads: Optional[int] = None) -> WindowPeak:
     """Refuse, before anything of the window is allocated, a max_seq_len / batch whose peak does not fit.
 
-    scored: None = scored_positions(max_seq_len, batch). On the CPU the peak is compared with free memory; on a GPU the build (on the host) with the host's
-    free memory and the running part with the device's. One line, with the numbers and what to change."""
+    scored: None = scored_positions(max_seq_len, batch). On the CPU the peak is compared with free memory;
+    on a GPU the build (on the host) with the host's free memory and the running part with the device's.
+    One line, with the numbers and what to change."""
     scored = scored_positions(max_seq_len, batch) if scored is None else scored
     need = window_peak(params, max_seq_len, batch, item, scored, kv_heads)
     device = torch.device(device)
