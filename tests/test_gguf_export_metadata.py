@@ -197,3 +197,10 @@ def test_help_lists_the_formats_from_the_table(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for name, shape, _ in CHECKPOINT_FORMATS.values():
         assert f"{name} ({' '.join(shape.split())})" in text
+
+
+def test_context_length_is_the_trained_window(tmp_path):
+    """llama_min runs at most 8192 positions, but the export says the window the source was trained for."""
+    own = tiny_own(tmp_path / "own", trained_window=131072)
+    convert(own, tmp_path / "out.gguf", to="gguf")
+    assert fields(tmp_path / "out.gguf")["llama.context_length"][1] == 131072

@@ -94,7 +94,7 @@ def kept_metadata(meta: dict) -> dict:
     """The keys of a GGUF file's metadata that an export of it keeps as the file said them.
 
     Those llama_min's ModelArgs and tokenizers do not carry, or not exactly: `general.*` but the file type
-    and architecture (the writer decides those), the context length (ModelArgs caps it at 8192), RoPE
+    and architecture (the writer decides those), the context length (as the file said it), RoPE
     scaling keys, the pre-tokenizer name, every `*_token_id` (unknown and padding ids included), the
     add_bos/add_eos/add_space_prefix/remove_extra_whitespaces flags and the chat template(s).
     """
@@ -188,12 +188,16 @@ def _encode(t: torch.Tensor, ggml_type) -> np.ndarray:
 
 
 def _model_metadata(args: ModelArgs, name: str, qtype: str) -> dict:
-    """general.* and llama.* keys for `args` (the architecture key is the GGUFWriter's own)."""
+    """general.* and llama.* keys for `args` (the architecture key is the GGUFWriter's own).
+
+    The context length is the window the model was trained for when the source said it (max_seq_len is
+    only what llama_min uses, capped at 8192), as llama.cpp's converter writes max_position_embeddings.
+    """
     meta = {"general.name": name, "general.file_type": FILE_TYPE[qtype]}
     if qtype == "q8_0":
         meta["general.quantization_version"] = 2
     meta.update({
-        "llama.context_length": args.max_seq_len, "llama.embedding_length": args.dim,
+        "llama.context_length": args.trained_window or args.max_seq_len, "llama.embedding_length": args.dim,
         "llama.block_count": args.n_layers, "llama.feed_forward_length": args.ffn_hidden,
         "llama.attention.head_count": args.n_heads, "llama.attention.head_count_kv": args.kv_heads,
         "llama.attention.layer_norm_rms_epsilon": float(args.norm_eps), "llama.rope.freq_base": float(args.rope_theta),
