@@ -211,7 +211,7 @@ def test_tensor_parallel_rank_refuses_before_reading_its_slice(monkeypatch, own_
     from llama_min.parallel.slicing import load_rank_model
     from llama_min.runtime.memory import window_peak
 
-    args, ctx = ModelArgs(**TINY), 1024
+    args, ctx = ModelArgs(**TINY), 262_144  # long enough for the KV cache to decide the peak
     share, whole = window_peak(args, ctx, kv_heads=1).peak, window_peak(args, ctx).peak
     assert share < whole
     free_bytes(monkeypatch, (share + whole) // 2)
@@ -219,7 +219,7 @@ def test_tensor_parallel_rank_refuses_before_reading_its_slice(monkeypatch, own_
     assert model.params.max_seq_len == ctx
     free_bytes(monkeypatch, share - 1)
     no_weights_read(monkeypatch)
-    with pytest.raises(LlamaMinError, match=r"max_seq_len 1024 \(-c\) needs"):
+    with pytest.raises(LlamaMinError, match=r"max_seq_len 262144 \(-c\) needs"):
         load_rank_model(own_folder, 1, 2, "cpu", torch.float32, max_seq_len=ctx)
 
 
