@@ -1,6 +1,6 @@
 """Train from scratch or fine-tune (full or LoRA) on your own text, on one device or under torchrun.
 
-  Trainer(cfg)      reads and checks every input, checks the step fits in memory (memory.py) and builds the
+  Trainer(cfg)      reads and checks every input, checks a step fits in memory (memory.py), builds the
                     model, optimizer and (with resume) the checkpoint's state: nothing is written yet, and
                     `evaluate()` already works
   Trainer.fit       creates the run folder, then the loop: AdamW, warmup + cosine, gradient accumulation,
@@ -46,7 +46,6 @@ from .lora import merge_state_dict
 from .config import TrainConfig
 from .metrics import RunLog
 from .dist import Dist, full_tensor, log, no_sync, trainable_named, wrap_model
-from .memory import check_training_memory
 from .prepare import build_model, init_weights, prepare_inputs  # noqa: F401  (init_weights: re-export)
 from .state import CKPT_DIR, ResumeFrom, RunDir
 
@@ -84,9 +83,8 @@ class Trainer:
         self.device = Dist.setup(cfg.device)
         if cfg.batch_size % Dist.world:
             raise LlamaMinError(f"--batch-size {cfg.batch_size} does not divide among {Dist.world} processes")
-        self.inputs = prepare_inputs(cfg, self.run.path, resume, self.start.base)
+        self.inputs = prepare_inputs(cfg, self.run.path, resume, self.start.base, self.device)
         self.data, self.tok, self.args = self.inputs.data, self.inputs.tok, self.inputs.args
-        check_training_memory(self.args, cfg, self.device, Dist.world, held=self._loaded_bytes())
         self.model = build_model(cfg, self.inputs, self.device)  # the plain Transformer (export, samples)
         self.wrapped = wrap_model(self.model, self.device, cfg.fsdp)  # what the training step calls
         # the trainable parameters as the optimizer holds them (an FSDP2 root module shows its unsharded
@@ -106,13 +104,6 @@ class Trainer:
     @property
     def tok_files(self) -> list:
         return self.inputs.tok_files
-
-    def _loaded_bytes(self) -> int:
-        """Bytes of a checkpoint already loaded into CPU memory that the model will hold (0 on a GPU)."""
-        sd = self.inputs.init_sd
-        if sd is None or self.device.type != "cpu":
-            return 0
-        return sum(t.numel() * t.element_size() for t in sd.values() if t.dtype == torch.float32)
 
     def _restore(self) -> None:
         """Continue from final/ (a finished run), or load the newest readable checkpoint of the run (weights,

@@ -5,6 +5,8 @@ build the model to train. Nothing here writes a file: the run folder is created 
                        finished run continues from); the tokenizer
                        (--tokenizer, the checkpoint's, this run's, or a sentencepiece BPE trained on the data);
                        token stream -> PackedData windows
+  check_memory         the memory preflight of a training step (memory.py), as soon as the model's shape
+                       is known: before a tokenizer is trained or anything is built
   build_model          the Transformer: random init (from scratch) or the loaded weights; LoRA adapters;
                        gradient checkpointing
   init_weights         GPT-2 style init for training from scratch
@@ -26,6 +28,7 @@ from .data import PackedData, encode_records, read_records, train_sentencepiece
 from ..errors import LlamaMinError
 from ..files import read_json
 from .lora import apply_lora
+from .memory import check_training_memory
 from ..model import ModelArgs, Transformer
 from .config import TrainConfig, resolve_model_config
 from .dist import Dist, log
@@ -45,22 +48,37 @@ class RunInputs:
     init_sd: Optional[dict]    # the tensors to start from: --init's, or `base`'s (None: random init)
 
 
-def prepare_inputs(cfg: TrainConfig, run_dir: Path, resume: bool, base: Optional[Path] = None) -> RunInputs:
+def prepare_inputs(cfg: TrainConfig, run_dir: Path, resume: bool, base: Optional[Path] = None,
+                   device: Optional[torch.device] = None) -> RunInputs:
     """Read the data, the model's args and the tokenizer; tokenize and pack. Raises LlamaMinError early.
 
     `base`: a checkpoint whose weights replace --config / --init's (final/ when a finished run continues).
+    `device`: check that a training step fits its free memory as soon as the model's shape is known.
     """
     records = [r for path in cfg.data for r in read_records(path)]
     args, init_sd = model_args(cfg, base)
+    if device is not None and args.vocab_size > 0:
+        check_memory(args, cfg, device, init_sd)
     tok, tok_files, blobs = choose_tokenizer(cfg, args, records, run_dir, resume)
     if args.vocab_size <= 0:  # params.json with vocab_size -1: take it from the tokenizer
         args.vocab_size = tok.n_words
+        if device is not None:
+            check_memory(args, cfg, device, init_sd)
     if tok.n_words > args.vocab_size:
         raise LlamaMinError(f"the tokenizer has {tok.n_words} tokens but the model's vocab_size is "
                             f"{args.vocab_size}; give a --tokenizer that matches the model")
     ids, mask = encode_records(tok, records)
     data = PackedData.build(ids, mask, cfg.seq_len, cfg.val_fraction, source=", ".join(cfg.data))
     return RunInputs(args, tok, tok_files, blobs, any("messages" in r for r in records), data, init_sd)
+
+
+def check_memory(args: ModelArgs, cfg: TrainConfig, device: torch.device, init_sd: Optional[dict]) -> None:
+    """The memory preflight (memory.py), before the tokenizer is trained or the model built. A checkpoint
+    already loaded into CPU memory becomes the model's weights: those bytes are counted as available."""
+    held = 0
+    if init_sd is not None and device.type == "cpu":
+        held = sum(t.numel() * t.element_size() for t in init_sd.values() if t.dtype == torch.float32)
+    check_training_memory(args, cfg, device, Dist.world, held)
 
 
 def model_args(cfg: TrainConfig, base: Optional[Path] = None) -> tuple:
