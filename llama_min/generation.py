@@ -73,8 +73,9 @@ class Llama:
         Memory: before the weights are read (from the file's header or config where the format has one), the
         peak of the window is checked against free memory (runtime/memory.py check_window): the RoPE table
         of 2 * max_seq_len positions while it is built, the KV cache for max_batch_size x max_seq_len, and one
-        forward (the last position's logits for one row; with max_batch_size > 1, the logits of whole
-        windows, as scoring does). One LlamaMinError line with the numbers when it does not fit.
+        forward of generation (the last position's logits of each row). One LlamaMinError line with the
+        numbers when it does not fit. (Scoring whole windows needs their logits too: `llama-min eval` checks
+        that with check_window(..., scored=ctx) once the model is built.)
         """
         from .runtime.packed import load_gguf_packed, use_packed
         from .runtime.quantize import parse_quantize

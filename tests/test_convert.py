@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from llama_min.formats import formats_sentence
 import torch
 
 from llama_min import ModelArgs, Transformer, load_checkpoint, save_checkpoint
@@ -90,9 +92,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[:3] == [f"error: SRC {tmp_path / 'missing'}: no such file or directory",
                        f"error: {src}: already exists; choose a new destination",
-                       f"error: SRC {tmp_path / 'notes.txt'}: not a checkpoint: expected a .gguf file, a "
-                       "Meta/HF/llama_min folder (params.json + consolidated.*.pth, config.json + *.safetensors, "
-                       "or params.json + model.safetensors)"]
+                       f"error: SRC {tmp_path / 'notes.txt'}: not a checkpoint: expected {formats_sentence()}"]
     assert len(err) == 4 and err[3].startswith("error: argument --to: invalid choice: 'onnx'")
     assert not (tmp_path / "x").exists()
 

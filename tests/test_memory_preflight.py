@@ -175,22 +175,42 @@ def test_float_path_refuses_before_reading_weights(monkeypatch, own_folder, no_t
         Llama.build(own_folder, max_seq_len=4096, max_batch_size=1, device="cpu", dtype=torch.float32)
 
 
-def test_eval_shaped_build_counts_the_batch(monkeypatch, own_folder, no_tokenizer):
-    """max_batch_size 8: KV cache for 8 x ctx and the logits of whole windows; free memory between the
-    one-row and the eight-row estimate builds one row and refuses eight, naming --batch-size."""
+def test_batched_build_counts_the_batch(monkeypatch, own_folder, no_tokenizer):
+    """max_batch_size 64: the KV cache for 64 x ctx; free memory between the one-row and the 64-row
+    estimate builds one row and refuses 64, naming --batch-size."""
     from llama_min import Llama, ModelArgs
     from llama_min.errors import LlamaMinError
     from llama_min.runtime.memory import window_peak
 
     args, ctx = ModelArgs(**TINY), 512
-    one, eight = window_peak(args, ctx, 1).peak, window_peak(args, ctx, 8, scored=ctx).peak
-    assert eight > one
-    free_bytes(monkeypatch, (one + eight) // 2)
+    one, many = window_peak(args, ctx, 1).peak, window_peak(args, ctx, 64).peak
+    assert many > one
+    free_bytes(monkeypatch, (one + many) // 2)
     assert Llama.build(own_folder, max_seq_len=ctx, max_batch_size=1, device="cpu", dtype=torch.float32)
     no_weights_read(monkeypatch)
-    with pytest.raises(LlamaMinError, match=r"max_seq_len 512 \(-c\) x max_batch_size 8 .*KV cache for 8 x 512 "
-                                            r"positions.*a forward of 8 x 512 positions.*--batch-size"):
-        Llama.build(own_folder, max_seq_len=ctx, max_batch_size=8, device="cpu", dtype=torch.float32)
+    with pytest.raises(LlamaMinError, match=r"max_seq_len 512 \(-c\) x max_batch_size 64 .*KV cache for 64 x 512 "
+                                            r"positions.*a forward of 64 x 1 positions.*--batch-size"):
+        Llama.build(own_folder, max_seq_len=ctx, max_batch_size=64, device="cpu", dtype=torch.float32)
+
+
+def test_eval_checks_the_logits_of_whole_windows_before_scoring(monkeypatch, require_asset, tmp_path, capsys):
+    """Llama.build counts a generation forward (one position per row); `eval` then checks the scoring
+    forward (every position's logits, batch x ctx x vocab) before it runs: free memory between the two is
+    one error line naming --batch-size."""
+    from llama_min.cli.eval import main
+    from llama_min.runtime.memory import window_peak
+    from llama_min.runtime.packed import gguf_header_args
+
+    path = require_asset("smollm2")
+    args = gguf_header_args(path)[0]
+    build, scoring = window_peak(args, 64, 8).peak, window_peak(args, 64, 8, scored=64).peak
+    assert scoring > build
+    (tmp_path / "t.txt").write_text("It was the best of times, it was the worst of times. " * 80)
+    free_bytes(monkeypatch, (build + scoring) // 2)
+    assert main(["-m", str(path), "--data", str(tmp_path / "t.txt"), "-c", "64", "--batch-size", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: max_seq_len 64 (-c) x max_batch_size 8 needs") and "--batch-size" in err[-1]
+    assert "a forward of 8 x 64 positions" in err[-1] and len(err) == 2  # the loading line, the error
 
 
 def test_packed_path_refuses_before_reading_weights(monkeypatch, require_asset):

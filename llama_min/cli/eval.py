@@ -93,6 +93,7 @@ def run(args) -> dict:
 
     from ..decoding.perplexity import perplexity
     from ..generation import Llama
+    from ..runtime.memory import check_window
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,6 +103,8 @@ def run(args) -> dict:
                         device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
                         quantize=args.quantize, packed=False if args.dequantize else None)
     warn_past_trained_window(llama, args.ctx, "--ctx", args.quiet)
+    check_window(llama.model.params, args.ctx, args.batch_size, llama.device,  # the logits of whole windows
+                 llama.model.norm.weight.element_size(), scored=args.ctx)
     tok = llama.tokenizer
     tokens = tok.encode(text, bos=tok.add_bos, eos=False)
     result = perplexity(llama.model, tokens, args.ctx, tok.bos_id if tok.add_bos else None, args.batch_size,

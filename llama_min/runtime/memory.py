@@ -127,23 +127,18 @@ def show_bytes(n: int) -> str:
             return f"{n / size:.1f} {unit}"
 
 
-def scored_positions(max_seq_len: int, batch: int) -> int:
-    """Positions per row one forward returns logits for: 1 when generating one row at a time (only the last
-    position's logits are kept), the whole window when batch > 1 (scoring windows, as `llama-min eval`)."""
-    return max_seq_len if batch > 1 else 1
-
-
 WINDOW_FLAGS = "lower max_seq_len (-c/--max-seq-len; eval: --ctx)"
 
 
-def check_window(params, max_seq_len: int, batch: int, device, item: int = 4, scored: Optional[int] = None,
+def check_window(params, max_seq_len: int, batch: int, device, item: int = 4, scored: int = 1,
                  kv_heads: Optional[int] = None) -> WindowPeak:
     """Refuse, before anything of the window is allocated, a max_seq_len / batch whose peak does not fit.
 
-    scored: None = scored_positions(max_seq_len, batch). On the CPU the peak is compared with free memory;
+    scored: positions per row whose logits a forward returns: 1 when generating (only the last position's
+    logits are kept; what Llama.build checks), the window when scoring (`llama-min eval` checks that once
+    the model is built). On the CPU the peak is compared with free memory;
     on a GPU the build (on the host) with the host's free memory and the running part with the device's.
     One line, with the numbers and what to change."""
-    scored = scored_positions(max_seq_len, batch) if scored is None else scored
     need = window_peak(params, max_seq_len, batch, item, scored, kv_heads)
     device = torch.device(device)
     checks = [(need.peak, "cpu")] if device.type == "cpu" else [(need.building, "cpu"), (need.running, device)]
