@@ -43,7 +43,7 @@ import torch
 
 from .errors import LlamaMinError
 from .files import publish_dir
-from .formats import CHECKPOINT_FORMATS, format_name
+from .formats import FLOAT_DTYPES, GGUF_TYPES, WRITTEN_FORMATS, format_name
 from .formats.common import check_state_dict, expected_shapes, hf_to_meta_qk, meta_to_hf_qk  # noqa: F401
 from .formats.gguf.read import load_gguf
 from .formats.hf import load_hf, save_hf, to_hf  # noqa: F401
@@ -124,9 +124,7 @@ def load_checkpoint(path, dtype: Optional[torch.dtype] = None):
 
 # ------------------------------------------------------------------------------------------ converting
 
-DTYPES = ("float32", "bfloat16", "float16")
-FORMATS = tuple(key for key, (_, _, written) in CHECKPOINT_FORMATS.items() if written)  # what convert writes
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+DTYPES, FORMATS = FLOAT_DTYPES, WRITTEN_FORMATS  # what convert casts to and writes (formats/__init__.py)
 GGUF_TYPE_OF_DTYPE = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
 

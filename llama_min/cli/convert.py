@@ -25,20 +25,19 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-from ..checkpoint import DTYPES, FORMATS, GGUF_TYPES, convert
-from ..formats import format_name, formats_sentence
+from ..formats import FLOAT_DTYPES, GGUF_TYPES, WRITTEN_FORMATS, format_name, formats_sentence
 from .common import Parser, check_utf8, checkpoint_format, checkpoint_size, human_size, run_main
 
 
 def build_parser(prog: Optional[str] = None) -> Parser:
-    written = ", ".join(f"{f} ({format_name(f)})" for f in FORMATS)
+    written = ", ".join(f"{f} ({format_name(f)})" for f in WRITTEN_FORMATS)
     p = Parser(prog=prog, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("src", metavar="SRC", help=f"checkpoint to read: {formats_sentence()}")
     p.add_argument("dst", metavar="DST", help="output directory, or .gguf file with --to gguf (must not exist)")
-    p.add_argument("--to", choices=FORMATS, default="own", help=f"output format: {written} (default own)")
+    p.add_argument("--to", choices=WRITTEN_FORMATS, default="own", help=f"output format: {written} (default own)")
     p.add_argument("--gguf-type", choices=GGUF_TYPES, default=None, help="tensor type of a GGUF export (default: "
                    "--dtype's type, else bf16 for a bfloat16 source and f16 otherwise; norms stay f32)")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="cast the weights (default: keep as stored; "
+    p.add_argument("--dtype", choices=FLOAT_DTYPES, default=None, help="cast the weights (default: keep as stored; "
                    "GGUF tensors are dequantized to float32)")
     return p
 
@@ -49,6 +48,8 @@ def main(argv=None, prog: Optional[str] = None) -> int:
         check_utf8("SRC", args.src)
         check_utf8("DST", args.dst)
         checkpoint_format(args.src, flag="SRC")
+        from ..checkpoint import convert  # torch and the formats: only once the command line is good
+
         out = convert(args.src, args.dst, args.to, args.dtype, args.gguf_type)
         print(f"wrote {out} ({written_what(out, args.to)})", file=sys.stderr)
         return 0

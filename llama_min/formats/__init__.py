@@ -22,6 +22,10 @@ CHECKPOINT_FORMATS = {
     "llama2c": ("llama2.c", "a llama2.c .bin or .pt file", False),
 }
 
+WRITTEN_FORMATS = tuple(key for key, (_, _, written) in CHECKPOINT_FORMATS.items() if written)  # convert --to
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")  # what convert --dtype casts to
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # the tensor types gguf/write.py writes (norms stay f32)
+
 
 def format_name(fmt: str) -> str:
     """The name a message uses for a format key ('gguf' -> 'GGUF')."""
