@@ -71,8 +71,9 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
                  ("sample_tokens", int), ("save_every", int), ("keep_checkpoints", int)))
     g.add_argument("--stop-after", type=int, metavar="K", help="end the process after step K with a checkpoint, "
                    "as an interruption would (continue with --resume)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
-                   "(its saved settings are used; flags given now override them)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, "
+                   "or a finished run from final/ to a larger --max-steps (its saved settings are used; flags "
+                   "given now override them)")
     g.add_argument("--overwrite", action="store_true", help="start again in an --out folder that already holds "
                    "files (a previous run's files there are deleted)")
     g = p.add_argument_group("speed, memory and devices")
