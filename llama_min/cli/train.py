@@ -37,13 +37,12 @@ import os
 
 from pathlib import Path
 
-from .common import Parser, checkpoint_format, checkpoint_size, classify, human_size, run_main, say
+from .common import Parser, classify, run_main
+from .loading import announce_loading
 from ..errors import LlamaMinError
 from ..files import read_json
-from ..formats import format_name, formats_sentence
+from ..formats import formats_sentence
 from ..train.config import DOC, TrainConfig
-from ..train.dist import log
-from ..train.state import RunDir
 
 RUN_FLAGS = ("train_config", "resume", "stop_after", "threads", "overwrite", "debug")  # not training settings
 
@@ -106,6 +105,8 @@ def build_config(ns: argparse.Namespace) -> TrainConfig:
     flags = {k: v for k, v in vars(ns).items() if k not in RUN_FLAGS}
     cfg = TrainConfig()
     if getattr(ns, "resume", False):
+        from ..train.state import RunDir  # torch: only once the flags are good
+
         if "out" not in flags:
             raise LlamaMinError("--resume needs --out DIR (the folder of the run to continue)")
         run = RunDir(flags["out"])
@@ -129,6 +130,7 @@ def run(argv=None, prog=None) -> None:
 
     if getattr(ns, "threads", None):
         torch.set_num_threads(ns.threads)
+    from ..train.dist import log
     from ..train.loop import finished_line, train
 
     resume = getattr(ns, "resume", False)
@@ -143,14 +145,15 @@ def run(argv=None, prog=None) -> None:
 def announce_checkpoint(cfg: TrainConfig, resume: bool) -> None:
     """`loading PATH (FORMAT, SIZE)...` for the checkpoint the run reads its weights from: the --init one, or
     final/ when a finished run continues (a hub id is left to the loader)."""
+    from ..train.state import RunDir
+
     path = cfg.init
     if resume:
         start = RunDir(cfg.out).resume_from(bool(cfg.lora_rank))
         path = start.base or path
     if path is None or not Path(path).exists() or os.environ.get("RANK", "0") != "0":
         return
-    fmt = checkpoint_format(path, "--init")
-    say(f"loading {path} ({format_name(fmt)}, {human_size(checkpoint_size(path))})...")
+    announce_loading(path)
 
 
 def main(argv=None, prog=None) -> int:
