@@ -40,6 +40,8 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        if sys.version_info >= (3, 14):  # "maybe you meant ...?" for a mistyped choice
+            kwargs.setdefault("suggest_on_error", True)
         super().__init__(*args, **kwargs)
         self.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
 
