@@ -99,17 +99,18 @@ def test_cli_refuses_a_huge_window_fast_and_small(require_asset, ctx):
 
 
 def test_rope_build_estimate_bounds_the_measured_peak():
-    """precompute_freqs_cis's peak (a fresh process, ru_maxrss) is at most rope_build_bytes, and not below
+    """precompute_freqs_cis's peak (a fresh process, VmHWM: unlike ru_maxrss, which a child forked from a
+    big pytest process starts with, it is this process's own) is at most rope_build_bytes, and not below
     half of it; the finished table is exactly rope_table_bytes."""
     from llama_min.runtime.memory import rope_build_bytes, rope_table_bytes
 
     hd, positions = 64, 400_000
     r = run_python(f"""
-        import json, resource
+        import json
         from llama_min.model import ModelArgs, precompute_freqs_cis, rope_frequencies
         freqs = rope_frequencies(ModelArgs(dim={hd} * 4, n_heads=4, n_layers=1, vocab_size=8))
         precompute_freqs_cis(freqs, 1000)  # the ops' one-time setup is not the table's
-        rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        rss = lambda: int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
         base = rss()
         table = precompute_freqs_cis(freqs, {positions})
         print(json.dumps(dict(peak=rss() - base, table=table.numel() * table.element_size())))
@@ -129,11 +130,11 @@ def test_running_estimate_bounds_a_measured_scoring_forward():
     shape = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=16000)
     B, T = 8, 256
     r = run_python(f"""
-        import json, resource, torch
+        import json, torch
         from llama_min.model import ModelArgs, Transformer
         model = Transformer(ModelArgs(max_seq_len={T}, **{shape!r})).eval()
         tokens = torch.randint(0, {shape['vocab_size']}, ({B}, {T}), generator=torch.Generator().manual_seed(0))
-        rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        rss = lambda: int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
         with torch.inference_mode():
             model(tokens[:, :2])  # warm up kernels and the allocator
             base = rss()
