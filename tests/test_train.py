@@ -45,13 +45,17 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def tiny_inputs(d: Path, n_words: int) -> Path:
+    """d/tiny.json (TINY_MODEL) and d/text.txt (n_words of make_text): what a tiny training run reads."""
+    (d / "tiny.json").write_text(json.dumps(TINY_MODEL))
+    (d / "text.txt").write_text(make_text(n_words))
+    return d
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A tiny model config and a text file shared by the tests of this module."""
-    d = tmp_path_factory.mktemp("train")
-    (d / "tiny.json").write_text(json.dumps(TINY_MODEL))
-    (d / "text.txt").write_text(make_text(3000))
-    return d
+    return tiny_inputs(tmp_path_factory.mktemp("train"), 3000)
 
 
 def cli(*args, env_extra=None, timeout=120):

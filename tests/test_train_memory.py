@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from llama_min.cli import train as train_cli
-from test_train import TINY_MODEL, make_text, one_thread  # noqa: F401  (the autouse fixture: one torch thread)
+from test_train import one_thread, tiny_inputs  # noqa: F401  (one_thread: the autouse fixture, one torch thread)
 
 MEASURE = """
 import json, sys, torch, torch.nn.functional as F
@@ -51,10 +51,7 @@ def test_estimate_bounds_a_measured_step():
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mem")
-    (d / "tiny.json").write_text(json.dumps(TINY_MODEL))
-    (d / "text.txt").write_text(make_text(800))
-    return d
+    return tiny_inputs(tmp_path_factory.mktemp("mem"), 800)
 
 
 def _argv(d: Path, out: Path, *extra) -> list:
