@@ -3,7 +3,8 @@
 Read top to bottom:
   ModelArgs              the hyper-parameters (Meta's params.json fields, plus what HF/GGUF files add)
   RMSNorm                root-mean-square layer norm
-  precompute_freqs_cis   rotary position embeddings (RoPE) as unit complex numbers, + Llama 3.1 scaling
+  precompute_freqs_cis   rotary position embeddings (RoPE) as unit complex numbers, + the scalings that
+                         stretch them past the trained window (linear, dynamic NTK, YaRN, Llama 3.1)
   apply_rotary_emb       rotate each adjacent pair of q/k features by its position's angle
   repeat_kv              grouped-query attention: share each key/value head among H/K query heads
   attention              softmax(q k^T / sqrt(hd) + mask) v, written out and as PyTorch's fused kernel
@@ -28,6 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 
+# The RoPE scalings ModelArgs.rope_scaling_type may name (see "Scalings" below).
+ROPE_SCALINGS = ("linear", "dynamic", "yarn", "llama3")
+
+
 @dataclass
 class ModelArgs:
     dim: int = 4096
@@ -41,11 +46,19 @@ class ModelArgs:
     head_dim: Optional[int] = None  # None = dim // n_heads; some models set it explicitly
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    use_scaled_rope: bool = False  # Llama 3.1+ frequency scaling
-    rope_scaling_factor: float = 8.0  # 8 for Llama 3.1/3.3, 32 for Llama 3.2 1B/3B
-    rope_low_freq_factor: float = 1.0
-    rope_high_freq_factor: float = 4.0
-    rope_original_max_pos: int = 8192
+    use_scaled_rope: bool = False  # Llama 3.1+ frequency scaling (Meta's flag: the same as rope_scaling_type "llama3")
+    # RoPE past the trained window (see "Scalings" below): None | "linear" | "dynamic" | "yarn" | "llama3"
+    rope_scaling_type: Optional[str] = None
+    rope_scaling_factor: float = 8.0  # every scaling's factor; llama3: 8 for Llama 3.1/3.3, 32 for Llama 3.2 1B/3B
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_original_max_pos: int = 8192  # the window the scaling stretches: llama3's and yarn's L0, dynamic's M
+    rope_beta_fast: float = 32.0  # yarn: pairs turning more than this many times in L0 keep their frequency
+    rope_beta_slow: float = 1.0  # yarn: pairs turning fewer times than this in L0 are fully interpolated
+    rope_truncate: bool = True  # yarn: round the ramp's ends to whole pairs (floor / ceil)
+    rope_attention_factor: Optional[float] = None  # yarn: the magnitude a of freqs_cis; None = from the factor
+    rope_mscale: Optional[float] = None  # yarn (DeepSeek's form): a = mscale(mscale) / mscale(mscale_all_dim)
+    rope_mscale_all_dim: Optional[float] = None
     rope_freq_divisors: Optional[list] = None  # GGUF `rope_freqs`: theta_i /= divisors[i]
     tie_word_embeddings: bool = False  # output projection shares the embedding matrix
     max_seq_len: int = 2048
@@ -68,10 +81,21 @@ class ModelArgs:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
+        self._check_rope_scaling()
         if self.n_heads % self.kv_heads or (self.head_dim is None and self.dim % self.n_heads) or self.hd % 2:
             raise ValueError(f"heads do not divide: n_heads {self.n_heads} must be a multiple of n_kv_heads "
                              f"{self.kv_heads}, dim {self.dim} divisible by n_heads (or head_dim given), and the "
                              f"head dim ({self.hd}) even (RoPE rotates pairs)")
+
+    def _check_rope_scaling(self):
+        """One name for the scaling: rope_scaling_type "llama3" and Meta's use_scaled_rope always agree."""
+        kind = self.rope_scaling_type
+        if kind is not None and kind not in ROPE_SCALINGS:
+            raise ValueError(f"rope scaling {kind!r} is not supported; supported: {', '.join(ROPE_SCALINGS)} (or none)")
+        if self.use_scaled_rope and kind not in (None, "llama3"):
+            raise ValueError(f"use_scaled_rope (Llama 3.1 scaling) conflicts with rope_scaling_type {kind!r}")
+        if self.use_scaled_rope or kind == "llama3":
+            self.use_scaled_rope, self.rope_scaling_type = True, "llama3"
 
     @classmethod
     def from_dict(cls, params: dict) -> "ModelArgs":
@@ -131,9 +155,101 @@ class RMSNorm(nn.Module):
 # ~1/base rad per token (wavelength ~2*pi*base tokens), so it still tells far-apart positions apart.
 # exp(j*m*theta_i) is the same for every layer and head, so it is computed once: `freqs_cis`, unit
 # complex numbers (a rotation is then one complex multiply), angles in float32 (bf16 would be off
-# by radians). Llama 3.1+ turns the slow pairs slower still to reach long contexts (see below).
-# Pictures of all this: scripts/rope_viz.py.
+# by radians). Scalings (Llama 3.1+, YaRN, ...) turn the slow pairs slower still to reach contexts longer
+# than the trained one (below). Pictures of all this: scripts/rope_viz.py.
+#
+# Scalings: RoPE past the trained window
+#
+# A pair whose wavelength 2*pi/theta_i is longer than the trained window never completed a turn in
+# training: the model only ever saw part of its circle. Past the window such pairs reach angles it never
+# saw, and attention breaks down. Each scaling slows the slow pairs so the longer context maps onto
+# angles from training, and leaves the fast pairs (local order, many turns per window) alone or nearly so:
+#   linear   every pair slowed by the factor (position interpolation)
+#   dynamic  a larger base, grown with the current length (NTK-aware): slow pairs slowed most
+#   yarn     fast pairs kept, slow pairs slowed by the factor, a ramp between; attention sharpened by a
+#   llama3   Meta's: like yarn's ramp, judged by wavelength against the original window
+# They are functions of the frequencies theta_i (rope_frequencies applies the model's one); yarn also
+# scales the table's magnitude: freqs_cis[m, i] = a * exp(j m theta'_i), so q.k is multiplied by a^2.
 # ---------------------------------------------------------------------------------------------
+
+
+def base_frequencies(base: float, hd: int) -> torch.Tensor:
+    """theta_i = base^(-2i/hd) for i = 0 .. hd/2-1, (hd/2,) float32: Meta's formula, computed on the CPU."""
+    return 1.0 / (base ** (torch.arange(0, hd, 2, device="cpu")[: hd // 2].float() / hd))
+
+
+def linear_scale_frequencies(freqs: torch.Tensor, factor: float) -> torch.Tensor:
+    """Position interpolation (Chen et al. 2023): theta'_i = theta_i / factor.
+
+    Position m turns every pair as far as position m / factor did: factor x the window maps onto the
+    angles of the trained one (fine-tuned models need only a short adaptation to the closer spacing).
+    """
+    return freqs / factor
+
+
+def dynamic_ntk_base(base: float, factor: float, seq_len: int, trained: int, hd: int) -> float:
+    """NTK-aware scaling, grown with the length: base' = base * (factor * s / M - (factor - 1)) ^ (hd / (hd - 2)).
+
+    s = seq_len, the largest position + 1 of the forward; M = trained, the window trained on; at s <= M
+    base' = base (unchanged). A larger base slows the slow pairs most and the fast pairs hardly at all
+    (theta_0 = 1 whatever the base), so local order keeps its trained resolution with no fine-tuning; the
+    exponent makes the slowest pair reach, at s, the angle it had at M (for factor = s / M).
+    Semantics of transformers' "dynamic": the table is recomputed per forward from the positions it covers;
+    with a KV cache, keys already cached keep the rotation they were stored with (only the new tokens are
+    rotated by the new table), so the result depends on how the sequence was split into forwards.
+    """
+    s = max(seq_len, trained)
+    return base * ((factor * s / trained) - (factor - 1)) ** (hd / (hd - 2))
+
+
+def yarn_scale_frequencies(
+    freqs: torch.Tensor, base: float, factor: float, original_max_pos: int,
+    beta_fast: float = 32.0, beta_slow: float = 1.0, truncate: bool = True,
+) -> torch.Tensor:
+    """YaRN (Peng et al. 2023): per pair, between extrapolation (kept) and interpolation (theta / factor).
+
+    Pair i turns r = L0 * theta_i / (2*pi) times over the original window L0; the pair index where it turns
+    r times is d(r) = hd * ln(L0 / (2*pi*r)) / (2 ln base). Pairs turning more than beta_fast times are kept
+    (their trained angles already cover every phase), fewer than beta_slow are interpolated, a linear ramp
+    between: low = max(floor(d(beta_fast)), 0), high = min(ceil(d(beta_slow)), hd - 1) (no floor/ceil when
+    truncate is false; high += 0.001 if they meet), ramp_i = clamp((i - low) / (high - low), 0, 1),
+    theta'_i = theta_i / factor * ramp_i + theta_i * (1 - ramp_i).
+    """
+    hd = 2 * freqs.shape[0]
+
+    def pair_turning(turns: float) -> float:  # d(r)
+        return hd * math.log(original_max_pos / (2 * math.pi * turns)) / (2 * math.log(base))
+
+    low, high = pair_turning(beta_fast), pair_turning(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, hd - 1)
+    if low == high:
+        high += 0.001  # no division by zero
+    ramp = ((torch.arange(hd // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # (hd/2,)
+    return freqs / factor * ramp + freqs * (1 - ramp)
+
+
+def yarn_attention_factor(
+    factor: float, attention_factor: Optional[float] = None,
+    mscale: Optional[float] = None, mscale_all_dim: Optional[float] = None,
+) -> float:
+    """YaRN's a, the magnitude of freqs_cis: attention_factor when given, else 0.1 ln(factor) + 1, or with
+    both mscale and mscale_all_dim (DeepSeek's form) (0.1 mscale ln(factor) + 1) / (0.1 mscale_all_dim ln(factor) + 1)
+    (each term 1 at factor <= 1).
+
+    Interpolated pairs spread attention more evenly over the longer context (softmax entropy rises);
+    multiplying q and k by a multiplies the logits by a^2, sharpening it back.
+    """
+    if attention_factor is not None:
+        return float(attention_factor)
+
+    def mscale_of(m: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    if mscale and mscale_all_dim:
+        return mscale_of(mscale) / mscale_of(mscale_all_dim)
+    return mscale_of(1.0)
 
 
 def llama3_scale_frequencies(
@@ -153,29 +269,48 @@ def llama3_scale_frequencies(
     return torch.where(wavelen < original_max_pos / high_freq_factor, freqs, scaled)
 
 
-def rope_frequencies(args: ModelArgs) -> torch.Tensor:
-    """theta_i = base^(-2i/hd) for i = 0 .. hd/2-1 (float32), with the checkpoint's scaling applied."""
-    hd = args.hd
-    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, device="cpu")[: hd // 2].float() / hd))
-    if args.use_scaled_rope:
+def rope_frequencies(args: ModelArgs, seq_len: Optional[int] = None) -> torch.Tensor:
+    """theta'_i (hd/2,) float32 on the CPU, with the checkpoint's scaling applied.
+
+    seq_len: the largest position + 1 of the forward the table is for; only `dynamic` depends on it
+    (None: at most the trained window, where `dynamic` is unscaled).
+    """
+    kind, factor, base = args.rope_scaling_type, args.rope_scaling_factor, args.rope_theta
+    if kind == "dynamic" and seq_len is not None:
+        base = dynamic_ntk_base(base, factor, seq_len, args.rope_original_max_pos, args.hd)
+    freqs = base_frequencies(base, args.hd)
+    if kind == "linear":
+        freqs = linear_scale_frequencies(freqs, factor)
+    elif kind == "yarn":
+        freqs = yarn_scale_frequencies(freqs, base, factor, args.rope_original_max_pos,
+                                       args.rope_beta_fast, args.rope_beta_slow, args.rope_truncate)
+    elif kind == "llama3":
         freqs = llama3_scale_frequencies(
-            freqs, args.rope_scaling_factor, args.rope_low_freq_factor,
-            args.rope_high_freq_factor, args.rope_original_max_pos,
+            freqs, factor, args.rope_low_freq_factor, args.rope_high_freq_factor, args.rope_original_max_pos,
         )
     if args.rope_freq_divisors is not None:  # GGUF stores the scaling as per-pair divisors
         freqs = freqs / torch.tensor(args.rope_freq_divisors, dtype=torch.float32, device="cpu")
     return freqs
 
 
-def precompute_freqs_cis(freqs: torch.Tensor, end: int) -> torch.Tensor:
-    """freqs_cis[m, i] = exp(j * m * theta_i) for m = 0 .. end-1: (end, hd/2) complex64.
+def rope_magnitude(args: ModelArgs) -> float:
+    """|freqs_cis|: yarn's attention factor a, 1 for every other scaling."""
+    if args.rope_scaling_type != "yarn":
+        return 1.0
+    return yarn_attention_factor(args.rope_scaling_factor, args.rope_attention_factor,
+                                 args.rope_mscale, args.rope_mscale_all_dim)
+
+
+def precompute_freqs_cis(freqs: torch.Tensor, end: int, magnitude: float = 1.0, start: int = 0) -> torch.Tensor:
+    """freqs_cis[m, i] = magnitude * exp(j * m * theta_i) for m = start .. end-1: (end-start, hd/2) complex64.
 
     The angles m * theta_i are computed in float32: in bf16 they would be off by whole radians
-    at position ~8000. Unit complex numbers make the rotation a single multiplication.
+    at position ~8000. Unit complex numbers (magnitude 1: every scaling but yarn) make the rotation
+    a single multiplication.
     """
-    positions = torch.arange(end, dtype=torch.float32, device=freqs.device)
-    angles = torch.outer(positions, freqs.float())  # (end, hd/2)
-    return torch.polar(torch.ones_like(angles), angles)
+    positions = torch.arange(start, end, dtype=torch.float32, device=freqs.device)
+    angles = torch.outer(positions, freqs.float())  # (end - start, hd/2)
+    return torch.polar(torch.full_like(angles, magnitude), angles)
 
 
 def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor):
@@ -302,7 +437,8 @@ class Transformer(nn.Module):
         self.tie_weights()
         # A plain attribute, not a buffer: model.to(bfloat16) would cast a complex buffer to a real
         # dtype and silently drop its imaginary part. Meta precomputes twice the window.
-        self.freqs_cis = precompute_freqs_cis(rope_frequencies(params), params.max_seq_len * 2)
+        # `dynamic` scaling: this is its table up to the trained window; past it, rope_rows builds one per forward.
+        self.freqs_cis = precompute_freqs_cis(rope_frequencies(params), params.max_seq_len * 2, rope_magnitude(params))
 
     def tie_weights(self):
         """Share the embedding matrix with the output projection when the checkpoint says so."""
@@ -329,6 +465,18 @@ class Transformer(nn.Module):
         cache = self.layers[0].attention.cache if self.n_layers else None
         return 0 if cache is None else cache.k.shape[1]
 
+    def rope_rows(self, start_pos: int, T: int, device=None) -> torch.Tensor:
+        """freqs_cis (T, hd/2) for positions [start_pos, start_pos+T): rows of the precomputed table, except
+        for `dynamic` scaling past the trained window, whose table depends on s = start_pos + T, the length this
+        forward reaches: its rows are computed for s (keys cached by earlier forwards keep their rotation)."""
+        p, end = self.params, start_pos + T
+        device = self.freqs_cis.device if device is None else torch.device(device)
+        if p.rope_scaling_type == "dynamic" and end > p.rope_original_max_pos:
+            return precompute_freqs_cis(rope_frequencies(p, end), end, start=start_pos).to(device)
+        if self.freqs_cis.device != device:
+            self.freqs_cis = self.freqs_cis.to(device)
+        return self.freqs_cis[start_pos:end]
+
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
         """tokens (B, T) at positions [start_pos, start_pos+T) -> float32 logits (B, T, V).
 
@@ -338,9 +486,7 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if start_pos + T > self.freqs_cis.shape[0]:
             raise ValueError(f"positions up to {start_pos + T} exceed the RoPE table ({self.freqs_cis.shape[0]})")
-        if self.freqs_cis.device != tokens.device:
-            self.freqs_cis = self.freqs_cis.to(tokens.device)
-        freqs_cis = self.freqs_cis[start_pos : start_pos + T]
+        freqs_cis = self.rope_rows(start_pos, T, tokens.device)  # (T, hd/2)
         h = self.tok_embeddings(tokens)  # (B, T, D)
 
         mask = None  # a single new token may look at every cached position
