@@ -83,7 +83,9 @@ class CompiledStep:
                 return logits
         caches = [layer.attention.cache for layer in self.model.layers]
         several_rows_on_onednn = tokens.shape[0] > 1 and self.graph is not self.model  # oneDNN does rows better
-        if tokens.shape[1] != 1 or any(c is None for c in caches) or several_rows_on_onednn:
+        # `dynamic` RoPE scaling changes the table with the length: the graph holds one fixed table
+        dynamic_rope = self.model.params.rope_scaling_type == "dynamic"
+        if tokens.shape[1] != 1 or any(c is None for c in caches) or several_rows_on_onednn or dynamic_rope:
             return self.fallback(tokens, start_pos, last_only)
         if start_pos >= caches[0].k.shape[1]:
             raise ValueError(f"position {start_pos} is past the KV cache of {caches[0].k.shape[1]}")

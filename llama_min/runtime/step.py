@@ -267,12 +267,10 @@ class NativeStep(ReferenceStep):
         if layers is None:
             return None
         m = self.model
-        if m.freqs_cis.device != tokens.device:
-            m.freqs_cis = m.freqs_cis.to(tokens.device)
+        freqs_rows = m.rope_rows(start_pos, T, tokens.device)  # the model's (`dynamic` scaling: for this length)
         h = m.tok_embeddings(tokens)  # (B, T, D)
         h = h.reshape(B * T, -1).to(torch.float32, copy=True).contiguous()  # (B*T, D), ours to update in place
-        native.decode_layers(layers, h, T, self._dims[:4], self._eps, m.freqs_cis[start_pos : start_pos + T],
-                             start_pos, self._dims[4])
+        native.decode_layers(layers, h, T, self._dims[:4], self._eps, freqs_rows, start_pos, self._dims[4])
         h = h.view(B, T, -1)
         if last_only:
             h = h[:, -1:]
