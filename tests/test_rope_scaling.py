@@ -245,3 +245,28 @@ def test_native_step_uses_the_models_rows(monkeypatch, name):
             got = step.try_step(tokens[:, t:t + 1], t)
             assert got is not None  # the C path took it
             torch.testing.assert_close(got, ref(tokens[:, t:t + 1], t), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, frames", [("dynamic-x4", 0), ("yarn-mscale", 1)])
+def test_compiled_step(name, frames):
+    """The compiled one-token step: yarn's table (magnitude a) goes into its graph; dynamic's changes with the
+    length, so its steps go to the step under it (no frame compiled). Logits as the reference's, across the window."""
+    from torch._dynamo.testing import CompileCounter
+
+    from llama_min.runtime.compile import CompiledStep
+
+    torch._dynamo.reset()
+    rope, max_pos, fields = CASES[name]
+    model = ours_from(hf_model(rope, max_pos), **fields)
+    counter = CompileCounter()
+    step = CompiledStep(model, backend=counter)
+    tokens = rand_tokens(1, WINDOW + 4, seed=8)
+    want, got = [], []
+    with torch.inference_mode():
+        for run, out in ((model, want), (step, got)):
+            model.setup_cache(1, WINDOW + 4)
+            out.append(run(tokens[:, :WINDOW - 3]))
+            out.extend(run(tokens[:, t:t + 1], t) for t in range(WINDOW - 3, WINDOW + 4))
+            model.clear_cache()
+    torch.testing.assert_close(torch.cat(got, 1), torch.cat(want, 1), atol=1e-4, rtol=1e-4)
+    assert counter.frame_count == frames
