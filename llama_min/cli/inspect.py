@@ -98,15 +98,17 @@ def check_heads(heads, data: dict) -> None:
 
 def run(args) -> list:
     """Compute (or load) the numbers, write inspect.npz and the pictures; returns the paths written."""
-    from ..inspect import internals, pictures
+    from ..inspect import pictures  # numpy only: --redraw needs no torch
 
     if not args.no_pictures:
         pictures.require_matplotlib()  # before the model is loaded: a missing package costs no waiting
     out = Path(args.out)
     if args.redraw is not None:
-        data, written = internals.load_npz(args.redraw), []
+        data, written = pictures.load_npz(args.redraw), []
     else:
         import torch  # here: `llama-min inspect --help` loads neither torch nor the model code
+
+        from ..inspect import internals
 
         if args.threads:
             torch.set_num_threads(args.threads)

@@ -16,7 +16,7 @@ output projection), `inspect_model` computes, for T prompt tokens, L layers, H h
   logit_lens_prob  (L+1, T)       that token's probability
 
 `save_npz` writes them (plus what the pictures need to stand alone: token texts, wavelengths, the trained
-window) to inspect.npz; llama_min/inspect/pictures.py draws from that file only.
+window) to inspect.npz; llama_min/inspect/pictures.py reads it back (load_npz) and draws from it alone.
 """
 
 from __future__ import annotations
@@ -151,12 +151,6 @@ def save_npz(path, arrays: dict) -> Path:
         with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a temp name
             np.savez_compressed(f, **arrays)
     return atomic_write(path, write)
-
-
-def load_npz(path) -> dict:
-    """The arrays of an inspect.npz (never unpickles: allow_pickle=False)."""
-    with np.load(path, allow_pickle=False) as f:
-        return {name: f[name] for name in f.files}
 
 
 def reference_model(path, n_tokens: int) -> Transformer:

@@ -12,15 +12,35 @@ No torch here: numpy and (lazily) matplotlib. The pictures need matplotlib: pip 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from ..errors import EnvironmentFailure
+from ..errors import EnvironmentFailure, LlamaMinError
 from ..files import atomic_write
 
 INSTALL_HINT = "pip install 'llama_min[viz]'"
+
+
+NPZ_KEYS = ("tokens", "token_text", "attention", "distance_mass", "rope_pair_q_norm", "rope_pair_k_norm",
+            "rope_wavelength", "trained_window", "logit_lens_top", "logit_lens_prob", "logit_lens_text")
+
+
+def load_npz(path) -> dict:
+    """The arrays of an inspect.npz (never unpickles: allow_pickle=False); a LlamaMinError if one is missing."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {name: f[name] for name in f.files}
+    except (ValueError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise LlamaMinError(f"{path}: not an inspect.npz ({' '.join(str(e).split())})") from None
+    missing = [key for key in NPZ_KEYS if key not in data]
+    if missing:
+        raise LlamaMinError(f"{path}: not an inspect.npz of llama-min inspect (missing {', '.join(missing)})")
+    return data
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -246,7 +266,8 @@ def draw(data: dict, out, dpi: int = 100, names=None, heads: Optional[list] = No
         extra = dict(heads=heads) if name == "attention" and heads else {}
 
         def write(tmp: str, plot=plot, extra=extra) -> None:
-            with open(tmp, "wb") as f:  # a file object: savefig would not guess PNG from the temp name
+            with open(tmp, "wb") as f, warnings.catch_warnings():  # a file object: PNG whatever the temp name
+                warnings.filterwarnings("ignore", "Glyph .* missing from font")  # a CJK token: drawn as a box
                 plot(plt, data, f, dpi, **extra)
             plt.close("all")
 
