@@ -77,8 +77,11 @@ class ModelArgs:
             if not (optional and value is None or name == "vocab_size" and value == -1):  # -1: from the tokenizer
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("norm_eps", "rope_theta", "rope_scaling_factor"):
+        for name in ("norm_eps", "rope_theta", "rope_scaling_factor", "rope_beta_fast", "rope_beta_slow",
+                     "rope_attention_factor"):
             value = getattr(self, name)
+            if name == "rope_attention_factor" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
         self._check_rope_scaling()
@@ -193,7 +196,7 @@ def dynamic_ntk_base(base: float, factor: float, seq_len: int, trained: int, hd:
     s = seq_len, the largest position + 1 of the forward; M = trained, the window trained on; at s <= M
     base' = base (unchanged). A larger base slows the slow pairs most and the fast pairs hardly at all
     (theta_0 = 1 whatever the base), so local order keeps its trained resolution with no fine-tuning; the
-    exponent makes the slowest pair reach, at s, the angle it had at M (for factor = s / M).
+    exponent divides the slowest pair's theta by exactly k = factor * s / M - (factor - 1).
     Semantics of transformers' "dynamic": the table is recomputed per forward from the positions it covers;
     with a KV cache, keys already cached keep the rotation they were stored with (only the new tokens are
     rotated by the new table), so the result depends on how the sequence was split into forwards.
@@ -234,9 +237,9 @@ def yarn_attention_factor(
     factor: float, attention_factor: Optional[float] = None,
     mscale: Optional[float] = None, mscale_all_dim: Optional[float] = None,
 ) -> float:
-    """YaRN's a, the magnitude of freqs_cis: attention_factor when given, else 0.1 ln(factor) + 1, or with
-    both mscale and mscale_all_dim (DeepSeek's form) (0.1 mscale ln(factor) + 1) / (0.1 mscale_all_dim ln(factor) + 1)
-    (each term 1 at factor <= 1).
+    """YaRN's a, the magnitude of freqs_cis: attention_factor when given, else 0.1 ln(factor) + 1, or with both
+    mscale and mscale_all_dim (DeepSeek's form) (0.1 mscale ln(factor) + 1) / (0.1 mscale_all_dim ln(factor) + 1);
+    each term is 1 at factor <= 1.
 
     Interpolated pairs spread attention more evenly over the longer context (softmax entropy rises);
     multiplying q and k by a multiplies the logits by a^2, sharpening it back.
@@ -285,9 +288,8 @@ def rope_frequencies(args: ModelArgs, seq_len: Optional[int] = None) -> torch.Te
         freqs = yarn_scale_frequencies(freqs, base, factor, args.rope_original_max_pos,
                                        args.rope_beta_fast, args.rope_beta_slow, args.rope_truncate)
     elif kind == "llama3":
-        freqs = llama3_scale_frequencies(
-            freqs, factor, args.rope_low_freq_factor, args.rope_high_freq_factor, args.rope_original_max_pos,
-        )
+        freqs = llama3_scale_frequencies(freqs, factor, args.rope_low_freq_factor, args.rope_high_freq_factor,
+                                         args.rope_original_max_pos)
     if args.rope_freq_divisors is not None:  # GGUF stores the scaling as per-pair divisors
         freqs = freqs / torch.tensor(args.rope_freq_divisors, dtype=torch.float32, device="cpu")
     return freqs
@@ -304,9 +306,8 @@ def rope_magnitude(args: ModelArgs) -> float:
 def precompute_freqs_cis(freqs: torch.Tensor, end: int, magnitude: float = 1.0, start: int = 0) -> torch.Tensor:
     """freqs_cis[m, i] = magnitude * exp(j * m * theta_i) for m = start .. end-1: (end-start, hd/2) complex64.
 
-    The angles m * theta_i are computed in float32: in bf16 they would be off by whole radians
-    at position ~8000. Unit complex numbers (magnitude 1: every scaling but yarn) make the rotation
-    a single multiplication.
+    The angles m * theta_i are computed in float32: in bf16 they would be off by whole radians at position
+    ~8000. Complex numbers make the rotation a single multiplication (of magnitude 1 but under yarn).
     """
     positions = torch.arange(start, end, dtype=torch.float32, device=freqs.device)
     angles = torch.outer(positions, freqs.float())  # (end - start, hd/2)
