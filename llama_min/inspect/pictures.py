@@ -129,7 +129,8 @@ def plot_attention(plt, data: dict, path, dpi: int, heads: Optional[list] = None
     cols = min(3, len(chosen))
     rows = (len(chosen) + cols - 1) // cols
     every = max(1, len(labels) // 40)
-    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 6 * rows + 0.8), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols + 1, 5.5 * rows + 0.8), squeeze=False,
+                             layout="constrained")
     for ax, (layer, head, *kind) in zip(axes.flat, chosen):
         image = ax.imshow(data["attention"][layer, head], cmap="viridis", vmin=0, vmax=1)
         what = KIND_WORDS[kind[0]] + ": " if kind else ""
@@ -139,7 +140,8 @@ def plot_attention(plt, data: dict, path, dpi: int, heads: Optional[list] = None
         _label_tokens(ax, labels, "x", every)
         _label_tokens(ax, labels, "y", every)
         ax.set_xlabel("key: the token attended to", fontsize=8)
-        ax.set_ylabel("query: the token attending", fontsize=8)
+        if ax in axes[:, 0]:
+            ax.set_ylabel("query: the token attending", fontsize=8)
     for ax in list(axes.flat)[len(chosen):]:
         ax.axis("off")
     fig.colorbar(image, ax=axes, shrink=0.6, label="attention probability")
@@ -156,7 +158,7 @@ def plot_distance(plt, data: dict, path, dpi: int) -> None:
     L, H, T = mass.shape
     scores = head_scores(data)
     side = np.stack([scores[k].reshape(-1) for k in KIND_WORDS], axis=1)  # (L*H, 3)
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, max(5, 0.05 * L * H + 2.5)),
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, max(5, 0.045 * L * H + 2)), layout="constrained",
                                   gridspec_kw=dict(width_ratios=[5, 1.2]))
     image = ax.imshow(np.clip(mass.reshape(L * H, T), 1e-4, 1), aspect="auto", cmap="magma",
                       norm=LogNorm(1e-3, 1), interpolation="nearest")
@@ -182,23 +184,26 @@ def plot_distance(plt, data: dict, path, dpi: int) -> None:
 def plot_rope_pairs(plt, data: dict, path, dpi: int) -> None:
     """Mean length of each RoPE pair (heads averaged, relative to the layer's mean pair) against its wavelength."""
     wave, T, trained = data["rope_wavelength"], len(data["tokens"]), int(data["trained_window"])
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5), sharey=True, layout="constrained")
     cmap = plt.get_cmap("viridis")
     for ax, name, who in zip(axes, ("rope_pair_q_norm", "rope_pair_k_norm"), ("queries", "keys")):
         norm = data[name].mean(1)  # (L, hd/2): heads averaged
         L = len(norm)
         for layer, row in enumerate(norm):
-            ax.plot(wave, row / row.mean(), color=cmap(layer / max(1, L - 1)), lw=1, alpha=0.8)
+            ax.plot(wave, row / row.mean(), color=cmap(layer / max(1, L - 1)), lw=1, alpha=0.7)
+        overall = (norm / norm.mean(1, keepdims=True)).mean(0)  # (hd/2,): the layers averaged
+        ax.plot(wave, overall, color="black", lw=2.5, label="all layers")
+        ax.axhline(1, color="0.5", lw=0.8)
+        ax.legend(loc="upper left", fontsize=9)
         ax.axvline(T, color="tab:red", ls="--", lw=1)
         ax.text(T, 0.98, f" prompt: {T} tokens", color="tab:red", transform=ax.get_xaxis_transform(), va="top")
         if trained:
             ax.axvline(trained, color="black", ls=":", lw=1)
             ax.text(trained, 0.90, f" trained context: {trained}", transform=ax.get_xaxis_transform(), va="top")
         ax.set_xscale("log")
-        ax.set_yscale("log")
         ax.set_xlabel("wavelength of the pair: 2π/θ_i tokens (fast pairs left, slow pairs right)")
-        ax.set_title(f"{who}: slowest quarter of the pairs holds {slow_share(data[name]):.0%} of the summed "
-                     "pair lengths", fontsize=10)
+        ax.set_title(f"{who}: the slowest quarter of the pairs holds {slow_share(data[name]):.0%}\n"
+                     "of the summed pair lengths (25% if all pairs were alike)", fontsize=10)
     axes[0].set_ylabel("mean |pair| / the layer's mean over pairs")
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, len(data["rope_pair_q_norm"]) - 1))
     fig.colorbar(sm, ax=axes, label="layer", pad=0.01)
@@ -211,7 +216,7 @@ def plot_logit_lens(plt, data: dict, path, dpi: int) -> None:
     """Rows j = 0..L (embeddings at the bottom, the model's prediction on top), columns = prompt positions."""
     prob, text = data["logit_lens_prob"], data["logit_lens_text"]
     rows, T = prob.shape
-    fig, ax = plt.subplots(figsize=(2.5 + 0.75 * T, 1.8 + 0.3 * rows))
+    fig, ax = plt.subplots(figsize=(2.5 + 0.75 * T, 2.5 + 0.3 * rows))
     image = ax.imshow(prob, origin="lower", aspect="auto", cmap="Blues", vmin=0, vmax=1)
     for j in range(rows):
         for t in range(T):
@@ -226,7 +231,7 @@ def plot_logit_lens(plt, data: dict, path, dpi: int) -> None:
     top_axis.set_xlabel("the prompt's actual next token")
     fig.colorbar(image, ax=ax, label="probability of the top token", pad=0.01)
     ax.set_title("Logit lens: final norm + output projection applied to the residual stream after each block "
-                 "(bold: the prompt's actual next token)", fontsize=10)
+                 "(bold: the prompt's actual next token)", fontsize=11, pad=70)
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
 
 
