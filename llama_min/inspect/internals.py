@@ -4,6 +4,7 @@ The model runs exactly as written (its own `forward`, no cache); forward hooks r
 
   tok_embeddings, each TransformerBlock   the residual stream h_j after j blocks (j = 0: the embeddings)
   each layer's attention.wq / .wk         q and k as projected, *before* RoPE (T, heads, hd)
+  each layer's attention (its inputs)     the freqs_cis rows and the causal mask the model passed to it
 
 From those, with model.py's own functions (apply_rotary_emb, repeat_kv, causal_mask, the final norm and
 output projection), `inspect_model` computes, for T prompt tokens, L layers, H heads, K kv heads, hd head dim:
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -37,10 +39,14 @@ MAX_TOKENS = 512  # attention is L*H*T*T floats; the pictures are unreadable lon
 def capture(model: Transformer, tokens: torch.Tensor) -> dict:
     """Run `model(tokens[None])` once with hooks; returns what they read, batch dimension dropped.
 
-    residual: L+1 tensors (T, D); q: L tensors (T, H, hd); k: L tensors (T, K, hd); logits: (T, V).
+    residual: L+1 tensors (T, D); q: L tensors (T, H, hd); k: L tensors (T, K, hd); logits: (T, V);
+    freqs_cis: (T, hd/2) and mask: (T, T) or None, as the model handed them to its attention layers.
     """
     check_reference(model)
     seen = {"residual": [], "q": [], "k": []}
+
+    def keep_rope(module, inputs):  # Attention.forward(x, start_pos, freqs_cis, mask)
+        seen["freqs_cis"], seen["mask"] = inputs[2], inputs[3]
 
     def keep(name, heads=None):
         def hook(module, inputs, output):
@@ -48,7 +54,8 @@ def capture(model: Transformer, tokens: torch.Tensor) -> dict:
             seen[name].append(x if heads is None else x.view(x.shape[0], heads, -1))
         return hook
 
-    handles = [model.tok_embeddings.register_forward_hook(keep("residual"))]
+    handles = [model.tok_embeddings.register_forward_hook(keep("residual")),
+               model.layers[0].attention.register_forward_pre_hook(keep_rope)]
     for layer in model.layers:
         att = layer.attention
         handles += [layer.register_forward_hook(keep("residual")),
@@ -72,16 +79,19 @@ def check_reference(model: Transformer) -> None:
         raise ValueError(f"inspect computes in float32; the model is {model.norm.weight.dtype}")
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, freqs_cis: torch.Tensor, n_rep: int) -> torch.Tensor:
+def attention_probs(q: torch.Tensor, k: torch.Tensor, freqs_cis: torch.Tensor, n_rep: int,
+                    mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Each head's attention probabilities (H, T, T) from q (T, H, hd) and k (T, K, hd) before RoPE.
 
-    softmax(q_rot k_rot^T / sqrt(hd) + mask), as model.attention_math computes them (softmax in float32).
+    softmax(q_rot k_rot^T / sqrt(hd) + mask), as model.attention_math computes them (softmax in float32);
+    mask None: the causal mask.
     """
     T, _, hd = q.shape
     q_rot, k_rot = apply_rotary_emb(q[None], k[None], freqs_cis)  # (1, T, H, hd), (1, T, K, hd)
     k_rot = repeat_kv(k_rot, n_rep)[0].transpose(0, 1)  # (H, T, hd): query head h reads kv head h // n_rep
     q_rot = q_rot[0].transpose(0, 1)  # (H, T, hd)
-    scores = q_rot @ k_rot.transpose(-2, -1) / math.sqrt(hd) + causal_mask(T, 0)  # (H, T, T)
+    mask = causal_mask(T, 0, q.device) if mask is None else mask  # (T, T): -inf above the diagonal
+    scores = q_rot @ k_rot.transpose(-2, -1) / math.sqrt(hd) + mask  # (H, T, T)
     return torch.softmax(scores.float(), dim=-1)
 
 
@@ -116,10 +126,11 @@ def inspect_model(model: Transformer, tokens) -> dict:
     if not 1 <= T <= min(MAX_TOKENS, model.freqs_cis.shape[0]):
         raise ValueError(f"inspect takes 1 to {min(MAX_TOKENS, model.freqs_cis.shape[0])} tokens, got {T}")
     seen = capture(model, tokens)
-    freqs_cis = model.freqs_cis[:T].to(tokens.device)  # (T, hd/2): positions 0 .. T-1
+    freqs_cis, mask = seen["freqs_cis"], seen["mask"]  # what the forward used: (T, hd/2), (T, T) or None
     n_rep = model.params.n_heads // model.params.kv_heads
     with torch.no_grad():
-        attention = torch.stack([attention_probs(q, k, freqs_cis, n_rep) for q, k in zip(seen["q"], seen["k"])])
+        attention = torch.stack([attention_probs(q, k, freqs_cis, n_rep, mask)
+                                 for q, k in zip(seen["q"], seen["k"])])  # (L, H, T, T)
     top, prob = logit_lens(model, seen["residual"])
     out = dict(tokens=tokens, attention=attention, distance_mass=distance_mass(attention),  # (L, H, T, T), (L, H, T)
                rope_pair_q_norm=torch.stack([pair_lengths(q) for q in seen["q"]]),  # (L, H, hd/2)
