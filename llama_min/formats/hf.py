@@ -285,26 +285,17 @@ def _stop_ids(tok):
 
 
 def _save_tokenizer(out: Path, tok) -> None:
-    """The tokenizer's file, and tokenizer_config.json with BOS/EOS names and the chat template."""
+    """The tokenizer's file, and tokenizer_config.json with the special tokens' names (BOS, EOS, unknown,
+    padding, ... as far as the tokenizer names them; names already there stay) and the chat template."""
+    from ..text.hf_files import special_token_names
+
     if not any((out / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
         tok.save(out)
     path = out / "tokenizer_config.json"
     config = read_json(path, "tokenizer_config.json") if path.is_file() else {}
-    for key, i in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id)):
-        name = _token_text(tok, i)
-        if key not in config and name is not None:
-            config[key] = name
+    for key, name in special_token_names(tok).items():
+        config.setdefault(key, name)
     config.setdefault("add_bos_token", bool(tok.add_bos))
     if getattr(tok, "chat_template", None) and not config.get("chat_template"):
         config["chat_template"] = tok.chat_template
     atomic_write(path, json.dumps(config, indent=2))
-
-
-def _token_text(tok, i: int):
-    if i < 0:
-        return None
-    if tok.kind == "sentencepiece":
-        return tok.sp.id_to_piece(i)
-    if tok.kind == "tokenizers":
-        return tok.tk.id_to_token(i)
-    return {v: k for k, v in getattr(tok, "specials", {}).items()}.get(i)

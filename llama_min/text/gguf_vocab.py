@@ -6,6 +6,10 @@ The file itself is read by ``llama_min.files.gguf``; this module only converts v
   from a ``'llama'`` vocab. Written with a tiny protobuf encoder so no ``protobuf`` package is needed.
   With ``meta_llama2=True`` it carries Meta's training settings and is byte-identical to Meta's file.
 - ``hf_tokenizer_from_gguf``: a byte-level BPE ``tokenizers.Tokenizer`` from a ``'gpt2'`` vocab.
+- ``hf_tokenizer_from_spm_vocab``: a ``'llama'`` vocab as a ``tokenizers.Tokenizer`` encoding like its sentencepiece
+  model (what an HF folder needs).
+- ``gguf_special_ids``, ``gguf_add_bos`` / ``gguf_add_eos``, ``bos_eos_post_processor``: what the vocab says about
+  its special tokens, and the tokenizer.json post-processor that says the same to transformers.
 - ``byte_level_decode`` / ``byte_level_encode``: GPT-2's byte-level alphabet (each byte spelled as one
   printable char, ``BYTE_OF_CHAR``) to bytes and back.
 """
@@ -194,5 +198,88 @@ def hf_tokenizer_from_gguf(meta: dict, name: str = "GGUF file"):
     tk.decoder = decoders.ByteLevel()
     tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
                            for t, ty in zip(tokens, types) if ty == 3])
+    tk.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4])
+    return tk
+
+
+# ------------------------------------------------------------------------------- special tokens
+
+# transformers' special-token names -> the GGUF key holding the same id (llama.cpp spells "seperator")
+GGUF_SPECIAL_KEYS = {
+    "bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id",
+    "unk_token": "tokenizer.ggml.unknown_token_id", "pad_token": "tokenizer.ggml.padding_token_id",
+    "sep_token": "tokenizer.ggml.seperator_token_id", "cls_token": "tokenizer.ggml.cls_token_id",
+    "mask_token": "tokenizer.ggml.mask_token_id",
+}
+
+
+def gguf_special_ids(meta: dict) -> dict[str, int]:
+    """``{transformers name: id}`` of the special tokens a GGUF vocabulary names (``{"unk_token": 0, ...}``)."""
+    n = len(meta.get("tokenizer.ggml.tokens") or [])
+    ids = {name: meta.get(key) for name, key in GGUF_SPECIAL_KEYS.items()}
+    return {name: int(i) for name, i in ids.items() if isinstance(i, int) and 0 <= i < n}
+
+
+def gguf_add_bos(meta: dict) -> bool:
+    """Whether text is fed after a BOS: ``tokenizer.ggml.add_bos_token``, else llama.cpp's default for the
+    vocabulary (yes for a sentencepiece 'llama' vocab and for Llama 3's pre-tokenizer, no for other BPE)."""
+    if "tokenizer.ggml.add_bos_token" in meta:
+        return bool(meta["tokenizer.ggml.add_bos_token"])
+    return meta.get("tokenizer.ggml.model") == "llama" or meta.get("tokenizer.ggml.pre") in _LLAMA3_PRE
+
+
+def gguf_add_eos(meta: dict) -> bool:
+    """Whether an EOS follows the text: ``tokenizer.ggml.add_eos_token`` (llama.cpp's default: no)."""
+    return bool(meta.get("tokenizer.ggml.add_eos_token", False))
+
+
+def bos_eos_post_processor(bos: tuple | None, eos: tuple | None) -> dict:
+    """A tokenizer.json ``post_processor`` (``TemplateProcessing``) putting ``bos``/``eos`` around the text.
+
+    ``bos``, ``eos``: ``(token text, id)`` or None. This is where transformers' fast tokenizers (and the
+    ``tokenizers`` package with ``add_special_tokens=True``) take BOS/EOS from; a pair of texts gets them
+    around each text, as Meta's Llama 3 tokenizer.json has it.
+    """
+    def template(seq: str, type_id: int) -> list:
+        text = [{"Sequence": {"id": seq, "type_id": type_id}}]
+        first = [{"SpecialToken": {"id": bos[0], "type_id": type_id}}] if bos else []
+        last = [{"SpecialToken": {"id": eos[0], "type_id": type_id}}] if eos else []
+        return first + text + last
+
+    specials = {text: {"id": text, "ids": [i], "tokens": [text]} for text, i in filter(None, (bos, eos))}
+    return {"type": "TemplateProcessing", "single": template("A", 0),
+            "pair": template("A", 0) + template("B", 1), "special_tokens": specials}
+
+
+# ------------------------------------------------------------------- sentencepiece vocab as tokenizer.json
+
+
+def hf_tokenizer_from_spm_vocab(tokens: list[str], scores: list[float] | None, types: list[int],
+                                unk_id: int = 0, add_dummy_prefix: bool = True):
+    """A ``tokenizers.Tokenizer`` that encodes like the sentencepiece BPE model of a GGUF 'llama' vocab.
+
+    The shape of Hugging Face's Llama 2 ``tokenizer.json``: spaces become ``▁`` and one ``▁`` is put
+    in front (sentencepiece's dummy prefix), BPE with byte fallback for characters the vocabulary lacks.
+    sentencepiece merges the adjacent pair whose joined piece scores highest; BPE merges the pair of
+    lowest rank, so every split ``a + b`` of a normal piece is a merge, ranked by that piece's score.
+    Control and unknown pieces are special added tokens, user-defined ones plain added tokens.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    scores = scores if scores is not None else [0.0] * len(tokens)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    normal = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == 1}
+    merges = [(-scores[i], i, normal[piece[:k]], piece[:k], piece[k:])
+              for piece, i in normal.items() for k in range(1, len(piece))
+              if piece[:k] in normal and piece[k:] in normal]
+    bpe = models.BPE(vocab=vocab, merges=[(a, b) for *_, a, b in sorted(merges)], unk_token=tokens[unk_id],
+                     fuse_unk=True, byte_fallback=True)
+    tk = Tokenizer(bpe)
+    steps = [normalizers.Prepend("▁")] if add_dummy_prefix else []
+    tk.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
+    strip = [decoders.Strip(" ", 1, 0)] if add_dummy_prefix else []
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()] + strip)
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                           for t, ty in zip(tokens, types) if ty in (2, 3)])
     tk.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4])
     return tk

@@ -30,7 +30,9 @@ from ..errors import LlamaMinError
 from ..files import atomic_write, read_json
 from ..files.gguf import read_gguf_metadata
 from .base import StreamDecoder, Tokenizer  # noqa: F401  (StreamDecoder: re-exported)
-from .gguf_vocab import LLAMA3_PATTERN, byte_level_decode, hf_tokenizer_from_gguf, spm_model_from_gguf_vocab
+from .gguf_vocab import (GGUF_SPECIAL_KEYS, LLAMA3_PATTERN, byte_level_decode, gguf_add_bos, gguf_special_ids,
+                         hf_tokenizer_from_gguf, spm_model_from_gguf_vocab)
+from .hf_files import gguf_tokenizer_files, hf_tokenizer_config, tokenizer_json
 
 LLAMA3_NUM_SPECIAL = 256
 # Special tokens 128000 + i. Named ones by version; the rest are <|reserved_special_token_K|>, K counting the
@@ -58,9 +60,11 @@ class SentencePieceTokenizer(Tokenizer):
     kind = "sentencepiece"
 
     def __init__(self, model_proto: bytes, bos_id: int | None = None, eos_id: int | None = None,
-                 name: str = "sentencepiece model", **kw):
+                 name: str = "sentencepiece model", special_ids: dict[str, int] | None = None, **kw):
+        """``special_ids``: ``{transformers name: id}`` of special tokens its source named beyond the model's."""
         import sentencepiece
 
+        self.named_ids = dict(special_ids or {})
         self.sp = sentencepiece.SentencePieceProcessor()
         try:
             self.sp.LoadFromSerializedProto(model_proto)
@@ -84,6 +88,11 @@ class SentencePieceTokenizer(Tokenizer):
         user-defined pieces in text, so those need nothing here.)"""
         sp = self.sp
         return {sp.id_to_piece(i): i for i in range(sp.vocab_size()) if sp.is_control(i) or sp.is_unknown(i)}
+
+    def special_token_ids(self) -> dict[str, int]:
+        """``{transformers name: id}``: BOS, EOS, and the model's unknown and padding pieces."""
+        return _present({**self.named_ids, "bos_token": self.bos_id, "eos_token": self.eos_id,
+                         "unk_token": self.sp.unk_id(), "pad_token": self.pad_id})
 
     def save(self, out_dir):
         self._save_template(out_dir)
@@ -126,6 +135,10 @@ class TiktokenTokenizer(Tokenizer):
 
     def _control_tokens(self):
         return dict(self.specials)
+
+    def special_token_ids(self) -> dict[str, int]:
+        """``{transformers name: id}``: BOS and EOS (Llama 3 names no unknown or padding token)."""
+        return _present({"bos_token": self.bos_id, "eos_token": self.eos_id})
 
     def save(self, out_dir):
         self._save_template(out_dir)
@@ -194,9 +207,13 @@ class HFTokenizer(Tokenizer):
 
     kind = "tokenizers"
 
-    def __init__(self, tk, bos_id: int, eos_id: int, **kw):
+    def __init__(self, tk, bos_id: int, eos_id: int, special_ids: dict[str, int] | None = None, **kw):
+        """``special_ids``: ``{transformers name: id}`` of its other special tokens (``"unk_token"``,
+        ``"pad_token"``, ...), as its files or GGUF named them; ``pad_token`` is also ``pad_id``."""
         self.tk = tk
         self.tk.encode_special_tokens = True   # special-token text in user input stays plain text
+        self.named_ids = dict(special_ids or {})
+        kw.setdefault("pad_id", self.named_ids.get("pad_token", -1))
         super().__init__(tk.get_vocab_size(with_added_tokens=True), bos_id, eos_id, **kw)
 
     def _encode(self, text):
@@ -212,15 +229,19 @@ class HFTokenizer(Tokenizer):
         """Every added token (special or not): transformers splits a rendered chat on all of them."""
         return {t.content: i for i, t in self.tk.get_added_tokens_decoder().items()}
 
+    def special_token_ids(self) -> dict[str, int]:
+        """``{transformers name: id}``: BOS, EOS, padding and the other special tokens its source named."""
+        return _present({**self.named_ids, "bos_token": self.bos_id, "eos_token": self.eos_id,
+                         "pad_token": self.pad_id})
+
     def save(self, out_dir):
-        name = {i: self.tk.id_to_token(i) for i in (self.bos_id, self.eos_id) if i >= 0}
+        """tokenizer.json (with a BOS post-processor when it had none and adds BOS) + tokenizer_config.json."""
         templates = self.chat_templates
         template = templates.get("default") if list(templates) == ["default"] else \
             [{"name": k, "template": v} for k, v in templates.items()] or None
-        config = {"bos_token": name.get(self.bos_id), "eos_token": name.get(self.eos_id),
-                  "add_bos_token": self.add_bos, "chat_template": template}
+        config = hf_tokenizer_config(self, chat_template=template)
         atomic_write(Path(out_dir) / "tokenizer_config.json", json.dumps(config, indent=2).encode())
-        return atomic_write(Path(out_dir) / "tokenizer.json", self.tk.to_str().encode())
+        return atomic_write(Path(out_dir) / "tokenizer.json", tokenizer_json(self.tk, self))
 
 
 def load_tokenizer_json(path: Path, **kw) -> HFTokenizer:
@@ -252,10 +273,32 @@ def load_tokenizer_json(path: Path, **kw) -> HFTokenizer:
     stops = [i for name in ("config.json", "generation_config.json")
              for i in _id_list(configs[name].get("eos_token_id"))]
     kw.setdefault("chat_templates", folder_templates(path))
-    return HFTokenizer(tk, token("bos"), token("eos"), stop_ids=stops,
+    named = named_special_ids(tk, configs["tokenizer_config.json"], _read_json_if_there(
+        path.parent / "special_tokens_map.json"), configs["config.json"])
+    return HFTokenizer(tk, token("bos"), token("eos"), stop_ids=stops, special_ids=named,
                        default_system=chat.default_system_from_template(
                            configs["tokenizer_config.json"].get("chat_template")),
                        add_bos=configs["tokenizer_config.json"].get("add_bos_token"), **kw)
+
+
+def named_special_ids(tk, tokenizer_config: dict, special_tokens_map: dict, config: dict) -> dict[str, int]:
+    """``{transformers name: id}`` of the special tokens an HF folder names, as transformers reads them.
+
+    A name (``"unk_token": "<unk>"`` or ``{"content": "<unk>", ...}``) comes from tokenizer_config.json,
+    else the older special_tokens_map.json; a padding token named nowhere may be config.json's
+    ``pad_token_id``. Names the vocabulary lacks are left out.
+    """
+    ids = {}
+    for name in GGUF_SPECIAL_KEYS:
+        text = tokenizer_config.get(name) or special_tokens_map.get(name)
+        text = text.get("content") if isinstance(text, dict) else text
+        i = tk.token_to_id(text) if isinstance(text, str) else None
+        if i is not None:
+            ids[name] = i
+    pad = config.get("pad_token_id")
+    if "pad_token" not in ids and type(pad) is int and 0 <= pad < tk.get_vocab_size(with_added_tokens=True):
+        ids["pad_token"] = pad
+    return ids
 
 
 def needs_whole_piece_rule(data: dict) -> bool:
@@ -330,7 +373,7 @@ def load_gguf_tokenizer(path: Path, **kw) -> Tokenizer:
                  for k, v in meta.items() if k.startswith("tokenizer.chat_template") and isinstance(v, str)}
     kw.setdefault("chat_templates", templates)
     kw.update(default_system=chat.default_system_from_template(meta.get("tokenizer.chat_template")),
-              add_bos=meta.get("tokenizer.ggml.add_bos_token"),
+              add_bos=gguf_add_bos(meta),
               stop_ids=[meta[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in meta])
     if model == "llama":
         proto = spm_model_from_gguf_vocab(
@@ -338,9 +381,10 @@ def load_gguf_tokenizer(path: Path, **kw) -> Tokenizer:
             bos_id=bos, eos_id=eos, unk_id=meta.get("tokenizer.ggml.unknown_token_id", 0),
             pad_id=meta.get("tokenizer.ggml.padding_token_id", -1),
             add_dummy_prefix=meta.get("tokenizer.ggml.add_space_prefix", True))
-        return SentencePieceTokenizer(proto, bos, eos, name=str(path), **kw)
+        return SentencePieceTokenizer(proto, bos, eos, name=str(path), special_ids=gguf_special_ids(meta), **kw)
     if model == "gpt2":
-        return HFTokenizer(hf_tokenizer_from_gguf(meta, name=str(path)), bos, eos, **kw)
+        return HFTokenizer(hf_tokenizer_from_gguf(meta, name=str(path)), bos, eos, special_ids=gguf_special_ids(meta),
+                           **kw)
     raise LlamaMinError(f"{path}: unsupported tokenizer.ggml.model {model!r} (expected 'llama' or 'gpt2')")
 
 
@@ -447,8 +491,7 @@ def tokenizer_files(tok, source) -> dict:
 
     Names are the ones `load_tokenizer(dir)` looks for: a sentencepiece or tiktoken file becomes
     `tokenizer.model`, a tokenizer.json keeps its config files beside it; a tokenizer that lives inside
-    a GGUF file is written out (sentencepiece -> tokenizer.model; byte-level BPE -> tokenizer.json +
-    tokenizer_config.json with the BOS/EOS names and the chat template).
+    a GGUF file is written out (`gguf_tokenizer_files`).
     """
     src = find_tokenizer_file(source)
     data = src.read_bytes()
@@ -458,13 +501,12 @@ def tokenizer_files(tok, source) -> dict:
         side = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                 "chat_template.jinja")
         return {"tokenizer.json": data, **{n: (src.parent / n).read_bytes() for n in side if (src.parent / n).is_file()}}
-    if tok.kind == "sentencepiece":
-        return {"tokenizer.model": tok.sp.serialized_model_proto(), **_template_file(tok)}
-    template = read_gguf_metadata(src, prefix="tokenizer.").get("tokenizer.chat_template")
-    config = {k: tok.tk.id_to_token(i) for k, i in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id)) if i >= 0}
-    if template:
-        config["chat_template"] = template
-    return {"tokenizer.json": tok.tk.to_str().encode(), "tokenizer_config.json": json.dumps(config).encode()}
+    return {**gguf_tokenizer_files(tok, src), **(_template_file(tok) if tok.kind == "sentencepiece" else {})}
+
+
+def _present(ids: dict) -> dict[str, int]:
+    """The entries of ``{name: id}`` that are real ids (not None or -1)."""
+    return {name: int(i) for name, i in ids.items() if i is not None and i >= 0}
 
 
 def _template_file(tok) -> dict:

@@ -12,7 +12,8 @@ Layout (what llama.cpp, Ollama, LM Studio and transformers' GGUF loader read):
 - the tokenizer as `tokenizer.ggml.*`: a sentencepiece model as model 'llama' (pieces, scores, piece types,
   pre 'default'); a byte-level BPE (tokenizer.json, or Llama 3's tiktoken ranks) as model 'gpt2' (byte-level
   token strings, merges "a b", token types 1 normal / 3 control / 4 user-defined) with `tokenizer.ggml.pre`
-  naming the pre-tokenizer the way llama.cpp's converter does (pretokenizer.py); plus BOS/EOS ids,
+  naming the pre-tokenizer the way llama.cpp's converter does (pretokenizer.py); plus the special ids it names
+  (BOS, EOS, unknown, padding, ...; an HF folder's from its tokenizer_config.json),
   add_bos_token and `tokenizer.chat_template`.
 - `keep`: the metadata of a GGUF file being converted. What it said and llama_min's ModelArgs and tokenizers
   do not carry wins over what the writer would derive (`kept_metadata`): `general.*` (name, licence, ...),
@@ -36,7 +37,7 @@ import torch
 from ...errors import LlamaMinError
 from ...files import atomic_write
 from ...model import ModelArgs, rope_frequencies
-from ...text.gguf_vocab import byte_level_encode
+from ...text.gguf_vocab import GGUF_SPECIAL_KEYS, byte_level_encode
 from .pretokenizer import llama_cpp_pre_name
 from .read import GGUF_LAYER_TO_META, GGUF_TO_META
 
@@ -256,14 +257,13 @@ def _tokenizer_metadata(tok, vocab_size: int, pre: Optional[str] = None) -> dict
 
 
 def _special_ids(tok) -> dict:
-    """BOS, EOS, padding, unknown (sentencepiece) and end-of-turn (when it is not EOS) ids the tokenizer has."""
-    ids = {"bos": tok.bos_id, "eos": tok.eos_id, "padding": tok.pad_id}
-    if tok.kind == "sentencepiece":
-        ids["unknown"] = tok.sp.unk_id()
+    """The special ids the tokenizer names (BOS, EOS, unknown, padding, ...: an HF folder's
+    tokenizer_config.json names, a sentencepiece model's own) and end-of-turn when it is not EOS."""
+    meta = {GGUF_SPECIAL_KEYS[name]: i for name, i in tok.special_token_ids().items() if name in GGUF_SPECIAL_KEYS}
     eot = next((i for i in map(tok.token_id, ("<|eot_id|>", "<|im_end|>")) if i is not None), None)
     if eot is not None and eot != tok.eos_id:
-        ids["eot"] = eot
-    return {f"tokenizer.ggml.{k}_token_id": int(i) for k, i in ids.items() if i is not None and i >= 0}
+        meta["tokenizer.ggml.eot_token_id"] = eot
+    return {k: int(i) for k, i in meta.items() if i is not None and i >= 0}
 
 
 def _proto_fields(buf: bytes):
