@@ -229,7 +229,7 @@ def yarn_scale_frequencies(
     low, high = max(low, 0), min(high, hd - 1)
     if low == high:
         high += 0.001  # no division by zero
-    ramp = ((torch.arange(hd // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # (hd/2,)
+    ramp = ((torch.arange(hd // 2, dtype=torch.float32, device=freqs.device) - low) / (high - low)).clamp(0, 1)  # (hd/2,)
     return freqs / factor * ramp + freqs * (1 - ramp)
 
 
