@@ -65,6 +65,7 @@ LAYERS: List[Tuple[str, ...]] = [
     ("decoding",),
     ("generation",),
     ("train", "inspect"),
+    ("serve",),
     ("",),  # "" is llama_min/__init__.py
     ("cli",),
     ("__main__",),

@@ -1,0 +1,238 @@
+"""The serving step: a batch of rows, each at its own position over its own keys and values.
+
+model.py's forward takes one start_pos for the whole batch (Meta's lockstep generation). A server's rows
+started at different times, so here every row b has its own start s_b and its own KV slot, and the step
+computes, for each row, exactly what model.py's forward computes for that row alone:
+
+  RoPE         row b's new tokens are rotated by freqs_cis rows s_b .. s_b+T-1 (row_freqs, rotate)
+  cache        their keys/values are written to slot b at positions s_b .. s_b+T-1 (SlotCache.write_rows)
+  attention    query t of row b sees the slot's positions 0 .. s_b+t, nothing else (row_mask): the columns
+               past a row's own length hold another request's leftovers or zeros, and are masked to -inf
+
+The rest of a layer (norms, the q|k|v and output products, the SwiGLU) is the model's own modules, called
+with the batch: the packed 4-bit / int8 / float layers read each weight once for all rows.
+
+  SlotCache       keys/values of every running row: (n_layers, 2, slots, capacity, kv_heads, head_dim);
+                  grows by doubling up to the window; moves a row (when one leaves, the last fills its slot,
+                  so the running rows are always slots 0 .. n-1 and the batch reads a plain view)
+  batched_step    the per-row step above, through the model's layers
+  Runner          prefill (one request: the model's own step into its slot, so llama_min's C step where it
+                  takes the call), decode (all running rows: one row -> the model's own step, i.e. the C
+                  decode step; several rows -> batched_step), and the K/V copies for the prefix cache
+
+Why not the C decode step for several rows: native.decode_layers takes one position for the whole batch
+(step.py), so rows at different positions cannot share a call; running the C step row by row reads every
+weight once per row, which batched_step does once per step (see the engine's report for measurements).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..model import KVCache, repeat_kv
+from ..runtime.attention import SDPA_GQA
+from ..runtime.memory import check_memory
+
+
+class SlotCache:
+    """Keys and values (after RoPE) of `slots` rows, `capacity` positions each, every layer in one tensor:
+    data (n_layers, 2, slots, capacity, kv_heads, head_dim); data[l, 0] is layer l's keys (slots, cap, K, hd)."""
+
+    def __init__(self, n_layers: int, slots: int, kv_heads: int, head_dim: int, max_len: int, dtype, device,
+                 capacity: int = 256):
+        self.shape = (n_layers, 2, slots, kv_heads, head_dim)
+        self.max_len, self.dtype, self.device = max_len, dtype, device
+        self.data = self._alloc(min(capacity, max_len))
+        self._views: dict = {}
+
+    @property
+    def capacity(self) -> int:
+        return self.data.shape[3]
+
+    def _alloc(self, capacity: int) -> torch.Tensor:
+        L, two, B, K, hd = self.shape
+        item = torch.empty((), dtype=self.dtype).element_size()
+        check_memory(L * two * B * capacity * K * hd * item, f"a KV cache of {B} rows x {capacity} positions",
+                     self.device)
+        return torch.zeros(L, two, B, capacity, K, hd, dtype=self.dtype, device=self.device)
+
+    def ensure(self, positions: int) -> None:
+        """Room for `positions` positions per row (doubling, at most max_len); the rows keep their contents."""
+        if positions <= self.capacity:
+            return
+        if positions > self.max_len:
+            raise ValueError(f"{positions} positions exceed the window of {self.max_len}")
+        cap = self.capacity
+        while cap < positions:
+            cap = min(self.max_len, 2 * cap)
+        data = self._alloc(cap)
+        data[:, :, :, : self.capacity] = self.data
+        self.data, self._views = data, {}
+
+    def layer(self, i: int):
+        """Layer i's keys and values, (slots, capacity, K, hd) each (views)."""
+        return self.data[i, 0], self.data[i, 1]
+
+    def views(self, slot: int) -> List[KVCache]:
+        """model.py KVCache objects over one slot (batch 1, views of this storage, not copies), one per layer:
+        the model's own forward then reads and writes this row. The same objects until the cache grows."""
+        if slot not in self._views:
+            caches = []
+            for i in range(self.shape[0]):
+                c = KVCache.__new__(KVCache)  # no allocation: k and v are views of this slot
+                c.k, c.v = self.data[i, 0, slot:slot + 1], self.data[i, 1, slot:slot + 1]
+                caches.append(c)
+            self._views[slot] = caches
+        return self._views[slot]
+
+    def write_rows(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        """k, v (B, T, K, hd) of rows 0..B-1 at positions (B, T) into layer `layer`'s slots."""
+        B, T = positions.shape
+        rows = torch.arange(B, device=positions.device)[:, None].expand(B, T)
+        self.data[layer, 0][rows, positions] = k
+        self.data[layer, 1][rows, positions] = v
+
+    def read(self, slot: int, start: int, end: int) -> torch.Tensor:
+        """A copy of one slot's K/V at positions [start, end): (n_layers, 2, end-start, K, hd)."""
+        return self.data[:, :, slot, start:end].clone()
+
+    def write(self, slot: int, start: int, kv: torch.Tensor) -> None:
+        """kv (n_layers, 2, n, K, hd) into one slot at positions [start, start+n)."""
+        self.data[:, :, slot, start:start + kv.shape[2]] = kv
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Slot src's first `length` positions into slot dst (a row changes slot)."""
+        self.data[:, :, dst, :length] = self.data[:, :, src, :length]
+
+
+# ------------------------------------------------------------------------------ the per-row step, in parts
+
+
+def row_freqs(model, starts: torch.Tensor, T: int) -> torch.Tensor:
+    """freqs_cis rows (B, T, hd/2) for row b's positions starts[b] .. starts[b]+T-1, each as model.rope_rows
+    gives them for that row alone (`dynamic` scaling past the trained window: the row's own table)."""
+    p = model.params
+    ends = starts + T
+    if p.rope_scaling_type == "dynamic" and int(ends.max()) > p.rope_original_max_pos:
+        return torch.stack([model.rope_rows(int(s), T, starts.device) for s in starts.tolist()])
+    table = model.rope_rows(0, int(ends.max()), starts.device)  # (max end, hd/2) rows of the model's table
+    return table[starts[:, None] + torch.arange(T, device=starts.device)]  # (B, T, hd/2)
+
+
+def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """model.apply_rotary_emb with a row of angles per batch row: x (B, T, heads, hd), freqs (B, T, hd/2)."""
+    x_c = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, heads, hd/2)
+    return torch.view_as_real(x_c * freqs[:, :, None, :]).flatten(3).type_as(x)
+
+
+def row_mask(starts: torch.Tensor, T: int, S: int, dtype) -> torch.Tensor:
+    """(B, 1, T, S) additive mask: query t of row b sees columns 0 .. starts[b]+t (0), the rest -inf."""
+    cols = torch.arange(S, device=starts.device)
+    last = starts[:, None] + torch.arange(T, device=starts.device)  # (B, T): each query's own position
+    seen = cols[None, None, :] <= last[:, :, None]  # (B, T, S)
+    mask = torch.zeros(seen.shape, dtype=dtype, device=starts.device).masked_fill(~seen, float("-inf"))
+    return mask[:, None]
+
+
+def project(att, x: torch.Tensor):
+    """q (B, T, H, hd), k and v (B, T, K, hd) of an attention module (model.py's, or the runtime's fused and
+    fast ones, which have `project`)."""
+    if hasattr(att, "project"):
+        return att.project(x)
+    B, T, _ = x.shape
+    return (att.wq(x).view(B, T, att.n_heads, att.head_dim), att.wk(x).view(B, T, att.n_kv_heads, att.head_dim),
+            att.wv(x).view(B, T, att.n_kv_heads, att.head_dim))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd) + mask) v: q (B, T, H, hd), k and v (B, S, K, hd) -> (B, T, H, hd)."""
+    gqa = {"enable_gqa": True} if SDPA_GQA and n_rep > 1 else {}  # query head h reads KV head h // n_rep
+    if n_rep > 1 and not gqa:
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, **gqa)  # (B, H, T, hd)
+    return out.transpose(1, 2)
+
+
+def batched_step(model, cache: SlotCache, tokens: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """tokens (B, T) of rows 0..B-1 (slots 0..B-1), row b at positions starts[b] .. starts[b]+T-1 ->
+    float32 logits (B, T, V); writes the rows' keys/values into their slots. Per row, what model.py's forward
+    computes for that row alone with its cache holding the row's positions < starts[b]."""
+    B, T = tokens.shape
+    S = int(starts.max()) + T  # the longest row's length after this step
+    cache.ensure(S)
+    freqs = row_freqs(model, starts, T)  # (B, T, hd/2)
+    positions = starts[:, None] + torch.arange(T, device=starts.device)  # (B, T)
+    h = model.tok_embeddings(tokens)  # (B, T, D)
+    mask = row_mask(starts, T, S, h.dtype)  # (B, 1, T, S)
+    for i, layer in enumerate(model.layers):
+        att = layer.attention
+        q, k, v = project(att, layer.attention_norm(h))
+        q, k = rotate(q, freqs), rotate(k, freqs)
+        cache.write_rows(i, k, v, positions)
+        keys, values = cache.layer(i)
+        out = attend(q, keys[:B, :S], values[:B, :S], mask, att.n_heads // att.n_kv_heads)  # (B, T, H, hd)
+        h = h + att.wo(out.reshape(B, T, -1))
+        h = h + layer.feed_forward(layer.ffn_norm(h))
+    return model.output(model.norm(h)).float()  # (B, T, V)
+
+
+# ------------------------------------------------------------------------------------------------ Runner
+
+
+class Runner:
+    """The model's steps for the engine: prefill one row, decode all running rows (module docstring).
+
+    `llama` is a generation.Llama; while the runner is in use it sets the model's layer caches to views of
+    its slots (the model's own step reads and writes a row through them): nothing else may run the model."""
+
+    def __init__(self, llama, max_batch: int, max_len: Optional[int] = None, capacity: int = 256):
+        self.llama, self.model = llama, llama.model
+        p, ref = self.model.params, self.model.norm.weight
+        self.max_len = max_len or llama.max_seq_len
+        self.cache = SlotCache(p.n_layers, max_batch, p.kv_heads, p.hd, self.max_len, ref.dtype, ref.device,
+                               capacity)
+        self.device = ref.device
+        self.per_row_native = False  # decode several rows as one C step each (measured slower: see above)
+
+    def _use_slot(self, slot: int) -> None:
+        """Point the model's layer caches at one slot (the same objects while the cache does not grow, so the
+        C step's description of the layers stays valid)."""
+        for layer, c in zip(self.model.layers, self.cache.views(slot)):
+            if layer.attention.cache is not c:
+                layer.attention.cache = c
+
+    def release(self) -> None:
+        """Give the model back its cache-free state (the slots stay allocated until the runner is dropped)."""
+        self.model.clear_cache()
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, ids: List[int], start: int) -> torch.Tensor:
+        """Feed ids at positions start .. start+len-1 of one slot (positions < start already hold the row's
+        K/V) through the model's own step; the last position's logits (V,)."""
+        self.cache.ensure(start + len(ids))
+        self._use_slot(slot)
+        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
+        return self.llama.step(tokens, start, last_only=True)[0, -1]
+
+    @torch.inference_mode()
+    def decode(self, tokens: List[int], positions: List[int]) -> torch.Tensor:
+        """One new token per running row (row b in slot b, at positions[b]) -> logits (B, V)."""
+        if len(tokens) == 1 or self.per_row_native:
+            return torch.stack([self.prefill(b, [t], p) for b, (t, p) in enumerate(zip(tokens, positions))])
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
+        starts = torch.tensor(positions, dtype=torch.long, device=self.device)
+        return batched_step(self.model, self.cache, ids, starts)[:, -1]
+
+    def read_kv(self, slot: int, start: int, end: int) -> torch.Tensor:
+        return self.cache.read(slot, start, end)
+
+    def write_kv(self, slot: int, start: int, kv: torch.Tensor) -> None:
+        self.cache.ensure(start + kv.shape[2])
+        self.cache.write(slot, start, kv)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        self.cache.move(src, dst, length)
