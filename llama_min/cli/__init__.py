@@ -26,7 +26,7 @@ from .common import quit_on_ctrl_c
 signal.signal(signal.SIGINT, quit_on_ctrl_c)  # until a command runs (run_main): Ctrl-C = one line, exit 130
 
 from ..formats import formats_sentence  # noqa: E402 - after the handler: every import from here on can be interrupted
-from . import bench, chat, convert, generate, inspect, train  # noqa: E402
+from . import bench, chat, convert, generate, inspect, serve, train  # noqa: E402
 from . import eval as evaluate  # noqa: E402
 from .common import USER_ERROR, UsageError, run_main  # noqa: E402
 
@@ -38,6 +38,7 @@ COMMANDS = {  # name -> (module, one-line summary)
     "eval": (evaluate, "perplexity of a checkpoint on a text file"),
     "bench": (bench, "decode / prefill speed vs transformers and vs the memory-bandwidth ceiling"),
     "inspect": (inspect, "attention, RoPE pair use and the logit lens of a prompt: pictures + inspect.npz"),
+    "serve": (serve, "an OpenAI-compatible HTTP server: chat and completions, many clients batched together"),
 }
 
 
