@@ -56,7 +56,7 @@ class Llama:
     def build(ckpt_path=None, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
               device=None, dtype=None, seed: int = 1, quantize: Optional[str] = None,
               optimize: bool = True, chat_format: Optional[str] = None, packed: Optional[bool] = None,
-              tensor_parallel: bool = False) -> "Llama":
+              tensor_parallel: bool = False, rope_scaling=None) -> "Llama":
         """Load a checkpoint (Meta dir, HF dir, .gguf, llama2.c, own dir, hub id; None = the default model).
 
         seed: `torch.manual_seed(seed)`, as Meta's build does; sampling then draws from torch's global
@@ -69,6 +69,10 @@ class Llama:
         "meta" or "chatml"; None = the template when the checkpoint ships one, else the built-in format.
         tensor_parallel: run as one of the processes torchrun started; each reads and holds only its slice
         of the weights (parallel/; a quantized GGUF is dequantized). Same arguments on every rank.
+        rope_scaling: run past the trained window with a RoPE scaling the file does not say (it replaces the
+        file's): "TYPE:FACTOR[,key=value...]" or a dict like {"type": "linear", "factor": 4.0} (keys:
+        formats/common.py parse_rope_scaling); applied to ModelArgs before the memory check and the RoPE
+        table, on every path. dynamic's M and yarn's L0 default to the model's trained window.
 
         Memory: before the weights are read (from the file's header or config where the format has one), the
         peak of the window is checked against free memory (runtime/memory.py check_window): the RoPE table
@@ -83,6 +87,7 @@ class Llama:
         from .text.tokenizer import load_tokenizer
 
         parse_quantize(quantize)  # a bad spec fails before loading
+        _check_rope_scaling(rope_scaling)
         if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
             raise LlamaMinError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
         if ckpt_path is None:
@@ -100,16 +105,17 @@ class Llama:
             tokenizer = load_tokenizer(tokenizer_path or ckpt_path, chat_format=chat_format)
 
             def load(rank, world, dev):
-                model = load_rank_model(ckpt_path, rank, world, dev, dtype, max_seq_len, max_batch_size)
+                model = load_rank_model(ckpt_path, rank, world, dev, dtype, max_seq_len, max_batch_size,
+                                        rope_scaling=rope_scaling)
                 _check_vocab(tokenizer, model.vocab_size, ckpt_path)
                 return model
             model = build_rank(load, device, optimize=optimize, quantize=quantize)
             return Llama(model, tokenizer, max_seq_len, max_batch_size)
         tokenizer = load_tokenizer(tokenizer_path or ckpt_path, chat_format=chat_format)
         if packed:  # a quantized GGUF at its own precision: built directly from the file's blocks
-            model = load_gguf_packed(ckpt_path, device, dtype, max_seq_len, max_batch_size)
+            model = load_gguf_packed(ckpt_path, device, dtype, max_seq_len, max_batch_size, rope_scaling)
         else:
-            model = _load_float(ckpt_path, device, dtype, max_seq_len, max_batch_size)
+            model = _load_float(ckpt_path, device, dtype, max_seq_len, max_batch_size, rope_scaling)
         _check_vocab(tokenizer, model.vocab_size, ckpt_path)
         apply_transforms(model.eval().requires_grad_(False), optimize=optimize, quantize=quantize)
         return Llama(model, tokenizer, max_seq_len, max_batch_size)
@@ -387,14 +393,18 @@ def _generator(seed: Optional[int], device):
     return None if seed is None else torch.Generator(device).manual_seed(seed)
 
 
-def _load_float(ckpt_path, device, dtype, max_seq_len: int, max_batch_size: int) -> Transformer:
+def _load_float(ckpt_path, device, dtype, max_seq_len: int, max_batch_size: int, rope_scaling=None) -> Transformer:
     """The float model, the window's memory checked before its weights are read where the header tells
-    the sizes (GGUF, HF, own, Meta), else after reading them but before the RoPE table (llama2.c, hub ids)."""
+    the sizes (GGUF, HF, own, Meta), else after reading them but before the RoPE table (llama2.c, hub ids).
+    `rope_scaling` (Llama.build's) replaces the file's scaling in both."""
+    from .formats.common import rope_override
+
     item = torch.empty((), dtype=dtype).element_size()
     header = _header_args(ckpt_path)
     if header is not None:
-        check_window(header, max_seq_len, max_batch_size, device, item)
+        check_window(rope_override(header, rope_scaling), max_seq_len, max_batch_size, device, item)
     args, state_dict = load_checkpoint(ckpt_path, dtype=dtype)
+    rope_override(args, rope_scaling)  # before max_seq_len: dynamic's M defaults to the file's window
     args.max_seq_len = max_seq_len
     if header is None:
         check_window(args, max_seq_len, max_batch_size, device, item)
@@ -422,6 +432,14 @@ def _header_args(ckpt_path):
     if fmt in ("own", "meta"):
         return args_from_params(read_json(path / "params.json", "params.json"), path / "params.json")
     return None
+
+
+def _check_rope_scaling(rope_scaling) -> None:
+    """A bad rope_scaling fails before anything is loaded (one LlamaMinError line)."""
+    from .formats.common import rope_override
+    from .model import ModelArgs
+
+    rope_override(ModelArgs(dim=64, n_layers=1, n_heads=1, max_seq_len=64), rope_scaling)
 
 
 def _check_vocab(tokenizer, vocab_size: int, ckpt_path) -> None:

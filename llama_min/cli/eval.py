@@ -9,6 +9,7 @@ Examples:
   llama-min eval --data alice29.txt                       # the default model, 512-token windows
   llama-min eval -m path/to/Llama-3.2-1B --data wiki.test.raw -c 1024 --max-windows 16
   llama-min eval --data notes.txt --dequantize --json     # the GGUF's weights as float32, one JSON line
+  llama-min eval -m runs/tiny/final --data notes.txt -c 1024 --rope-scaling linear:4   # past the trained window
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Optional
 
 from ..errors import LlamaMinError
 from .common import Parser, check_number, check_utf8, checkpoint_format, feedback_on, run_main, say
-from .loading import announce_loading, warn_past_trained_window
+from .loading import add_rope_scaling_flag, announce_loading, check_rope_scaling, warn_past_trained_window
 
 QUANTIZE = ("int8", "int4", "int4-64", "int4-128")
 
@@ -31,6 +32,7 @@ def build_parser(prog: Optional[str] = None) -> Parser:
                    "SmolLM2-135M-Instruct")
     p.add_argument("--tokenizer", help="tokenizer file; default: found beside the checkpoint")
     p.add_argument("-c", "--ctx", type=int, default=512, help="tokens per window (default 512, as llama.cpp)")
+    add_rope_scaling_flag(p)
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
     p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -55,6 +57,7 @@ def parse_args(argv=None, prog: Optional[str] = None):
     check_number("--threads", args.threads, low=1, integer=True)
     for flag in ("ckpt", "tokenizer", "data"):
         check_utf8("--" + flag, getattr(args, flag))
+    check_rope_scaling(args.rope_scaling)
     if not Path(args.data).is_file():
         raise LlamaMinError(f"--data {args.data}: {'a folder' if Path(args.data).is_dir() else 'no such file'}")
     if args.ckpt is not None:
@@ -101,8 +104,10 @@ def run(args) -> dict:
     path = announce_loading(args.ckpt, args.quiet)
     llama = Llama.build(path, args.tokenizer, max_seq_len=args.ctx, max_batch_size=args.batch_size,
                         device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
-                        quantize=args.quantize, packed=False if args.dequantize else None)
-    warn_past_trained_window(llama, args.ctx, "--ctx", args.quiet)
+                        quantize=args.quantize, packed=False if args.dequantize else None,
+                        rope_scaling=args.rope_scaling)
+    if args.rope_scaling is None:  # a scaling given: the user chose how to go past the window
+        warn_past_trained_window(llama, args.ctx, "--ctx", args.quiet)
     check_window(llama.model.params, args.ctx, args.batch_size, llama.device,  # the logits of whole windows
                  llama.model.norm.weight.element_size(), scored=args.ctx)
     tok = llama.tokenizer
@@ -111,6 +116,7 @@ def run(args) -> dict:
                         args.max_windows, progress=feedback_on(args.quiet))
     linear = {type(m).__name__ for m in llama.model.modules() if "Linear" in type(m).__name__}
     result.update(ckpt=str(path), data=str(args.data), text_tokens=len(tokens), layers=sorted(linear),
+                  rope_scaling=args.rope_scaling,
                   weights=weights_words(llama.model),
                   all_windows=(len(tokens) // args.ctx))
     return result

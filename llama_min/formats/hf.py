@@ -16,8 +16,8 @@ import torch
 from ..errors import LlamaMinError
 from ..files import atomic_write, read_json
 from ..model import ModelArgs
-from .common import (ConfigReader, build_args, cast, show, load_safetensors, meta_to_hf_qk, torch_weights,
-                     unpermute_inplace)
+from .common import (ConfigReader, build_args, cast, show, load_safetensors, meta_to_hf_qk, rope_scaling_desc,
+                     rope_scaling_fields, torch_weights, unpermute_inplace)
 
 HF_TO_META = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
@@ -75,24 +75,22 @@ def check_llama_architecture(r: ConfigReader) -> None:
 
 
 def _rope_settings(r: ConfigReader) -> dict:
-    """rope_theta and Llama 3.1 scaling from legacy rope_theta/rope_scaling or transformers-5 rope_parameters."""
+    """rope_theta and the scaling (linear, dynamic, yarn, llama3) from transformers 4's rope_theta + rope_scaling
+    ("type" or "rope_type") or transformers 5's rope_parameters, with transformers' defaults
+    (common.rope_scaling_fields); the window they default to is max_position_embeddings (2048 when absent, as
+    LlamaConfig). A top-level original_max_position_embeddings wins over the dict's, as in transformers."""
     params = r.raw("rope_parameters", None)
     if params is not None and not isinstance(params, dict):
         raise r.error("rope_parameters", params, "an object of RoPE settings")
     name = "rope_scaling" if r.raw("rope_scaling", None) is not None else "rope_parameters"
-    s = ConfigReader(r.raw(name, None) or {}, r.source, within=f"{name}.")
+    desc = r.raw(name, None) or {}
     theta = r.number("rope_theta", None) or ConfigReader(params or {}, r.source, within="rope_parameters.").number(
         "rope_theta", 10000.0)
-    rope_type = s.text("rope_type", None) or s.text("type", "default")
-    if rope_type not in ("default", "llama3"):
-        raise s.error("rope_type", rope_type, "\"default\" or \"llama3\" (other RoPE scalings are not Llama's)")
-    out = {"rope_theta": theta}
-    if rope_type == "llama3":
-        out.update(use_scaled_rope=True, rope_scaling_factor=s.number("factor"),
-                   rope_low_freq_factor=s.number("low_freq_factor", 1.0),
-                   rope_high_freq_factor=s.number("high_freq_factor", 4.0),
-                   rope_original_max_pos=s.int("original_max_position_embeddings", 8192))
-    return out
+    top_original = r.int("original_max_position_embeddings", None)
+    if top_original is not None and isinstance(desc, dict):
+        desc = dict(desc, original_max_position_embeddings=top_original)
+    window = r.int("max_position_embeddings", 2048)
+    return {"rope_theta": theta, **rope_scaling_fields(desc, r.source, window, within=f"{name}.")}
 
 
 def args_from_hf_config(cfg: dict, source="config.json") -> ModelArgs:
@@ -149,12 +147,11 @@ def hf_config_from_args(args: ModelArgs, dtype: str = "float32") -> dict:
     }
     if args.sliding_window is not None:  # transformers' Mistral masks keys older than the window; Llama has none
         cfg.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=args.sliding_window)
-    if args.use_scaled_rope:
-        cfg["rope_scaling"] = {
-            "rope_type": "llama3", "factor": args.rope_scaling_factor,
-            "low_freq_factor": args.rope_low_freq_factor, "high_freq_factor": args.rope_high_freq_factor,
-            "original_max_position_embeddings": args.rope_original_max_pos,
-        }
+    scaling = rope_scaling_desc(args)
+    if scaling is not None:  # transformers 4 and 5 both read rope_scaling (with rope_theta on top)
+        cfg["rope_scaling"] = scaling
+        if args.rope_scaling_type == "dynamic":  # transformers' M is max_position_embeddings
+            cfg["max_position_embeddings"] = args.rope_original_max_pos
     if args.rope_freq_divisors is not None:
         raise LlamaMinError("per-pair rope_freqs divisors (from GGUF) have no Hugging Face config equivalent")
     return cfg

@@ -24,7 +24,7 @@ from ..checkpoint import detect_format, load_checkpoint
 from ..errors import LlamaMinError
 from ..files import read_json
 from ..files.gguf import read_gguf_tensor_infos
-from ..formats.common import cast, expected_shapes, hf_to_meta_qk, safetensors_open, torch_load
+from ..formats.common import cast, expected_shapes, hf_to_meta_qk, rope_override, safetensors_open, torch_load
 from ..formats.gguf.read import args_from_gguf, gguf_tensor, gguf_to_meta_name
 from ..formats.hf import HF_LAYER_TO_META, HF_TO_META, args_from_hf_config, hf_weight_files
 from ..formats.meta import SHARD_DIM
@@ -270,12 +270,14 @@ def load_rank_slices(path, rank: int, world: int, dtype: Optional[torch.dtype] =
 
 
 def load_rank_model(path, rank: int, world: int, device=None, dtype=None, max_seq_len: Optional[int] = None,
-                    max_batch_size: int = 1):
+                    max_batch_size: int = 1, rope_scaling=None):
     """This rank's part of the model at `path` (reference modules, local shapes; no collectives yet).
 
     Before its slices are read, the rank's share of the window (the whole RoPE table, its KV heads'
-    cache for max_batch_size x max_seq_len, a forward) is checked against free memory (memory.check_window)."""
+    cache for max_batch_size x max_seq_len, a forward) is checked against free memory (memory.check_window).
+    `rope_scaling`: Llama.build's override of the file's RoPE scaling, applied to the args first."""
     def preflight(args: ModelArgs, layout: Layout) -> None:
+        rope_override(args, rope_scaling)  # the args load_rank_slices returns: the model is built from them
         window = max_seq_len if max_seq_len is not None else args.max_seq_len
         item = torch.empty((), dtype=dtype or torch.float32).element_size()
         check_window(args, window, max_batch_size, device or "cpu", item, kv_heads=layout.kv_heads)

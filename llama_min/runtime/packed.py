@@ -46,7 +46,7 @@ from ..model import Transformer
 from .memory import check_window
 from .quantize import (PLAIN_INT4, Int4Embedding, Int8Embedding, chunk_rows, int4_from_rows, int8_from_rows,
                        quantize_per_channel)
-from ..formats.common import expected_shapes
+from ..formats.common import expected_shapes, rope_override
 from ..formats.gguf.read import args_from_gguf, gguf_to_meta_name
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -310,23 +310,25 @@ def gguf_header_args(path):
 
 
 def load_gguf_packed(path, device="cpu", dtype=torch.float32, max_seq_len=None,
-                     max_batch_size: int = 1) -> Transformer:
+                     max_batch_size: int = 1, rope_scaling=None) -> Transformer:
     """A Transformer for a GGUF file with its quantized matrices packed (see the module docstring).
 
     Norms (and any float tensor) are loaded in `dtype`. Built on the meta device, then every module
     is created directly on `device` from the file's bytes. Before any weight is read, the window's peak
     (max_seq_len x max_batch_size: RoPE table, KV cache, a forward) is checked against free memory
-    (memory.check_window).
+    (memory.check_window). `rope_scaling`: Llama.build's override of the file's RoPE scaling.
     """
     from tqdm import tqdm
 
     path, device = Path(path), torch.device(device)
     args, infos = gguf_header_args(path)
+    rope_override(args, rope_scaling)  # before max_seq_len: dynamic's M defaults to the file's window
     if max_seq_len:
         args.max_seq_len = max_seq_len
     check_window(args, args.max_seq_len, max_batch_size, device, torch.empty((), dtype=dtype).element_size())
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         tensors = _tensors(path, buf, infos, args)
+        rope_override(args, rope_scaling)  # again: it replaces rope_freqs' divisors too
         with torch.device("meta"):
             model = Transformer(args)
         for meta_name, t in tqdm(tensors.items(), desc="packing", unit="tensor", leave=False, disable=None):

@@ -36,6 +36,11 @@ class TrainConfig:
                                                               "loss on assistant tokens only); several files are "
                                                               "concatenated"})
     out: Optional[str] = setting(None, "run directory: run.json, metrics.jsonl, checkpoints/, final/")
+    rope_scaling: Optional[str] = setting(None, "RoPE scaling of the model trained, TYPE:FACTOR[,key=value...] "
+                                                "(TYPE linear, dynamic, yarn or llama3; keys orig, beta_fast, "
+                                                "beta_slow, attention_factor, mscale, mscale_all_dim, truncate): "
+                                                "replaces the config's or checkpoint's, and final/params.json "
+                                                "keeps it (e.g. linear:4 to fine-tune for 4x the window)")
     max_steps: int = setting(1000, "optimizer steps in the run; also the length of the LR schedule")
     batch_size: int = setting(8, "windows (sequences) per micro-step, global over all processes (must divide by "
                                  "their number)")
@@ -111,6 +116,10 @@ class TrainConfig:
             raise LlamaMinError("give exactly one of --config (train from scratch) or --init (fine-tune a checkpoint)")
         if not self.out:
             raise LlamaMinError("no run directory: give --out DIR")
+        if self.rope_scaling is not None:
+            from ..formats.common import parse_rope_scaling
+
+            parse_rope_scaling(self.rope_scaling, "rope_scaling (--rope-scaling)")
         if self.lora_rank:
             from .lora import parse_targets
 

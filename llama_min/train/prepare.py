@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import build_transformer, load_checkpoint
+from ..formats.common import rope_override
 from .data import PackedData, encode_records, read_records, train_sentencepiece
 from ..errors import LlamaMinError
 from ..files import read_json
@@ -82,7 +83,10 @@ def check_memory(args: ModelArgs, cfg: TrainConfig, device: torch.device, init_s
 
 
 def model_args(cfg: TrainConfig, base: Optional[Path] = None) -> tuple:
-    """(ModelArgs, the state dict of `base` or --init, or None from scratch); --seq-len must fit the model."""
+    """(ModelArgs, the state dict of `base` or --init, or None from scratch); --seq-len must fit the model.
+
+    --rope-scaling replaces the config's or checkpoint's scaling (common.rope_override: dynamic's M and yarn's
+    L0 default to its trained window, else its max_seq_len); final/params.json then carries it."""
     if base is not None:
         (args, init_sd), source = load_checkpoint(base), str(base)
     elif cfg.config:
@@ -90,6 +94,7 @@ def model_args(cfg: TrainConfig, base: Optional[Path] = None) -> tuple:
         args, init_sd, source = ModelArgs.from_dict(read_json(path, "model config")), None, str(path)
     else:
         (args, init_sd), source = load_checkpoint(cfg.init), cfg.init
+    rope_override(args, cfg.rope_scaling, "--rope-scaling")
     if cfg.seq_len > args.max_seq_len:
         raise LlamaMinError(f"--seq-len {cfg.seq_len} is larger than the model's max_seq_len {args.max_seq_len} "
                             f"({source})")

@@ -15,7 +15,7 @@ import torch
 
 from ...errors import LlamaMinError
 from ...model import ModelArgs
-from ..common import ConfigReader, build_args, cast, one_line
+from ..common import ConfigReader, build_args, cast, is_positive_number, one_line, rope_scaling_fields
 
 GGUF_TO_META = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
 
@@ -37,7 +37,7 @@ def args_from_gguf(meta: dict, source="GGUF file") -> ModelArgs:
     """ModelArgs from GGUF metadata (`llama.*` keys), every value type- and range-checked.
 
     Refused: another `general.architecture`, mixture-of-experts (`llama.expert_count` > 0), RoPE scalings
-    other than none (Llama 3.1's comes as the `rope_freqs` tensor instead).
+    other than none, linear and yarn (gguf_rope_scaling; Llama 3.1's comes as the `rope_freqs` tensor).
     """
     top = ConfigReader(meta, source)
     arch = top.text("general.architecture", "llama")
@@ -46,9 +46,7 @@ def args_from_gguf(meta: dict, source="GGUF file") -> ModelArgs:
     r = ConfigReader(meta, source, "llama.")
     if r.int("expert_count", 0, minimum=0) > 0:
         raise r.error("expert_count", meta["llama.expert_count"], "0 (mixture-of-experts is not Llama)")
-    scaling = r.text("rope.scaling.type", "none")
-    if scaling != "none":
-        raise r.error("rope.scaling.type", scaling, "\"none\" (other RoPE scalings are not Llama's)")
+    scaling = gguf_rope_scaling(r, r.int("context_length", None))
     n_heads, dim = r.int("attention.head_count"), r.int("embedding_length")
     tokens = meta.get("tokenizer.ggml.tokens")
     n_tokens = len(tokens) if isinstance(tokens, list) and tokens else -1
@@ -61,6 +59,7 @@ def args_from_gguf(meta: dict, source="GGUF file") -> ModelArgs:
         norm_eps=float(f"{eps:.7g}"),  # stored as float32: 1e-5 reads back as 9.99999974738e-06
         rope_theta=r.number("rope.freq_base", 10000.0),
         max_seq_len=min(r.int("context_length", 2048), 8192), trained_window=r.int("context_length", None),
+        **scaling,
     )
     for key in ("rope.dimension_count", "attention.value_length"):  # partial RoPE, v heads unlike k heads
         value = r.int(key, None)
@@ -72,6 +71,46 @@ def args_from_gguf(meta: dict, source="GGUF file") -> ModelArgs:
         if value is not None and n_ids > 0 and value >= n_ids:
             raise top.error(key, value, f"a token id below the vocabulary size {n_ids}")
     return args
+
+
+GGUF_ROPE_TYPES = ("none", "linear", "yarn")  # what llama.cpp's converter writes for a Llama model
+
+
+def gguf_rope_scaling(r: ConfigReader, context_length: Optional[int]) -> dict:
+    """ModelArgs fields for `llama.rope.scaling.*` (llama.cpp's keys), through common.rope_scaling_fields.
+
+    As llama.cpp reads them: a missing type with a factor (or the old `rope.scale_linear`) is linear, a
+    factor of 0 is 1; yarn's L0 (`original_context_length`) defaults to the context length. yarn's magnitude:
+    `yarn_attn_factor` (where llama.cpp's converter puts transformers' attention_factor) else the default
+    from the factor (with `yarn_log_multiplier` as mscale_all_dim, mscale 1), times `attn_factor` (llama.cpp's
+    multiplier). `yarn_beta_fast` / `yarn_beta_slow` as written (llama.cpp's own Llama graph uses 32 and 1
+    whatever they say). `finetuned` says nothing the math needs. llama.cpp has no dynamic scaling.
+    """
+    from ...model import yarn_attention_factor
+
+    scaled = ConfigReader(r.data, r.source, r.prefix + "rope.scaling.")
+    nonneg = (lambda v: is_positive_number(v) or v == 0, "a number >= 0", float)
+    factor = scaled.checked("factor", None, *nonneg) or r.checked("rope.scale_linear", None, *nonneg) or None
+    kind = scaled.text("type", "linear" if factor and factor != 1 else "none")
+    scaled.flag("finetuned", False)
+    if kind not in GGUF_ROPE_TYPES:
+        names = ", ".join(f'"{t}"' for t in GGUF_ROPE_TYPES)
+        raise scaled.error("type", kind, f"one of {names} (llama.cpp's RoPE scalings for a Llama model; others "
+                                         "are not supported)")
+    if kind == "none":
+        return {}
+    desc = {"rope_type": kind, "factor": factor or 1.0}
+    if kind == "yarn":
+        log_mul = scaled.checked("yarn_log_multiplier", None, *nonneg) or None
+        desc.update(original_max_position_embeddings=scaled.int("original_context_length", None),
+                    beta_fast=scaled.checked("yarn_beta_fast", None, *nonneg),
+                    beta_slow=scaled.checked("yarn_beta_slow", None, *nonneg))
+        magnitude = scaled.number("yarn_attn_factor", None) or yarn_attention_factor(
+            desc["factor"], None, 1.0 if log_mul else None, log_mul)
+        multiplier = scaled.number("attn_factor", 1.0)
+        if scaled.raw("yarn_attn_factor", None) is not None or multiplier != 1.0 or log_mul:
+            desc["attention_factor"] = magnitude * multiplier
+    return rope_scaling_fields(desc, r.source, context_length, within=scaled.prefix)
 
 
 def gguf_to_meta_name(name: str) -> Optional[str]:

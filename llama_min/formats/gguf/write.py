@@ -8,7 +8,8 @@ Layout (what llama.cpp, Ollama, LM Studio and transformers' GGUF loader read):
   (left out when tied). q/k rows stay in Meta's interleaved order: GGUF uses the same RoPE pairing.
 - norms (1-D) stay float32; matrices take `qtype`. Q8_0 = blocks of 32 along each row, an fp16 scale d
   and 32 int8: w = d * q (a matrix whose rows are not a multiple of 32 falls back to f16).
-- Llama 3.1 scaled RoPE becomes a `rope_freqs` tensor of per-pair divisors: theta_i' = theta_i / rope_freqs[i].
+- Llama 3.1 scaled RoPE becomes a `rope_freqs` tensor of per-pair divisors: theta_i' = theta_i / rope_freqs[i];
+  linear and yarn become `llama.rope.scaling.*` keys (dynamic has no GGUF form: refused).
 - the tokenizer as `tokenizer.ggml.*`: a sentencepiece model as model 'llama' (pieces, scores, piece types,
   pre 'default'); a byte-level BPE (tokenizer.json, or Llama 3's tiktoken ranks) as model 'gpt2' (byte-level
   token strings, merges "a b", token types 1 normal / 3 control / 4 user-defined) with `tokenizer.ggml.pre`
@@ -160,12 +161,46 @@ def _tensor_plan(args: ModelArgs, sd: dict, qtype: str) -> list:
 
 
 def _rope_divisors(args: ModelArgs) -> Optional[torch.Tensor]:
-    """Llama 3.1 scaling as llama.cpp stores it: base theta_i / scaled theta_i per RoPE pair (None if unscaled)."""
+    """Llama 3.1 scaling as llama.cpp stores it: base theta_i / scaled theta_i per RoPE pair (None if unscaled).
+
+    Only llama3's (and divisors read from a GGUF): linear and yarn are metadata keys (_rope_scaling_metadata)."""
     if not args.use_scaled_rope and args.rope_freq_divisors is None:
         return None
-    plain = ModelArgs(dim=args.dim, n_layers=1, n_heads=args.n_heads, head_dim=args.head_dim,
-                      rope_theta=args.rope_theta)
-    return rope_frequencies(plain) / rope_frequencies(args)
+    shape = dict(dim=args.dim, n_layers=1, n_heads=args.n_heads, head_dim=args.head_dim, rope_theta=args.rope_theta)
+    llama3 = ModelArgs(**shape, use_scaled_rope=args.use_scaled_rope, rope_scaling_factor=args.rope_scaling_factor,
+                       rope_low_freq_factor=args.rope_low_freq_factor, rope_high_freq_factor=args.rope_high_freq_factor,
+                       rope_original_max_pos=args.rope_original_max_pos, rope_freq_divisors=args.rope_freq_divisors)
+    return rope_frequencies(ModelArgs(**shape)) / rope_frequencies(llama3)
+
+
+def _rope_scaling_metadata(args: ModelArgs) -> dict:
+    """`llama.rope.scaling.*` for linear and yarn, as llama.cpp's converter writes them (llama3: rope_freqs).
+
+    yarn's magnitude a goes in `attn_factor`, the multiplier llama.cpp's Llama graph applies on top of its
+    default 0.1 ln(factor) + 1 (it reads neither `yarn_attn_factor` nor `yarn_log_multiplier` for Llama); the
+    betas are written when not 32 and 1 (as the converter does; gguf_rope_scaling reads them back). Refused in
+    one line: dynamic (llama.cpp has no such scaling) and yarn without truncation (llama.cpp always rounds).
+    """
+    from ...model import rope_magnitude, yarn_attention_factor
+
+    kind, prefix = args.rope_scaling_type, "llama.rope.scaling."
+    if kind is None or kind == "llama3":
+        return {}
+    if kind == "dynamic" or kind == "yarn" and not args.rope_truncate:
+        what = "dynamic RoPE scaling" if kind == "dynamic" else "yarn RoPE scaling with truncate false"
+        raise LlamaMinError(f"{what} has no GGUF form (llama.cpp has none); convert to own or hf, or run the "
+                            "GGUF with --rope-scaling")
+    meta = {prefix + "type": kind, prefix + "factor": float(args.rope_scaling_factor)}
+    if kind == "yarn":
+        meta[prefix + "original_context_length"] = args.rope_original_max_pos
+        for key, value, default in (("yarn_beta_fast", args.rope_beta_fast, 32.0),
+                                    ("yarn_beta_slow", args.rope_beta_slow, 1.0)):
+            if value != default:
+                meta[prefix + key] = float(value)
+        a, default_a = rope_magnitude(args), yarn_attention_factor(args.rope_scaling_factor)
+        if a != default_a:
+            meta[prefix + "attn_factor"] = a / default_a
+    return meta
 
 
 def _stored_shape_and_size(shape, ggml_type) -> tuple:
@@ -206,6 +241,7 @@ def _model_metadata(args: ModelArgs, name: str, qtype: str) -> dict:
     })
     if args.hd != args.dim // args.n_heads:
         meta["llama.attention.key_length"] = meta["llama.attention.value_length"] = args.hd
+    meta.update(_rope_scaling_metadata(args))
     return meta
 
 
