@@ -119,6 +119,7 @@ class Engine:
         self._abort_all()
         self.runner.release()
 
+    @torch.inference_mode()
     def step(self) -> bool:
         """One round of the loop (module docstring); True while requests remain (waiting or running)."""
         sched = self.scheduler
@@ -172,8 +173,9 @@ class Engine:
     def _decode(self) -> None:
         running = list(self.scheduler.running)  # row b is in slot b
         logits = self.runner.decode([s.pending for s in running], [len(s.tokens) - 1 for s in running])
-        for seq, row in zip(running, logits):
+        for seq in running:  # every row's K/V are written before any row may end (and another move)
             seq.n_kv = len(seq.tokens)
+        for seq, row in zip(running, logits):
             self._advance(seq, row)
 
     def _advance(self, seq: Sequence, logits: torch.Tensor) -> None:

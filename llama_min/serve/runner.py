@@ -227,12 +227,15 @@ class Runner:
         starts = torch.tensor(positions, dtype=torch.long, device=self.device)
         return batched_step(self.model, self.cache, ids, starts)[:, -1]
 
+    @torch.inference_mode()
     def read_kv(self, slot: int, start: int, end: int) -> torch.Tensor:
         return self.cache.read(slot, start, end)
 
+    @torch.inference_mode()
     def write_kv(self, slot: int, start: int, kv: torch.Tensor) -> None:
         self.cache.ensure(start + kv.shape[2])
         self.cache.write(slot, start, kv)
 
+    @torch.inference_mode()
     def move(self, src: int, dst: int, length: int) -> None:
         self.cache.move(src, dst, length)
