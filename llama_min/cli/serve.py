@@ -88,13 +88,16 @@ def serve(args) -> int:
     name = model_id(args, checkpoint_path(args))
     api = Api(engine, llama.tokenizer, name, llama.max_seq_len, args.api_key)
     host, port = sock.getsockname()[:2]
-    engine.start()
-    try:
+
+    def ready():
         if not args.quiet:
             say(f"serving {name} on http://{host if ':' not in host else f'[{host}]'}:{port}/v1 (window "
                 f"{llama.max_seq_len} tokens, batch {args.max_batch}, loaded in {load_s:.1f} s"
                 f"{', API key required' if args.api_key else ''}); Ctrl-C stops")
-        run_server(create_app(api), sock)
+
+    engine.start()
+    try:
+        run_server(create_app(api), sock, on_ready=ready)
     finally:
         engine.stop(timeout=5)
     if not args.quiet:

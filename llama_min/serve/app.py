@@ -307,15 +307,21 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_server(app: Starlette, sock: socket.socket, log_level: str = "warning") -> None:
-    """Serve `app` on `sock` with uvicorn until SIGTERM/SIGINT. On the first signal the open requests are
-    cancelled (their streams end cleanly) and uvicorn stops accepting and closes; a second SIGINT forces it.
-    Returns normally either way (the signal is not re-raised: the command exits 0)."""
+def run_server(app: Starlette, sock: socket.socket, on_ready=None, log_level: str = "warning") -> None:
+    """Serve `app` on `sock` with uvicorn until SIGTERM/SIGINT; `on_ready()` is called once it listens.
+    On the first signal the open requests are cancelled (their streams end cleanly) and uvicorn stops
+    accepting and closes; a second SIGINT forces it. Returns normally either way (the signal is not
+    re-raised: the command exits 0)."""
     import uvicorn
 
     api: Api = app.state.api
 
     class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started and on_ready is not None:
+                on_ready()
+
         def handle_exit(self, sig, frame) -> None:
             self.force_exit = self.should_exit and sig == signal.SIGINT
             self.should_exit = True
