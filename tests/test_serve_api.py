@@ -289,6 +289,18 @@ def test_client_hanging_up_frees_its_row(server):
 
 
 @pytest.mark.assets
+def test_client_hanging_up_on_a_plain_request_frees_its_row(server):
+    """Not streamed: the server notices the closed connection while the answer is being written."""
+    body = json.dumps({"prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 480, "temperature": 0}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        assert wait_until(lambda: server.health()["running"] == 1)
+    assert wait_until(lambda: server.health()["running"] == 0 and server.health()["open_requests"] == 0, 3), \
+        server.health()
+
+
+@pytest.mark.assets
 def test_full_queue_is_a_429_with_retry_after(server):
     client, streams = server.client(), []
     try:
