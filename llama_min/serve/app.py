@@ -35,7 +35,7 @@ from starlette.routing import Route
 
 from ..decoding.stops import StopStrings
 from ..errors import LlamaMinError
-from .engine import QueueFull
+from .engine import DoneEvent, QueueFull
 from .requests import ApiError, Job, parse_chat, parse_completion
 
 RETRY_AFTER_S = 1  # what a 429 (queue full) tells the client to wait
@@ -113,7 +113,7 @@ class Answer:
         try:
             while not done:
                 event = await self.queue.get()
-                done = not hasattr(event, "token_id")
+                done = isinstance(event, DoneEvent)
                 yield event
         finally:
             if not done:
@@ -224,7 +224,7 @@ async def pieces(api: Api, job: Job, answer: Answer, outcome: Outcome) -> AsyncI
     texts = StopStrings(tok, job.stops, 1, on_text=lambda row, text: shown.append(text))
     stopped, pending = False, []
     async for event in answer.events():
-        if not hasattr(event, "token_id"):  # the DoneEvent
+        if isinstance(event, DoneEvent):
             if not stopped:
                 texts.finish(0)
             outcome.finish_reason = "stop" if stopped else event.finish_reason
