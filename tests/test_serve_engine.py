@@ -337,30 +337,31 @@ def default_llama(smollm2_path):
 
 @pytest.mark.assets
 def test_default_model_batched_logits_and_greedy_answers(default_llama):
-    """The packed model: the batched step's logits against the model's own single-row step, and greedy
-    answers alone vs in a batch of 8 (equal, or at most one of eight apart where a near-tie flips: measured
-    in the report)."""
+    """The packed 4-bit model: greedy answers alone vs in a batch of 8 (equal, or at most one of eight apart
+    where a near-tie flips), and the batched step's logits against the model's own one-token step (the C
+    step). The packed model's own two paths (few rows: activations rounded to int16; prompts: a float GEMM)
+    differ by 2e-3..9e-3 on these logits; the batched step stays within that spread (bound 2e-2; a row at a
+    wrong position is off by whole units)."""
     llama = default_llama
     tok = llama.tokenizer
     questions = ["What is the capital of France?", "Name three colors.", "Count from 1 to 5.",
                  "What is 2 + 2?", "Say hello in Spanish.", "What is water made of?",
                  "Who wrote Hamlet?", "Give me a synonym for happy."]
     ps = [tok.encode_dialog([{"role": "user", "content": q}]) for q in questions]
-    alone = [solo(llama, p, 24) for p in ps]
+    alone = [solo(llama, p, 16) for p in ps]
     engine = Engine(llama, max_batch=8, cache_bytes=0)
-    batched, dones = greedy(engine, ps, 24)
+    batched, dones = greedy(engine, ps, 16)
     same = sum(a == b for a, b in zip(alone, batched))
     assert same >= 7, (same, alone, batched)
-    assert all(d.prompt_tokens == len(p) for d, p in zip(dones, ps))
-    # logits: a batch of 8 rows at different positions against each row alone through the model's own step
+    assert all(d.prompt_tokens == len(p) and d.completion_tokens == len(a) for d, p, a in zip(dones, ps, batched))
     runner = Runner(llama, max_batch=8)
-    seqs = [p + a[:4] for p, a in zip(ps, alone)]
+    seqs = [p + [100 + i] * (i + 1) for i, p in enumerate(ps)]  # ragged lengths
     for b, s in enumerate(seqs):
         runner.prefill(b, s[:-1], 0)
-    batch = runner.decode([s[-1] for s in seqs], [len(s) - 1 for s in seqs])
+    batch = runner.decode([s[-1] for s in seqs], [len(s) - 1 for s in seqs])  # (8, V), 8 positions
     for b, s in enumerate(seqs):
-        single = runner.prefill(7, s, 0)  # the model's own step over the whole row (slot 7 reused)
-        assert (batch[b] - single).abs().max().item() < 1e-3
+        single = runner.prefill(b, [s[-1]], len(s) - 1)  # the model's own step for this row alone
+        assert (batch[b] - single).abs().max().item() < 2e-2
     runner.release()
 
 
