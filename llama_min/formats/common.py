@@ -195,16 +195,17 @@ def _yarn_fields(r: ConfigReader, factor: Optional[float], original: int, window
     """yarn's fields: without a factor, transformers' max_position_embeddings / L0; 0 or null betas: 32 and 1."""
     if factor is None:
         factor = window / original if window else r.number("factor")
-    nonneg = dict(ok=lambda v: is_positive_number(v) or v == 0, expected="a number >= 0")
-    mscale = r.checked("mscale", None, nonneg["ok"], nonneg["expected"], float) or None
-    mscale_all_dim = r.checked("mscale_all_dim", None, nonneg["ok"], nonneg["expected"], float) or None
     return dict(
         rope_scaling_factor=float(factor), rope_original_max_pos=original,
-        rope_beta_fast=r.checked("beta_fast", None, nonneg["ok"], nonneg["expected"], float) or 32.0,
-        rope_beta_slow=r.checked("beta_slow", None, nonneg["ok"], nonneg["expected"], float) or 1.0,
+        rope_beta_fast=_zero_is_none(r, "beta_fast") or 32.0, rope_beta_slow=_zero_is_none(r, "beta_slow") or 1.0,
         rope_truncate=r.flag("truncate", True), rope_attention_factor=r.number("attention_factor", None),
-        rope_mscale=mscale, rope_mscale_all_dim=mscale_all_dim,
+        rope_mscale=_zero_is_none(r, "mscale"), rope_mscale_all_dim=_zero_is_none(r, "mscale_all_dim"),
     )
+
+
+def _zero_is_none(r: ConfigReader, key: str) -> Optional[float]:
+    """A number >= 0 where 0 means unset (transformers tests these keys for truth); None when absent or 0."""
+    return r.checked(key, None, lambda v: is_positive_number(v) or v == 0, "a number >= 0", float) or None
 
 
 def parse_rope_scaling(text: str, flag: str = "--rope-scaling") -> dict:
