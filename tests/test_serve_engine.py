@@ -210,6 +210,7 @@ def test_a_shared_prefix_is_reused_and_answers_stay_the_same(variant):
     (a,), (done_a,) = greedy(engine, [first], 10, stop_ids=set())
     (b,), (done_b,) = greedy(engine, [second], 10, stop_ids=set())
     assert done_a.cached_tokens == 0 and done_b.cached_tokens == 32  # two whole blocks of the 45 shared
+    assert engine.stats()["prefix_cache_hit_tokens"] == 32 and engine.stats()["running"] == 0
     assert a == solo(llama, first, 10, stop_ids=set()) and b == solo(llama, second, 10, stop_ids=set())
     # the next turn of a chat resends the answer too: the answer's blocks were kept when it finished
     turn2 = first + a + [30, 31]

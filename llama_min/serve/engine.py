@@ -90,13 +90,18 @@ class Engine:
     def waiting(self) -> int:
         return len(self.scheduler.waiting)
 
+    def stats(self) -> dict:
+        """Counts for a health or metrics endpoint."""
+        pc = self.prefix_cache
+        return {"running": self.running, "waiting": self.waiting, "max_batch": self.scheduler.max_batch,
+                "prefix_cache_blocks": len(pc), "prefix_cache_bytes": pc.bytes, "prefix_cache_budget": pc.budget,
+                "prefix_cache_hit_tokens": pc.hit_tokens}
+
     def submit(self, request: Request, on_event: Optional[Callable] = None) -> Handle:
         """Queue a request; its events arrive through the returned Handle. Raises QueueFull when max_queue
         requests wait, LlamaMinError for a request that cannot run (empty or too long prompt, bad ids or
         settings). on_event: called from the engine's thread with each event (optional)."""
         stop_ids = self._check(request)
-        if self._stopping.is_set():
-            raise LlamaMinError("the engine is stopped")
         handle = Handle(on_event)
         self.scheduler.add(Sequence(request, handle, stop_ids, self.llama.device))
         return handle
@@ -111,6 +116,7 @@ class Engine:
     def stop(self, timeout: Optional[float] = None) -> None:
         """End the loop; every open request (waiting or running) ends with finish_reason "abort"."""
         self._stopping.set()
+        self.scheduler.closed = True  # (under no lock: a submit racing with it is aborted below or by the loop)
         self.scheduler.notify()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -149,7 +155,7 @@ class Engine:
             self.runner.release()
 
     def _abort_all(self) -> None:
-        for seq in self.scheduler.take_all_waiting() + list(self.scheduler.running):
+        for seq in self.scheduler.close() + list(self.scheduler.running):
             self._finish(seq, "abort")
 
     def _admit(self, seq: Sequence) -> None:

@@ -12,6 +12,7 @@ import threading
 from collections import deque
 from typing import List, Optional
 
+from ..errors import LlamaMinError
 from .sequence import Sequence
 
 
@@ -29,10 +30,13 @@ class Scheduler:
         self.waiting: deque = deque()
         self.running: List[Sequence] = []
         self.wake = threading.Condition()
+        self.closed = False  # set by close(): add() refuses from then on
 
     def add(self, seq: Sequence) -> None:
-        """Queue a request (any thread); QueueFull when max_queue wait already."""
+        """Queue a request (any thread); QueueFull when max_queue wait already, LlamaMinError once closed."""
         with self.wake:
+            if self.closed:
+                raise LlamaMinError("the engine is stopped: it takes no more requests")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue {self.max_queue})")
             self.waiting.append(seq)
@@ -52,6 +56,12 @@ class Scheduler:
             if len(self.running) >= self.max_batch or not self.waiting:
                 return None
             return self.waiting.popleft()
+
+    def close(self) -> List[Sequence]:
+        """Refuse new requests from now on; remove and return the waiting ones."""
+        with self.wake:
+            self.closed = True
+        return self.take_all_waiting()
 
     def take_all_waiting(self) -> List[Sequence]:
         with self.wake:

@@ -8,6 +8,7 @@ them from another event loop (e.g. asyncio via run_in_executor); read either, no
 
 from __future__ import annotations
 
+import logging
 import queue
 import secrets
 import threading
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
 import torch
+
+log = logging.getLogger(__name__)
 
 FINISH_REASONS = ("stop", "length", "abort")
 
@@ -89,7 +92,10 @@ class Handle:
         if isinstance(event, DoneEvent):
             self.done = event
         if self._on_event is not None:
-            self._on_event(event)
+            try:
+                self._on_event(event)
+            except Exception:  # a client's callback must not stop the engine for everyone
+                log.exception("on_event callback failed")
         self._queue.put(event)
 
     def __iter__(self):
