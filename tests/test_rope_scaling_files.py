@@ -373,8 +373,9 @@ def test_eval_rope_scaling_lowers_perplexity_past_the_trained_window(capsys, sho
     fine-tuning is not reliably better on this tiny model: 6.10 vs 6.03, 5.20 vs 6.18, 4.41 vs 5.12 over seeds.)"""
     final, text = short_window_run
     inside = eval_ppl(capsys, final, text, 16)
+    assert json.loads((final / "params.json").read_text())["trained_window"] == 16  # --seq-len, from scratch
     plain4, dynamic4 = eval_ppl(capsys, final, text, 64), eval_ppl(capsys, final, text, 64, "--rope-scaling",
-                                                                    "dynamic:4,orig=16")
+                                                                    "dynamic:4")  # M = the trained window
     plain8, linear8 = eval_ppl(capsys, final, text, 128), eval_ppl(capsys, final, text, 128, "--rope-scaling",
                                                                     "linear:8")
     print(f"[rope files] perplexity: window 16 {inside:.3f}; 4x: none {plain4:.3f}, dynamic:4 {dynamic4:.3f}; "
@@ -394,6 +395,7 @@ def test_train_with_rope_scaling_writes_it_for_generate(capsys, tmp_path, short_
     assert code == 0, err
     params = json.loads((tmp_path / "ft" / "final" / "params.json").read_text())
     assert (params["rope_scaling_type"], params["rope_scaling_factor"]) == ("linear", 4.0)
+    assert params["trained_window"] == 64  # the fine-tune saw 64 positions (its --init: 16)
     assert json.loads((tmp_path / "ft" / "run.json").read_text())["rope_scaling"] == "linear:4"
     llama = Llama.build(str(tmp_path / "ft" / "final"), max_seq_len=64, max_batch_size=1, device="cpu")
     assert (llama.model.params.rope_scaling_type, llama.model.params.rope_scaling_factor) == ("linear", 4.0)

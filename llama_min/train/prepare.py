@@ -86,7 +86,8 @@ def model_args(cfg: TrainConfig, base: Optional[Path] = None) -> tuple:
     """(ModelArgs, the state dict of `base` or --init, or None from scratch); --seq-len must fit the model.
 
     --rope-scaling replaces the config's or checkpoint's scaling (common.rope_override: dynamic's M and yarn's
-    L0 default to its trained window, else its max_seq_len); final/params.json then carries it."""
+    L0 default to its trained window, else its max_seq_len); final/params.json then carries it, and the
+    trained window: --seq-len for a model trained from scratch, the larger of the two after a fine-tune."""
     if base is not None:
         (args, init_sd), source = load_checkpoint(base), str(base)
     elif cfg.config:
@@ -94,7 +95,10 @@ def model_args(cfg: TrainConfig, base: Optional[Path] = None) -> tuple:
         args, init_sd, source = ModelArgs.from_dict(read_json(path, "model config")), None, str(path)
     else:
         (args, init_sd), source = load_checkpoint(cfg.init), cfg.init
+    if base is None and cfg.config:  # from scratch: the only positions the model will know are --seq-len's
+        args.trained_window = cfg.seq_len
     rope_override(args, cfg.rope_scaling, "--rope-scaling")
+    args.trained_window = max(args.trained_window or 0, cfg.seq_len)  # what final/params.json says it saw
     if cfg.seq_len > args.max_seq_len:
         raise LlamaMinError(f"--seq-len {cfg.seq_len} is larger than the model's max_seq_len {args.max_seq_len} "
                             f"({source})")
