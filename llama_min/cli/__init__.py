@@ -6,6 +6,8 @@
   llama-min convert    rewrite a checkpoint in llama_min's format or as a Hugging Face folder
   llama-min eval       perplexity of a checkpoint on a text file
   llama-min bench      decode / prefill speed vs transformers and vs the memory-bandwidth ceiling
+  llama-min inspect    attention, RoPE pair use and the logit lens of a real model, as pictures
+  llama-min serve      an OpenAI-compatible HTTP server (continuous batching, prompt reuse)
 
 Each subcommand is a module here with `main(argv=None) -> int`; scripts/*.py call the same functions.
 Exit codes are the same everywhere (llama_min/cli/common.py): 0 done, 2 a user error (one `error:` line),
