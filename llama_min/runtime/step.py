@@ -26,6 +26,10 @@ attending to the cached positions and the new ones up to its own (the causal mas
     h = h + Attention(RMSNorm(h))        RoPE, cache write and attention as in decode_attention
     h = h + FeedForward(RMSNorm(h))      w2( silu(w1 x) * w3 x )
 
+Rows at different positions (a server's requests, each with its own length): `NativeStep.step_rows`
+feeds one token per row, row b at its own position over row b of the caches (native.decode_rows, the
+same C step; rows_step(model) gives the NativeStep where the model takes it, for serve/runner.py).
+
 The embedding before the layers and the final norm and output product after them stay PyTorch modules.
 A call takes the C path when it feeds fewer than linear.PREFILL_ROWS tokens in all (rows x new tokens;
 longer prompts are faster through PyTorch's matrix-matrix kernels) into a KV cache, with gradients off,
@@ -263,7 +267,7 @@ class NativeStep(ReferenceStep):
         """The logits (B, T, V) (T = 1 with last_only) of a step through the C code, or None where it does not
         take the call."""
         B, T = tokens.shape
-        layers = self._describe(tokens, start_pos) if B * T < PREFILL_ROWS else None
+        layers = self._describe(tokens, B, start_pos, start_pos + T) if B * T < PREFILL_ROWS else None
         if layers is None:
             return None
         m = self.model
@@ -276,15 +280,38 @@ class NativeStep(ReferenceStep):
             h = h[:, -1:]
         return m.output(m.norm(h)).float()  # (B, T, V)
 
-    def _describe(self, tokens: torch.Tensor, start_pos: int):
-        """The ctypes description of the layers when this call can take the C path, else None; rebuilt
-        only when something it was read from changed."""
+    def step_rows(self, tokens: torch.Tensor, positions: torch.Tensor) -> Optional[torch.Tensor]:
+        """One new token per row, each row at a position of its own (a server's rows, which started at
+        different times): tokens (B,), positions (B,) int64 -> float32 logits (B, V), or None where the C
+        code does not take the call (then nothing was written).
+
+        Row b's token is at positions[b]: its key and value go to row b of every layer's KV cache (the
+        model's caches, batch B or more) at that position, and it attends over row b's positions
+        0 .. positions[b], rotated by that position's RoPE angles: per row, what the model's forward
+        computes for that row alone with its cache holding the row's earlier positions."""
+        B = tokens.shape[0]
+        if tokens.dim() != 1 or tuple(positions.shape) != (B,) or B == 0 or B >= PREFILL_ROWS:
+            return None
+        first, last = int(positions.min()), int(positions.max())
+        layers = self._describe(tokens, B, first, last + 1)
+        if layers is None:
+            return None
+        m = self.model
+        positions = positions.to(torch.int64).cpu()
+        freqs_rows = row_freqs(m, positions, 1)[:, 0]  # (B, hd/2)
+        h = m.tok_embeddings(tokens[:, None])[:, 0]  # (B, D)
+        h = h.to(torch.float32, copy=True).contiguous()  # ours to update in place
+        native.decode_rows(layers, h, self._dims[:4], self._eps, freqs_rows, positions, self._dims[4])
+        return m.output(m.norm(h)).float()  # (B, V)
+
+    def _describe(self, tokens: torch.Tensor, B: int, first: int, end: int):
+        """The ctypes description of the layers when a call of B rows at positions first .. end-1 can take the
+        C path, else None; rebuilt only when something it was read from changed."""
         if tokens.device.type != "cpu" or torch.is_grad_enabled():
             return None
         if self._reads is None or not self._reads.unchanged():
             self._build()
-        B, T = tokens.shape
-        if self._layers is None or B > self._dims[5] or start_pos < 0 or start_pos + T > self._dims[4]:
+        if self._layers is None or B > self._dims[5] or first < 0 or end > self._dims[4]:
             return None
         return self._layers
 
@@ -301,6 +328,24 @@ class NativeStep(ReferenceStep):
                 or first[1][0][1] != m.params.dim):
             return
         self._layers, self._dims, self._eps = _struct(entries), first[0], eps.pop()
+
+
+def row_freqs(model: nn.Module, starts: torch.Tensor, T: int) -> torch.Tensor:
+    """freqs_cis rows (B, T, hd/2) for row b's positions starts[b] .. starts[b]+T-1, each as model.rope_rows
+    gives them for that row alone (`dynamic` scaling past the trained window: the row's own table)."""
+    p = model.params
+    ends = starts + T
+    if p.rope_scaling_type == "dynamic" and int(ends.max()) > p.rope_original_max_pos:
+        return torch.stack([model.rope_rows(int(s), T, starts.device) for s in starts.tolist()])
+    table = model.rope_rows(0, int(ends.max()), starts.device)  # (max end, hd/2) rows of the model's table
+    return table[starts[:, None] + torch.arange(T, device=starts.device)]  # (B, T, hd/2)
+
+
+def rows_step(model: nn.Module) -> Optional[NativeStep]:
+    """A NativeStep for `model` where choose_step would pick the C step (its `step_rows` then decodes rows
+    at positions of their own), else None."""
+    step = choose_step(model)
+    return step if isinstance(step, NativeStep) else None
 
 
 def choose_step(model: nn.Module) -> ReferenceStep:

@@ -17,12 +17,15 @@ with the batch: the packed 4-bit / int8 / float layers read each weight once for
                   so the running rows are always slots 0 .. n-1 and the batch reads a plain view)
   batched_step    the per-row step above, through the model's layers
   Runner          prefill (one request: the model's own step into its slot, so llama_min's C step where it
-                  takes the call), decode (all running rows: one row -> the model's own step, i.e. the C
-                  decode step; several rows -> batched_step), and the K/V copies for the prefix cache
+                  takes the call), decode (all running rows: one row -> the model's own step; several rows
+                  -> the C step with a position per row where the model takes it, else batched_step), and
+                  the K/V copies for the prefix cache
 
-Why not the C decode step for several rows: native.decode_layers takes one position for the whole batch
-(step.py), so rows at different positions cannot share a call; running the C step row by row reads every
-weight once per row, which batched_step does once per step (see the engine's report for measurements).
+Several rows in one C call: where llama_min's C decode step takes the model (runtime/step.py: float32,
+int8 or packed 4-bit layers on an AVX2 CPU), decode runs NativeStep.step_rows, every layer of the step in
+one call with row b at its own position over slot b (the model's layer caches pointed at all the slots);
+it reads each weight once for all rows, as batched_step does, without batched_step's few hundred PyTorch
+calls. batched_step is the path for every other model (bf16, a GPU, no C compiler).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 from ..model import KVCache, repeat_kv
 from ..runtime.attention import SDPA_GQA
 from ..runtime.memory import check_memory
+from ..runtime.step import row_freqs, rows_step
 
 
 class SlotCache:
@@ -72,6 +76,18 @@ class SlotCache:
         data = self._alloc(cap)
         data[:, :, :, : self.capacity] = self.data
         self.data, self._views = data, {}
+
+    def all_views(self) -> List[KVCache]:
+        """model.py KVCache objects over every slot (slots, capacity, K, hd), views, one per layer: the C step
+        with a position per row reads and writes slot b as its row b. The same objects until the cache grows."""
+        if "all" not in self._views:
+            caches = []
+            for i in range(self.shape[0]):
+                c = KVCache.__new__(KVCache)  # no allocation: k and v are views of every slot
+                c.k, c.v = self.data[i, 0], self.data[i, 1]
+                caches.append(c)
+            self._views["all"] = caches
+        return self._views["all"]
 
     def layer(self, i: int):
         """Layer i's keys and values, (slots, capacity, K, hd) each (views)."""
@@ -110,17 +126,6 @@ class SlotCache:
 
 
 # ------------------------------------------------------------------------------ the per-row step, in parts
-
-
-def row_freqs(model, starts: torch.Tensor, T: int) -> torch.Tensor:
-    """freqs_cis rows (B, T, hd/2) for row b's positions starts[b] .. starts[b]+T-1, each as model.rope_rows
-    gives them for that row alone (`dynamic` scaling past the trained window: the row's own table)."""
-    p = model.params
-    ends = starts + T
-    if p.rope_scaling_type == "dynamic" and int(ends.max()) > p.rope_original_max_pos:
-        return torch.stack([model.rope_rows(int(s), T, starts.device) for s in starts.tolist()])
-    table = model.rope_rows(0, int(ends.max()), starts.device)  # (max end, hd/2) rows of the model's table
-    return table[starts[:, None] + torch.arange(T, device=starts.device)]  # (B, T, hd/2)
 
 
 def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -208,12 +213,15 @@ class Runner:
         self.cache = SlotCache(p.n_layers, max_batch, p.kv_heads, p.hd, self.max_len, ref.dtype, ref.device,
                                capacity)
         self.device = ref.device
-        self.per_row_native = False  # decode several rows as one C step each (measured slower: see above)
+        self.native_rows = rows_step(self.model)  # the C step with a position per row, or None: batched_step
 
     def _use_slot(self, slot: int) -> None:
         """Point the model's layer caches at one slot (the same objects while the cache does not grow, so the
         C step's description of the layers stays valid)."""
-        for layer, c in zip(self.model.layers, self.cache.views(slot)):
+        self._use_caches(self.cache.views(slot))
+
+    def _use_caches(self, caches: List[KVCache]) -> None:
+        for layer, c in zip(self.model.layers, caches):
             if layer.attention.cache is not c:
                 layer.attention.cache = c
 
@@ -233,11 +241,17 @@ class Runner:
     @torch.inference_mode()
     def decode(self, tokens: List[int], positions: List[int]) -> torch.Tensor:
         """One new token per running row (row b in slot b, at positions[b]) -> logits (B, V)."""
-        if len(tokens) == 1 or self.per_row_native:
-            return torch.stack([self.prefill(b, [t], p) for b, (t, p) in enumerate(zip(tokens, positions))])
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
+        if len(tokens) == 1:
+            return self.prefill(0, tokens, positions[0])[None]
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
         starts = torch.tensor(positions, dtype=torch.long, device=self.device)
-        return batched_step(self.model, self.cache, ids, starts)[:, -1]
+        if self.native_rows is not None:
+            self.cache.ensure(max(positions) + 1)
+            self._use_caches(self.cache.all_views())
+            logits = self.native_rows.step_rows(ids, starts)
+            if logits is not None:
+                return logits
+        return batched_step(self.model, self.cache, ids[:, None], starts)[:, -1]
 
     @torch.inference_mode()
     def read_kv(self, slot: int, start: int, end: int) -> torch.Tensor:

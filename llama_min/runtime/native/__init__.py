@@ -50,7 +50,7 @@ dequantize the matrix (`q4_dequantize`) for one float product (prefill of a Tiny
 (torch.library), so `torch.compile` keeps each in its graph as one call. `rms_norm`, `swiglu` and
 `decode_attention` are eager only (a compiled step generates its own code for them). `decode_layers` runs
 a whole decode step through every decoder layer in one call with the functions above (runtime/step.py says
-when and why). `torch.compile` leaves the steps it takes to it, because it decoded faster than the compiled
+when and why); `decode_rows` is the same step with each row at a position of its own (a server's rows). `torch.compile` leaves the steps it takes to it, because it decoded faster than the compiled
 graph: alternating in one script on the AVX2 machine, packed SmolLM2 54.7-69.0 tok/s against 35.7-40.6
 through the graph, float32 26.1-28.9 against 18.5-21.2, the same tokens.
 """
@@ -143,7 +143,7 @@ def _library():
     lib.swiglu.restype = None
     lib.decode_attention.argtypes = [p, p, p, i64, i64, i64, i64, i64, p, i64, p, p, i64, p, ctypes.c_int]
     lib.decode_attention.restype = ctypes.c_int
-    lib.decode_layers.argtypes = [p, i64, p, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float, p, i64, i64,
+    lib.decode_layers.argtypes = [p, i64, p, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float, p, i64, p, i64,
                                   ctypes.c_int]
     lib.decode_layers.restype = ctypes.c_int
     return lib
@@ -331,8 +331,36 @@ def decode_layers(layers, h: torch.Tensor, T: int, dims: tuple, eps: float, freq
     if freqs_rows.dtype != torch.complex64 or tuple(freqs_rows.shape) != (T, hd // 2):
         raise ValueError("decode_layers: the freqs_cis rows do not fit the tokens and the head size")
     cs = torch.view_as_real(freqs_rows).contiguous()  # (T, hd/2, 2): cos, sin of each pair
+    return _decode_layers(layers, h, T, dims, eps, cs, pos, None, S)
+
+
+def decode_rows(layers, h: torch.Tensor, dims: tuple, eps: float, freqs_rows: torch.Tensor, positions: torch.Tensor,
+                S: int) -> torch.Tensor:
+    """decode_layers for one new token per row, each row at its own position: h (B, D) float32, row b's token
+    at positions[b] (B,), an int64 CPU tensor, with freqs_rows[b] (B, hd/2) the complex freqs_cis row of
+    that position. Row b writes its key and value to row b of each layer's cache at positions[b] and
+    attends over that row's positions 0 .. positions[b] (a server's rows, each with its own length)."""
+    B, D = h.shape
+    H, KV, hd, F = dims
+    if h.dtype != torch.float32 or not h.is_contiguous() or h.device.type != "cpu":
+        raise ValueError(f"decode_rows: bad activations {h.dtype} {tuple(h.shape)}")
+    if positions.dtype != torch.int64 or tuple(positions.shape) != (B,) or positions.device.type != "cpu":
+        raise ValueError(f"decode_rows: positions {positions.dtype} {tuple(positions.shape)}, not {B} int64")
+    if B and (int(positions.min()) < 0 or int(positions.max()) >= S):
+        raise ValueError(f"decode_rows: positions {positions.tolist()} do not fit a cache of {S}")
+    if freqs_rows.dtype != torch.complex64 or tuple(freqs_rows.shape) != (B, hd // 2):
+        raise ValueError("decode_rows: the freqs_cis rows do not fit the rows and the head size")
+    cs = torch.view_as_real(freqs_rows).contiguous()  # (B, hd/2, 2): cos, sin of each row's pairs
+    return _decode_layers(layers, h, 1, dims, eps, cs, 0, positions.contiguous(), S)
+
+
+def _decode_layers(layers, h, T, dims, eps, cs, pos, starts, S):
+    """The C call (checked operands): every row at pos (starts None), or row b at starts[b]."""
+    M, D = h.shape
+    H, KV, hd, F = dims
+    starts_ptr = None if starts is None else starts.data_ptr()
     status = _library().decode_layers(layers, len(layers), h.data_ptr(), M // T, T, D, H, KV, hd, F, eps,
-                                      cs.data_ptr(), pos, S, torch.get_num_threads())
+                                      cs.data_ptr(), pos, starts_ptr, S, torch.get_num_threads())
     if status != 0:
         raise MemoryError("decode_layers: no memory for a step's activations")
     return h

@@ -9,7 +9,8 @@
  *   rms_norm, decode_attention   the small operations between the products of a one-token step
  *   swiglu         silu(gate) * up between the FFN's products, for any number of rows
  *
- *   decode_layers  a whole decode step (one or a few new tokens) through every decoder layer, in one call
+ *   decode_layers  a whole decode step (one or a few new tokens) through every decoder layer, in one call;
+ *                  every row at one position, or each row at its own (a server's rows)
  *
  * A decode step multiplies one activation row by every weight matrix: each weight is used once per row,
  * so the product is limited by how fast W streams from memory, not by arithmetic. The products walk W
@@ -498,37 +499,70 @@ static void rotate(const float *x, const float *cs, int64_t hd, float *out) {
     }
 }
 
-/* T new tokens in each of B rows, at positions pos .. pos+T-1. q (B*T, H*hd), k and v (B*T, K*hd), each
- * row `stride` floats after the last (they may be slices of one fused q|k|v row); caches (B_cache, S, K, hd);
- * cs (T, hd): the freqs_cis rows of those positions as (cos, sin) floats.
- *   1. k is rotated (RoPE) and written to k_cache[b, pos + t], v to v_cache[b, pos + t] (write_cache);
- *   2. query head h of token t (rotated) attends over positions 0..pos+t of KV head h / (H/K) (attend_rows):
+/* Where each row's new tokens go. In plain decoding every row is at the same position (one generation, in
+ * lockstep); a server's rows started at different times, so each row may have a position of its own:
+ *   starts == NULL: row b's T tokens are at positions pos .. pos+T-1, with the freqs_cis rows cs (T, hd)
+ *   otherwise:      row b's T tokens are at positions starts[b] .. starts[b]+T-1, with cs (B, T, hd)
+ * cs holds each freqs_cis row as (cos, sin) floats. */
+typedef struct {
+    int64_t pos;            /* every row's first position, when starts is NULL */
+    const int64_t *starts;  /* (B,): row b's own first position, or NULL */
+    const float *cs;        /* the freqs_cis rows, (T, hd) or (B, T, hd) */
+    int64_t T, hd;
+} positions;
+
+/* the position of token t of row b */
+static inline int64_t position(const positions *at, int64_t b, int64_t t) {
+    return (at->starts ? at->starts[b] : at->pos) + t;
+}
+
+/* the (cos, sin) row that rotates token t of row b */
+static inline const float *angles(const positions *at, int64_t b, int64_t t) {
+    return at->cs + ((at->starts ? b * at->T : 0) + t) * at->hd;
+}
+
+/* the number of positions the longest row attends over after this step (the scores each thread needs) */
+static int64_t longest(const positions *at, int64_t B) {
+    int64_t n = 0;
+    for (int64_t b = 0; b < B; b++)
+        if (position(at, b, at->T) > n)
+            n = position(at, b, at->T);
+    return n;
+}
+
+/* T new tokens in each of B rows, at the positions `at` gives. q (B*T, H*hd), k and v (B*T, K*hd), each
+ * row `stride` floats after the last (they may be slices of one fused q|k|v row); caches (B_cache, S, K, hd):
+ * row b of the batch is row b of each cache.
+ *   1. k is rotated (RoPE) and written to k_cache[b, p], v to v_cache[b, p], p = position(b, t) (write_cache);
+ *   2. query head h of token t (rotated) attends over positions 0..p of its row's KV head h / (H/K)
+ *      (attend_rows):
  *        out[b, t, h] = sum_s softmax_s(q . k_s / sqrt(hd)) v_s
- *      (every new key is written before any query attends: token t sees tokens before it, as a causal mask)
+ *      (every new key is written before any query attends: token t sees tokens before it, as a causal mask;
+ *      a row never reads past its own position, so what other rows left there does not matter)
  * out (B*T, H*hd). */
 static void write_cache(const float *k, const float *v, int64_t stride, int64_t B, int64_t T, int64_t K, int64_t hd,
-                        const float *cs, int64_t pos, float *k_cache, float *v_cache, int64_t S) {
+                        const positions *at, float *k_cache, float *v_cache, int64_t S) {
     for (int64_t r = 0; r < B * T; r++)
         for (int64_t g = 0; g < K; g++) {
-            const int64_t b = r / T, t = r % T, at = b * S * K * hd + (pos + t) * K * hd + g * hd;
-            rotate(k + r * stride + g * hd, cs + t * hd, hd, k_cache + at);
+            const int64_t b = r / T, t = r % T, where = b * S * K * hd + position(at, b, t) * K * hd + g * hd;
+            rotate(k + r * stride + g * hd, angles(at, b, t), hd, k_cache + where);
             for (int64_t i = 0; i < hd; i++)
-                v_cache[at + i] = v[r * stride + g * hd + i];
+                v_cache[where + i] = v[r * stride + g * hd + i];
         }
 }
 
-/* work-sharing over the B * T * H (row, head) pairs; scores: pos + T floats for each thread of the team */
+/* work-sharing over the B * T * H (row, head) pairs; scores: `per_thread` floats for each thread of the team */
 static void attend_rows(const float *q, int64_t stride, int64_t B, int64_t T, int64_t H, int64_t K, int64_t hd,
-                        const float *cs, int64_t pos, const float *k_cache, const float *v_cache, int64_t S,
-                        float *out, float *scores) {
+                        const positions *at, const float *k_cache, const float *v_cache, int64_t S,
+                        float *out, float *scores, int64_t per_thread) {
     const int64_t n_rep = H / K, row = S * K * hd;
     const float scale = 1.f / sqrtf((float)hd);
-    float *p = scores + omp_get_thread_num() * (pos + T);
+    float *p = scores + omp_get_thread_num() * per_thread;
     #pragma omp for schedule(static)
     for (int64_t rh = 0; rh < B * T * H; rh++) {
-        const int64_t r = rh / H, h = rh % H, g = h / n_rep, b = r / T, t = r % T, n = pos + t + 1;
+        const int64_t r = rh / H, h = rh % H, g = h / n_rep, b = r / T, t = r % T, n = position(at, b, t) + 1;
         float qr[hd];
-        rotate(q + r * stride + h * hd, cs + t * hd, hd, qr);
+        rotate(q + r * stride + h * hd, angles(at, b, t), hd, qr);
         const float *kb = k_cache + b * row + g * hd, *vb = v_cache + b * row + g * hd;
         float top = -INFINITY;
         for (int64_t s = 0; s < n; s++) {
@@ -554,16 +588,18 @@ static void attend_rows(const float *q, int64_t stride, int64_t B, int64_t T, in
     }
 }
 
-/* Both steps for one new token per row (T = 1). Returns 0, or 1 when memory for the scores could not be had. */
+/* Both steps for one new token per row (T = 1), every row at `pos`. Returns 0, or 1 when memory for the
+ * scores could not be had. */
 int decode_attention(const float *q, const float *k, const float *v, int64_t stride, int64_t B, int64_t H,
                      int64_t K, int64_t hd, const float *cs, int64_t pos, float *k_cache, float *v_cache,
                      int64_t S, float *out, int nthreads) {
+    const positions at = {pos, NULL, cs, 1, hd};
     float *scores = malloc(sizeof(float) * nthreads * (pos + 1));
     if (!scores)
         return 1;
-    write_cache(k, v, stride, B, 1, K, hd, cs, pos, k_cache, v_cache, S);
+    write_cache(k, v, stride, B, 1, K, hd, &at, k_cache, v_cache, S);
     #pragma omp parallel num_threads(nthreads) if (B * H * (pos + 1) * hd > (1 << 16))
-    attend_rows(q, stride, B, 1, H, K, hd, cs, pos, k_cache, v_cache, S, out, scores);
+    attend_rows(q, stride, B, 1, H, K, hd, &at, k_cache, v_cache, S, out, scores, pos + 1);
     free(scores);
     return 0;
 }
@@ -622,7 +658,11 @@ void swiglu(const float *gu, int64_t M, int64_t F, float *out, int nthreads) {
 /* ---- a whole decode step through the decoder layers, in one call ----
  *
  * A step feeds one new token per row, or a few (a speculative check, a short prompt): every token is a
- * row of each product, and each attends to the positions up to its own.
+ * row of each product, and each attends to the positions up to its own. The rows are at one position (a
+ * generation in lockstep) or each at its own (a server's requests, which started at different times: row
+ * b reads and writes only row b of each cache, up to its own position). Only RoPE and attention look at
+ * positions; the products take all rows at once either way, which is what batching buys: 8 rows times a
+ * 4-bit matrix cost ~1.75x one row.
  *
  * Even at one call per operation, a small model's step spends most of its time between the calls:
  * Python, PyTorch's dispatch and starting the threads cost microseconds each, and SmolLM2 makes about
@@ -642,14 +682,19 @@ typedef struct {
     float *k_cache, *v_cache;                /* (B_cache, S, KV, hd) each */
 } layer;
 
-/* h (B*T, D): T new tokens per row at positions pos .. pos+T-1, through all L layers in place. cs (T, hd):
- * the freqs_cis rows of those positions as (cos, sin) floats; S: the caches' length; F: the FFN's hidden
- * size. Returns 0, or 1 when memory for the activations could not be had (h is then untouched). */
+/* h (B*T, D): T new tokens per row, through all L layers in place. Row b's tokens are at positions
+ * pos .. pos+T-1 with cs (T, hd) the freqs_cis rows of those positions as (cos, sin) floats, or, when
+ * `starts` is not NULL, at its own positions starts[b] .. starts[b]+T-1 with cs (B, T, hd) (see `positions`).
+ * S: the caches' length; F: the FFN's hidden size. Returns 0, or 1 when memory for the activations could
+ * not be had (h is then untouched). */
 int decode_layers(const layer *layers, int64_t L, float *h, int64_t B, int64_t T, int64_t D, int64_t H, int64_t KV,
-                  int64_t hd, int64_t F, float eps, const float *cs, int64_t pos, int64_t S, int nthreads) {
+                  int64_t hd, int64_t F, float eps, const float *cs, int64_t pos, const int64_t *starts, int64_t S,
+                  int nthreads) {
+    const positions at = {pos, starts, cs, T, hd};
     const int64_t QKV = (H + 2 * KV) * hd, widest = D > H * hd ? (D > F ? D : F) : (H * hd > F ? H * hd : F);
     const int64_t M = B * T;  /* rows through the products */
-    const int64_t floats = M * (D + QKV + H * hd + D + 2 * F + F) + (int64_t)nthreads * (pos + T);
+    const int64_t per_thread = longest(&at, B);  /* scores of the longest row */
+    const int64_t floats = M * (D + QKV + H * hd + D + 2 * F + F) + (int64_t)nthreads * per_thread;
     float *x = malloc(sizeof(float) * floats + QUANTIZED_BYTES(M, widest));
     if (!x)
         return 1;
@@ -664,8 +709,8 @@ int decode_layers(const layer *layers, int64_t L, float *h, int64_t B, int64_t T
         rms_norm(h, M, D, ly->attention_norm, eps, x);
         products(ly->qkv, ly->n_qkv, x, M, qkv, QKV, xq);
         #pragma omp single
-        write_cache(qkv + H * hd, qkv + (H + KV) * hd, QKV, B, T, KV, hd, cs, pos, ly->k_cache, ly->v_cache, S);
-        attend_rows(qkv, QKV, B, T, H, KV, hd, cs, pos, ly->k_cache, ly->v_cache, S, att, scores);
+        write_cache(qkv + H * hd, qkv + (H + KV) * hd, QKV, B, T, KV, hd, &at, ly->k_cache, ly->v_cache, S);
+        attend_rows(qkv, QKV, B, T, H, KV, hd, &at, ly->k_cache, ly->v_cache, S, att, scores, per_thread);
         products(&ly->wo, 1, att, M, y, D, xq);
         #pragma omp single
         {
