@@ -272,17 +272,22 @@ def draw(paths, out, width: Optional[int] = None, title: Optional[str] = None, d
             ax.plot(*binned(nll, width), line, lw=lw, label=f"{tag}: {label}" if tag else label)
     ax.axvspan(W, L, color="0.9", zorder=0)
     ax.axvline(W, color="0.3", ls="--", lw=1)
-    ax.text(W, 0.97, f"  trained window {W:,}", transform=ax.get_xaxis_transform(), va="top", fontsize=9)
+    ax.text(W, 0.97, f"trained window {W:,}  ", transform=ax.get_xaxis_transform(), ha="right", va="top", fontsize=9)
     ax.set_yscale("log"), ax.set_xlim(0, L)
+    plain = matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}")
+    ax.yaxis.set_major_formatter(plain), ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel("position in the window (tokens)")
-    ax.set_ylabel(f"perplexity (mean NLL over {width}-token bins)")
-    ax.legend(loc="upper left", fontsize=9, framealpha=0.95)
+    ax.set_ylabel(f"perplexity (exp mean NLL, {width}-token bins)")
+    low, high = ax.get_ylim()
+    ax.set_ylim(low, high * (high / low) ** 0.3)  # head room: the legend sits above the curves
+    ax.legend(loc="upper right", ncol=3, fontsize=9, framealpha=0.95)
     ax.grid(alpha=0.3, which="both")
     s = first["settings"]
     fig.suptitle(title or f"Past the trained window: {Path(s['ckpt']).name}", fontsize=13, fontweight="bold")
-    fig.text(0.5, 0.905, f"Next-token perplexity by position, {s['windows']} window(s) of {L:,} tokens from "
-             f"{Path(s['text']).name}, each one forward from position 0; RoPE scalings built on the same "
-             "weights.", ha="center", va="top", fontsize=9.5, color="0.3", wrap=True)
+    fig.text(0.5, 0.915, f"Next-token perplexity at each position, mean over {s['windows']} window(s) of {L:,} "
+             f"tokens of {Path(s['text']).name}, each run in one forward from position 0.\nOne curve per RoPE "
+             "scaling, all on the same weights (x4 stretches the trained window to the whole plot).",
+             ha="center", va="top", fontsize=9.5, color="0.3")
     fig.subplots_adjust(top=0.82, bottom=0.11, left=0.08, right=0.98)
     out = Path(out)
 
