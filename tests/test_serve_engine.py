@@ -68,12 +68,37 @@ def test_row_mask_sees_each_rows_own_positions():
     assert seen == [[[1, 0, 0, 0], [1, 1, 0, 0]], [[1, 1, 1, 0], [1, 1, 1, 1]]]
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_batched_step_equals_model_forward_per_row(variant):
+# the batched decode's two paths: llama_min's C step with a position per row (the optimized model, where the
+# kernels build), and batched_step's PyTorch modules (model.py's classes; the optimized model with it turned off)
+PATHS = [("reference", "torch"), ("optimized", "c"), ("optimized", "torch")]
+
+
+def runner_for(llama, path, monkeypatch, **kw):
+    """A Runner whose batched decode takes `path`; with "c", native.decode_rows calls are counted in .c_calls."""
+    runner = Runner(llama, **kw)
+    if path == "torch":
+        runner.native_rows = None
+        return runner
+    if runner.native_rows is None:
+        pytest.skip("llama_min's C kernels are not available here")
+    from llama_min.runtime import native
+
+    runner.c_calls, real = 0, native.decode_rows
+
+    def counted(*args):
+        runner.c_calls += 1
+        return real(*args)
+
+    monkeypatch.setattr(native, "decode_rows", counted)
+    return runner
+
+
+@pytest.mark.parametrize("variant,path", PATHS)
+def test_batched_step_equals_model_forward_per_row(variant, path, monkeypatch):
     """Ragged rows, joining at different steps and one leaving (the last row moves into its slot): every
-    row's logits equal model.py's forward over that row's sequence alone."""
+    row's logits equal model.py's forward over that row's sequence alone, on either path."""
     llama, ref = make(variant, max_seq_len=128)
-    runner = Runner(llama, max_batch=4, capacity=16)  # small capacity: the slots grow on the way
+    runner = runner_for(llama, path, monkeypatch, max_batch=4, capacity=16)  # small capacity: slots grow
     g = torch.Generator().manual_seed(5)
     joins = {0: 7, 1: 19, 4: 3, 9: 30}  # step -> prompt length of a row joining then
     rows, worst = [], 0.0  # rows: token lists, row b in slot b
@@ -93,13 +118,15 @@ def test_batched_step_equals_model_forward_per_row(variant):
             worst = max(worst, (logits[b] - oracle_logits(ref, rows[b])[-1]).abs().max().item())
     assert worst < 1e-4, worst
     assert runner.cache.capacity >= max(len(r) for r in rows)
+    if path == "c":
+        assert runner.c_calls == 24 - 1  # every step of 2+ rows (step 0 decodes one row: the model's own step)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_batched_step_fails_when_a_row_reads_anothers_position(variant):
+@pytest.mark.parametrize("variant,path", PATHS)
+def test_batched_step_fails_when_a_row_reads_anothers_position(variant, path, monkeypatch):
     """The check above can fail: rows fed at a wrong position give other logits."""
     llama, ref = make(variant)
-    runner = Runner(llama, max_batch=2)
+    runner = runner_for(llama, path, monkeypatch, max_batch=2)
     a, b = [5, 6, 7, 8, 9], [10, 11, 12]
     runner.prefill(0, a, 0)
     runner.prefill(1, b, 0)
@@ -341,8 +368,9 @@ def test_default_model_batched_logits_and_greedy_answers(default_llama):
     """The packed 4-bit model: greedy answers alone vs in a batch of 8 (equal, or at most one of eight apart
     where a near-tie flips), and the batched step's logits against the model's own one-token step (the C
     step). The packed model's own two paths (few rows: activations rounded to int16; prompts: a float GEMM)
-    differ by 2e-3..9e-3 on these logits; the batched step stays within that spread (bound 2e-2; a row at a
-    wrong position is off by whole units)."""
+    differ by 2e-3..9e-3 on these logits; the batched step, on both of its paths (the C step with a position
+    per row, which the engine takes here, and batched_step's modules), stays within that spread (bound 2e-2;
+    a row at a wrong position is off by whole units)."""
     llama = default_llama
     tok = llama.tokenizer
     questions = ["What is the capital of France?", "Name three colors.", "Count from 1 to 5.",
@@ -359,10 +387,14 @@ def test_default_model_batched_logits_and_greedy_answers(default_llama):
     seqs = [p + [100 + i] * (i + 1) for i, p in enumerate(ps)]  # ragged lengths
     for b, s in enumerate(seqs):
         runner.prefill(b, s[:-1], 0)
+    assert runner.native_rows is not None
     batch = runner.decode([s[-1] for s in seqs], [len(s) - 1 for s in seqs])  # (8, V), 8 positions
+    runner.native_rows = None  # the same step through batched_step (rewrites the same keys and values)
+    modules = runner.decode([s[-1] for s in seqs], [len(s) - 1 for s in seqs])
     for b, s in enumerate(seqs):
         single = runner.prefill(b, [s[-1]], len(s) - 1)  # the model's own step for this row alone
         assert (batch[b] - single).abs().max().item() < 2e-2
+        assert (modules[b] - single).abs().max().item() < 2e-2
     runner.release()
 
 
