@@ -389,13 +389,17 @@ def test_train_with_rope_scaling_writes_it_for_generate(capsys, tmp_path, short_
     from llama_min.generation import Llama
 
     final, text = short_window_run
+    code, _, err = run_cli(capsys, "train", "--init", final, "--data", text, "--out", tmp_path / "ft0",
+                           "--max-steps", 2, "--batch-size", 2, "--seq-len", 256, "--eval-every", 0,
+                           "--sample-tokens", 0, "--val-fraction", 0)
+    assert code == 2 and "larger than the model's max_seq_len 64" in err[-1] and "--rope-scaling" in err[-1]
     code, _, err = run_cli(capsys, "train", "--init", final, "--data", text, "--out", tmp_path / "ft",
-                           "--max-steps", 2, "--batch-size", 2, "--seq-len", 64, "--eval-every", 0,
+                           "--max-steps", 2, "--batch-size", 2, "--seq-len", 256, "--eval-every", 0,
                            "--sample-tokens", 0, "--val-fraction", 0, "--rope-scaling", "linear:4")
     assert code == 0, err
     params = json.loads((tmp_path / "ft" / "final" / "params.json").read_text())
     assert (params["rope_scaling_type"], params["rope_scaling_factor"]) == ("linear", 4.0)
-    assert params["trained_window"] == 64  # the fine-tune saw 64 positions (its --init: 16)
+    assert params["trained_window"] == 256 and params["max_seq_len"] == 256  # past the init's 64: the scaling's job
     assert json.loads((tmp_path / "ft" / "run.json").read_text())["rope_scaling"] == "linear:4"
-    llama = Llama.build(str(tmp_path / "ft" / "final"), max_seq_len=64, max_batch_size=1, device="cpu")
+    llama = Llama.build(str(tmp_path / "ft" / "final"), max_seq_len=256, max_batch_size=1, device="cpu")
     assert (llama.model.params.rope_scaling_type, llama.model.params.rope_scaling_factor) == ("linear", 4.0)

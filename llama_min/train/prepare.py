@@ -99,9 +99,12 @@ def model_args(cfg: TrainConfig, base: Optional[Path] = None) -> tuple:
         args.trained_window = cfg.seq_len
     rope_override(args, cfg.rope_scaling, "--rope-scaling")
     args.trained_window = max(args.trained_window or 0, cfg.seq_len)  # what final/params.json says it saw
+    if cfg.seq_len > args.max_seq_len and cfg.rope_scaling:  # a longer window is what the scaling is for
+        args.max_seq_len = cfg.seq_len
     if cfg.seq_len > args.max_seq_len:
         raise LlamaMinError(f"--seq-len {cfg.seq_len} is larger than the model's max_seq_len {args.max_seq_len} "
-                            f"({source})")
+                            f"({source}); to train past it, give a --rope-scaling (e.g. linear:"
+                            f"{-(-cfg.seq_len // args.max_seq_len)})")
     return args, init_sd
 
 
