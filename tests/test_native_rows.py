@@ -12,7 +12,9 @@ from llama_min.model import KVCache
 
 S = 48  # cache length
 PREFIXES = (7, 19, 0, 33, 2)  # ragged rows: tokens already in each row's cache (33: a prompt PyTorch's kernels run)
-KINDS = ("float32", "int8", "int4", "packed-q4_1")
+KINDS = ("float32", "float32-dynamic", "int8", "int4", "packed-q4_1")
+# dynamic RoPE scaling with a window of 16: rows past it rotate by their own length's table (model.rope_rows)
+DYNAMIC = dict(rope_scaling_type="dynamic", rope_scaling_factor=4.0, rope_original_max_pos=16)
 
 
 class CountingRows:
@@ -41,9 +43,10 @@ def build(kind, tmp_path):
     for these weights as a function of the oracle's logits)."""
     from llama_min.runtime.transforms import apply_transforms
 
-    if kind == "float32":  # model.py's own classes, untransformed: float32 rounding order only
-        return apply_transforms(tiny_model(scale=0.2, max_seq_len=64)), tiny_model(scale=0.2, max_seq_len=64), \
-            lambda want: 1e-5
+    if kind.startswith("float32"):  # model.py's own classes, untransformed: float32 rounding order only
+        over = DYNAMIC if kind == "float32-dynamic" else {}
+        return apply_transforms(tiny_model(scale=0.2, max_seq_len=64, **over)), \
+            tiny_model(scale=0.2, max_seq_len=64, **over), lambda want: 1e-5
     if kind == "packed-q4_1":  # a Q4_1 GGUF file loaded packed, as the default model is
         from test_gguf_packed import write_tiny
         from gguf import GGMLQuantizationType as Q
@@ -111,7 +114,7 @@ def test_rows_at_their_own_positions_equal_the_single_row_step_and_the_models_fo
             single.append(step.try_step(new[b].view(1, 1), p)[0, -1])
         single = torch.stack(single)
         tol = tolerance(single)
-        torch.testing.assert_close(got, single, atol=tol, rtol=0 if kind != "float32" else 1e-5)
+        torch.testing.assert_close(got, single, atol=tol, rtol=1e-5 if kind.startswith("float32") else 0)
         assert torch.equal(got.argmax(-1), single.argmax(-1))
         rows = torch.arange(len(seqs))
         for t, b, r in zip(ks + vs, before, after_rows):
@@ -129,7 +132,7 @@ def test_rows_at_their_own_positions_equal_the_single_row_step_and_the_models_fo
             want.append(oracle(torch.tensor([[t]]), len(seq))[0, -1])
         oracle.clear_cache()
         want = torch.stack(want)
-        torch.testing.assert_close(got, want, atol=tolerance(want), rtol=0 if kind != "float32" else 1e-5)
+        torch.testing.assert_close(got, want, atol=tolerance(want), rtol=1e-5 if kind.startswith("float32") else 0)
         assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
