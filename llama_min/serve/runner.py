@@ -30,7 +30,7 @@ calls. batched_step is the path for every other model (bf16, a GPU, no C compile
 Measured on the default model (SmolLM2-135M packed Q4_1, 2 threads, rows at positions 23..140, median ms
 per decode step, interleaved rounds, load average below 1.2): 2 / 4 / 8 rows took 8.9 / 14.4 / 29.2 ms in
 one C call, 17.6 / 23.5 / 39.4 through batched_step, 14.8 / 30.0 / 61.0 as one C step per row (one row:
-5.6). The C call's cost still grows with the rows: its 4-bit and int8 products are bound by the integer
+5.6); a later run, 20% faster throughout, gave the same ratios (8 rows: 22.8 / 33.8 / 45.5). The C call's cost still grows with the rows: its 4-bit and int8 products are bound by the integer
 multiply-adds once the weights are in cache (8 rows ~5x one row through the layers, ~6x through the int8
 output layer; kernels_avx2.c).
 """
