@@ -67,3 +67,28 @@ def use_int4_kernel(monkeypatch, which: str):
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail("the AVX2 4-bit kernel is not available on the CI machine")
         pytest.skip("the AVX2 4-bit kernel is not available here")
+
+
+class CallCounter:
+    """Wraps llama_min.runtime.native.<name> so a test can count the calls that took that C path."""
+
+    def __init__(self, monkeypatch, name: str):
+        from llama_min.runtime import native
+
+        self.calls, real = 0, getattr(native, name)
+
+        def counted(*args):
+            self.calls += 1
+            return real(*args)
+
+        monkeypatch.setattr(native, name, counted)
+
+
+def python_without_torch(code: str, root: Path):
+    """Run `code` in a fresh interpreter where `import torch` fails (what draws from saved files needs no torch)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", "import sys; sys.modules['torch'] = None\n" + code],
+                          capture_output=True, text=True, cwd=root, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(root), MPLBACKEND="Agg"))

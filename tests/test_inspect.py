@@ -8,9 +8,7 @@ are random HF checkpoints saved to disk and read back through llama_min's loader
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import pytest
 import torch
 
 from _tiny import random_hf_model
+from conftest import python_without_torch
 from llama_min.cli import main
 from llama_min.inspect import internals, pictures
 
@@ -157,11 +156,9 @@ def test_every_picture_is_redrawn_from_the_npz_without_torch(tiny, tmp_path):
     pytest.importorskip("matplotlib")
     path, hf, ours = tiny
     npz = internals.save_npz(tmp_path / "inspect.npz", ours)
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "from llama_min.inspect import pictures\n"
-            f"for p in pictures.draw(pictures.load_npz({str(npz)!r}), {str(tmp_path / 'img')!r}): print(p)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT), MPLBACKEND="Agg"), timeout=300)
+    r = python_without_torch("from llama_min.inspect import pictures\n"
+                             f"for p in pictures.draw(pictures.load_npz({str(npz)!r}), {str(tmp_path / 'img')!r}): "
+                             "print(p)\n", ROOT)
     assert r.returncode == 0, r.stderr
     assert sorted(Path(p).name for p in r.stdout.split()) == sorted(PNGS)
     for name in PNGS:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,8 @@ from _tiny import TINY, rand_tokens, random_hf_model, tiny_model
 from llama_min.checkpoint import build_transformer
 from llama_min.errors import LlamaMinError
 from llama_min.inspect import long_context as lc
+
+from conftest import python_without_torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -150,11 +151,8 @@ def test_picture_is_drawn_from_the_saved_files_without_torch(tmp_path):
     tagged["settings"]["tag"] = "fine-tuned"
     second = lc.save(tmp_path / "b.npz", tagged)
     png = tmp_path / "img" / "lc.png"
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "from llama_min.inspect import long_context as lc\n"
-            f"print(lc.draw([{str(first)!r}, {str(second)!r}], {str(png)!r}, width=4))\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT), MPLBACKEND="Agg"), timeout=300)
+    r = python_without_torch("from llama_min.inspect import long_context as lc\n"
+                             f"print(lc.draw([{str(first)!r}, {str(second)!r}], {str(png)!r}, width=4))\n", ROOT)
     assert r.returncode == 0, r.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

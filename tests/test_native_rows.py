@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from _tiny import tiny_model
-from conftest import use_int4_kernel
+from conftest import CallCounter, use_int4_kernel
 from llama_min.model import KVCache
 
 S = 48  # cache length
@@ -17,25 +17,10 @@ KINDS = ("float32", "float32-dynamic", "int8", "int4", "packed-q4_1")
 DYNAMIC = dict(rope_scaling_type="dynamic", rope_scaling_factor=4.0, rope_original_max_pos=16)
 
 
-class CountingRows:
-    """Wraps native.decode_rows to count the steps that took the per-row C path."""
-
-    def __init__(self, monkeypatch):
-        from llama_min.runtime import native
-
-        self.calls, real = 0, native.decode_rows
-
-        def counted(*args):
-            self.calls += 1
-            return real(*args)
-
-        monkeypatch.setattr(native, "decode_rows", counted)
-
-
 @pytest.fixture
 def counter(monkeypatch):
     use_int4_kernel(monkeypatch, "avx2")
-    return CountingRows(monkeypatch)
+    return CallCounter(monkeypatch, "decode_rows")
 
 
 def build(kind, tmp_path):
@@ -90,8 +75,12 @@ def ragged(seed=2, vocab=128):
     return seqs, new, torch.tensor([len(s) for s in seqs])
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_rows_at_their_own_positions_equal_the_single_row_step_and_the_models_forward(counter, kind, tmp_path):
+def pointed_step(kind: str, tmp_path):
+    """A `kind` model's NativeStep over ragged rows whose caches hold random values and are pointed at by the
+    model's layers: a namespace of the model, its oracle and tolerance, the step, the rows (seqs, new tokens,
+    positions), the caches (ks, vs) and copies of them as they were (before)."""
+    from types import SimpleNamespace
+
     from llama_min.runtime.step import NativeStep
 
     fast, oracle, tolerance = build(kind, tmp_path)
@@ -101,6 +90,17 @@ def test_rows_at_their_own_positions_equal_the_single_row_step_and_the_models_fo
         ks, vs = filled_caches(fast, step, seqs)
         before = [t.clone() for t in ks + vs]
         point(fast, ks, vs)
+    return SimpleNamespace(fast=fast, oracle=oracle, tolerance=tolerance, step=step, seqs=seqs, new=new,
+                           positions=positions, ks=ks, vs=vs, before=before)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rows_at_their_own_positions_equal_the_single_row_step_and_the_models_forward(counter, kind, tmp_path):
+    p = pointed_step(kind, tmp_path)
+    fast, oracle, tolerance, step, seqs, new, positions = p.fast, p.oracle, p.tolerance, p.step, p.seqs, p.new, \
+        p.positions
+    ks, vs, before = p.ks, p.vs, p.before
+    with torch.no_grad():
         got = step.step_rows(new, positions)  # (B, V): all rows in one C call
         assert counter.calls == 1 and got.shape == (len(seqs), fast.params.vocab_size)
         after_rows = [t.clone() for t in ks + vs]
@@ -139,15 +139,9 @@ def test_rows_at_their_own_positions_equal_the_single_row_step_and_the_models_fo
 def test_a_row_at_another_rows_position_gives_other_logits(counter, tmp_path):
     """The check above can fail: a row fed at the wrong position (here row 1 at row 0's) differs by far more
     than the tolerance; and a row reading its cache past its length (what other requests left) would too."""
-    from llama_min.runtime.step import NativeStep
-
-    fast, _, _ = build("float32", tmp_path)
-    step = NativeStep(fast)
-    seqs, new, positions = ragged()
+    p = pointed_step("float32", tmp_path)
+    step, new, positions, ks, vs, before = p.step, p.new, p.positions, p.ks, p.vs, p.before
     with torch.no_grad():
-        ks, vs = filled_caches(fast, step, seqs)
-        before = [t.clone() for t in ks + vs]
-        point(fast, ks, vs)
         right = step.step_rows(new, positions)
         for t, b in zip(ks + vs, before):
             t.copy_(b)
@@ -157,15 +151,9 @@ def test_a_row_at_another_rows_position_gives_other_logits(counter, tmp_path):
 
 
 def test_calls_the_c_code_does_not_take_return_none_and_write_nothing(counter, tmp_path):
-    from llama_min.runtime.step import NativeStep
-
-    fast, _, _ = build("float32", tmp_path)
-    step = NativeStep(fast)
-    seqs, new, positions = ragged()
+    p = pointed_step("float32", tmp_path)
+    fast, step, new, positions, ks, vs, before = p.fast, p.step, p.new, p.positions, p.ks, p.vs, p.before
     with torch.no_grad():
-        ks, vs = filled_caches(fast, step, seqs)
-        before = [t.clone() for t in ks + vs]
-        point(fast, ks, vs)
         assert step.step_rows(new, torch.tensor([0, 1, 2, S, 4])) is None  # a position past the cache
         assert step.step_rows(torch.cat([new, new]), torch.cat([positions, positions])) is None  # rows > cache rows
         fast.layers[0].attention.cache = None

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from _tiny import rand_tokens, tiny_model
-from conftest import use_int4_kernel
+from conftest import CallCounter, use_int4_kernel
 
 
 def model(**over):
@@ -22,26 +22,11 @@ def steps(m, tokens, prefill, step=None):
     return torch.cat(out, dim=1)
 
 
-class CountingLayers:
-    """Wraps native.decode_layers to count the steps that took the C path."""
-
-    def __init__(self, monkeypatch):
-        from llama_min.runtime import native
-
-        self.calls, real = 0, native.decode_layers
-
-        def counted(*args):
-            self.calls += 1
-            return real(*args)
-
-        monkeypatch.setattr(native, "decode_layers", counted)
-
-
 @pytest.fixture
 def counter(monkeypatch):
     """The C path available (llama_min's kernels, 4-bit layers in their 'avx2' layout), its steps counted."""
     use_int4_kernel(monkeypatch, "avx2")
-    return CountingLayers(monkeypatch)
+    return CallCounter(monkeypatch, "decode_layers")
 
 
 @pytest.mark.parametrize("over", [{}, {"n_kv_heads": 1}, {"n_kv_heads": 4, "tie_word_embeddings": True}])

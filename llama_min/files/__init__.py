@@ -7,6 +7,7 @@
   publish_dir(final, build)        build a folder under a temp name, then rename it into place
   clean_stale_temps(folder)        remove temp leftovers of writes killed before their rename
   read_json(path, what)            a JSON object, errors naming the file (missing, not UTF-8, bad JSON)
+  read_npz(path, keys, what)       a numpy .npz's arrays, never unpickled, the keys it must hold checked
 """
 
 from __future__ import annotations
@@ -110,4 +111,22 @@ def read_json(path, what: str = "JSON") -> dict:
         raise LlamaMinError(f"{path}: cannot read ({e.strerror or e})") from None
     if not isinstance(data, dict):
         raise LlamaMinError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def read_npz(path, keys, what: str) -> dict:
+    """{name: array} of a .npz file with every name in `keys`; never unpickles (allow_pickle=False). A missing
+    file raises FileNotFoundError; anything else that is not such a file, a LlamaMinError naming `what`."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {name: f[name] for name in f.files}
+    except FileNotFoundError:
+        raise
+    except (ValueError, OSError) as e:
+        raise LlamaMinError(f"{path}: not {what} ({' '.join(str(e).split())})") from None
+    missing = [key for key in keys if key not in data]
+    if missing:
+        raise LlamaMinError(f"{path}: not {what} (missing {', '.join(missing)})")
     return data

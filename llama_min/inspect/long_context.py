@@ -30,7 +30,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import LlamaMinError
-from ..files import atomic_write
+from ..files import atomic_write, read_npz
 
 DEFAULT_SCALINGS = ("none", "linear:4", "dynamic:4", "yarn:4")
 NAMES = {"none": "none", "linear": "linear", "dynamic": "dynamic NTK", "yarn": "YaRN", "llama3": "llama3"}
@@ -215,16 +215,7 @@ def save(path, result: dict) -> Path:
 def load(path) -> dict:
     """The saved result back: labels (list of str), nll (C, L-1) float32, trained_window (int), settings (dict).
     Never unpickles (allow_pickle=False); a LlamaMinError names a file that is not one of ours."""
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            data = {name: f[name] for name in f.files}
-    except (ValueError, OSError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise LlamaMinError(f"{path}: not a long-context .npz ({' '.join(str(e).split())})") from None
-    missing = [key for key in NPZ_KEYS if key not in data]
-    if missing:
-        raise LlamaMinError(f"{path}: not a long-context .npz (missing {', '.join(missing)})")
+    data = read_npz(path, NPZ_KEYS, "a long-context .npz")
     return {"labels": [str(s) for s in data["labels"]], "nll": data["nll"],
             "trained_window": int(data["trained_window"]), "settings": json.loads(str(data["settings"]))}
 

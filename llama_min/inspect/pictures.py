@@ -18,8 +18,8 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import EnvironmentFailure, LlamaMinError
-from ..files import atomic_write
+from ..errors import EnvironmentFailure
+from ..files import atomic_write, read_npz
 
 INSTALL_HINT = "pip install 'llama_min[viz]'"
 
@@ -30,17 +30,7 @@ NPZ_KEYS = ("tokens", "token_text", "attention", "distance_mass", "rope_pair_q_n
 
 def load_npz(path) -> dict:
     """The arrays of an inspect.npz (never unpickles: allow_pickle=False); a LlamaMinError if one is missing."""
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            data = {name: f[name] for name in f.files}
-    except (ValueError, OSError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise LlamaMinError(f"{path}: not an inspect.npz ({' '.join(str(e).split())})") from None
-    missing = [key for key in NPZ_KEYS if key not in data]
-    if missing:
-        raise LlamaMinError(f"{path}: not an inspect.npz of llama-min inspect (missing {', '.join(missing)})")
-    return data
+    return read_npz(path, NPZ_KEYS, "an inspect.npz of llama-min inspect")
 
 
 # ---------------------------------------------------------------------------------------------------------
