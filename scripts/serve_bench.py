@@ -8,6 +8,7 @@ measurement and, with --json, writes them. A benchmark, not a test: run it on an
 
   python scripts/serve_bench.py                    # default model, 8 clients, 128 tokens each, -t 2
   python scripts/serve_bench.py --ckpt model.gguf --clients 16 --tokens 64 --threads 4
+  python scripts/serve_bench.py --soak 200         # 200 requests with random hang-ups and bad bodies
 """
 
 from __future__ import annotations
@@ -113,6 +114,89 @@ def conversation(client, turns: int, max_tokens: int) -> list:
     return out
 
 
+def server_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return int(f.read().split("VmRSS:")[1].split()[0]) / 1024
+
+
+def raw_post(port: int, body: bytes) -> int:
+    """POST bytes as they are (a body no client library would send): the HTTP status."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        return urllib.request.urlopen(req, timeout=120).status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def one_soak_request(client, port: int, rng) -> str:
+    """A random request: a whole answer, a stream the client hangs up on, a malformed body or a bad field.
+    Returns what happened; raises when the server answered wrongly."""
+    import openai
+
+    kind = rng.choice(["answer", "hang up", "bad json", "bad field"])
+    messages = [{"role": "user", "content": rng.choice(PROMPTS)}]
+    if kind == "answer":
+        r = client.chat.completions.create(model="any", messages=messages, max_tokens=rng.randint(1, 24))
+        assert r.choices[0].finish_reason in ("stop", "length"), r
+    elif kind == "hang up":
+        stream = client.chat.completions.create(model="any", messages=messages, max_tokens=64, stream=True)
+        for i, _ in enumerate(stream):
+            if i >= rng.randint(0, 4):
+                break
+        stream.close()
+    elif kind == "bad json":
+        status = raw_post(port, rng.choice([b"{", b"not json", b"[]", b'{"messages": 5}']))
+        assert status == 400, status
+    else:
+        try:
+            client.chat.completions.create(model="any", messages=messages, temperature=-1)
+            raise AssertionError("temperature -1 was accepted")
+        except openai.BadRequestError:
+            pass
+    return kind
+
+
+def soak(args) -> dict:
+    """N random requests from 8 threads: every one answered as it should be, nothing left running, the
+    server's RSS after warm-up and at the end, and the same greedy answer before and after."""
+    import random
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    port = free_port()
+    server = start_server(args, port)
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
+        probe = [{"role": "user", "content": "What is the capital of France?"}]
+        before = client.chat.completions.create(model="any", messages=probe, max_tokens=32, temperature=0)
+        rngs = [random.Random(i) for i in range(args.soak)]
+        with ThreadPoolExecutor(8) as pool:
+            warm = list(pool.map(lambda r: one_soak_request(client, port, r), rngs[:20]))
+            time.sleep(1)
+            rss_warm = server_rss_mib(server.pid)
+            kinds = warm + list(pool.map(lambda r: one_soak_request(client, port, r), rngs[20:]))
+        time.sleep(1)
+        health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).read())
+        rss_end = server_rss_mib(server.pid)
+        after = client.chat.completions.create(model="any", messages=probe, max_tokens=32, temperature=0)
+        same = before.choices[0].message.content == after.choices[0].message.content
+        out = dict(requests=len(kinds), kinds={k: kinds.count(k) for k in sorted(set(kinds))}, health=health,
+                   rss_after_warmup_mib=rss_warm, rss_end_mib=rss_end, same_greedy_answer=same)
+        print(f"soak: {len(kinds)} requests {out['kinds']}, all answered as expected; /health at the end "
+              f"{health}; server RSS {rss_warm:.0f} MiB after 20 requests, {rss_end:.0f} MiB at the end "
+              f"({rss_end - rss_warm:+.0f} MiB); the same greedy answer before and after: {same}")
+        return out
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -121,8 +205,17 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=128, help="tokens per answer (default 128)")
     p.add_argument("--turns", type=int, default=3, help="turns of the long-system-prompt conversation (default 3)")
     p.add_argument("--threads", "-t", type=int, default=2, help="the server's torch threads (default 2)")
+    p.add_argument("--soak", type=int, default=0, metavar="N", help="instead: N random requests (answers, streams "
+                   "hung up on, malformed bodies, bad fields) from 8 threads; checks nothing is lost or left running, "
+                   "the server's RSS, and the greedy answer before and after")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
+    if args.soak:
+        results = soak(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+        return 0
     from openai import OpenAI
 
     results = {}
