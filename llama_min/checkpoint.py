@@ -36,10 +36,12 @@ never holds two full copies of the model.
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from .errors import LlamaMinError
 from .files import publish_dir
@@ -54,14 +56,40 @@ from .files.hub import resolve_checkpoint
 from .model import ModelArgs, Transformer
 
 
+RANDOM_FILLS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_")  # torch.nn.init's and Tensor's
+
+
+class _NoRandomFill(TorchFunctionMode):
+    """Inside it, filling a meta tensor with random numbers (torch.nn.init.normal_, Tensor.uniform_, ...) does
+    nothing: the tensor is returned as it is."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes it by name
+        if getattr(func, "__name__", "") in RANDOM_FILLS and getattr(target, "is_meta", False):
+            return target
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def shapes_only():
+    """Build modules on the meta device: shapes and dtypes, no memory, and no random init.
+
+    The modules' constructors fill their weights with random numbers, which a checkpoint's tensors replace at
+    once; on the meta device that fill only costs time, and torch's first meta normal_ imports some 800 modules
+    (~1 s of start-up, measured). So the fills are skipped here (a TorchFunctionMode, only inside this block)."""
+    with torch.device("meta"), _NoRandomFill():
+        yield
+
+
 def build_transformer(args: ModelArgs, state_dict: dict, device=None, dtype=None) -> Transformer:
-    """A Transformer holding these tensors, built on the meta device so no random init is allocated.
+    """A Transformer holding these tensors, built with shapes_only() so no random init is allocated.
 
     A sliding-window model (Mistral) is exactly Llama while every query sees its whole past, that is while
     args.max_seq_len <= args.sliding_window; a longer window would need the window mask, so it is refused.
     """
     check_window(args)
-    with torch.device("meta"):
+    with shapes_only():
         model = Transformer(args)
     model.load_state_dict(state_dict, assign=True, strict=True)
     model.tie_weights()

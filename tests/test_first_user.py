@@ -106,3 +106,16 @@ def test_chat_says_when_an_answer_hit_the_token_limit(smollm2_path):
             stdin="Write a long story about a dragon.\n")
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
     assert "[answer cut at the token limit (4 tokens): raise it with -n/--max-new-tokens]" in r.stderr.splitlines()
+
+
+def test_building_on_the_meta_device_skips_the_random_fill():
+    """checkpoint.shapes_only(): modules built for a checkpoint's tensors get no random init, so torch's first
+    meta normal_ (which imports some 800 modules, sympy among them: ~1 s and ~65 MB at start-up) never runs.
+    The control without it shows the check can fail."""
+    code = ("import sys, torch\nfrom llama_min.checkpoint import shapes_only\n"
+            "with {ctx}:\n    e = torch.nn.Embedding(1000, 64)\n"
+            "print(e.weight.is_meta, 'sympy' in sys.modules)\n")
+    fast = run(sys.executable, "-c", code.format(ctx="shapes_only()"))
+    slow = run(sys.executable, "-c", code.format(ctx="torch.device('meta')"))
+    assert fast.stdout.split() == ["True", "False"], fast.stderr
+    assert slow.stdout.split() == ["True", "True"], slow.stderr

@@ -32,9 +32,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 from torch import nn
 
+from ..checkpoint import shapes_only
 from ..errors import LlamaMinError
 from ..model import ModelArgs, Transformer
 
@@ -145,7 +145,7 @@ def shard_modules(model: Transformer, layout: Layout) -> Transformer:
     d, f = a.dim, a.ffn_hidden // layout.world
     lo, hi = layout.vocab_range()
     emb_rows, emb_cols = (a.vocab_size, d // layout.world) if layout.emb_axis == 1 else (hi - lo, d)
-    with torch.device("meta"):
+    with shapes_only():
         model.tok_embeddings = nn.Embedding(emb_rows, emb_cols)
         model.output = nn.Linear(d, hi - lo, bias=False)
         for layer in model.layers:
@@ -162,7 +162,7 @@ def shard_modules(model: Transformer, layout: Layout) -> Transformer:
 
 def build_local_model(args: ModelArgs, layout: Layout, local_sd: dict, device=None, dtype=None) -> Transformer:
     """A Transformer holding this rank's tensors (no collectives yet: see `add_collectives`)."""
-    with torch.device("meta"):
+    with shapes_only():
         model = Transformer(args)
     shard_modules(model, layout)
     model.load_state_dict(local_sd, assign=True, strict=True)

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checkpoint import shapes_only
 from ..errors import LlamaMinError
 from ..model import Transformer
 from .memory import check_window
@@ -329,7 +330,7 @@ def load_gguf_packed(path, device="cpu", dtype=torch.float32, max_seq_len=None,
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         tensors = _tensors(path, buf, infos, args)
         rope_override(args, rope_scaling)  # again: it replaces rope_freqs' divisors too
-        with torch.device("meta"):
+        with shapes_only():
             model = Transformer(args)
         for meta_name, t in tqdm(tensors.items(), desc="packing", unit="tensor", leave=False, disable=None):
             try:
