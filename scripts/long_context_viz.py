@@ -10,7 +10,8 @@
 
 import sys
 
+from llama_min.cli.common import run_main
 from llama_min.inspect.long_context import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

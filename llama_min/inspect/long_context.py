@@ -323,25 +323,19 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """The command (scripts/long_context_viz.py runs it under cli.common.run_main, which turns an error into
+    one `error:` line and its exit code)."""
     args = parser().parse_args(argv)
-    try:
-        if args.command == "measure":
-            if args.threads:
-                import torch
+    if args.command == "measure":
+        if args.threads:
+            import torch
 
-                torch.set_num_threads(args.threads)
-            for spec in args.scalings:
-                parse_scaling(spec)  # a bad spec stops before the checkpoint is read
-            result = measure(args.ckpt, args.text, args.trained_window, args.multiple, args.windows, args.scalings,
-                             args.from_end, args.tag, progress=lambda line: print(line, file=sys.stderr))
-            print(save(args.out, result))
-        else:
-            print(draw(args.npz, args.out, args.bin, args.title, args.dpi))
-    except LlamaMinError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            torch.set_num_threads(args.threads)
+        for spec in args.scalings:
+            parse_scaling(spec)  # a bad spec stops before the checkpoint is read
+        result = measure(args.ckpt, args.text, args.trained_window, args.multiple, args.windows, args.scalings,
+                         args.from_end, args.tag, progress=lambda line: print(line, file=sys.stderr))
+        print(save(args.out, result))
+    else:
+        print(draw(args.npz, args.out, args.bin, args.title, args.dpi))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
