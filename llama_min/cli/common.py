@@ -215,6 +215,18 @@ def checkpoint_format(path, flag: str = "--ckpt") -> str:
         raise LlamaMinError(f"{flag} {path}: not a checkpoint: expected {formats_sentence()}") from None
 
 
+def local_checkpoint(ckpt: Optional[str], flag: str = "--ckpt") -> Optional[str]:
+    """A --ckpt value as a local path (a hub id or HF cache folder -> its local snapshot), checked to be a
+    checkpoint (`checkpoint_format`); None (the default model) stays None."""
+    if ckpt is None:
+        return None
+    from ..files.hub import resolve_checkpoint
+
+    path = str(resolve_checkpoint(ckpt))
+    checkpoint_format(path, flag)
+    return path
+
+
 def human_size(n_bytes: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n_bytes < 1000 or unit == "GB":

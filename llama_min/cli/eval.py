@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import LlamaMinError
-from .common import Parser, check_number, check_utf8, checkpoint_format, feedback_on, run_main, say
+from .common import Parser, check_number, check_utf8, feedback_on, local_checkpoint, run_main, say
 from .loading import add_rope_scaling_flag, announce_loading, check_rope_scaling, warn_past_trained_window
 
 QUANTIZE = ("int8", "int4", "int4-64", "int4-128")
@@ -60,11 +60,7 @@ def parse_args(argv=None, prog: Optional[str] = None):
     check_rope_scaling(args.rope_scaling)
     if not Path(args.data).is_file():
         raise LlamaMinError(f"--data {args.data}: {'a folder' if Path(args.data).is_dir() else 'no such file'}")
-    if args.ckpt is not None:
-        from ..files.hub import resolve_checkpoint
-
-        args.ckpt = str(resolve_checkpoint(args.ckpt))
-        checkpoint_format(args.ckpt)
+    args.ckpt = local_checkpoint(args.ckpt)
     return args
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import LlamaMinError
-from .common import Parser, UsageError, check_number, check_utf8, checkpoint_format, run_main, say
+from .common import Parser, UsageError, check_number, check_utf8, local_checkpoint, run_main, say
 from .loading import announce_loading
 
 
@@ -67,11 +67,7 @@ def parse_args(argv=None, prog: Optional[str] = None):
         raise LlamaMinError(f"--redraw {args.redraw}: no such file (expected an inspect.npz)")
     if args.tokenizer is not None and not Path(args.tokenizer).exists():
         raise LlamaMinError(f"--tokenizer {args.tokenizer}: no such file or directory")
-    if args.ckpt is not None:
-        from ..files.hub import resolve_checkpoint
-
-        args.ckpt = str(resolve_checkpoint(args.ckpt))
-        checkpoint_format(args.ckpt)
+    args.ckpt = local_checkpoint(args.ckpt)
     return args
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..formats import format_name, formats_sentence
 from .common import check_device, check_number, check_utf8, checkpoint_format, checkpoint_size, human_size, \
-    say, UsageError
+    local_checkpoint, say, UsageError
 
 DEFAULT_WINDOW = 2048  # -c when not given, unless the model was trained on fewer positions
 # --rope-scaling's help (no torch here: `--help` stays fast); the types are model.ROPE_SCALINGS
@@ -99,11 +99,7 @@ def check_flags(args) -> None:
     check_rope_scaling(args.rope_scaling)
     if args.reference and args.quantize:
         raise UsageError("--reference runs model.py's own layers; it does not take --quantize")
-    if args.ckpt is not None:
-        from ..files.hub import resolve_checkpoint
-
-        args.ckpt = str(resolve_checkpoint(args.ckpt))  # a hub id or HF cache folder -> its local snapshot
-        checkpoint_format(args.ckpt)
+    args.ckpt = local_checkpoint(args.ckpt)
     if args.tokenizer is not None and not Path(args.tokenizer).exists():
         raise FileNotFoundError(f"--tokenizer {args.tokenizer}: no such file or directory")
 
