@@ -26,7 +26,7 @@ from .decoding.stops import StopStrings
 from .errors import LlamaMinError
 from .model import Transformer
 from .parallel.group import broadcast_from_rank0
-from .runtime.memory import check_memory, check_window
+from .runtime.memory import check_memory, check_window, kv_cache_bytes
 from .runtime.step import choose_step
 
 
@@ -269,7 +269,7 @@ class Llama:
     def _setup_cache(self, bsz: int, total_len: int) -> None:
         """A KV cache for this request, after checking that it fits in free memory."""
         params, item = self.model.params, self.model.norm.weight.element_size()
-        check_memory(2 * params.n_layers * bsz * total_len * params.kv_heads * params.hd * item,
+        check_memory(kv_cache_bytes(params.n_layers, params.kv_heads, params.hd, bsz, total_len, item),
                      f"a KV cache of {bsz} x {total_len} positions", self.device)
         self.model.setup_cache(bsz, total_len)
 
