@@ -188,10 +188,7 @@ class Engine:
         """Sample the next token of a running row from its logits (V,); send it, or end the row."""
         req = seq.request
         logits = self.llama.known_tokens(logits[None].float())  # (1, V)
-        if req.temperature == 0:
-            token = int(logits.argmax(dim=-1))
-        else:
-            token = int(sample_next(logits, Sampling(req.temperature, req.top_p), None, seq.generator))
+        token = int(sample_next(logits, seq.sampling, None, seq.generator))  # (argmax at temperature 0)
         if token in seq.stop_ids:
             return self._finish(seq, "stop")
         logprobs = torch.log_softmax(logits[0], dim=-1)
@@ -200,7 +197,6 @@ class Engine:
             values, ids = torch.topk(logprobs, req.top_logprobs)
             top = list(zip(ids.tolist(), values.tolist()))
         seq.tokens.append(token)
-        seq.generated += 1
         seq.handle.put(TokenEvent(token, float(logprobs[token]), top))
         if seq.generated >= req.max_tokens or len(seq.tokens) >= self.max_len:
             self._finish(seq, "length")

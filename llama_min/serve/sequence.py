@@ -17,6 +17,8 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from ..decoding.sampling import Sampling
+
 log = logging.getLogger(__name__)
 
 FINISH_REASONS = ("stop", "length", "abort")
@@ -125,10 +127,15 @@ class Sequence:
         self.n_kv = 0
         self.slot: Optional[int] = None
         self.cached = 0
-        self.generated = 0  # TokenEvents sent
         self.finish_reason: Optional[str] = None
+        self.sampling = Sampling(request.temperature, request.top_p)
         seed = request.seed if request.seed is not None else secrets.randbits(62)  # (torch's global RNG untouched)
         self.generator = torch.Generator(device).manual_seed(seed) if request.temperature > 0 else None
+
+    @property
+    def generated(self) -> int:
+        """TokenEvents sent: the tokens after the prompt."""
+        return len(self.tokens) - self.n_prompt
 
     @property
     def pending(self) -> int:
