@@ -61,10 +61,6 @@ class Scheduler:
         """Refuse new requests from now on; remove and return the waiting ones."""
         with self.wake:
             self.closed = True
-        return self.take_all_waiting()
-
-    def take_all_waiting(self) -> List[Sequence]:
-        with self.wake:
             out = list(self.waiting)
             self.waiting.clear()
         return out
