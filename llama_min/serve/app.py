@@ -231,7 +231,7 @@ async def pieces(api: Api, job: Job, answer: Answer, outcome: Outcome) -> AsyncI
             outcome.prompt_tokens, outcome.cached_tokens = event.prompt_tokens, event.cached_tokens
             outcome.completion_tokens = event.completion_tokens
             break
-        if stopped or event.token_id in tok.stop_ids:
+        if stopped:  # (a stop id never comes: the engine ends the request on it and does not send it)
             continue
         if texts.push(0, event.token_id):
             stopped = True

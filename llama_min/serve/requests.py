@@ -14,11 +14,11 @@ from typing import Optional
 from jinja2 import TemplateError
 
 from ..errors import LlamaMinError
-from .engine import Request
+from .engine import MAX_TOP_LOGPROBS as ENGINE_TOP_LOGPROBS, Request
 from .shapes import ChatShape, CompletionShape
 
 MAX_STOPS = 4  # as OpenAI's API
-MAX_TOP_LOGPROBS = {"chat": 20, "completion": 5}
+MAX_TOP_LOGPROBS = {"chat": ENGINE_TOP_LOGPROBS, "completion": 5}  # (the legacy completions API: 5)
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "user"}
