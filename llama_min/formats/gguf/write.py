@@ -39,10 +39,10 @@ from ...errors import LlamaMinError
 from ...files import atomic_write
 from ...model import ModelArgs, rope_frequencies
 from ...text.gguf_vocab import GGUF_SPECIAL_KEYS, byte_level_encode
+from .. import GGUF_TYPES as QTYPES  # the one list of tensor types (formats/__init__.py)
 from .pretokenizer import llama_cpp_pre_name
 from .read import GGUF_LAYER_TO_META, GGUF_TO_META
 
-QTYPES = ("f32", "f16", "bf16", "q8_0")
 FILE_TYPE = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # general.file_type (llama.cpp's LLAMA_FTYPE_*)
 
 # What a GGUF source said that an export keeps (see kept_metadata); the writer decides these itself:
@@ -298,8 +298,8 @@ def _special_ids(tok) -> dict:
     meta = {GGUF_SPECIAL_KEYS[name]: i for name, i in tok.special_token_ids().items() if name in GGUF_SPECIAL_KEYS}
     eot = next((i for i in map(tok.token_id, ("<|eot_id|>", "<|im_end|>")) if i is not None), None)
     if eot is not None and eot != tok.eos_id:
-        meta["tokenizer.ggml.eot_token_id"] = eot
-    return {k: int(i) for k, i in meta.items() if i is not None and i >= 0}
+        meta["tokenizer.ggml.eot_token_id"] = int(eot)
+    return meta  # special_token_ids() holds only real ids
 
 
 def _proto_fields(buf: bytes):
