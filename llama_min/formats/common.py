@@ -197,13 +197,13 @@ def _yarn_fields(r: ConfigReader, factor: Optional[float], original: int, window
         factor = window / original if window else r.number("factor")
     return dict(
         rope_scaling_factor=float(factor), rope_original_max_pos=original,
-        rope_beta_fast=_zero_is_none(r, "beta_fast") or 32.0, rope_beta_slow=_zero_is_none(r, "beta_slow") or 1.0,
+        rope_beta_fast=zero_is_none(r, "beta_fast") or 32.0, rope_beta_slow=zero_is_none(r, "beta_slow") or 1.0,
         rope_truncate=r.flag("truncate", True), rope_attention_factor=r.number("attention_factor", None),
-        rope_mscale=_zero_is_none(r, "mscale"), rope_mscale_all_dim=_zero_is_none(r, "mscale_all_dim"),
+        rope_mscale=zero_is_none(r, "mscale"), rope_mscale_all_dim=zero_is_none(r, "mscale_all_dim"),
     )
 
 
-def _zero_is_none(r: ConfigReader, key: str) -> Optional[float]:
+def zero_is_none(r: ConfigReader, key: str) -> Optional[float]:
     """A number >= 0 where 0 means unset (transformers tests these keys for truth); None when absent or 0."""
     return r.checked(key, None, lambda v: is_positive_number(v) or v == 0, "a number >= 0", float) or None
 

@@ -15,7 +15,7 @@ import torch
 
 from ...errors import LlamaMinError
 from ...model import ModelArgs
-from ..common import ConfigReader, build_args, cast, is_positive_number, one_line, rope_scaling_fields
+from ..common import ConfigReader, build_args, cast, one_line, rope_scaling_fields, zero_is_none
 
 GGUF_TO_META = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
 
@@ -46,7 +46,8 @@ def args_from_gguf(meta: dict, source="GGUF file") -> ModelArgs:
     r = ConfigReader(meta, source, "llama.")
     if r.int("expert_count", 0, minimum=0) > 0:
         raise r.error("expert_count", meta["llama.expert_count"], "0 (mixture-of-experts is not Llama)")
-    scaling = gguf_rope_scaling(r, r.int("context_length", None))
+    context = r.int("context_length", None)
+    scaling = gguf_rope_scaling(r, context)
     n_heads, dim = r.int("attention.head_count"), r.int("embedding_length")
     tokens = meta.get("tokenizer.ggml.tokens")
     n_tokens = len(tokens) if isinstance(tokens, list) and tokens else -1
@@ -58,7 +59,7 @@ def args_from_gguf(meta: dict, source="GGUF file") -> ModelArgs:
         hidden_dim=r.int("feed_forward_length"), head_dim=r.int("attention.key_length", None),
         norm_eps=float(f"{eps:.7g}"),  # stored as float32: 1e-5 reads back as 9.99999974738e-06
         rope_theta=r.number("rope.freq_base", 10000.0),
-        max_seq_len=min(r.int("context_length", 2048), 8192), trained_window=r.int("context_length", None),
+        max_seq_len=min(context or 2048, 8192), trained_window=context,
         **scaling,
     )
     for key in ("rope.dimension_count", "attention.value_length"):  # partial RoPE, v heads unlike k heads
@@ -89,8 +90,7 @@ def gguf_rope_scaling(r: ConfigReader, context_length: Optional[int]) -> dict:
     from ...model import yarn_attention_factor
 
     scaled = ConfigReader(r.data, r.source, r.prefix + "rope.scaling.")
-    nonneg = (lambda v: is_positive_number(v) or v == 0, "a number >= 0", float)
-    factor = scaled.checked("factor", None, *nonneg) or r.checked("rope.scale_linear", None, *nonneg) or None
+    factor = zero_is_none(scaled, "factor") or zero_is_none(r, "rope.scale_linear")
     kind = scaled.text("type", "linear" if factor and factor != 1 else "none")
     scaled.flag("finetuned", False)
     if kind not in GGUF_ROPE_TYPES:
@@ -101,10 +101,9 @@ def gguf_rope_scaling(r: ConfigReader, context_length: Optional[int]) -> dict:
         return {}
     desc = {"rope_type": kind, "factor": factor or 1.0}
     if kind == "yarn":
-        log_mul = scaled.checked("yarn_log_multiplier", None, *nonneg) or None
+        log_mul = zero_is_none(scaled, "yarn_log_multiplier")
         desc.update(original_max_position_embeddings=scaled.int("original_context_length", None),
-                    beta_fast=scaled.checked("yarn_beta_fast", None, *nonneg),
-                    beta_slow=scaled.checked("yarn_beta_slow", None, *nonneg))
+                    beta_fast=zero_is_none(scaled, "yarn_beta_fast"), beta_slow=zero_is_none(scaled, "yarn_beta_slow"))
         magnitude = scaled.number("yarn_attn_factor", None) or yarn_attention_factor(
             desc["factor"], None, 1.0 if log_mul else None, log_mul)
         multiplier = scaled.number("attn_factor", 1.0)
