@@ -373,7 +373,7 @@ def load_gguf_tokenizer(path: Path, **kw) -> Tokenizer:
                  for k, v in meta.items() if k.startswith("tokenizer.chat_template") and isinstance(v, str)}
     kw.setdefault("chat_templates", templates)
     kw.update(default_system=chat.default_system_from_template(meta.get("tokenizer.chat_template")),
-              add_bos=gguf_add_bos(meta),
+              add_bos=gguf_add_bos(meta), special_ids=gguf_special_ids(meta),
               stop_ids=[meta[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in meta])
     if model == "llama":
         proto = spm_model_from_gguf_vocab(
@@ -381,10 +381,9 @@ def load_gguf_tokenizer(path: Path, **kw) -> Tokenizer:
             bos_id=bos, eos_id=eos, unk_id=meta.get("tokenizer.ggml.unknown_token_id", 0),
             pad_id=meta.get("tokenizer.ggml.padding_token_id", -1),
             add_dummy_prefix=meta.get("tokenizer.ggml.add_space_prefix", True))
-        return SentencePieceTokenizer(proto, bos, eos, name=str(path), special_ids=gguf_special_ids(meta), **kw)
+        return SentencePieceTokenizer(proto, bos, eos, name=str(path), **kw)
     if model == "gpt2":
-        return HFTokenizer(hf_tokenizer_from_gguf(meta, name=str(path)), bos, eos, special_ids=gguf_special_ids(meta),
-                           **kw)
+        return HFTokenizer(hf_tokenizer_from_gguf(meta, name=str(path)), bos, eos, **kw)
     raise LlamaMinError(f"{path}: unsupported tokenizer.ggml.model {model!r} (expected 'llama' or 'gpt2')")
 
 
