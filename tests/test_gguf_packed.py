@@ -24,6 +24,8 @@ from conftest import use_int4_kernel
 from llama_min import load_checkpoint
 from llama_min.checkpoint import build_transformer
 from llama_min.runtime.packed import GGUFTensor, is_quantized_gguf, load_gguf_packed, packed_linear
+from llama_min.runtime import native
+from llama_min.runtime.blocks import BlockEmbedding, BlockLinear
 from llama_min.runtime.quantize import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,7 +119,7 @@ def one_tensor(tmp_path, qtype, arr, rng=None):
     w.close()
     _, infos = read_gguf_tensor_infos(path)
     f = open(path, "rb")
-    buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # as the loader maps files
     return GGUFTensor(buf, *infos[0]), raw, torch.from_numpy(dequantize(raw, qtype).astype(np.float32))
 
 
@@ -133,16 +135,28 @@ def packed_q4(tmp_path, qtype, monkeypatch, kernel):
     arr = (0.1 * np.random.default_rng(1).standard_normal((64, 256)) + 0.02).astype(np.float32)
     t, raw, ref = one_tensor(tmp_path, qtype, arr)
     lin = packed_linear(t, "cpu", torch.float32)
-    assert isinstance(lin, Int4Linear) and lin.group_size == 32
-    assert lin.layout == ("avx2" if kernel == "avx2" else "cpu")
+    if kernel == "avx2":
+        assert isinstance(lin, BlockLinear) and lin.ggml_type == qtype.name
+    else:
+        assert isinstance(lin, Int4Linear) and lin.group_size == 32 and lin.layout == "cpu"
     return lin, raw, ref
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
-def test_q4_0_q4_1_hold_the_files_values_exactly_on_the_avx2_kernel(tmp_path, qtype, monkeypatch):
-    """Its fp16 scale and min are the file's d and (Q4_0) -8d / (Q4_1) m: the weights are the file's, bit for bit."""
-    lin, _, ref = packed_q4(tmp_path, qtype, monkeypatch, "avx2")
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+def test_blocks_are_the_files_values_exactly_and_held_where_the_file_is_mapped(tmp_path, qtype, monkeypatch):
+    """Q4_0 / Q4_1 / Q8_0 on the AVX2 kernels: the layer reads the file's blocks in place (a view of the mapping,
+    not a copy) and its weights are the file's, bit for bit (gguf.quants.dequantize is the reference)."""
+    use_int4_kernel(monkeypatch, "avx2")
+    arr = (0.1 * np.random.default_rng(1).standard_normal((64, 256)) + 0.02).astype(np.float32)
+    t, raw, ref = one_tensor(tmp_path, qtype, arr)
+    lin = packed_linear(t, "cpu", torch.float32)
+    assert isinstance(lin, BlockLinear) and lin.ggml_type == qtype.name
     assert torch.equal(lin.dequantize(), ref)
+    assert np.array_equal(lin.blocks.numpy(), raw)
+    start = np.frombuffer(t.buf, np.uint8, 1, t.offset).__array_interface__["data"][0]
+    assert lin.blocks.data_ptr() == start  # the mapped file's own bytes
+    rows = torch.tensor([5, 0, 63, 5])
+    assert torch.equal(native.block_dequantize(lin.blocks, qtype.name, 256, rows=rows), ref[rows])
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
@@ -194,7 +208,9 @@ def test_q4_k_values_within_rounding_of_the_sub_block_scales(tmp_path, kernel, m
 
 
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q6_K, Q.Q2_K, Q.Q3_K])
-def test_8bit_types_requantized_per_row_within_half_a_step(tmp_path, qtype):
+def test_8bit_types_requantized_per_row_within_half_a_step(tmp_path, qtype, monkeypatch):
+    if qtype == Q.Q8_0:  # held as stored where the AVX2 kernels run: requantized only for PyTorch's kernels
+        use_int4_kernel(monkeypatch, "torch")
     arr = (0.1 * np.random.default_rng(4).standard_normal((48, 256))).astype(np.float32)
     t, _, ref = one_tensor(tmp_path, qtype, arr, np.random.default_rng(5))
     lin = packed_linear(t, "cpu", torch.float32)
@@ -208,7 +224,9 @@ TYPES = [(Q.Q4_0, False, None), (Q.Q4_1, True, Q.Q8_0), (Q.Q4_K, False, Q.Q6_K),
          (Q.Q3_K, False, Q.Q4_1)]
 
 
-KERNELS = [(*t, "avx2") for t in TYPES] + [(q, t, e, "torch") for q, t, e in TYPES if q in (Q.Q4_0, Q.Q4_1, Q.Q4_K)]
+KERNELS = [(*t, "avx2") for t in TYPES] + [(q, t, e, "torch") for q, t, e in TYPES
+                                           if q in (Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q8_0)]
+AS_STORED = (Q.Q4_0, Q.Q4_1, Q.Q8_0)  # held as the file's blocks where the AVX2 kernels run (BlockLinear)
 
 
 @pytest.mark.parametrize("qtype,tied,embd,kernel", KERNELS,
@@ -219,8 +237,13 @@ def test_packed_logits_agree_with_the_float_path(tmp_path, qtype, tied, embd, ke
     assert is_quantized_gguf(path)
     ref, packed = float_model(path), load_gguf_packed(path, "cpu")
     kinds = {type(m) for m in packed.modules()}
-    assert (Int4Linear in kinds) == (qtype in (Q.Q4_0, Q.Q4_1, Q.Q4_K)) and torch.nn.Linear not in kinds
-    assert type(packed.tok_embeddings) in (Int4Embedding, Int8Embedding)
+    blocks = kernel == "avx2" and qtype in AS_STORED
+    assert (BlockLinear in kinds) == blocks and torch.nn.Linear not in kinds
+    assert (Int4Linear in kinds) == (qtype in (Q.Q4_0, Q.Q4_1, Q.Q4_K) and not blocks)
+    embd_blocks = kernel == "avx2" and (embd or qtype) in AS_STORED
+    assert type(packed.tok_embeddings) in ((BlockEmbedding,) if embd_blocks else (Int4Embedding, Int8Embedding))
+    if tied and embd_blocks:  # the output layer reads the embedding's own blocks: one copy of the table
+        assert packed.output.blocks.data_ptr() == packed.tok_embeddings.blocks.data_ptr()
     tokens = torch.randint(0, TINY["vocab"], (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = ref(tokens), packed(tokens)
@@ -272,16 +295,22 @@ def test_bad_files_raise_llama_min_errors(tmp_path):
 def test_smollm2_runs_packed_by_default(smollm2_path):
     from llama_min import Llama
 
+    from llama_min.runtime import native
+
     llama = Llama.build(smollm2_path, max_seq_len=128, max_batch_size=1, device="cpu")
-    assert isinstance(llama.model.layers[0].attention.wqkv, Int4Linear)  # the file's Q4_1 blocks, q/k/v stacked
-    assert isinstance(llama.model.output, Int8Linear)  # tied to token_embd, stored Q8_0
+    if native.enabled():  # the file's Q4_1 blocks and its Q8_0 token_embd, read where the file is mapped
+        assert isinstance(llama.model.layers[0].attention.wq, BlockLinear)
+        assert isinstance(llama.model.output, BlockLinear) and llama.model.output.ggml_type == "Q8_0"
+    else:  # repacked for PyTorch's kernels, q/k/v stacked
+        assert isinstance(llama.model.layers[0].attention.wqkv, Int4Linear)
+        assert isinstance(llama.model.output, Int8Linear)  # tied to token_embd, stored Q8_0
     tok = llama.tokenizer
     out, _ = llama.generate([tok.encode("The capital of France is", bos=tok.add_bos, eos=False)],
                             max_gen_len=8, temperature=0)
     print(f"[packed] {tok.decode(out[0])!r}")
     assert "Paris" in tok.decode(out[0])
     floats = Llama.build(smollm2_path, max_seq_len=128, max_batch_size=1, device="cpu", packed=False)
-    assert not any(isinstance(m, (Int4Linear, Int8Linear)) for m in floats.model.modules())  # dequantized
+    assert not any(isinstance(m, (Int4Linear, Int8Linear, BlockLinear)) for m in floats.model.modules())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -79,9 +79,10 @@ def read_text(path) -> str:
 
 
 def weights_words(model) -> str:
-    """'4-bit + 8-bit' / 'float32': the precisions of the model's matrices, in words."""
+    """'4-bit + 8-bit' / 'Q4_1 + Q8_0' / 'float32': the precisions of the model's matrices, in words."""
     bits = {"Int4": "4-bit", "Int8": "8-bit"}
-    words = {bits.get(type(m).__name__[:4], None) for m in model.modules() if "Linear" in type(m).__name__}
+    words = {getattr(m, "ggml_type", None) or bits.get(type(m).__name__[:4], None)  # a file's blocks: Q4_0, ...
+             for m in model.modules() if "Linear" in type(m).__name__}
     float_name = str(model.norm.weight.dtype).removeprefix("torch.")
     return " + ".join(sorted(w if w is not None else float_name for w in words))
 

@@ -35,12 +35,16 @@ def read_gguf_metadata(path: str | Path, prefix: str | None = None) -> dict:
     return _read_header(path, prefix, tensors=False)[0]
 
 
-def read_gguf_tensor_infos(path: str | Path):
-    """(metadata, tensors): tensors = [(name, dims in ggml order, ggml type, absolute byte offset), ...]."""
-    return _read_header(path, None, tensors=True)
+def read_gguf_tensor_infos(path: str | Path, skip: str | None = None):
+    """(metadata, tensors): tensors = [(name, dims in ggml order, ggml type, absolute byte offset), ...].
+
+    skip: leave out the keys starting with it, without decoding their values (``"tokenizer."``: a model
+    loader's read does not build ~100k Python strings for a vocabulary the tokenizer reads on its own).
+    """
+    return _read_header(path, None, tensors=True, skip=skip)
 
 
-def _read_header(path, prefix, tensors: bool):
+def _read_header(path, prefix, tensors: bool, skip: str | None = None):
     path = Path(path)
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
@@ -51,22 +55,41 @@ def _read_header(path, prefix, tensors: bool):
             raise LlamaMinError(f"{path}: GGUF version {version} is not supported (expected 2 or 3)")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             try:
-                meta, pos = _parse_kv(buf, prefix)
+                meta, pos = _parse_kv(buf, prefix, skip)
                 return meta, (_parse_tensor_infos(buf, pos, meta) if tensors else None)
             except (struct.error, IndexError, KeyError, UnicodeDecodeError) as err:
                 raise LlamaMinError(f"{path}: corrupt or unsupported GGUF metadata ({err!r})") from None
 
 
-def _parse_kv(buf, prefix: str | None):
+def _parse_kv(buf, prefix: str | None, skip: str | None = None):
     _n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
     pos, out = 24, {}
     for _ in range(n_kv):
         key, pos = _read_str(buf, pos)
         (vtype,) = struct.unpack_from("<I", buf, pos)
-        value, pos = _read_value(buf, pos + 4, vtype)
-        if prefix is None or key.startswith(prefix):
-            out[key] = value
+        if (prefix is not None and not key.startswith(prefix)) or (skip is not None and key.startswith(skip)):
+            pos = _skip_value(buf, pos + 4, vtype)
+        else:
+            out[key], pos = _read_value(buf, pos + 4, vtype)
     return out, pos
+
+
+def _skip_value(buf, pos: int, vtype: int) -> int:
+    """The position after a value, without decoding it."""
+    if vtype == 8:
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        return pos + 8 + n
+    if vtype != 9:
+        return pos + struct.calcsize("<" + _SCALAR[vtype])
+    item_type, count = struct.unpack_from("<IQ", buf, pos)
+    pos += 12
+    if item_type in _SCALAR:
+        return pos + count * struct.calcsize("<" + _SCALAR[item_type])
+    for _ in range(count):
+        pos = _skip_value(buf, pos, item_type)
+    if pos > len(buf):
+        raise IndexError("array runs past the end of the file")
+    return pos
 
 
 def _parse_tensor_infos(buf, pos: int, meta: dict) -> list:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native
-from .linear import PREFILL_ROWS, prompt_linear
+from .linear import PREFILL_ROWS, prompt_by_panels
 
 CHUNK_WEIGHTS = 1 << 20  # weights converted at a time: the temporaries of a conversion stay at a few MiB
 
@@ -116,8 +116,10 @@ class AVX2Layout(Int4Layout):
         return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(q.shape[0], -1)
 
     def matmul(self, layer, x2):
-        if x2.shape[0] >= PREFILL_ROWS:  # a prompt: one float GEMM on the weights dequantized for it
-            return prompt_linear(x2.float(), self.dequantize(layer))
+        if x2.shape[0] >= PREFILL_ROWS:  # a prompt: float GEMMs on the weights dequantized a panel at a time
+            codes, dc = layer.weight, layer.scales_and_zeros
+            return prompt_by_panels(x2.float(), layer.out_features,
+                                    lambda start, count, out: native.q4_dequantize(codes, dc, start, count, out))
         return native.q4_linear(x2.float(), layer.weight, layer.scales_and_zeros)
 
     def dequantize(self, layer):

@@ -44,6 +44,8 @@ from torch import nn
 from ..checkpoint import shapes_only
 from ..errors import LlamaMinError
 from ..model import Transformer
+from . import native
+from .blocks import BLOCK_TYPES, BlockEmbedding, BlockLinear
 from .memory import check_window
 from .quantize import (PLAIN_INT4, Int4Embedding, Int8Embedding, chunk_rows, int4_from_rows, int8_from_rows,
                        quantize_per_channel)
@@ -128,6 +130,19 @@ class GGUFTensor:
     def type_name(self) -> str:
         return self.qtype.name
 
+    def blocks(self) -> torch.Tensor:
+        """The tensor's bytes where the file is mapped, (rows, row_bytes) uint8: a view, not a copy (the loader
+        maps the file copy-on-write). From a read-only mapping, a copy: a write through a view would crash."""
+        if not _writable(self.buf):
+            return torch.from_numpy(self.raw_rows(0, self.shape[0]))
+        flat = torch.frombuffer(self.buf, dtype=torch.uint8, count=self.nbytes, offset=self.offset)
+        return flat.view(-1, self.row_bytes)
+
+    def held_as_stored(self, device) -> bool:
+        """Whether a matrix of this type is multiplied where the file holds it (blocks.py): Q4_0, Q4_1 and
+        Q8_0 on a CPU where llama_min's kernels run."""
+        return self.type_name in BLOCK_TYPES and torch.device(device).type == "cpu" and native.enabled()
+
     def raw_rows(self, r0: int, r1: int) -> np.ndarray:
         """Bytes of rows r0..r1-1, copied out of the mapping: (r1 - r0, row_bytes) uint8."""
         start = self.offset + r0 * self.row_bytes
@@ -178,6 +193,11 @@ class GGUFTensor:
         return out
 
 
+def _writable(buf) -> bool:
+    with memoryview(buf) as view:
+        return not view.readonly
+
+
 def warn_unsupported(t: GGUFTensor):
     print(f"warning: tensor '{t.name}' has type {t.type_name}, which the packed loader does not support; "
           "it is dequantized to float", file=sys.stderr, flush=True)
@@ -186,6 +206,8 @@ def warn_unsupported(t: GGUFTensor):
 def packed_linear(t: GGUFTensor, device, dtype) -> nn.Module:
     """The layer computing x W^T for file tensor W (N, K): Int4Linear, Int8Linear or a float nn.Linear."""
     n, k = t.shape
+    if t.held_as_stored(device):
+        return BlockLinear(t.blocks(), t.type_name, k)
     if t.type_name in INT4_DECODERS:
         return int4_from_rows(n, k, GROUP, t.int4_rows(), device)
     if t.type_name in INT8_TYPES:
@@ -200,6 +222,8 @@ def packed_linear(t: GGUFTensor, device, dtype) -> nn.Module:
 def packed_embedding(t: GGUFTensor, device, dtype) -> nn.Module:
     """The token embedding table: Int4Embedding, Int8Embedding or a float nn.Embedding."""
     v, dim = t.shape
+    if t.held_as_stored(device):
+        return BlockEmbedding(t.blocks(), t.type_name, dim)
     if t.type_name in INT4_DECODERS:
         packed = torch.empty(v, dim // 2, dtype=torch.uint8, device=device)
         sz = torch.empty(v, dim // GROUP, 2, dtype=torch.bfloat16, device=device)
@@ -239,7 +263,7 @@ def is_quantized_gguf(path) -> bool:
 
     from ..files.gguf import read_gguf_tensor_infos
 
-    _, infos = read_gguf_tensor_infos(path)
+    _, infos = read_gguf_tensor_infos(path, skip="tokenizer.")
     return any(len(dims) == 2 and GGMLQuantizationType(t).name not in FLOAT_TYPES for _, dims, t, _ in infos)
 
 
@@ -301,7 +325,7 @@ def gguf_header_args(path):
     when there is no output.weight, the vocabulary size from token_embd when the metadata has none."""
     from ..files.gguf import read_gguf_tensor_infos
 
-    meta, infos = read_gguf_tensor_infos(path)
+    meta, infos = read_gguf_tensor_infos(path, skip="tokenizer.")
     args = args_from_gguf(meta)
     names = {name for name, *_ in infos}
     args.tie_word_embeddings = "output.weight" not in names
@@ -327,18 +351,22 @@ def load_gguf_packed(path, device="cpu", dtype=torch.float32, max_seq_len=None,
     if max_seq_len:
         args.max_seq_len = max_seq_len
     check_window(args, args.max_seq_len, max_batch_size, device, torch.empty((), dtype=dtype).element_size())
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        tensors = _tensors(path, buf, infos, args)
-        rope_override(args, rope_scaling)  # again: it replaces rope_freqs' divisors too
-        with shapes_only():
-            model = Transformer(args)
-        for meta_name, t in tqdm(tensors.items(), desc="packing", unit="tensor", leave=False, disable=None):
-            try:
-                _place(model, meta_name, t, device, dtype)
-                if meta_name == "tok_embeddings.weight" and args.tie_word_embeddings:
-                    model.output = packed_linear(t, device, dtype)
-            except (ValueError, KeyError, NotImplementedError) as e:
-                raise LlamaMinError(f"{path}: tensor '{t.name}' ({t.type_name}): {e}") from None
+    with open(path, "rb") as f:  # copy-on-write: the model's block views are writable, the file never written
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    if hasattr(buf, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
+        buf.madvise(mmap.MADV_WILLNEED)  # read ahead from disk while the model is put together
+    tensors = _tensors(path, buf, infos, args)
+    rope_override(args, rope_scaling)  # again: it replaces rope_freqs' divisors too
+    with shapes_only():
+        model = Transformer(args)
+    for meta_name, t in tqdm(tensors.items(), desc="packing", unit="tensor", leave=False, disable=None):
+        try:
+            _place(model, meta_name, t, device, dtype)
+            if meta_name == "tok_embeddings.weight" and args.tie_word_embeddings:
+                model.output = packed_linear(t, device, dtype)  # (blocks held as stored: the same view)
+        except (ValueError, KeyError, NotImplementedError) as e:
+            raise LlamaMinError(f"{path}: tensor '{t.name}' ({t.type_name}): {e}") from None
+        if len(t.shape) == 2 and not t.held_as_stored(device):  # repacked: the file's pages are not needed
             t.release()
             return_freed_memory()
     return model.eval().requires_grad_(False)

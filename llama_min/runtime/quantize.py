@@ -30,7 +30,7 @@ from torch import nn
 from . import native
 from ..errors import LlamaMinError
 from .int4_layouts import PLAIN_INT4, Int4Layout, chunk_rows, int4_layout
-from .linear import PREFILL_ROWS, prompt_linear
+from .linear import PREFILL_ROWS, prompt_by_panels, prompt_linear
 
 INT4_GROUP_SIZES = (32, 64, 128)
 
@@ -75,7 +75,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows >= PREFILL_ROWS:  # a long prompt: compute-bound, so dequantize once and use a float GEMM
+        if rows >= PREFILL_ROWS and x.dtype == torch.float32:  # a long prompt: float GEMMs, a panel at a time
+            y = prompt_by_panels(x.reshape(-1, self.in_features), self.out_features, self._float_rows)
+            return y.reshape(*x.shape[:-1], self.out_features)
+        if rows >= PREFILL_ROWS:
             return prompt_linear(x, self.weight.to(x.dtype) * self.scales[:, None].to(x.dtype))
         if self.native and x.device.type == "cpu":  # llama_min's AVX2 kernel (native/)
             y = native.q8_linear(x.reshape(-1, self.in_features).float(), self.weight, self.scales)
@@ -87,6 +90,11 @@ class Int8Linear(nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self._scales_bf16)  # (M, N) bf16
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+
+    def _float_rows(self, start: int, count: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows start .. start+count-1 of the weights as float32, written into `out` (prompt_by_panels)."""
+        rows = slice(start, start + count)
+        return torch.mul(self.weight[rows], self.scales[rows, None], out=out)
 
     def dequantize(self) -> torch.Tensor:
         """The weights this layer multiplies by, (N, K) float32."""

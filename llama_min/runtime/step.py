@@ -34,7 +34,8 @@ The embedding before the layers and the final norm and output product after them
 A call takes the C path when it feeds fewer than linear.PREFILL_ROWS tokens in all (rows x new tokens;
 longer prompts are faster through PyTorch's matrix-matrix kernels) into a KV cache, with gradients off,
 and every layer holds kinds the C code multiplies by: float32 weights (nn.Linear, NativeLinear), 4-bit
-layers in llama_min's own layout and int8 layers with their native kernel (quantize.py), fused or not.
+layers in llama_min's own layout and int8 layers with their native kernel (quantize.py), fused or not, and
+a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks where the file holds them (blocks.BlockLinear).
 Anything else (long prompts, scoring without a cache, a layer wrapped for tensor parallelism, a bf16
 model) goes to the model's own forward. Forward hooks on the layers are not called on the C path.
 
@@ -60,6 +61,7 @@ from torch import nn
 
 from . import native
 from .attention import FastAttention
+from .blocks import BlockLinear
 from .fusion import FusedAttention, FusedFeedForward
 from .linear import PREFILL_ROWS, NativeLinear
 from .native_decode import NativeRMSNorm
@@ -144,6 +146,10 @@ def _matrix(r: _Reads, layer: nn.Module) -> Optional[tuple]:
                 and dc.is_contiguous() and tuple(codes.shape) == (n, k // 2) and tuple(dc.shape) == (n, 2, k // 32)
                 and codes.device.type == "cpu" and dc.device.type == "cpu"):
             return native.INT4, n, k, codes.data_ptr(), dc.data_ptr()
+    elif kind is BlockLinear:
+        blocks, ggml_type, k = r.get(layer, "blocks"), r.get(layer, "ggml_type"), r.get(layer, "in_features")
+        native._block_operands(blocks, ggml_type, k)  # (raises on a bad operand rather than pass it to C)
+        return native.BLOCK_TYPES[ggml_type][0], blocks.shape[0], k, blocks.data_ptr(), 0
     elif kind is Int8Linear and r.get(layer, "native"):
         w, s = r.get(layer, "weight"), r.get(layer, "scales")
         n, k = w.shape

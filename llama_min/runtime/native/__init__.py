@@ -137,6 +137,10 @@ def _library():
     lib.f32_linear.restype = None
     lib.q8_linear.argtypes = [p, i64, i64, p, p, i64, p, ctypes.c_int]
     lib.q8_linear.restype = ctypes.c_int
+    lib.block_linear.argtypes = [p, i64, i64, i64, p, i64, p, ctypes.c_int]
+    lib.block_linear.restype = ctypes.c_int
+    lib.block_dequantize.argtypes = [i64, p, i64, i64, p, i64, p, ctypes.c_int]
+    lib.block_dequantize.restype = None
     lib.rms_norm.argtypes = [p, i64, i64, p, ctypes.c_float, p]
     lib.rms_norm.restype = None
     lib.swiglu.argtypes = [p, i64, i64, p, ctypes.c_int]
@@ -233,12 +237,73 @@ _q8_linear_op = torch.library.custom_op("llama_min::q8_linear", _q8_linear, muta
 _q8_linear_op.register_fake(lambda x, w, scales: x.new_empty(x.shape[0], w.shape[0]))
 
 
-def q4_dequantize(codes: torch.Tensor, dc: torch.Tensor) -> torch.Tensor:
-    """The weights of q4_linear as float32 (N, K): d * q + c (what quantize.Int4Linear.dequantize computes)."""
+# ggml block types the C code multiplies by where the file holds them: type -> (matrix kind, bytes per block of 32)
+BLOCK_TYPES = {"Q4_0": (3, 18), "Q4_1": (4, 20), "Q8_0": (5, 34)}
+
+
+def _block_operands(blocks: torch.Tensor, ggml_type: str, k: int) -> int:
+    """The matrix kind of `blocks` (N, K/32 * block bytes) uint8 rows of `ggml_type`, checked."""
+    kind, size = BLOCK_TYPES[ggml_type]
+    if (blocks.dtype != torch.uint8 or blocks.dim() != 2 or k % 32 or blocks.shape[1] != k // 32 * size
+            or not blocks.is_contiguous() or blocks.device.type != "cpu"):
+        raise ValueError(f"{ggml_type} blocks: bad operand {blocks.dtype} {tuple(blocks.shape)} for K = {k}")
+    return kind
+
+
+def block_linear(x: torch.Tensor, blocks: torch.Tensor, ggml_type: str) -> torch.Tensor:
+    """x (M, K) float32 times W^T, W held as ggml blocks (N, K/32 * block bytes) uint8 of `ggml_type` (Q4_0,
+    Q4_1 or Q8_0: kernels_avx2.c reads them in place) -> (M, N) float32; for a few rows M."""
+    x = x.contiguous()
+    (m, k), n = x.shape, blocks.shape[0]
+    kind = _block_operands(blocks, ggml_type, k)
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(f"block_linear: bad activations {x.dtype} {tuple(x.shape)}")
+    y = torch.empty(m, n, dtype=torch.float32)
+    if _library().block_linear(x.data_ptr(), m, k, kind, blocks.data_ptr(), n, y.data_ptr(),
+                               torch.get_num_threads()) != 0:
+        raise MemoryError(f"block_linear: no memory for the int16 activations of {m} x {k}")
+    return y
+
+
+def block_dequantize(blocks: torch.Tensor, ggml_type: str, k: int, rows: Optional[torch.Tensor] = None,
+                     start: int = 0, count: Optional[int] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The weights of ggml block rows as float32 (n, K): rows start .. start+count-1 (count None: to the end),
+    or the rows listed in `rows` (an int64 tensor; an embedding's lookup). Each weight exactly as the gguf
+    package computes it. `out`: a float32 (n, K) buffer to write into."""
+    kind = _block_operands(blocks, ggml_type, k)
+    if rows is not None:
+        rows = rows.reshape(-1).to(torch.int64).contiguous()
+        n = rows.numel()
+        if n and (int(rows.min()) < 0 or int(rows.max()) >= blocks.shape[0]):
+            raise IndexError(f"block rows {int(rows.min())}..{int(rows.max())} outside 0..{blocks.shape[0] - 1}")
+    else:
+        n = blocks.shape[0] - start if count is None else count
+        if start < 0 or n < 0 or start + n > blocks.shape[0]:
+            raise IndexError(f"block rows {start}..{start + n - 1} outside 0..{blocks.shape[0] - 1}")
+    if out is None:
+        out = torch.empty(n, k, dtype=torch.float32)
+    elif out.dtype != torch.float32 or tuple(out.shape) != (n, k) or not out.is_contiguous():
+        raise ValueError(f"block_dequantize: out {out.dtype} {tuple(out.shape)} is not float32 ({n}, {k})")
+    _library().block_dequantize(kind, blocks.data_ptr(), k, start, None if rows is None else rows.data_ptr(), n,
+                                out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def q4_dequantize(codes: torch.Tensor, dc: torch.Tensor, start: int = 0, count: Optional[int] = None,
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The weights of q4_linear as float32 (n, K): d * q + c (what quantize.Int4Linear.dequantize computes), of
+    rows start .. start+count-1 (count None: to the end), into `out` (a float32 (n, K) buffer) if given."""
     codes, dc = codes.contiguous(), dc.contiguous()
-    n, k = codes.shape[0], codes.shape[1] * 2
-    w = torch.empty(n, k, dtype=torch.float32)
-    _library().q4_dequantize(codes.data_ptr(), dc.data_ptr(), n, k, w.data_ptr(), torch.get_num_threads())
+    k = codes.shape[1] * 2
+    n = codes.shape[0] - start if count is None else count
+    if start < 0 or n < 0 or start + n > codes.shape[0]:
+        raise IndexError(f"q4_dequantize: rows {start}..{start + n - 1} outside 0..{codes.shape[0] - 1}")
+    w = torch.empty(n, k, dtype=torch.float32) if out is None else out
+    if w.dtype != torch.float32 or tuple(w.shape) != (n, k) or not w.is_contiguous():
+        raise ValueError(f"q4_dequantize: out {w.dtype} {tuple(w.shape)} is not float32 ({n}, {k})")
+    first_codes = codes.data_ptr() + start * codes.stride(0)  # uint8: one byte per element
+    first_dc = dc.data_ptr() + start * dc.stride(0) * dc.element_size()
+    _library().q4_dequantize(first_codes, first_dc, n, k, w.data_ptr(), torch.get_num_threads())
     return w
 
 
@@ -299,7 +364,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs_ro
 # A whole decode step through the decoder layers (decode_layers in kernels_avx2.c; step.NativeStep)
 # ------------------------------------------------------------------------------------------------
 
-FLOAT32, INT4, INT8 = 0, 1, 2  # matrix kinds, as kernels_avx2.c numbers them
+FLOAT32, INT4, INT8 = 0, 1, 2  # matrix kinds, as kernels_avx2.c numbers them (3, 4, 5: BLOCK_TYPES)
 
 
 class Matrix(ctypes.Structure):

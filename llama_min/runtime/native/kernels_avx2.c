@@ -32,6 +32,7 @@
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 static float sum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -231,9 +232,8 @@ static void quantize_rows(const float *x, int64_t M, int64_t K, int16_t *xq, int
 
 /* Two groups' codes (32 bytes) with their 64 activations in WORD_LANES order -> 8 int32 partial sums:
  * lanes 0-3 of the first group, 4-7 of the second */
-static inline __m256i pair_dot(const uint8_t *q, const int16_t *x) {
+static inline __m256i pair_dot_codes(__m256i b, const int16_t *x) {
     const __m256i low4 = _mm256_set1_epi16(15);
-    const __m256i b = _mm256_loadu_si256((const __m256i *)q);
     const __m256i v0 = _mm256_and_si256(b, low4);                         /* weights 2i */
     const __m256i v1 = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);   /* 2i + 16 */
     const __m256i v2 = _mm256_and_si256(_mm256_srli_epi16(b, 8), low4);   /* 2i + 1 */
@@ -242,6 +242,10 @@ static inline __m256i pair_dot(const uint8_t *q, const int16_t *x) {
     return _mm256_add_epi32(
         _mm256_add_epi32(_mm256_madd_epi16(v0, _mm256_loadu_si256(xv)), _mm256_madd_epi16(v1, _mm256_loadu_si256(xv + 1))),
         _mm256_add_epi32(_mm256_madd_epi16(v2, _mm256_loadu_si256(xv + 2)), _mm256_madd_epi16(v3, _mm256_loadu_si256(xv + 3))));
+}
+
+static inline __m256i pair_dot(const uint8_t *q, const int16_t *x) {
+    return pair_dot_codes(_mm256_loadu_si256((const __m256i *)q), x);
 }
 
 /* The same for one group alone (a row's last group when their number is odd) -> 4 int32 partial sums */
@@ -396,10 +400,171 @@ static void q8_rows(const int16_t *xq, int64_t M, int64_t K, const int8_t *w, co
     }
 }
 
+/* ---- ggml blocks, read where the file holds them ----
+ *
+ * A quantized GGUF file stores each row of W as blocks of 32 weights, each block's fp16 scale beside its codes:
+ *   Q4_0  18 bytes: d, then 16 bytes of codes (byte j: weight j in the low nibble, j+16 in the high)   w = d (q - 8)
+ *   Q4_1  20 bytes: d, m, then 16 bytes of codes as Q4_0                                                w = d q + m
+ *   Q8_0  34 bytes: d, then 32 int8 codes                                                               w = d q
+ * The products below read those blocks where they are: the file is memory-mapped, nothing is repacked when
+ * it loads, and the weights are the file's own, bit for bit. The 4-bit codes are in the byte order of the
+ * 'avx2' layout above, so two blocks' 16 code bytes, loaded into one register, go through the same
+ * pair_dot; only the scales, a block apart instead of side by side, are read one by one. With the
+ * activations as int16 per block (quantize_row):
+ *     Q4_0: y = sum_g d s (sum_j q_j xq_j) - 8 d (sum_j x_j)      Q4_1: ... + m (sum_j x_j)
+ *     Q8_0: y = sum_g d s (sum_j q_j xq_j)
+ */
+enum { Q4_0_BYTES = 18, Q4_1_BYTES = 20, Q8_0_BYTES = 34 };
+
+static inline float fp16_at(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+/* the fp16 numbers at byte `at` of 8 consecutive blocks of bb bytes -> 8 floats */
+static inline __m256 fp16_of_8(const uint8_t *b, int64_t bb, int at) {
+    uint16_t h[8];
+    for (int i = 0; i < 8; i++)
+        memcpy(h + i, b + i * bb + at, 2);
+    return _mm256_cvtph_ps(_mm_setr_epi16(h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]));
+}
+
+/* the codes of blocks b and b + bb (16 bytes each, at byte q_at of each) as one register, then pair_dot */
+static inline __m256i block_pair_dot(const uint8_t *b, int64_t bb, int q_at, const int16_t *x) {
+    const __m256i codes = _mm256_loadu2_m128i((const __m128i *)(b + bb + q_at), (const __m128i *)(b + q_at));
+    return pair_dot_codes(codes, x);
+}
+
+/* Q4_0 / Q4_1 blocks (bb = 18 / 20 bytes) times xq (WORD_LANES order) -> y (M, N), rows ldy apart; work-sharing */
+static void q4_block_rows(const int16_t *xq, int64_t M, int64_t K, const uint8_t *w, int64_t bb, int64_t N,
+                          float *y, int64_t ldy) {
+    const int64_t G = K / 32, G8 = G / 8 * 8, row_bytes = G * bb;
+    const int has_min = bb == Q4_1_BYTES, q_at = has_min ? 4 : 2;
+    const float *s = (const float *)(xq + M * K), *xsum = s + M * G;
+    const __m256i evens_then_odds = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    const __m256 minus8 = _mm256_set1_ps(-8.f);
+    #pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = w + n * row_bytes;
+        for (int64_t m = 0; m < M; m++) {
+            const int16_t *xm = xq + m * K;
+            const float *sm = s + m * G, *xsm = xsum + m * G;
+            __m256 acc = _mm256_setzero_ps(), offsets = _mm256_setzero_ps();
+            int64_t g = 0;
+            for (; g < G8; g += 8) {
+                const uint8_t *b = row + g * bb;
+                const int16_t *x = xm + 32 * g;
+                if (m == 0)  /* 8 blocks are 144 or 160 bytes: three cache lines, AHEAD bytes on */
+                    for (int j = 0; j < 3; j++)
+                        _mm_prefetch((const char *)b + AHEAD + 64 * j, _MM_HINT_T0);
+                const __m256i dots = _mm256_hadd_epi32(
+                    _mm256_hadd_epi32(block_pair_dot(b, bb, q_at, x), block_pair_dot(b + 2 * bb, bb, q_at, x + 64)),
+                    _mm256_hadd_epi32(block_pair_dot(b + 4 * bb, bb, q_at, x + 128),
+                                      block_pair_dot(b + 6 * bb, bb, q_at, x + 192)));
+                const __m256 d8 = fp16_of_8(b, bb, 0);
+                const __m256 c8 = has_min ? fp16_of_8(b, bb, 2) : _mm256_mul_ps(d8, minus8);
+                const __m256 ds = _mm256_permutevar8x32_ps(_mm256_mul_ps(d8, _mm256_loadu_ps(sm + g)), evens_then_odds);
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), ds, acc);
+                offsets = _mm256_fmadd_ps(c8, _mm256_loadu_ps(xsm + g), offsets);
+            }
+            float rest = 0.f;  /* the last G % 8 blocks: by pairs, then one alone */
+            for (; g + 2 <= G; g += 2) {
+                const uint8_t *b = row + g * bb;
+                const float d0 = fp16_at(b), d1 = fp16_at(b + bb);
+                const __m256 ds = _mm256_set_m128(_mm_set1_ps(d1 * sm[g + 1]), _mm_set1_ps(d0 * sm[g]));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_pair_dot(b, bb, q_at, xm + 32 * g)), ds, acc);
+                rest += (has_min ? fp16_at(b + 2) : -8.f * d0) * xsm[g] + (has_min ? fp16_at(b + bb + 2) : -8.f * d1) * xsm[g + 1];
+            }
+            if (g < G) {
+                const uint8_t *b = row + g * bb;
+                const float d0 = fp16_at(b);
+                rest += d0 * sm[g] * (float)sum4i(single_dot(b + q_at, xm + 32 * g))
+                        + (has_min ? fp16_at(b + 2) : -8.f * d0) * xsm[g];
+            }
+            y[m * ldy + n] = sum8(_mm256_add_ps(acc, offsets)) + rest;
+        }
+    }
+}
+
+/* Q8_0 blocks times xq (NATURAL order) -> y (M, N), rows ldy apart; work-sharing */
+static void q8_block_rows(const int16_t *xq, int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y,
+                          int64_t ldy) {
+    const int64_t G = K / 32, G8 = G / 8 * 8, row_bytes = G * Q8_0_BYTES;
+    const float *s = (const float *)(xq + M * K);
+    #pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = w + n * row_bytes;
+        for (int64_t m = 0; m < M; m++) {
+            const int16_t *xm = xq + m * K;
+            const float *sm = s + m * G;
+            __m256 acc = _mm256_setzero_ps();
+            int64_t g = 0;
+            for (; g < G8; g += 8) {
+                const uint8_t *b = row + g * Q8_0_BYTES;
+                __m256i p[8];
+                if (m == 0)  /* 8 blocks are 272 bytes: five cache lines */
+                    for (int j = 0; j < 5; j++)
+                        _mm_prefetch((const char *)b + AHEAD + 64 * j, _MM_HINT_T0);
+                for (int j = 0; j < 8; j++)
+                    p[j] = group_dot_q8((const int8_t *)(b + j * Q8_0_BYTES + 2), xm + 32 * (g + j));
+                const __m256 ds = _mm256_mul_ps(fp16_of_8(b, Q8_0_BYTES, 0), _mm256_loadu_ps(sm + g));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(p)), ds, acc);
+            }
+            float rest = 0.f;
+            for (; g < G; g++) {
+                const uint8_t *b = row + g * Q8_0_BYTES;
+                rest += fp16_at(b) * sm[g] * sum8(_mm256_cvtepi32_ps(group_dot_q8((const int8_t *)(b + 2), xm + 32 * g)));
+            }
+            y[m * ldy + n] = sum8(acc) + rest;
+        }
+    }
+}
+
+/* Rows of ggml blocks as float32: out (n, K) = the weights of rows r0 .. r0+n-1 (rows == NULL) or of rows
+ * rows[0 .. n-1], by the formulas above (each weight one float32 multiply, and Q4_1's add: as the gguf
+ * package computes them). kind: 3 Q4_0, 4 Q4_1, 5 Q8_0. */
+void block_dequantize(int64_t kind, const uint8_t *w, int64_t K, int64_t r0, const int64_t *rows, int64_t n,
+                      float *out, int nthreads) {
+    const int64_t G = K / 32, bb = kind == 3 ? Q4_0_BYTES : kind == 4 ? Q4_1_BYTES : Q8_0_BYTES;
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (n * K > (1 << 16))
+    for (int64_t i = 0; i < n; i++) {
+        const uint8_t *row = w + (rows ? rows[i] : r0 + i) * G * bb;
+        float *o = out + i * K;
+        for (int64_t g = 0; g < G; g++) {
+            const uint8_t *b = row + g * bb;
+            const __m256 d = _mm256_set1_ps(fp16_at(b));
+            float *og = o + 32 * g;
+            if (kind == 5) {
+                for (int j = 0; j < 32; j += 8) {
+                    const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + 2 + j)));
+                    _mm256_storeu_ps(og + j, _mm256_mul_ps(d, _mm256_cvtepi32_ps(q)));
+                }
+                continue;
+            }
+            const __m128i codes = _mm_loadu_si128((const __m128i *)(b + (kind == 4 ? 4 : 2)));
+            const __m128i lo = _mm_and_si128(codes, _mm_set1_epi8(15));
+            const __m128i hi = _mm_and_si128(_mm_srli_epi16(codes, 4), _mm_set1_epi8(15));
+            const __m128i halves[2] = {lo, hi};  /* weights 0-15, then 16-31 */
+            for (int h = 0; h < 2; h++)
+                for (int j = 0; j < 16; j += 8) {
+                    const __m256i q = _mm256_cvtepu8_epi32(_mm_srli_si128(halves[h], j));
+                    __m256 v;
+                    if (kind == 3)  /* d (q - 8) */
+                        v = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(q, _mm256_set1_epi32(8))));
+                    else  /* d q + m: the product rounded, then the sum, as the gguf package */
+                        v = _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(q)), _mm256_set1_ps(fp16_at(b + 2)));
+                    _mm256_storeu_ps(og + 16 * h + j, v);
+                }
+        }
+    }
+}
+
 /* ---- one matrix in any of the three formats, and the exported products ---- */
 
 typedef struct {
-    int64_t kind;        /* 0: float32 W (N, K); 1: 4-bit codes (N, K/2) + fp16 dc (N, 2, K/32); 2: int8 W (N, K) + float32 scales (N,) */
+    int64_t kind;        /* 0: float32 W (N, K); 1: 4-bit codes (N, K/2) + fp16 dc (N, 2, K/32); 2: int8 W (N, K) + float32
+                          * scales (N,); 3, 4, 5: ggml Q4_0, Q4_1, Q8_0 blocks, N rows of K/32 blocks (scales unused) */
     int64_t N, K;
     const void *w;       /* the float32 W, the 4-bit codes or the int8 W */
     const void *scales;  /* dc (4-bit), scales (int8), unused for float32 */
@@ -411,7 +576,7 @@ static void products(const matrix *ms, int64_t n, const float *x, int64_t M, flo
     int quantized = -1;  /* the order xq holds x in, if any */
     for (int64_t i = 0; i < n; i++) {
         const matrix *m = ms + i;
-        const int order = m->kind == 1 ? WORD_LANES : NATURAL;
+        const int order = m->kind == 1 || m->kind == 3 || m->kind == 4 ? WORD_LANES : NATURAL;
         if (m->kind == 0) {
             f32_rows(x, M, m->K, m->w, m->N, y, ldy);
         } else {
@@ -422,8 +587,12 @@ static void products(const matrix *ms, int64_t n, const float *x, int64_t M, flo
             }
             if (m->kind == 1)
                 q4_rows(xq, M, m->K, m->w, m->scales, m->N, y, ldy);
-            else
+            else if (m->kind == 2)
                 q8_rows(xq, M, m->K, m->w, m->scales, m->N, y, ldy);
+            else if (m->kind == 5)
+                q8_block_rows(xq, M, m->K, m->w, m->N, y, ldy);
+            else
+                q4_block_rows(xq, M, m->K, m->w, m->kind == 3 ? Q4_0_BYTES : Q4_1_BYTES, m->N, y, ldy);
         }
         y += m->N;
     }
@@ -455,6 +624,12 @@ int q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, const 
 int q8_linear(const float *x, int64_t M, int64_t K, const int8_t *w, const float *scales, int64_t N, float *y,
               int nthreads) {
     const matrix m = {2, N, K, w, scales};
+    return one_product(&m, x, M, y, nthreads);
+}
+
+int block_linear(const float *x, int64_t M, int64_t K, int64_t kind, const uint8_t *w, int64_t N, float *y,
+                 int nthreads) {
+    const matrix m = {kind, N, K, w, NULL};
     return one_product(&m, x, M, y, nthreads);
 }
 

@@ -1,0 +1,93 @@
+"""Matrices held as a GGUF file's own blocks, read where the file is memory-mapped: nothing repacked, nothing copied.
+
+A quantized GGUF file stores each row of a weight matrix as blocks of 32 weights (formats in
+native/kernels_avx2.c): Q4_0 (18 bytes: fp16 d, 16 bytes of 4-bit codes; w = d (q - 8)), Q4_1 (20 bytes:
+d, m, codes; w = d q + m), Q8_0 (34 bytes: d, 32 int8; w = d q). llama_min's C kernels multiply by those
+blocks directly, so a model built from such a file holds views of the mapped file, not a copy:
+
+  - loading costs no time per weight (the 1.1B-shape Q4_0 file: the repack this replaced took ~10 s);
+  - resident memory for weights is the file's size (the pages the products touch, shared with the OS's
+    page cache), not the ~1.11x of a repacked copy; a tied output layer reads the embedding's own blocks;
+  - the weights are the file's, bit for bit: no fp16 or bf16 rounding of scales, no int8 requantization of
+    Q8_0 (the earlier path requantized its rows per channel).
+
+How each call multiplies (BlockLinear.forward):
+  fewer than PREFILL_ROWS rows (decoding)  native.block_linear: int16 activations per block of 32 times the
+                                           stored codes, exact integer sums (kernels_avx2.c); the whole-step
+                                           C decode (step.py) reads the same blocks
+  a prompt                                 float32 GEMMs on the weights dequantized a panel of rows at a time
+                                           (linear.prompt_by_panels): exact weights, float rounding only
+
+Used where llama_min's kernels run (native.enabled(): x86-64 Linux with AVX2, FMA, F16C and a C compiler);
+elsewhere runtime/packed.py repacks these types for PyTorch's kernels as before.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import native
+from .linear import PREFILL_ROWS, prompt_by_panels
+
+BLOCK_TYPES = tuple(native.BLOCK_TYPES)  # "Q4_0", "Q4_1", "Q8_0"
+
+
+class BlockLinear(nn.Module):
+    """A bias-free nn.Linear replacement whose weight W (N, K) is rows of ggml blocks of `ggml_type`.
+
+    blocks: (N, K/32 * block bytes) uint8, usually a view of the memory-mapped file (read-only in spirit:
+    the mapping is copy-on-write, so a write would only change this process's copy).
+    """
+
+    def __init__(self, blocks: torch.Tensor, ggml_type: str, in_features: int):
+        super().__init__()
+        if ggml_type not in native.BLOCK_TYPES:
+            raise ValueError(f"BlockLinear: type {ggml_type} is not one of {BLOCK_TYPES}")
+        self.ggml_type, self.in_features, self.out_features = ggml_type, in_features, blocks.shape[0]
+        self.register_buffer("blocks", blocks)
+        native._block_operands(blocks, ggml_type, in_features)  # checked once here (and on every call)
+
+    @property
+    def kind(self) -> int:
+        """The matrix kind kernels_avx2.c numbers this type with."""
+        return native.BLOCK_TYPES[self.ggml_type][0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).float()
+        if x2.shape[0] < PREFILL_ROWS:
+            y = native.block_linear(x2, self.blocks, self.ggml_type)
+        else:
+            y = prompt_by_panels(x2, self.out_features, self._float_rows)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _float_rows(self, start: int, count: int, out: torch.Tensor) -> torch.Tensor:
+        return native.block_dequantize(self.blocks, self.ggml_type, self.in_features, start=start, count=count,
+                                       out=out)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weights this layer multiplies by, (N, K) float32: the file's values exactly."""
+        return native.block_dequantize(self.blocks, self.ggml_type, self.in_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"{self.ggml_type} blocks as stored")
+
+
+class BlockEmbedding(nn.Module):
+    """The token embedding table as rows of ggml blocks: a lookup dequantizes only the rows asked for."""
+
+    def __init__(self, blocks: torch.Tensor, ggml_type: str, embedding_dim: int):
+        super().__init__()
+        if ggml_type not in native.BLOCK_TYPES:
+            raise ValueError(f"BlockEmbedding: type {ggml_type} is not one of {BLOCK_TYPES}")
+        self.ggml_type, self.num_embeddings, self.embedding_dim = ggml_type, blocks.shape[0], embedding_dim
+        self.register_buffer("blocks", blocks)
+        native._block_operands(blocks, ggml_type, embedding_dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = native.block_dequantize(self.blocks, self.ggml_type, self.embedding_dim, rows=tokens)
+        return rows.view(*tokens.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.ggml_type} blocks as stored"

@@ -1,0 +1,157 @@
+"""runtime/blocks.py: Q4_0 / Q4_1 / Q8_0 matrices multiplied where the GGUF file holds them, and the prompt
+GEMM by panels (linear.prompt_by_panels) that every packed layer shares.
+
+References: `gguf.quants` (the gguf package) encodes the blocks and decodes them to the float weights; the
+products are checked against float32 products with those weights, within bounds derived from what each
+kernel rounds."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize, quantize
+
+from _tiny import rand_tokens
+from conftest import CallCounter, use_int4_kernel
+from llama_min.runtime import native
+from llama_min.runtime.blocks import BlockEmbedding, BlockLinear
+from llama_min.runtime.linear import PREFILL_ROWS, prompt_by_panels
+from llama_min.runtime.quantize import Int4Linear, Int8Linear
+
+TYPES = [Q.Q4_0, Q.Q4_1, Q.Q8_0]
+
+
+@pytest.fixture(autouse=True)
+def kernels(monkeypatch):
+    use_int4_kernel(monkeypatch, "avx2")  # llama_min's C kernels (skips where they cannot build, fails in CI)
+
+
+def block_layer(qtype, n=96, k=320, seed=0):
+    """A BlockLinear of random weights stored as qtype (K = 320: 10 blocks, so the kernels' tails of fewer
+    than 8 blocks run too), and the float32 weights the file means."""
+    w = (0.1 * np.random.default_rng(seed).standard_normal((n, k)) + 0.01).astype(np.float32)
+    raw = quantize(w, qtype)
+    ref = torch.from_numpy(dequantize(raw, qtype).astype(np.float32))
+    return BlockLinear(torch.from_numpy(raw.copy()), qtype.name, k), ref
+
+
+def int16_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """|y - x W^T| for x rounded to int16 per group of 32 (step s = max|x_g| / 32767, error <= s/2 each):
+    at most sum_g (s_g / 2) sum_{j in g} |W[n, j]|, plus float rounding. (M, N)."""
+    m, k = x.shape
+    s = x.view(m, k // 32, 32).abs().amax(-1) / 32767  # (M, G)
+    wg = w.abs().view(w.shape[0], k // 32, 32).sum(-1)  # (N, G)
+    return (s / 2) @ wg.t() * 1.001 + 1e-5 * (x.abs() @ w.abs().t())
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("rows", [1, 3, PREFILL_ROWS - 1])
+def test_decode_rows_within_the_int16_rounding_of_the_activations(qtype, rows):
+    lin, w = block_layer(qtype)
+    x = torch.randn(rows, w.shape[1])
+    got, want = lin(x), x @ w.t()
+    err = (got - want).abs()
+    assert torch.all(err <= int16_bound(x, w)), err.max()
+    assert err.max() > 0  # the int16 path really ran (a float path would be far closer)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("rows", [PREFILL_ROWS, 77])
+def test_prompt_is_the_float_product_of_the_files_weights(qtype, rows):
+    """A prompt's product: float32 GEMMs on the exactly dequantized weights, panel by panel: float rounding."""
+    lin, w = block_layer(qtype)
+    x = torch.randn(rows, w.shape[1])
+    torch.testing.assert_close(lin(x), x @ w.t(), atol=1e-5, rtol=1e-5)
+
+
+def test_panels_cover_every_row_once(monkeypatch):
+    """prompt_by_panels with panels much smaller than N (and N not a multiple of them) = one whole product."""
+    import llama_min.runtime.linear as linear
+
+    monkeypatch.setattr(linear, "PANEL_WEIGHTS", 7 * 64)  # 7 rows of K = 64 a panel
+    w, x = torch.randn(45, 64), torch.randn(40, 64)
+    calls = []
+
+    def rows(start, count, out):
+        calls.append((start, count))
+        out.copy_(w[start : start + count])
+        return out
+
+    torch.testing.assert_close(prompt_by_panels(x, 45, rows), x @ w.t(), atol=1e-5, rtol=1e-5)
+    assert calls == [(r, min(16, 45 - r)) for r in range(0, 45, 16)]  # at least 16 rows a panel
+
+
+@pytest.mark.parametrize("quantize_spec", ["int4", "int8"])
+def test_quantized_layers_prompts_by_panels_equal_their_dequantized_product(quantize_spec):
+    """Int4Linear (AVX2 layout) and Int8Linear prompts go through the same panels: the float product of the
+    weights each layer holds (its dequantize()), within float rounding."""
+    lin = torch.nn.Linear(320, 200, bias=False)
+    layer = Int4Linear.from_linear(lin) if quantize_spec == "int4" else Int8Linear.from_linear(lin)
+    x = torch.randn(64, 320)
+    torch.testing.assert_close(layer(x), x @ layer.dequantize().t(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_embedding_rows_are_the_files_rows(qtype):
+    lin, w = block_layer(qtype, n=50, k=64)
+    emb = BlockEmbedding(lin.blocks, qtype.name, 64)
+    tokens = torch.tensor([[3, 0, 49], [7, 7, 1]])
+    assert torch.equal(emb(tokens), w[tokens])
+
+
+def test_operands_that_do_not_fit_are_refused():
+    lin, _ = block_layer(Q.Q4_0)
+    with pytest.raises(ValueError, match="Q4_1 blocks"):
+        native.block_linear(torch.randn(1, 320), lin.blocks, "Q4_1")  # 18-byte blocks read as 20
+    with pytest.raises(ValueError, match="bad operand"):
+        BlockLinear(lin.blocks[:, :-2], "Q4_0", 320)
+    with pytest.raises(IndexError):
+        native.block_dequantize(lin.blocks, "Q4_0", 320, rows=torch.tensor([96]))
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_the_c_step_reads_the_blocks_as_the_layers_do(tmp_path, qtype, monkeypatch):
+    """A packed model of blocks: its decode steps through one C call (step.NativeStep, which reads the same
+    blocks) equal the layer-by-layer forward to 1e-3 of the largest logit (both round activations to int16
+    per group; see test_native_step), with the same next token at every step."""
+    from test_gguf_packed import TINY, write_tiny
+    from test_native_step import steps
+
+    from llama_min.runtime.packed import load_gguf_packed
+    from llama_min.runtime.step import NativeStep
+    from llama_min.runtime.transforms import apply_transforms
+
+    counter = CallCounter(monkeypatch, "decode_layers")
+    model = apply_transforms(load_gguf_packed(write_tiny(tmp_path / "m.gguf", qtype), "cpu", max_seq_len=64))
+    assert isinstance(model.layers[0].attention.wq, BlockLinear)
+    tokens = rand_tokens(1, 24, seed=5, vocab=TINY["vocab"])
+    with torch.no_grad():
+        got = steps(model, tokens, 8, NativeStep(model))
+        assert counter.calls == 1 + 16
+        want = steps(model, tokens, 8)
+    torch.testing.assert_close(got, want, atol=1e-3 * want.abs().max().item(), rtol=0)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0])
+def test_q8_0_perplexity_is_the_dequantized_models(tmp_path, qtype):
+    """Q8_0 held as stored: perplexity of the packed model (int16 activations in its decode steps, float
+    prompts) equals the float model built from the dequantized file within 0.1%."""
+    from test_gguf_packed import TINY, float_model, write_tiny
+
+    from llama_min.runtime.packed import load_gguf_packed
+
+    path = write_tiny(tmp_path / "q8.gguf", qtype, tied=True)
+    ref, packed = float_model(path), load_gguf_packed(path, "cpu", max_seq_len=64)
+    tokens = rand_tokens(1, 64, seed=9, vocab=TINY["vocab"])
+
+    def ppl(model, chunk):  # fed `chunk` tokens at a time through the KV cache: chunk 1 = decode steps
+        model.setup_cache(1, 64)
+        with torch.no_grad():
+            logits = torch.cat([model(tokens[:, i : i + chunk], i) for i in range(0, 63, chunk)], dim=1)[:, :63]
+        model.clear_cache()
+        return torch.exp(torch.nn.functional.cross_entropy(logits[0], tokens[0, 1:])).item()
+
+    want = ppl(ref, 63)
+    for chunk in (1, 63):
+        assert abs(ppl(packed, chunk) / want - 1) < 1e-3
