@@ -1,4 +1,4 @@
-"""Batch-1 speed of llama_min against transformers on the same weights, and against the memory ceiling.
+"""Batch-1 speed of llama_min against transformers (or llama.cpp) on the same weights, and against the memory ceiling.
 
 Decoding one token reads every weight once, so on a CPU decode speed is set by memory bandwidth:
 ceiling tok/s = measured GB/s / bytes of weights per token. The script measures that bandwidth in the
@@ -16,9 +16,21 @@ Rounds are interleaved (ours, then transformers, in each round) and reported as 
 ratios are taken within a round. Other processes distort timings on small machines: the report
 gives the share of CPU time that other processes used while measuring.
 
+With --vs-llama-cpp PATH (PATH: llama.cpp's llama-bench program), llama-bench measures the same GGUF file in
+the same interleaved rounds (prompt and decode tokens/s, same lengths, same -t), in the block of the file's own
+precision (packed for a quantized GGUF); and when llama-simple is beside it, a fresh `llama-simple -n 32`
+process is timed against a fresh `llama-min generate -n 32` (start + 32 tokens). A summary gives llama_min's
+figure, llama.cpp's, and their ratio. To build both programs (~20 minutes on 2 cores; llama-cpp-python's source
+package vendors llama.cpp):
+  pip download --no-deps --no-binary llama-cpp-python llama-cpp-python==0.3.36
+  tar xzf llama_cpp_python-0.3.36.tar.gz && cd llama_cpp_python-0.3.36
+  cmake -S vendor/llama.cpp -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF
+  cmake --build build -j2 --target llama-bench llama-simple       # then PATH = build/bin/llama-bench
+
 Examples:
   llama-min bench --vs-transformers                              # default model (SmolLM2-135M, Q4_1)
   llama-min bench --config tinyllama-1.1b --vs-transformers --dtypes float32 int8
+  llama-min bench --vs-llama-cpp build/bin/llama-bench -t 2 --dtypes packed --no-load --batch 0
 """
 
 from __future__ import annotations
@@ -42,6 +54,9 @@ def build_parser(prog: Optional[str] = None) -> Parser:
                    "dtype; int8 / int4 = llama_min's weight-only quantization of them (int4 in groups of 32). "
                    "Default: packed (for a quantized GGUF), float32, bfloat16, int8")
     p.add_argument("--vs-transformers", action="store_true", help="run transformers' LlamaForCausalLM side by side")
+    p.add_argument("--vs-llama-cpp", metavar="PATH", help="also measure the same GGUF file with llama.cpp's "
+                   "llama-bench program at PATH (and llama-simple beside it), interleaved with llama_min; how "
+                   "to build it: below")
     p.add_argument("--compile", action="store_true", help="also measure ours with torch.compile'd decode steps "
                    "(and compile the draft of --draft-quantize)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode for --compile (default on a CPU: "
@@ -68,8 +83,19 @@ def parse_args(argv=None, prog: Optional[str] = None):
     for flag, low in (("rounds", 1), ("prompt_len", 1), ("new_tokens", 2), ("prefill_len", 1), ("batch", 0)):
         check_number("--" + flag.replace("_", "-"), getattr(opts, flag), low=low, integer=True)
     check_number("--threads", opts.threads, low=1, integer=True)
+    if opts.vs_llama_cpp is not None:
+        from .llama_cpp import check_executable
+
+        check_executable(opts.vs_llama_cpp)
+        if opts.config:
+            raise UsageError("--vs-llama-cpp needs a GGUF file as --ckpt (llama.cpp runs the same file), "
+                             "not --config")
     if opts.ckpt is not None:
-        checkpoint_format(opts.ckpt)
+        fmt = checkpoint_format(opts.ckpt)
+        if opts.vs_llama_cpp is not None and fmt != "gguf":
+            kind = {"own": "llama_min", "meta": "Meta", "hf": "Hugging Face", "llama2c": "llama2.c"}.get(fmt, fmt)
+            raise UsageError(f"--vs-llama-cpp needs a GGUF file (llama.cpp runs the same file): --ckpt "
+                             f"{opts.ckpt} is a {kind} checkpoint")
     if opts.dtypes and "packed" in opts.dtypes and opts.config:
         raise UsageError("--dtypes packed measures a quantized GGUF: give it as --ckpt (not --config)")
     return opts

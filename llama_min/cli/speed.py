@@ -1,6 +1,7 @@
 """What `llama-min bench` measures and how (the command line is cli/bench.py, whose docstring says what
 the rows mean): the machine's memory bandwidth, llama_min and transformers on the same weights, load time
-and peak RSS in fresh processes, printed row by row.
+and peak RSS in fresh processes, printed row by row; with --vs-llama-cpp, llama.cpp's programs on the same
+GGUF file (cli/llama_cpp.py runs them) and a summary of llama_min against them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .common import UsageError
+
 
 # ------------------------------------------------------------------------------------------------
 # Measuring
@@ -25,7 +28,13 @@ import torch.nn.functional as F
 
 
 class CpuShare:
-    """Fraction of the machine's CPU time used by *other* processes between start() and stop()."""
+    """Fraction of the machine's CPU time used by *other* processes between start() and stop() (this process's
+    own children, llama.cpp's programs under --vs-llama-cpp, count as its own)."""
+
+    @staticmethod
+    def _own():
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
 
     @staticmethod
     def _total_busy():
@@ -35,13 +44,13 @@ class CpuShare:
 
     def __enter__(self):
         self.busy0, self.total0 = self._total_busy()
-        self.own0 = time.process_time()
+        self.own0 = self._own()
         return self
 
     def __exit__(self, *exc):
         busy1, total1 = self._total_busy()
         tick = os.sysconf("SC_CLK_TCK")
-        own = (time.process_time() - self.own0) * tick
+        own = (self._own() - self.own0) * tick
         self.other = max(0.0, (busy1 - self.busy0) - own) / max(1, total1 - self.total0)
 
 
@@ -291,10 +300,11 @@ def print_header(opts, args, label) -> float:
     return bw
 
 
-def measure_dtype(opts, args, sd, dtype_name: str, prompts: dict) -> list:
+def measure_dtype(opts, args, sd, dtype_name: str, prompts: dict, peers=()) -> list:
     """Interleaved rounds of decode / prefill / batch for one dtype; prints the rows and returns them. Each
     decode measurement is preceded by a measurement of the bandwidth (best of 3), since this machine's moves
-    from minute to minute: a decode row's share of the bandwidth is taken within each round, like a ratio."""
+    from minute to minute: a decode row's share of the bandwidth is taken within each round, like a ratio.
+    peers: more implementations measured in the same rounds (llama.cpp's llama-bench), last in each round."""
     impls = [Ours(args, sd, dtype_name)]
     if opts.compile:
         impls.append(Ours(args, sd, dtype_name, compile_=True, compile_mode=opts.compile_mode))
@@ -303,6 +313,7 @@ def measure_dtype(opts, args, sd, dtype_name: str, prompts: dict) -> list:
                           compile_=opts.compile, compile_mode=opts.compile_mode))
     if opts.vs_transformers:  # int8 / int4 / packed are compared with transformers in float32
         impls.append(Transformers(args, sd, "float32" if dtype_name in ("int8", "int4", "packed") else dtype_name))
+    impls += list(peers)
     for impl in impls:  # warm up (a compiled step compiles once more for a batch of several rows)
         impl.decode([prompts["short"]], 8)
         if _runs(impl, "prefill"):
@@ -313,7 +324,7 @@ def measure_dtype(opts, args, sd, dtype_name: str, prompts: dict) -> list:
                "prefill": lambda i: i.prefill(prompts["long"])}
     if opts.batch:
         measure[f"batch{opts.batch}"] = lambda i: i.decode(prompts["batch"], opts.new_tokens // 2)
-    print("\n" + heading(opts, args, dtype_name))
+    print("\n" + heading(opts, args, dtype_name, peers))
     rows = []
     for what, fn in measure.items():
         here = [i for i in impls if _runs(i, what)]
@@ -341,14 +352,17 @@ WHAT_RUNS = {"packed": "the GGUF's quantized blocks at their own precision",
              "int4": "llama_min's weight-only int4 (groups of 32)"}
 
 
-def heading(opts, args, dtype_name: str) -> str:
-    """A block's first line: what llama_min runs, and what transformers runs beside it when it is measured."""
+def heading(opts, args, dtype_name: str, peers=()) -> str:
+    """A block's first line: what llama_min runs, and what transformers (and llama.cpp) run beside it when they
+    are measured."""
     line = f"{dtype_name}: llama_min on {WHAT_RUNS[dtype_name]}"
     if dtype_name == "packed":
         line += f" ({args.gguf_types})"
     if opts.vs_transformers:
         peer = dtype_name if dtype_name in ("float32", "bfloat16") else "float32"
         line += f"; transformers on the same weights in {peer}"
+    if peers:
+        line += "; llama.cpp's llama-bench on the same file"
     return line + ":"
 
 
@@ -369,7 +383,7 @@ def result_line(what: str, impl, xs: list, base, bws: list) -> str:
     if what == "decode" and getattr(impl, "draft", None) is not None:  # an effective rate: no bytes per token
         e = impl.llama.stats.extra
         line += f"  draft accepted {e['acceptance_rate']:.0%}, k={e['draft_tokens']}"
-    elif what == "decode" and impl.name != "transformers":
+    elif what == "decode" and hasattr(impl, "bytes_per_token"):  # (transformers and llama.cpp: no GB/s)
         gbs = statistics.median(xs) * impl.bytes_per_token() / 1e9
         shares = [x * impl.bytes_per_token() / 1e9 / bw for x, bw in zip(xs, bws)]
         line += (f"  {gbs:5.1f} GB/s = {statistics.median(shares):4.0%} of the bandwidth measured beside it "
@@ -387,7 +401,11 @@ def run(opts) -> int:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     args, sd, label = load_weights(opts)
+    dtypes = opts.dtypes or default_dtypes(opts, args)
+    cpp = setup_llama_cpp(opts, args, dtypes) if opts.vs_llama_cpp else None  # checked before any output
     bw = print_header(opts, args, label)
+    if cpp:
+        print(cpp["bench"].describe())
     results = {"model": label, "threads": torch.get_num_threads(), "bandwidth_gbs": bw, "rows": []}
     if not opts.no_load:
         from ..checkpoint import save_hf
@@ -402,10 +420,91 @@ def run(opts) -> int:
                "long": torch.randint(3, args.vocab_size, (opts.prefill_len,), generator=g).tolist()}
     prompts["batch"] = [torch.randint(3, args.vocab_size, (opts.prompt_len,), generator=g).tolist()
                         for _ in range(opts.batch)]
-    for dtype_name in opts.dtypes or default_dtypes(opts, args):
-        results["rows"] += measure_dtype(opts, args, sd, dtype_name, prompts)
+    for dtype_name in dtypes:
+        peers = [cpp["bench"]] if cpp and dtype_name == cpp["dtype"] else []
+        results["rows"] += measure_dtype(opts, args, sd, dtype_name, prompts, peers)
+    if cpp:
+        results["vs_llama_cpp"] = compare_with_llama_cpp(opts, cpp, results["rows"])
     if opts.json:
         from ..files import atomic_write
 
         atomic_write(opts.json, json.dumps(results, indent=2, default=str))
     return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# --vs-llama-cpp: llama.cpp's programs on the same GGUF file
+# ------------------------------------------------------------------------------------------------
+
+
+def setup_llama_cpp(opts, args, dtypes: list) -> dict:
+    """llama.cpp's llama-bench (and llama-simple beside it), each run once on the file before anything is
+    printed, so that a file llama.cpp cannot run is one error line. llama.cpp joins the block of the file's own
+    precision: packed for a quantized GGUF, float32 for another."""
+    from . import llama_cpp
+    from ..runtime.packed import use_packed
+
+    dtype = "packed" if use_packed(args.gguf_path, None, None, None) else "float32"
+    if dtype not in dtypes:
+        raise UsageError(f"--vs-llama-cpp sets llama.cpp beside llama_min running the file as it is ({dtype}): "
+                         f"add {dtype} to --dtypes")
+    threads = torch.get_num_threads()
+    bench = llama_cpp.LlamaBench(opts.vs_llama_cpp, args.gguf_path, threads)
+    bench.probe()
+    simple = llama_cpp.simple_beside(opts.vs_llama_cpp)
+    start = llama_cpp.start_commands(simple, args.gguf_path, threads) if simple else None
+    if start:
+        llama_cpp.wall_time(start["llama.cpp"], simple, args.gguf_path)
+    return {"bench": bench, "dtype": dtype, "simple": simple, "start": start}
+
+
+def seconds(xs) -> str:
+    med, lo, hi = summary(xs)
+    return f"{med:7.3f} s [{lo:.3f}-{hi:.3f}]"
+
+
+def ratio_text(ratios) -> str:
+    med, lo, hi = summary(ratios)
+    return f"{med:.2f} [{lo:.2f}-{hi:.2f}]"
+
+
+def compare_with_llama_cpp(opts, cpp: dict, rows: list) -> dict:
+    """The summary: llama_min's prompt and decode tokens/s against llama-bench's from the same rounds, then the
+    wall time of a fresh `llama-min generate` against a fresh llama-simple, both -n 32, in interleaved rounds
+    (after one untimed run of each). Ratios are llama_min's speed / llama.cpp's, taken within each round."""
+    from . import llama_cpp
+
+    bench, threads = cpp["bench"], torch.get_num_threads()
+    tok_s = {(r["what"], r["impl"]): r["tok_s"] for r in rows if r["dtype"] == cpp["dtype"]}
+    print(f"\nllama_min / llama.cpp, the same file ({cpp['dtype']}), {threads} threads, {opts.rounds} interleaved "
+          f"rounds; ratio = llama_min's speed / llama.cpp's, the median of the rounds' ratios [range]:")
+    out = {"llama_bench": bench.exe, **bench.info, "dtype": cpp["dtype"], "threads": threads}
+    for what, label in (("prefill", f"prompt ({opts.prefill_len} tokens)"),
+                        ("decode", f"decode ({opts.new_tokens} after {opts.prompt_len})")):
+        ours, theirs = tok_s[(what, "llama_min")], tok_s[(what, "llama.cpp")]
+        ratios = [a / b for a, b in zip(ours, theirs)]
+        print(f"  {label:27s} llama_min {fmt(ours, ' tok/s'):34s} llama.cpp {fmt(theirs, ' tok/s'):34s} "
+              f"ratio {ratio_text(ratios)}")
+        out[what] = {"llama_min": ours, "llama.cpp": theirs, "ratios": ratios}
+    n = llama_cpp.START_TOKENS
+    if cpp["start"] is None:
+        print(f"  start + {n} tokens: skipped (no llama-simple beside {bench.exe})")
+        return out
+    what = {"llama_min": "llama-min generate", "llama.cpp": cpp["simple"]}
+    for name, cmd in cpp["start"].items():  # untimed: the same warm file cache and compiled code for both
+        llama_cpp.wall_time(cmd, what[name], bench.model)
+    times = {name: [] for name in cpp["start"]}
+    with CpuShare() as share:
+        for _ in range(opts.rounds):
+            for name, cmd in cpp["start"].items():
+                times[name].append(llama_cpp.wall_time(cmd, what[name], bench.model))
+    ratios = [b / a for a, b in zip(times["llama_min"], times["llama.cpp"])]
+    print(f"  {f'start + {n} tokens (wall)':27s} llama_min {seconds(times['llama_min']):34s} llama.cpp "
+          f"{seconds(times['llama.cpp']):34s} ratio {ratio_text(ratios)}")
+    print(f"    (fresh processes: `llama-min generate -n {n} --temperature 0 -t {threads}` against `llama-simple "
+          f"-n {n}`, which has no thread flag and runs llama.cpp's default)")
+    if share.other > 0.05:
+        print(f"  (warning: other processes used {share.other:.0%} of the CPU during this measurement)")
+    out["start"] = {"tokens": n, "llama_min_s": times["llama_min"], "llama.cpp_s": times["llama.cpp"],
+                    "ratios": ratios}
+    return out
