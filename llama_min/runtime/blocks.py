@@ -46,7 +46,7 @@ class BlockLinear(nn.Module):
             raise ValueError(f"BlockLinear: type {ggml_type} is not one of {BLOCK_TYPES}")
         self.ggml_type, self.in_features, self.out_features = ggml_type, in_features, blocks.shape[0]
         self.register_buffer("blocks", blocks)
-        native._block_operands(blocks, ggml_type, in_features)  # checked once here (and on every call)
+        native.check_blocks(blocks, ggml_type, in_features)  # checked once here (and on every call)
 
     @property
     def kind(self) -> int:
@@ -83,7 +83,7 @@ class BlockEmbedding(nn.Module):
             raise ValueError(f"BlockEmbedding: type {ggml_type} is not one of {BLOCK_TYPES}")
         self.ggml_type, self.num_embeddings, self.embedding_dim = ggml_type, blocks.shape[0], embedding_dim
         self.register_buffer("blocks", blocks)
-        native._block_operands(blocks, ggml_type, embedding_dim)
+        native.check_blocks(blocks, ggml_type, embedding_dim)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         rows = native.block_dequantize(self.blocks, self.ggml_type, self.embedding_dim, rows=tokens)

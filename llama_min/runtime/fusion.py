@@ -18,6 +18,7 @@ from ..model import Attention, FeedForward
 from .attention import FastAttention
 from .linear import TransposedLinear, linear_holding
 from .native_decode import native_activations
+from .memory import return_freed_memory
 from .quantize import can_fuse_quantized, fuse_quantized
 
 
@@ -86,6 +87,8 @@ def fuse_projections(model, transposed: bool = False) -> nn.Module:
             layer.attention = FusedAttention.from_reference(att, transposed)
         if type(ffn) is FeedForward and _stackable(ffn.w1, ffn.w3):
             layer.feed_forward = FusedFeedForward(ffn, transposed)
+        del att, ffn
+        return_freed_memory()  # this layer's unstacked originals: else resident memory keeps them all
     return model
 
 

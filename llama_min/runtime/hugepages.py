@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .memory import return_freed_memory
+
 HUGE_PAGE = 2 << 20
 MIN_BYTES = HUGE_PAGE  # a smaller weight holds no whole huge page
 MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
@@ -49,16 +51,33 @@ def huge_page_copy(t: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of CPU tensor t in a fresh anonymous mapping, its data starting on a 2 MB boundary
     and its whole 2 MB stretches advised MADV_HUGEPAGE before they are touched (a tail of under 2 MB keeps
     small pages). The pages before the boundary are never touched, so they take no memory."""
-    n = t.nbytes
-    region = mmap.mmap(-1, n + HUGE_PAGE)  # fresh from the kernel: not touched yet
-    raw = torch.frombuffer(region, dtype=torch.uint8)  # (the tensor keeps the mapping alive)
-    start = -raw.data_ptr() % HUGE_PAGE
-    whole = n // HUGE_PAGE * HUGE_PAGE
-    if whole:
-        region.madvise(MADV_HUGEPAGE, start, whole)  # advice: where it is not taken, pages stay small
-    out = raw[start:start + n].view(t.dtype).view(t.shape)
+    out = _huge_page_empty(t.shape, t.dtype, t.nbytes)
     out.copy_(t)
     return out
+
+
+def empty(shape, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """torch.empty, on huge pages where use_huge_pages would move the result (a large CPU tensor, huge pages
+    available): a buffer filled once at load is then never copied, so the model's largest weight is never held
+    twice (the 8B shape's int8 output layer: 525 MB)."""
+    device = torch.device(device or "cpu")
+    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    if device.type != "cpu" or nbytes < MIN_BYTES or not available():
+        return torch.empty(shape, dtype=dtype, device=device)
+    return _huge_page_empty(shape, dtype, nbytes)
+
+
+def _huge_page_empty(shape, dtype: torch.dtype, nbytes: int) -> torch.Tensor:
+    """An uninitialized tensor in a fresh anonymous mapping, its data on a 2 MB boundary, its whole 2 MB stretches
+    advised MADV_HUGEPAGE before they are touched (where the advice is not taken, pages stay small; a tail of
+    under 2 MB keeps small pages). The pages before the boundary are never touched, so they take no memory."""
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE)  # fresh from the kernel: not touched yet
+    raw = torch.frombuffer(region, dtype=torch.uint8)  # (the tensor keeps the mapping alive)
+    start = -raw.data_ptr() % HUGE_PAGE
+    whole = nbytes // HUGE_PAGE * HUGE_PAGE
+    if whole:
+        region.madvise(MADV_HUGEPAGE, start, whole)
+    return raw[start:start + nbytes].view(dtype).view(shape)
 
 
 def _file_backed_ranges() -> tuple:
@@ -104,4 +123,6 @@ def use_huge_pages(model: nn.Module) -> nn.Module:
                     t.data = copy  # the same Parameter object: modules that share it see the copy
                 else:
                     table[name] = copy
+                del t
+                return_freed_memory()  # the original's pages, now: else the heap keeps every original to the end
     return model

@@ -18,6 +18,7 @@ preflights (training) can reuse its parts.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -150,3 +151,15 @@ def check_window(params, max_seq_len: int, batch: int, device, item: int = 4, sc
             raise LlamaMinError(f"{what} needs ~{show_bytes(n_bytes)} at its peak ({need.describe()}), but "
                                 f"{show_bytes(free)} is free on {where}: {fix}")
     return need
+
+
+def return_freed_memory():
+    """Hand memory freed by temporaries (a tensor's conversion, the originals of weights copied elsewhere) back
+    to the OS: glibc keeps it in its heap otherwise, and resident memory would keep both copies' worth."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass

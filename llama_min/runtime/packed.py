@@ -44,9 +44,9 @@ from torch import nn
 from ..checkpoint import shapes_only
 from ..errors import LlamaMinError
 from ..model import Transformer
-from . import native
+from . import hugepages, native
 from .blocks import BLOCK_TYPES, BlockEmbedding, BlockLinear
-from .memory import check_window
+from .memory import check_window, return_freed_memory
 from .quantize import (PLAIN_INT4, Int4Embedding, Int8Embedding, chunk_rows, int4_from_rows, int8_from_rows,
                        quantize_per_channel)
 from ..formats.common import expected_shapes, rope_override
@@ -225,7 +225,7 @@ def packed_embedding(t: GGUFTensor, device, dtype) -> nn.Module:
     if t.held_as_stored(device):
         return BlockEmbedding(t.blocks(), t.type_name, dim)
     if t.type_name in INT4_DECODERS:
-        packed = torch.empty(v, dim // 2, dtype=torch.uint8, device=device)
+        packed = hugepages.empty((v, dim // 2), torch.uint8, device)
         sz = torch.empty(v, dim // GROUP, 2, dtype=torch.bfloat16, device=device)
         for r0, q, scales, zeros in t.int4_rows():
             r1 = r0 + len(q)
@@ -233,7 +233,7 @@ def packed_embedding(t: GGUFTensor, device, dtype) -> nn.Module:
             sz[r0:r1, :, 0], sz[r0:r1, :, 1] = scales, zeros
         return Int4Embedding(packed, sz, GROUP)
     if t.type_name in INT8_TYPES:
-        q = torch.empty(v, dim, dtype=torch.int8, device=device)
+        q = hugepages.empty((v, dim), torch.int8, device)
         s = torch.empty(v, dtype=torch.float32, device=device)
         for r0, w in t.float_rows():
             q[r0 : r0 + len(w)], s[r0 : r0 + len(w)] = quantize_per_channel(w.to(device))
@@ -243,18 +243,6 @@ def packed_embedding(t: GGUFTensor, device, dtype) -> nn.Module:
     emb = nn.Embedding(v, dim, device="meta")
     emb.weight = nn.Parameter(t.to_float(dtype).to(device), requires_grad=False)
     return emb
-
-
-def return_freed_memory():
-    """Hand memory freed by the last tensor's temporaries back to the OS (glibc keeps it in its heap
-    otherwise, and resident memory would grow by the largest temporaries on top of the model)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
-            pass
 
 
 def is_quantized_gguf(path) -> bool:

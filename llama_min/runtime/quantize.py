@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
+from . import hugepages, native
 from ..errors import LlamaMinError
 from .int4_layouts import PLAIN_INT4, Int4Layout, chunk_rows, int4_layout
 from .linear import PREFILL_ROWS, prompt_by_panels, prompt_linear
@@ -110,7 +110,7 @@ def int8_from_rows(n: int, k: int, rows: Iterable, device=None) -> Int8Linear:
     Per-channel scales depend only on their own row, so quantizing in row chunks is exact; the
     largest float copy alive is one chunk.
     """
-    q = torch.empty(n, k, dtype=torch.int8, device=device)
+    q = hugepages.empty((n, k), torch.int8, device)  # filled in place: never copied onto huge pages later
     scales = torch.empty(n, dtype=torch.float32, device=device)
     for r0, w in rows:
         q[r0 : r0 + len(w)], scales[r0 : r0 + len(w)] = quantize_per_channel(w.to(device))
@@ -200,7 +200,7 @@ def int4_from_rows(n: int, k: int, group_size: int, rows: Iterable, device=None)
     layout = int4_layout(device, n, k, group_size)
     sz = layout.empty_scales(n, k, group_size, device)
     codes = None if layout.packs_in_pieces else torch.empty(n, k, dtype=torch.uint8, device=device)
-    packed = None if codes is not None else torch.empty(n, k // 2, dtype=torch.uint8, device=device)
+    packed = None if codes is not None else hugepages.empty((n, k // 2), torch.uint8, device)
     for r0, q, scales, zeros in rows:
         r1 = r0 + len(q)
         layout.put_scales(sz, r0, r1, scales, zeros)

@@ -148,7 +148,7 @@ def _matrix(r: _Reads, layer: nn.Module) -> Optional[tuple]:
             return native.INT4, n, k, codes.data_ptr(), dc.data_ptr()
     elif kind is BlockLinear:
         blocks, ggml_type, k = r.get(layer, "blocks"), r.get(layer, "ggml_type"), r.get(layer, "in_features")
-        native._block_operands(blocks, ggml_type, k)  # (raises on a bad operand rather than pass it to C)
+        native.check_blocks(blocks, ggml_type, k)  # (raises on a bad operand rather than pass it to C)
         return native.BLOCK_TYPES[ggml_type][0], blocks.shape[0], k, blocks.data_ptr(), 0
     elif kind is Int8Linear and r.get(layer, "native"):
         w, s = r.get(layer, "weight"), r.get(layer, "scales")

@@ -77,4 +77,7 @@ def apply_transforms(model: nn.Module, optimize: bool = True, quantize: Optional
         from .hugepages import use_huge_pages
 
         use_huge_pages(model)  # the large weights on 2 MB pages: fewer address translations per step
+        from .memory import return_freed_memory
+
+        return_freed_memory()  # the originals of fused and moved weights (else resident memory keeps them)
     return model

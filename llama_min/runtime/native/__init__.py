@@ -241,7 +241,7 @@ _q8_linear_op.register_fake(lambda x, w, scales: x.new_empty(x.shape[0], w.shape
 BLOCK_TYPES = {"Q4_0": (3, 18), "Q4_1": (4, 20), "Q8_0": (5, 34)}
 
 
-def _block_operands(blocks: torch.Tensor, ggml_type: str, k: int) -> int:
+def check_blocks(blocks: torch.Tensor, ggml_type: str, k: int) -> int:
     """The matrix kind of `blocks` (N, K/32 * block bytes) uint8 rows of `ggml_type`, checked."""
     kind, size = BLOCK_TYPES[ggml_type]
     if (blocks.dtype != torch.uint8 or blocks.dim() != 2 or k % 32 or blocks.shape[1] != k // 32 * size
@@ -255,7 +255,7 @@ def block_linear(x: torch.Tensor, blocks: torch.Tensor, ggml_type: str) -> torch
     Q4_1 or Q8_0: kernels_avx2.c reads them in place) -> (M, N) float32; for a few rows M."""
     x = x.contiguous()
     (m, k), n = x.shape, blocks.shape[0]
-    kind = _block_operands(blocks, ggml_type, k)
+    kind = check_blocks(blocks, ggml_type, k)
     if x.dtype != torch.float32 or x.device.type != "cpu":
         raise ValueError(f"block_linear: bad activations {x.dtype} {tuple(x.shape)}")
     y = torch.empty(m, n, dtype=torch.float32)
@@ -270,7 +270,7 @@ def block_dequantize(blocks: torch.Tensor, ggml_type: str, k: int, rows: Optiona
     """The weights of ggml block rows as float32 (n, K): rows start .. start+count-1 (count None: to the end),
     or the rows listed in `rows` (an int64 tensor; an embedding's lookup). Each weight exactly as the gguf
     package computes it. `out`: a float32 (n, K) buffer to write into."""
-    kind = _block_operands(blocks, ggml_type, k)
+    kind = check_blocks(blocks, ggml_type, k)
     if rows is not None:
         rows = rows.reshape(-1).to(torch.int64).contiguous()
         n = rows.numel()
