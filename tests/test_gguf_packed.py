@@ -26,7 +26,7 @@ from llama_min.checkpoint import build_transformer
 from llama_min.runtime.packed import GGUFTensor, is_quantized_gguf, load_gguf_packed, packed_linear
 from llama_min.runtime import native
 from llama_min.runtime.blocks import BlockEmbedding, BlockLinear
-from llama_min.runtime.quantize import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
+from llama_min.runtime.quantize import Int4Embedding, Int4Linear, Int4RowsEmbedding, Int8Embedding, Int8Linear
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, hidden=512, vocab=128)
@@ -219,6 +219,31 @@ def test_8bit_types_requantized_per_row_within_half_a_step(tmp_path, qtype, monk
     assert torch.all((lin.dequantize() - ref).abs() <= step / 2 * (1 + 1e-5))
 
 
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K])
+def test_k_quants_converted_in_c_as_in_python(tmp_path, qtype, monkeypatch):
+    """Q4_K and Q6_K are converted at load by kernels_avx2.c: the same layers the Python route builds from the
+    gguf package's float weights. Q6_K: int8 per row of those weights (quantize_per_channel), codes equal
+    except where the product d*sc*q rounds differently in its last bit (a code off by one at a tie); Q4_K: the
+    file's codes, scale d*sc and min -dmin*mn rounded to fp16 (checked against the file's values above)."""
+    from llama_min.runtime.quantize import quantize_per_channel
+
+    use_int4_kernel(monkeypatch, "avx2")
+    t, raw, ref = one_tensor(tmp_path, qtype, np.zeros((40, 512), np.float32), np.random.default_rng(11))
+    lin = packed_linear(t, "cpu", torch.float32)
+    if qtype == Q.Q6_K:
+        q, scales = quantize_per_channel(ref)
+        assert isinstance(lin, Int8Linear) and torch.allclose(lin.scales, scales, rtol=1e-6, atol=0)
+        off = (lin.weight.int() - q.int()).abs()
+        assert off.max() <= 1 and (off > 0).float().mean() < 1e-3
+    else:
+        assert isinstance(lin, Int4Linear) and lin.layout == "avx2"
+        qs = raw.reshape(40, -1, 144)[..., 16:].reshape(40, -1, 4, 1, 32)  # (rows, super-block, chunk, 1, 32)
+        want = np.concatenate([qs & 15, qs >> 4], axis=3).reshape(40, 512)  # sub-block 2c: low, 2c+1: high
+        w = lin.weight.numpy().reshape(40, 16, 16)  # 'avx2' group: byte i = weight i | weight i+16 << 4
+        got = np.concatenate([w & 15, w >> 4], axis=-1).reshape(40, 512)
+        assert np.array_equal(got, want)
+
+
 TYPES = [(Q.Q4_0, False, None), (Q.Q4_1, True, Q.Q8_0), (Q.Q4_K, False, Q.Q6_K), (Q.Q8_0, True, None),
          (Q.Q5_0, False, None), (Q.Q5_K, False, Q.Q4_K), (Q.Q6_K, True, None), (Q.Q2_K, False, None),
          (Q.Q3_K, False, Q.Q4_1)]
@@ -241,7 +266,8 @@ def test_packed_logits_agree_with_the_float_path(tmp_path, qtype, tied, embd, ke
     assert (BlockLinear in kinds) == blocks and torch.nn.Linear not in kinds
     assert (Int4Linear in kinds) == (qtype in (Q.Q4_0, Q.Q4_1, Q.Q4_K) and not blocks)
     embd_blocks = kernel == "avx2" and (embd or qtype) in AS_STORED
-    assert type(packed.tok_embeddings) in ((BlockEmbedding,) if embd_blocks else (Int4Embedding, Int8Embedding))
+    embeddings = (BlockEmbedding,) if embd_blocks else (Int4Embedding, Int4RowsEmbedding, Int8Embedding)
+    assert type(packed.tok_embeddings) in embeddings
     if tied and embd_blocks:  # the output layer reads the embedding's own blocks: one copy of the table
         assert packed.output.blocks.data_ptr() == packed.tok_embeddings.blocks.data_ptr()
     tokens = torch.randint(0, TINY["vocab"], (2, 24), generator=torch.Generator().manual_seed(0))

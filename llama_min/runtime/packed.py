@@ -1,10 +1,22 @@
-"""Quantized GGUF files run at their own precision: the file's blocks repacked for PyTorch's int4/int8 kernels.
+"""Quantized GGUF files run at their own precision: the file's blocks multiplied where they are, or converted once.
 
-`load_gguf_packed(path)` builds a Transformer whose linear layers are `Int4Linear` / `Int8Linear`
-(runtime/quantize.py), filled tensor by tensor, in chunks of rows, from the memory-mapped file; no
-float copy of the model exists at any time, and each tensor's file pages are released after use.
+`load_gguf_packed(path)` builds a Transformer whose linear layers are read from the memory-mapped file
+tensor by tensor; no float copy of the model exists at any time. Where llama_min's C kernels run (x86-64
+Linux with AVX2, native.enabled()):
 
-ggml block layouts (little-endian, blocks along each row) and where they go:
+  Q4_0, Q4_1, Q8_0  held as stored (blocks.BlockLinear / BlockEmbedding): views of the mapped file, no
+                    conversion at load, the file's weights bit for bit; a tied output reads the embedding's
+                    own blocks. Start-up costs nothing per weight and weights take the file's size in memory.
+  Q4_K              converted in C (native.q4k_to_avx2) to the 'avx2' 4-bit layout: the file's codes, scale
+                    d*sc and min -dmin*mn per group of 32 rounded to fp16 (2^-11 relative)
+  Q6_K              converted in C (native.q6k_to_int8) to int8 per output row: |change| <= max|w_row| / 254
+  Q5_0, Q5_1, Q5_K, Q2_K, Q3_K   dequantized a chunk of rows at a time (gguf.quants) and requantized to
+                    int8 per row, as Q6_K
+  F32, F16, BF16    float (norms always; a float linear layer stays float)
+  anything else (IQ*, TQ*, ...)  float, with one warning line naming the tensor and its type
+
+Elsewhere (no AVX2 kernels: PyTorch's int4/int8 kernels) the 4-bit types are repacked into int4 groups of 32
+and the 8-bit ones requantized per row; ggml block layouts (little-endian, blocks along each row):
 
   Q4_0  32 weights: fp16 d, 16 bytes (low nibbles = elements 0-15, high = 16-31); w = d * (q - 8)
         -> int4 group 32: scale = d, zero = 0                                         (exact)
@@ -14,20 +26,15 @@ ggml block layouts (little-endian, blocks along each row) and where they go:
         128 bytes: 32-byte chunk c holds sub-block 2c in its low nibbles, 2c+1 in its high ones;
         w = d * sc * q - dmin * mn
         -> int4 group 32: scale = d sc, zero = 8 d sc - dmin mn                       (exact up to bf16)
-  Q8_0, Q5_0, Q5_1, Q5_K, Q6_K, Q2_K, Q3_K -> dequantized a chunk of rows at a time (gguf.quants) and
-        requantized to int8 per output row: |change| <= max|w_row| / 254 (half an int8 step of the row)
-  F32, F16, BF16 -> float (norms always; a float linear layer stays float)
-  anything else (IQ*, TQ*, ...) -> float, with one warning line naming the tensor and its type
 
 "Exact up to bf16": PyTorch's 4-bit kernels keep scale and zero in bf16 (8 significant bits), so d and
 zero are rounded to bf16, a relative change of at most 2^-8 (0.4%) of each: a weight moves by at most
-|q - 8| * |d| * 2^-8 + |zero| * 2^-8; nothing else changes. The codes q are the file's own. llama_min's
-AVX2 kernel (int4_layouts.AVX2Layout, used where it runs) keeps scale and min = zero - 8 scale
-in fp16 instead: Q4_0's d and -8d and Q4_1's d and m are fp16 numbers already, so those files' weights
-are held exactly; Q4_K's d*sc and -dmin*mn are rounded to fp16 (2^-11 relative).
+|q - 8| * |d| * 2^-8 + |zero| * 2^-8; nothing else changes. The codes q are the file's own.
 
-A quantized token_embd becomes an `Int4Embedding` (same 4-bit codes, unpacked per looked-up row) or an
-`Int8Embedding`; with tied embeddings the output layer is built from the same file tensor a second time.
+Repacked or converted matrices release their file pages as they go (resident memory holds the model,
+not the file as well); matrices held as stored keep theirs mapped (they are the model).
+A quantized token_embd becomes a BlockEmbedding, an `Int4Embedding` (same 4-bit codes, unpacked per
+looked-up row), an `Int4RowsEmbedding` (Q4_K) or an `Int8Embedding`.
 """
 
 from __future__ import annotations
@@ -47,8 +54,9 @@ from ..model import Transformer
 from . import hugepages, native
 from .blocks import BLOCK_TYPES, BlockEmbedding, BlockLinear
 from .memory import check_window, return_freed_memory
-from .quantize import (PLAIN_INT4, Int4Embedding, Int8Embedding, chunk_rows, int4_from_rows, int8_from_rows,
-                       quantize_per_channel)
+from .int4_layouts import int4_layout
+from .quantize import (PLAIN_INT4, Int4Embedding, Int4Linear, Int4RowsEmbedding, Int8Embedding, Int8Linear,
+                       chunk_rows, int4_from_rows, int8_from_rows, quantize_per_channel)
 from ..formats.common import expected_shapes, rope_override
 from ..formats.gguf.read import args_from_gguf, gguf_to_meta_name
 
@@ -157,6 +165,15 @@ class GGUFTensor:
         if end > start and hasattr(self.buf, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
             self.buf.madvise(mmap.MADV_DONTNEED, first, self.offset + end - first)
 
+    def block_chunks(self):
+        """(row0, row1, blocks (row1 - row0, row_bytes) uint8) for consecutive chunks of rows, read where the file
+        is mapped (converted in C, blocks.py's kernels); each chunk's file pages released after use."""
+        n, rows, blocks = self.shape[0], chunk_rows(self.shape[-1]), self.blocks()
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            yield r0, r1, blocks[r0:r1]
+            self.release(r0 * self.row_bytes, r1 * self.row_bytes)
+
     def chunks(self):
         """(row0, bytes) for consecutive chunks of rows (a multiple of 256, ~1M weights each); each chunk's
         file pages are released once copied."""
@@ -203,11 +220,41 @@ def warn_unsupported(t: GGUFTensor):
           "it is dequantized to float", file=sys.stderr, flush=True)
 
 
+def converted_in_c(t: GGUFTensor, device) -> bool:
+    """Whether a Q4_K / Q6_K matrix is converted by llama_min's C code (native.q4k_to_avx2 / q6k_to_int8)
+    rather than dequantized in Python (gguf.quants) and requantized: on a CPU where the kernels run."""
+    return t.type_name in ("Q4_K", "Q6_K") and torch.device(device).type == "cpu" and native.enabled()
+
+
+def q4_k_in_c(t: GGUFTensor) -> tuple:
+    """A Q4_K matrix in the 'avx2' 4-bit layout: (codes (N, K/2) uint8, dc (N, 2, K/32) fp16)."""
+    n, k = t.shape
+    codes = hugepages.empty((n, k // 2), torch.uint8)
+    dc = torch.empty(n, 2, k // GROUP, dtype=torch.float16)
+    for r0, r1, blocks in t.block_chunks():
+        native.q4k_to_avx2(blocks, k, codes[r0:r1], dc[r0:r1])
+    return codes, dc
+
+
+def q6_k_in_c(t: GGUFTensor) -> tuple:
+    """A Q6_K matrix as int8 per row: (q (N, K) int8, scales (N,) float32)."""
+    n, k = t.shape
+    q, scales = hugepages.empty((n, k), torch.int8), torch.empty(n, dtype=torch.float32)
+    for r0, r1, blocks in t.block_chunks():
+        native.q6k_to_int8(blocks, k, q[r0:r1], scales[r0:r1])
+    return q, scales
+
+
 def packed_linear(t: GGUFTensor, device, dtype) -> nn.Module:
-    """The layer computing x W^T for file tensor W (N, K): Int4Linear, Int8Linear or a float nn.Linear."""
+    """The layer computing x W^T for file tensor W (N, K): BlockLinear, Int4Linear, Int8Linear or a float
+    nn.Linear."""
     n, k = t.shape
     if t.held_as_stored(device):
         return BlockLinear(t.blocks(), t.type_name, k)
+    if converted_in_c(t, device) and t.type_name == "Q4_K":
+        return Int4Linear(*q4_k_in_c(t), k, GROUP, int4_layout(device, n, k, GROUP))
+    if converted_in_c(t, device):
+        return Int8Linear(*q6_k_in_c(t))
     if t.type_name in INT4_DECODERS:
         return int4_from_rows(n, k, GROUP, t.int4_rows(), device)
     if t.type_name in INT8_TYPES:
@@ -224,6 +271,10 @@ def packed_embedding(t: GGUFTensor, device, dtype) -> nn.Module:
     v, dim = t.shape
     if t.held_as_stored(device):
         return BlockEmbedding(t.blocks(), t.type_name, dim)
+    if converted_in_c(t, device) and t.type_name == "Q4_K":
+        return Int4RowsEmbedding(*q4_k_in_c(t))
+    if converted_in_c(t, device):
+        return Int8Embedding(*q6_k_in_c(t))
     if t.type_name in INT4_DECODERS:
         packed = hugepages.empty((v, dim // 2), torch.uint8, device)
         sz = torch.empty(v, dim // GROUP, 2, dtype=torch.bfloat16, device=device)

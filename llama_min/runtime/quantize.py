@@ -310,6 +310,23 @@ class Int4Embedding(nn.Module):
         return ((q - 8) * sz[..., :1] + sz[..., 1:]).flatten(-2)
 
 
+class Int4RowsEmbedding(nn.Module):
+    """Embedding rows in the 'avx2' 4-bit layout (int4_layouts.AVX2Layout: codes (V, D/2) uint8, fp16 scales
+    then mins (V, 2, D/32)), as a Q4_K token_embd converts to: a lookup gathers the rows asked for and
+    dequantizes only them (native.q4_dequantize): row t = q * scale + min per group of 32."""
+
+    def __init__(self, codes: torch.Tensor, dc: torch.Tensor):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = codes.shape[0], codes.shape[1] * 2
+        self.register_buffer("weight", codes)
+        self.register_buffer("scales_and_zeros", dc)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        flat = tokens.reshape(-1)
+        rows = native.q4_dequantize(self.weight[flat], self.scales_and_zeros[flat])  # (T, D)
+        return rows.view(*tokens.shape, self.embedding_dim)
+
+
 class Int8Embedding(nn.Module):
     """Embedding rows as int8 with one float32 scale per row: row t = q[t] * s[t]."""
 

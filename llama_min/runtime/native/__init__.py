@@ -141,6 +141,10 @@ def _library():
     lib.block_linear.restype = ctypes.c_int
     lib.block_dequantize.argtypes = [i64, p, i64, i64, p, i64, p, ctypes.c_int]
     lib.block_dequantize.restype = None
+    lib.q4k_to_avx2.argtypes = [p, i64, i64, p, p, ctypes.c_int]
+    lib.q4k_to_avx2.restype = None
+    lib.q6k_to_int8.argtypes = [p, i64, i64, p, p, ctypes.c_int]
+    lib.q6k_to_int8.restype = ctypes.c_int
     lib.rms_norm.argtypes = [p, i64, i64, p, ctypes.c_float, p]
     lib.rms_norm.restype = None
     lib.swiglu.argtypes = [p, i64, i64, p, ctypes.c_int]
@@ -287,6 +291,35 @@ def block_dequantize(blocks: torch.Tensor, ggml_type: str, k: int, rows: Optiona
     _library().block_dequantize(kind, blocks.data_ptr(), k, start, None if rows is None else rows.data_ptr(), n,
                                 out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def _k_quant_rows(src: torch.Tensor, k: int, block_bytes: int, name: str) -> int:
+    """The number of rows of K-quant blocks `src` (n, K/256 * block_bytes) uint8, checked."""
+    if (src.dtype != torch.uint8 or src.dim() != 2 or k % 256 or src.shape[1] != k // 256 * block_bytes
+            or not src.is_contiguous() or src.device.type != "cpu"):
+        raise ValueError(f"{name}: bad blocks {src.dtype} {tuple(src.shape)} for K = {k}")
+    return src.shape[0]
+
+
+def q4k_to_avx2(src: torch.Tensor, k: int, codes: torch.Tensor, dc: torch.Tensor) -> None:
+    """Q4_K rows (n, K/256 * 144) uint8 -> the 'avx2' 4-bit layout, written into codes (n, K/2) uint8 and dc
+    (n, 2, K/32) fp16 (scales d*sc, then mins -dmin*mn, each rounded to fp16; kernels_avx2.c)."""
+    n = _k_quant_rows(src, k, 144, "q4k_to_avx2")
+    if (codes.dtype != torch.uint8 or tuple(codes.shape) != (n, k // 2) or not codes.is_contiguous()
+            or dc.dtype != torch.float16 or tuple(dc.shape) != (n, 2, k // 32) or not dc.is_contiguous()):
+        raise ValueError(f"q4k_to_avx2: outputs {tuple(codes.shape)} {tuple(dc.shape)} do not fit {n} x {k}")
+    _library().q4k_to_avx2(src.data_ptr(), n, k, codes.data_ptr(), dc.data_ptr(), torch.get_num_threads())
+
+
+def q6k_to_int8(src: torch.Tensor, k: int, q: torch.Tensor, scales: torch.Tensor) -> None:
+    """Q6_K rows (n, K/256 * 210) uint8 -> int8 per row, written into q (n, K) int8 and scales (n,) float32:
+    each row dequantized, then quantized as quantize.quantize_per_channel does (kernels_avx2.c)."""
+    n = _k_quant_rows(src, k, 210, "q6k_to_int8")
+    if (q.dtype != torch.int8 or tuple(q.shape) != (n, k) or not q.is_contiguous() or scales.dtype != torch.float32
+            or tuple(scales.shape) != (n,) or not scales.is_contiguous()):
+        raise ValueError(f"q6k_to_int8: outputs {tuple(q.shape)} {tuple(scales.shape)} do not fit {n} x {k}")
+    if _library().q6k_to_int8(src.data_ptr(), n, k, q.data_ptr(), scales.data_ptr(), torch.get_num_threads()):
+        raise MemoryError(f"q6k_to_int8: no memory for a row of {k} floats per thread")
 
 
 def q4_dequantize(codes: torch.Tensor, dc: torch.Tensor, start: int = 0, count: Optional[int] = None,

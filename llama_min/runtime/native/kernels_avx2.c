@@ -560,6 +560,92 @@ void block_dequantize(int64_t kind, const uint8_t *w, int64_t K, int64_t r0, con
     }
 }
 
+/* ---- K-quant rows converted at load: Q4_K into the 'avx2' 4-bit layout, Q6_K into int8 per row ----
+ *
+ * These formats pack 256 weights with sub-block scales of their own (6-bit in Q4_K, int8 in Q6_K) under one
+ * fp16 d; the products above do not read them in place, so a load converts them, once, row by row and
+ * straight from the mapped file (a Python conversion of the 8B shape's Q4_K_M file took minutes).
+ *
+ * Q4_K, 144 bytes: d, dmin (fp16), 12 bytes of 6-bit (scale, min) pairs for 8 sub-blocks of 32, then
+ * 128 bytes of codes: 32-byte chunk c holds sub-block 2c in its low nibbles and 2c+1 in its high ones.
+ *     w = d sc q - dmin mn   ->  'avx2' group of 32: scale = d sc, min = -dmin mn (each rounded to fp16),
+ *                                byte i = weight i | weight i+16 << 4
+ * Pairs j = 0-3: sc = s[j] & 63, mn = s[j+4] & 63; j = 4-7: the low 4 bits from byte j+4 (low nibble: sc,
+ * high: mn), the top 2 bits from the top bits of byte j-4 (sc) and byte j (mn).
+ */
+void q4k_to_avx2(const uint8_t *src, int64_t n, int64_t K, uint8_t *codes, uint16_t *dc, int nthreads) {
+    const int64_t S = K / 256, G = K / 32;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < n; r++) {
+        for (int64_t sb = 0; sb < S; sb++) {
+            const uint8_t *b = src + (r * S + sb) * 144, *s = b + 4, *qs = b + 16;
+            const float d = fp16_at(b), dmin = fp16_at(b + 2);
+            for (int j = 0; j < 8; j++) {
+                const int sc = j < 4 ? s[j] & 63 : (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
+                const int mn = j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+                const int64_t g = sb * 8 + j;
+                dc[r * 2 * G + g] = _cvtss_sh(d * (float)sc, 0);
+                dc[r * 2 * G + G + g] = _cvtss_sh(-dmin * (float)mn, 0);
+                const uint8_t *chunk = qs + 32 * (j / 2);
+                const int shift = 4 * (j & 1);
+                uint8_t *out = codes + r * (K / 2) + 16 * g;
+                for (int i = 0; i < 16; i++)
+                    out[i] = (uint8_t)(((chunk[i] >> shift) & 15) | (((chunk[i + 16] >> shift) & 15) << 4));
+            }
+        }
+    }
+}
+
+/* Q6_K, 210 bytes: 128 bytes ql (low 4 bits), 64 bytes qh (high 2 bits), 16 int8 scales (one per 16
+ * weights), fp16 d; w = d sc (q - 32). Each half of 128 weights: for l = 0..31, with ql, qh and the scales
+ * of that half,
+ *     weight l      low nibble of ql[l],      bits 0-1 of qh[l], scale sc[l/16]
+ *     weight l+32   low nibble of ql[l+32],   bits 2-3,          sc[l/16 + 2]
+ *     weight l+64   high nibble of ql[l],     bits 4-5,          sc[l/16 + 4]
+ *     weight l+96   high nibble of ql[l+32],  bits 6-7,          sc[l/16 + 6]
+ * A row is dequantized into `tmp` (K floats per thread), then quantized to int8 with its own scale as
+ * quantize.quantize_per_channel does: s = max |w| / 127, q = round(w / s) (ties to even). */
+static void q6k_row(const uint8_t *b, int64_t S, float *w) {
+    for (int64_t sb = 0; sb < S; sb++, b += 210, w += 256) {
+        const float d = fp16_at(b + 208);
+        for (int half = 0; half < 2; half++) {
+            const uint8_t *ql = b + 64 * half, *qh = b + 128 + 32 * half;
+            const int8_t *sc = (const int8_t *)(b + 192) + 8 * half;
+            float *y = w + 128 * half;
+            for (int l = 0; l < 32; l++) {
+                const int is = l / 16;
+                y[l] = d * sc[is] * (float)(((ql[l] & 15) | ((qh[l] & 3) << 4)) - 32);
+                y[l + 32] = d * sc[is + 2] * (float)(((ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4)) - 32);
+                y[l + 64] = d * sc[is + 4] * (float)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+                y[l + 96] = d * sc[is + 6] * (float)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+            }
+        }
+    }
+}
+
+int q6k_to_int8(const uint8_t *src, int64_t n, int64_t K, int8_t *q, float *scales, int nthreads) {
+    const int64_t S = K / 256;
+    float *tmp = malloc(sizeof(float) * K * nthreads);
+    if (!tmp)
+        return 1;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < n; r++) {
+        float *w = tmp + omp_get_thread_num() * K;
+        q6k_row(src + r * S * 210, S, w);
+        float top = 0.f;
+        for (int64_t k = 0; k < K; k++)
+            top = fabsf(w[k]) > top ? fabsf(w[k]) : top;
+        const float s = (top > 1e-12f ? top : 1e-12f) / 127.f;
+        for (int64_t k = 0; k < K; k++) {
+            const float v = nearbyintf(w[k] / s);
+            q[r * K + k] = (int8_t)(v > 127.f ? 127.f : v < -127.f ? -127.f : v);
+        }
+        scales[r] = s;
+    }
+    free(tmp);
+    return 0;
+}
+
 /* ---- one matrix in any of the three formats, and the exported products ---- */
 
 typedef struct {
