@@ -14,7 +14,7 @@ from gguf.quants import dequantize, quantize
 from _tiny import rand_tokens
 from conftest import CallCounter, use_int4_kernel
 from llama_min.runtime import native
-from llama_min.runtime.blocks import BlockEmbedding, BlockLinear
+from llama_min.runtime.blocks import BlockEmbedding, BlockLinear, TiledQ4Linear
 from llama_min.runtime.linear import PREFILL_ROWS, prompt_by_panels
 from llama_min.runtime.quantize import Int4Linear, Int8Linear
 
@@ -35,11 +35,11 @@ def block_layer(qtype, n=96, k=320, seed=0):
     return BlockLinear(torch.from_numpy(raw.copy()), qtype.name, k), ref
 
 
-def int16_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def int16_bound(x: torch.Tensor, w: torch.Tensor, levels: int = 32767) -> torch.Tensor:
     """|y - x W^T| for x rounded to int16 per group of 32 (step s = max|x_g| / 32767, error <= s/2 each):
-    at most sum_g (s_g / 2) sum_{j in g} |W[n, j]|, plus float rounding. (M, N)."""
+    at most sum_g (s_g / 2) sum_{j in g} |W[n, j]|, plus float rounding. (M, N). levels=127: int8."""
     m, k = x.shape
-    s = x.view(m, k // 32, 32).abs().amax(-1) / 32767  # (M, G)
+    s = x.view(m, k // 32, 32).abs().amax(-1) / levels  # (M, G)
     wg = w.abs().view(w.shape[0], k // 32, 32).sum(-1)  # (N, G)
     return (s / 2) @ wg.t() * 1.001 + 1e-5 * (x.abs() @ w.abs().t())
 
@@ -123,7 +123,8 @@ def test_the_c_step_reads_the_blocks_as_the_layers_do(tmp_path, qtype, monkeypat
 
     counter = CallCounter(monkeypatch, "decode_layers")
     model = apply_transforms(load_gguf_packed(write_tiny(tmp_path / "m.gguf", qtype), "cpu", max_seq_len=64))
-    assert isinstance(model.layers[0].attention.wq, BlockLinear)
+    tiled = native.vnni() and qtype.name in native.TILED_TYPES
+    assert isinstance(model.layers[0].attention.wq, TiledQ4Linear if tiled else BlockLinear)
     tokens = rand_tokens(1, 24, seed=5, vocab=TINY["vocab"])
     with torch.no_grad():
         got = steps(model, tokens, 8, NativeStep(model))
@@ -155,3 +156,37 @@ def test_q8_0_perplexity_is_the_dequantized_models(tmp_path, qtype):
     want = ppl(ref, 63)
     for chunk in (1, 63):
         assert abs(ppl(packed, chunk) / want - 1) < 1e-3
+
+
+@pytest.fixture
+def vnni(monkeypatch):
+    if not native.vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI (the tiled layout is not used here)")
+
+
+def tiled_layer(qtype, n=61, k=320, seed=0):
+    """A TiledQ4Linear of random weights (61 rows: a last tile of 5), and the float32 weights the file means."""
+    lin, w = block_layer(qtype, n, k, seed)
+    tiles = torch.empty(native.tiled_bytes(qtype.name, n, k), dtype=torch.uint8)
+    return TiledQ4Linear(native.q4x8_repack(lin.blocks, qtype.name, k, tiles), qtype.name, k, n), w
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
+def test_tiles_hold_the_files_weights_exactly(qtype, vnni):
+    lin, w = tiled_layer(qtype)
+    assert lin.tiles.numel() == 64 * 10 * (18 if qtype == Q.Q4_0 else 20)  # the file's bytes, 3 rows repeated
+    assert torch.equal(lin.dequantize(), w)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
+@pytest.mark.parametrize("rows", [1, 3, 5, 16, 21, 77])
+def test_tiled_products_within_the_int8_rounding_of_the_activations(qtype, rows, vnni):
+    """Decoding and prompts alike: x rounded to int8 per block of 32 (step max|x_g| / 127), integer sums exact,
+    so |y - x W^T| <= sum_g (s_g / 2) sum |W| over the group, plus float rounding; every row count exercises
+    the kernel's passes of 16, 4 and 1 activation rows."""
+    lin, w = tiled_layer(qtype)
+    x = torch.randn(rows, w.shape[1])
+    got, want = lin(x), x @ w.t()
+    err = (got - want).abs()
+    assert torch.all(err <= int16_bound(x, w, levels=127)), err.max()
+    assert err.max() > (int16_bound(x, w) / 8).max()  # coarser than int16: the int8 path really ran

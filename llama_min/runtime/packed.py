@@ -52,7 +52,7 @@ from ..checkpoint import shapes_only
 from ..errors import LlamaMinError
 from ..model import Transformer
 from . import hugepages, native
-from .blocks import BLOCK_TYPES, BlockEmbedding, BlockLinear
+from .blocks import BLOCK_TYPES, TILED_TYPES, BlockEmbedding, BlockLinear, TiledQ4Linear
 from .memory import check_window, return_freed_memory
 from .int4_layouts import int4_layout
 from .quantize import (PLAIN_INT4, Int4Embedding, Int4Linear, Int4RowsEmbedding, Int8Embedding, Int8Linear,
@@ -236,6 +236,17 @@ def q4_k_in_c(t: GGUFTensor) -> tuple:
     return codes, dc
 
 
+def tiled_in_c(t: GGUFTensor) -> torch.Tensor:
+    """A Q4_0 / Q4_1 matrix regrouped into tiles of 8 rows (native.q4x8_repack), chunk by chunk from the
+    mapped file, each chunk's file pages released once regrouped: resident memory holds one copy."""
+    n, k = t.shape
+    out = hugepages.empty((native.tiled_bytes(t.type_name, n, k),), torch.uint8)
+    for r0, r1, blocks in t.block_chunks():  # chunks of a multiple of 256 rows: whole tiles
+        start = native.tiled_bytes(t.type_name, r0, k)
+        native.q4x8_repack(blocks, t.type_name, k, out[start : start + native.tiled_bytes(t.type_name, r1 - r0, k)])
+    return out
+
+
 def q6_k_in_c(t: GGUFTensor) -> tuple:
     """A Q6_K matrix as int8 per row: (q (N, K) int8, scales (N,) float32)."""
     n, k = t.shape
@@ -249,6 +260,8 @@ def packed_linear(t: GGUFTensor, device, dtype) -> nn.Module:
     """The layer computing x W^T for file tensor W (N, K): BlockLinear, Int4Linear, Int8Linear or a float
     nn.Linear."""
     n, k = t.shape
+    if t.held_as_stored(device) and t.type_name in TILED_TYPES and native.vnni():
+        return TiledQ4Linear(tiled_in_c(t), t.type_name, k, n)
     if t.held_as_stored(device):
         return BlockLinear(t.blocks(), t.type_name, k)
     if converted_in_c(t, device) and t.type_name == "Q4_K":
@@ -264,6 +277,14 @@ def packed_linear(t: GGUFTensor, device, dtype) -> nn.Module:
     lin = nn.Linear(k, n, bias=False, device="meta")
     lin.weight = nn.Parameter(t.to_float(dtype).to(device), requires_grad=False)
     return lin
+
+
+def tied_output(t: GGUFTensor, device, dtype) -> nn.Module:
+    """The output layer of a model whose output is its token embedding: where the embedding reads the mapped
+    file's blocks, the same blocks (one copy of the table); else the layer packed_linear builds."""
+    if t.held_as_stored(device):
+        return BlockLinear(t.blocks(), t.type_name, t.shape[1])
+    return packed_linear(t, device, dtype)
 
 
 def packed_embedding(t: GGUFTensor, device, dtype) -> nn.Module:
@@ -359,6 +380,13 @@ def _tensors(path: Path, buf, infos, args) -> dict:
     return out
 
 
+def _holds_mapped_blocks(model: Transformer, meta_name: str) -> bool:
+    """Whether the module built from tensor `meta_name` (or a tied output) reads the mapped file's blocks."""
+    owner = model.get_submodule(meta_name.rsplit(".", 1)[0])
+    tied = meta_name == "tok_embeddings.weight" and isinstance(getattr(model, "output", None), BlockLinear)
+    return isinstance(owner, (BlockLinear, BlockEmbedding)) or tied
+
+
 def gguf_header_args(path):
     """(ModelArgs, tensor infos) of a GGUF file from its header alone (no weight is read): tied embeddings
     when there is no output.weight, the vocabulary size from token_embd when the metadata has none."""
@@ -402,10 +430,11 @@ def load_gguf_packed(path, device="cpu", dtype=torch.float32, max_seq_len=None,
         try:
             _place(model, meta_name, t, device, dtype)
             if meta_name == "tok_embeddings.weight" and args.tie_word_embeddings:
-                model.output = packed_linear(t, device, dtype)  # (blocks held as stored: the same view)
+                model.output = tied_output(t, device, dtype)
         except (ValueError, KeyError, NotImplementedError) as e:
             raise LlamaMinError(f"{path}: tensor '{t.name}' ({t.type_name}): {e}") from None
-        if len(t.shape) == 2 and not t.held_as_stored(device):  # repacked: the file's pages are not needed
+        if len(t.shape) == 2 and not _holds_mapped_blocks(model, meta_name):  # repacked, converted or tiled:
+            # the file's pages are no longer needed
             t.release()
             return_freed_memory()
     return model.eval().requires_grad_(False)

@@ -81,14 +81,29 @@ def enabled() -> bool:
     return os.environ.get("LLAMA_MIN_NATIVE", "1") != "0" and _library() is not None
 
 
-def _cpu_supports() -> bool:
+@functools.lru_cache(maxsize=None)
+def _cpu_flags() -> frozenset:
+    """The CPU's feature flags from /proc/cpuinfo (empty off Linux x86-64)."""
     if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
+        return frozenset()
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
-        return False
-    return CPU_FLAGS <= set(flags.split(":", 1)[1].split())
+        return frozenset()
+    return frozenset(flags.split(":", 1)[1].split())
+
+
+def _cpu_supports() -> bool:
+    return CPU_FLAGS <= _cpu_flags()
+
+
+VNNI_FLAGS = {"avx512_vnni", "avx512vl", "avx512bw", "avx512f"}
+
+
+def vnni() -> bool:
+    """Whether Q4_0 / Q4_1 files load into the tiled layout (tiled_linear: AVX-512 VNNI integer products for
+    decoding and prompts alike); LLAMA_MIN_VNNI=0 keeps them as stored (block_linear, float prompts)."""
+    return enabled() and VNNI_FLAGS <= _cpu_flags() and os.environ.get("LLAMA_MIN_VNNI", "1") != "0"
 
 
 def _build(cc: str, out: Path) -> Optional[str]:
@@ -141,6 +156,8 @@ def _library():
     lib.block_linear.restype = ctypes.c_int
     lib.block_dequantize.argtypes = [i64, p, i64, i64, p, i64, p, ctypes.c_int]
     lib.block_dequantize.restype = None
+    lib.q4x8_repack.argtypes = [p, i64, i64, i64, p, ctypes.c_int]
+    lib.q4x8_repack.restype = None
     lib.q4k_to_avx2.argtypes = [p, i64, i64, p, p, ctypes.c_int]
     lib.q4k_to_avx2.restype = None
     lib.q6k_to_int8.argtypes = [p, i64, i64, p, p, ctypes.c_int]
@@ -266,6 +283,41 @@ def block_linear(x: torch.Tensor, blocks: torch.Tensor, ggml_type: str) -> torch
     if _library().block_linear(x.data_ptr(), m, k, kind, blocks.data_ptr(), n, y.data_ptr(),
                                torch.get_num_threads()) != 0:
         raise MemoryError(f"block_linear: no memory for the int16 activations of {m} x {k}")
+    return y
+
+
+TILED_TYPES = {"Q4_0": (6, 18), "Q4_1": (7, 20)}  # type -> (matrix kind, bytes per block) of the tiled layout
+
+
+def tiled_bytes(ggml_type: str, n: int, k: int) -> int:
+    """Bytes of an (n, k) matrix of `ggml_type` in the tiled layout: whole tiles of 8 rows, the file's size when
+    8 divides n."""
+    return (n + 7) // 8 * 8 * (k // 32) * TILED_TYPES[ggml_type][1]
+
+
+def q4x8_repack(blocks: torch.Tensor, ggml_type: str, k: int, out: torch.Tensor) -> torch.Tensor:
+    """Q4_0 / Q4_1 rows (n, K/32 * block bytes) -> the tiled layout (kernels_avx2.c, q4x8_repack) in `out`, a
+    uint8 tensor of tiled_bytes(ggml_type, n, k). n a multiple of 8 unless these are the matrix's last rows."""
+    check_blocks(blocks, ggml_type, k)
+    n = blocks.shape[0]
+    if out.dtype != torch.uint8 or out.numel() != tiled_bytes(ggml_type, n, k) or not out.is_contiguous():
+        raise ValueError(f"q4x8_repack: out {out.dtype} {tuple(out.shape)} does not hold {n} x {k} {ggml_type}")
+    _library().q4x8_repack(blocks.data_ptr(), n, k, TILED_TYPES[ggml_type][0], out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, ggml_type: str, n: int) -> torch.Tensor:
+    """x (M, K) float32 times W^T, W (n, K) a Q4_0 / Q4_1 matrix in the tiled layout, any number of rows M:
+    activations as int8 per block of 32, AVX-512 VNNI integer products (only where vnni())."""
+    x = x.contiguous()
+    m, k = x.shape
+    if (x.dtype != torch.float32 or x.device.type != "cpu" or k % 32 or tiles.dtype != torch.uint8
+            or tiles.numel() != tiled_bytes(ggml_type, n, k) or not tiles.is_contiguous()):
+        raise ValueError(f"tiled_linear: bad operands {x.dtype} {tuple(x.shape)}, {tuple(tiles.shape)} {ggml_type}")
+    y = torch.empty(m, n, dtype=torch.float32)
+    if _library().block_linear(x.data_ptr(), m, k, TILED_TYPES[ggml_type][0], tiles.data_ptr(), n, y.data_ptr(),
+                               torch.get_num_threads()) != 0:
+        raise MemoryError(f"tiled_linear: no memory for the int8 activations of {m} x {k}")
     return y
 
 

@@ -170,7 +170,8 @@ static void f32_rows(const float *x, int64_t M, int64_t K, const float *w, int64
 #define AHEAD 4096
 #endif
 
-enum { NATURAL = 0, WORD_LANES = 1 };  /* orders of the int16 activations within a row */
+enum { NATURAL = 0, WORD_LANES = 1, INT8 = 2 };  /* orders of the int16 activations within a row; INT8: int8
+                                                   * per block of 32 (quantize_rows_int8, the tiled kernels) */
 
 /* Where activation j of group g (G groups in the row) is stored in the WORD_LANES order: groups in pairs
  * (2p, 2p+1) take 64 places as 4 blocks of 16 (one per nibble position v), each block the 8 of group 2p then
@@ -560,6 +561,160 @@ void block_dequantize(int64_t kind, const uint8_t *w, int64_t K, int64_t r0, con
     }
 }
 
+/* ---- prompts from Q4_0 / Q4_1 blocks: an integer GEMM with AVX-512 VNNI ----
+ *
+ * A prompt multiplies many activation rows by each matrix, so it is bound by arithmetic, not by memory.
+ * The float route (dequantize a panel of W, then PyTorch's float32 GEMM) does one multiply-add per weight
+ * and row in float32. Here the activations are rounded to int8 per block of 32 (as llama.cpp does for its
+ * quantized products: xq = round(x / s), s = max|x| / 127, error <= s/2 per value) and each instruction
+ * vpdpbusd multiplies 32 unsigned 4-bit codes by 32 int8 activations and adds them, four at a time, into
+ * eight int32 sums:
+ *     y[m, n] = sum_g d s (sum_j q_j xq_j)  -  8 d s (sum_j xq_j)  [Q4_0]     + m s (sum_j xq_j)  [Q4_1]
+ *
+ * The eight lanes of a register hold eight rows n of W: a tile of 8 rows' blocks g is read once and turned
+ * so that lane r holds four codes of row r (a 4x4 transpose of 32-bit words in each 128-bit half), and then
+ * serves J activation rows, each adding its 32 values by eight vpdpbusd with four of its int8 values broadcast
+ * to every lane. The sums of a tile are the outputs y[m, n..n+7] directly: no horizontal additions.
+ * Compiled for AVX-512 VNNI (the 256-bit forms, with AVX512VL) as a target of its own; Python calls it only
+ * where /proc/cpuinfo lists avx512_vnni, avx512vl and avx512bw.
+ */
+#define VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+#define GEMM_ROWS 16  /* activation rows per pass over a tile of 8 weight rows */
+
+/* x (M, K) float32 -> xq (M, K) int8, s (M, G) the scale and xsum (M, G) the int sum of each block of 32 */
+VNNI static void quantize_rows_int8(const float *x, int64_t M, int64_t K, int8_t *xq, float *s, int32_t *xsum) {
+    const int64_t G = K / 32;
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    #pragma omp for schedule(static)
+    for (int64_t i = 0; i < M * G; i++) {
+        const float *v = x + i * 32;
+        __m256 top = _mm256_setzero_ps();
+        for (int r = 0; r < 4; r++)
+            top = _mm256_max_ps(top, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + 8 * r)));
+        float amax = max8(top);
+        const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+        __m256i q[4];
+        for (int r = 0; r < 4; r++)
+            q[r] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + 8 * r), inv));
+        const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        const __m128i lo = _mm_packs_epi32(_mm256_castsi256_si128(q[0]), _mm256_extracti128_si256(q[0], 1));
+        const __m128i l1 = _mm_packs_epi32(_mm256_castsi256_si128(q[1]), _mm256_extracti128_si256(q[1], 1));
+        const __m128i h0 = _mm_packs_epi32(_mm256_castsi256_si128(q[2]), _mm256_extracti128_si256(q[2], 1));
+        const __m128i h1 = _mm_packs_epi32(_mm256_castsi256_si128(q[3]), _mm256_extracti128_si256(q[3], 1));
+        _mm_storeu_si128((__m128i *)(xq + i * 32), _mm_packs_epi16(lo, l1));
+        _mm_storeu_si128((__m128i *)(xq + i * 32 + 16), _mm_packs_epi16(h0, h1));
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+        xsum[i] = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1)));
+        s[i] = amax / 127.f;
+    }
+}
+
+/* The tiled layout: a Q4_0 / Q4_1 matrix regrouped at load (q4x8_repack) so that the eight lanes of a register
+ * hold eight rows, with nothing left to turn at run time. Tile (t, g) = rows 8t .. 8t+7, block g, the same
+ * bytes as their eight file blocks (144 for Q4_0, 160 for Q4_1), in this order:
+ *     8 fp16 d (row 8t+r at r), [Q4_1: 8 fp16 m], then P_0 .. P_3, 32 bytes each: word r of P_k = code bytes
+ *     4k .. 4k+3 of row 8t+r (low nibbles: weights 4k .. 4k+3, high nibbles: weights 16+4k .. 16+4k+3)
+ * Tiles are stored t-major (all blocks of rows 8t .. 8t+7, then the next eight rows); a last tile of fewer than
+ * 8 rows repeats the matrix's last row. */
+static inline int64_t q4x8_tile_bytes(int64_t bb) { return 8 * bb; }
+
+/* kind: 6 (Q4_0) or 7 (Q4_1), the kinds of the tiled matrix it makes */
+void q4x8_repack(const uint8_t *w, int64_t N, int64_t K, int64_t kind, uint8_t *out, int nthreads) {
+    const int has_min = kind == 7, q_at = has_min ? 4 : 2, codes_at = has_min ? 32 : 16;
+    const int64_t G = K / 32, bb = has_min ? Q4_1_BYTES : Q4_0_BYTES, TB = q4x8_tile_bytes(bb);
+    const int64_t tiles = (N + 7) / 8;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t t = 0; t < tiles; t++)
+        for (int64_t g = 0; g < G; g++) {
+            uint8_t *o = out + (t * G + g) * TB;
+            for (int r = 0; r < 8; r++) {
+                const int64_t row = 8 * t + r < N ? 8 * t + r : N - 1;
+                const uint8_t *b = w + (row * G + g) * bb;
+                memcpy(o + 2 * r, b, 2);
+                if (has_min)
+                    memcpy(o + 16 + 2 * r, b + 2, 2);
+                for (int k = 0; k < 4; k++)
+                    memcpy(o + codes_at + 32 * k + 4 * r, b + q_at + 4 * k, 4);
+            }
+        }
+}
+
+/* Tile row t (all its blocks) times J activation rows m0 .. m0+J-1 (int8, quantize_rows_int8) -> y[m, 8t ..
+ * 8t+7] (only `valid` stored) */
+VNNI static inline void q4x8_tile(const uint8_t *tile, int has_min, int64_t G, const int8_t *xq, const float *s,
+                                  const int32_t *xsum, int64_t K, int64_t m0, int J, float *y, int64_t ldy,
+                                  int64_t n, int valid) {
+    const int64_t TB = has_min ? 160 : 144;
+    const int codes_at = has_min ? 32 : 16;
+    const __m256i low4 = _mm256_set1_epi8(15);
+    __m256 acc[GEMM_ROWS];
+    for (int j = 0; j < J; j++)
+        acc[j] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        const uint8_t *b = tile + g * TB;
+        if (J == 1)  /* decoding: the tiles stream from memory, AHEAD bytes on */
+            for (int i = 0; i < 3; i++)
+                _mm_prefetch((const char *)b + AHEAD + 64 * i, _MM_HINT_T0);
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b));
+        const __m256 c = has_min ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + 16))) : _mm256_setzero_ps();
+        __m256i lo[4], hi[4];  /* codes of weights 4k .. 4k+3 and 16+4k .. 16+4k+3 of each row */
+        for (int k = 0; k < 4; k++) {
+            const __m256i p = _mm256_loadu_si256((const __m256i *)(b + codes_at + 32 * k));
+            lo[k] = _mm256_and_si256(p, low4);
+            hi[k] = _mm256_and_si256(_mm256_srli_epi16(p, 4), low4);
+        }
+        for (int j = 0; j < J; j++) {
+            const int64_t m = m0 + j;
+            const int32_t *x4 = (const int32_t *)(xq + m * K + 32 * g);
+            const int32_t total = xsum[m * G + g];
+            __m256i dot = _mm256_set1_epi32(has_min ? 0 : -8 * total);  /* Q4_0: q - 8 */
+            for (int k = 0; k < 4; k++) {
+                dot = _mm256_dpbusd_epi32(dot, lo[k], _mm256_set1_epi32(x4[k]));
+                dot = _mm256_dpbusd_epi32(dot, hi[k], _mm256_set1_epi32(x4[4 + k]));
+            }
+            const __m256 sg = _mm256_set1_ps(s[m * G + g]);
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, sg), acc[j]);
+            if (has_min)  /* Q4_1: + m s (sum_j xq_j) */
+                acc[j] = _mm256_fmadd_ps(c, _mm256_mul_ps(sg, _mm256_set1_ps((float)total)), acc[j]);
+        }
+    }
+    for (int j = 0; j < J; j++) {
+        if (valid == 8) {
+            _mm256_storeu_ps(y + (m0 + j) * ldy + n, acc[j]);
+            continue;
+        }
+        float out[8];
+        _mm256_storeu_ps(out, acc[j]);
+        for (int r = 0; r < valid; r++)
+            y[(m0 + j) * ldy + n + r] = out[r];
+    }
+}
+
+/* The tiled matrix (N, K) times M activation rows already in xq (quantize_rows_int8) -> y (M, N), rows ldy
+ * apart; work-sharing over the tiles. Kinds 6 (Q4_0) and 7 (Q4_1) of `matrix`. */
+VNNI static void q4x8_rows(const int8_t *xq, const float *s, const int32_t *xsum, int64_t M, int64_t K,
+                           const uint8_t *w, int has_min, int64_t N, float *y, int64_t ldy) {
+    const int64_t G = K / 32, TB = has_min ? 160 : 144, tiles = (N + 7) / 8;
+    #pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        const int valid = N - 8 * t < 8 ? (int)(N - 8 * t) : 8;
+        const uint8_t *tile = w + t * G * TB;
+        int64_t m0 = 0;
+        for (; m0 + GEMM_ROWS <= M; m0 += GEMM_ROWS)
+            q4x8_tile(tile, has_min, G, xq, s, xsum, K, m0, GEMM_ROWS, y, ldy, 8 * t, valid);
+        for (; m0 + 4 <= M; m0 += 4)
+            q4x8_tile(tile, has_min, G, xq, s, xsum, K, m0, 4, y, ldy, 8 * t, valid);
+        for (; m0 < M; m0++)
+            q4x8_tile(tile, has_min, G, xq, s, xsum, K, m0, 1, y, ldy, 8 * t, valid);
+    }
+}
+
+/* The int8 activations of M rows in one buffer of QUANTIZED_BYTES(M, K): xq (M, K), then s (M, K/32) float and
+ * xsum (M, K/32) int32 */
+#define INT8_PARTS(buf, M, K) int8_t *xq8 = (int8_t *)(buf); float *s8 = (float *)(xq8 + (M) * (K)); \
+    int32_t *xsum8 = (int32_t *)(s8 + (M) * ((K) / 32))
+
 /* ---- K-quant rows converted at load: Q4_K into the 'avx2' 4-bit layout, Q6_K into int8 per row ----
  *
  * These formats pack 256 weights with sub-block scales of their own (6-bit in Q4_K, int8 in Q6_K) under one
@@ -650,7 +805,8 @@ int q6k_to_int8(const uint8_t *src, int64_t n, int64_t K, int8_t *q, float *scal
 
 typedef struct {
     int64_t kind;        /* 0: float32 W (N, K); 1: 4-bit codes (N, K/2) + fp16 dc (N, 2, K/32); 2: int8 W (N, K) + float32
-                          * scales (N,); 3, 4, 5: ggml Q4_0, Q4_1, Q8_0 blocks, N rows of K/32 blocks (scales unused) */
+                          * scales (N,); 3, 4, 5: ggml Q4_0, Q4_1, Q8_0 blocks, N rows of K/32 blocks (scales unused);
+                          * 6, 7: Q4_0, Q4_1 in the tiled layout (q4x8_repack; AVX-512 VNNI only) */
     int64_t N, K;
     const void *w;       /* the float32 W, the 4-bit codes or the int8 W */
     const void *scales;  /* dc (4-bit), scales (int8), unused for float32 */
@@ -662,11 +818,15 @@ static void products(const matrix *ms, int64_t n, const float *x, int64_t M, flo
     int quantized = -1;  /* the order xq holds x in, if any */
     for (int64_t i = 0; i < n; i++) {
         const matrix *m = ms + i;
-        const int order = m->kind == 1 || m->kind == 3 || m->kind == 4 ? WORD_LANES : NATURAL;
+        const int order = m->kind == 1 || m->kind == 3 || m->kind == 4 ? WORD_LANES : m->kind >= 6 ? INT8 : NATURAL;
         if (m->kind == 0) {
             f32_rows(x, M, m->K, m->w, m->N, y, ldy);
         } else {
-            if (quantized != order) {
+            if (quantized != order && order == INT8) {  /* work-sharing, in the tiled kernels' int8 form */
+                INT8_PARTS(xq, M, m->K);
+                quantize_rows_int8(x, M, m->K, xq8, s8, xsum8);
+                quantized = order;
+            } else if (quantized != order) {
                 #pragma omp single
                 quantize_rows(x, M, m->K, xq, order);
                 quantized = order;
@@ -677,6 +837,10 @@ static void products(const matrix *ms, int64_t n, const float *x, int64_t M, flo
                 q8_rows(xq, M, m->K, m->w, m->scales, m->N, y, ldy);
             else if (m->kind == 5)
                 q8_block_rows(xq, M, m->K, m->w, m->N, y, ldy);
+            else if (m->kind >= 6) {
+                INT8_PARTS(xq, M, m->K);
+                q4x8_rows(xq8, s8, xsum8, M, m->K, m->w, m->kind == 7, m->N, y, ldy);
+            }
             else
                 q4_block_rows(xq, M, m->K, m->w, m->kind == 3 ? Q4_0_BYTES : Q4_1_BYTES, m->N, y, ldy);
         }
