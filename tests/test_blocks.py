@@ -14,7 +14,7 @@ from gguf.quants import dequantize, quantize
 from _tiny import rand_tokens
 from conftest import CallCounter, use_int4_kernel
 from llama_min.runtime import native
-from llama_min.runtime.blocks import BlockEmbedding, BlockLinear, TiledQ4Linear
+from llama_min.runtime.blocks import BlockEmbedding, BlockLinear, TiledLinear
 from llama_min.runtime.linear import PREFILL_ROWS, prompt_by_panels
 from llama_min.runtime.quantize import Int4Linear, Int8Linear
 
@@ -124,7 +124,7 @@ def test_the_c_step_reads_the_blocks_as_the_layers_do(tmp_path, qtype, monkeypat
     counter = CallCounter(monkeypatch, "decode_layers")
     model = apply_transforms(load_gguf_packed(write_tiny(tmp_path / "m.gguf", qtype), "cpu", max_seq_len=64))
     tiled = native.vnni() and qtype.name in native.TILED_TYPES
-    assert isinstance(model.layers[0].attention.wq, TiledQ4Linear if tiled else BlockLinear)
+    assert isinstance(model.layers[0].attention.wq, TiledLinear if tiled else BlockLinear)
     tokens = rand_tokens(1, 24, seed=5, vocab=TINY["vocab"])
     with torch.no_grad():
         got = steps(model, tokens, 8, NativeStep(model))
@@ -165,10 +165,10 @@ def vnni(monkeypatch):
 
 
 def tiled_layer(qtype, n=61, k=320, seed=0):
-    """A TiledQ4Linear of random weights (61 rows: a last tile of 5), and the float32 weights the file means."""
+    """A TiledLinear of random weights (61 rows: a last tile of 5), and the float32 weights the file means."""
     lin, w = block_layer(qtype, n, k, seed)
     tiles = torch.empty(native.tiled_bytes(qtype.name, n, k), dtype=torch.uint8)
-    return TiledQ4Linear(native.q4x8_repack(lin.blocks, qtype.name, k, tiles), qtype.name, k, n), w
+    return TiledLinear(native.q4x8_repack(lin.blocks, qtype.name, k, tiles), qtype.name, k, n), w
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])

@@ -25,7 +25,7 @@ from llama_min import load_checkpoint
 from llama_min.checkpoint import build_transformer
 from llama_min.runtime.packed import GGUFTensor, is_quantized_gguf, load_gguf_packed, packed_linear
 from llama_min.runtime import native
-from llama_min.runtime.blocks import BlockEmbedding, BlockLinear, TiledQ4Linear
+from llama_min.runtime.blocks import BlockEmbedding, BlockLinear, TiledLinear
 from llama_min.runtime.quantize import Int4Embedding, Int4Linear, Int4RowsEmbedding, Int8Embedding, Int8Linear
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -264,7 +264,7 @@ def test_packed_logits_agree_with_the_float_path(tmp_path, qtype, tied, embd, ke
     ref, packed = float_model(path), load_gguf_packed(path, "cpu")
     kinds = {type(m) for m in packed.modules()}
     blocks = kernel == "avx2" and qtype in AS_STORED
-    assert bool({BlockLinear, TiledQ4Linear} & kinds) == blocks and torch.nn.Linear not in kinds
+    assert bool({BlockLinear, TiledLinear} & kinds) == blocks and torch.nn.Linear not in kinds
     assert (Int4Linear in kinds) == (qtype in (Q.Q4_0, Q.Q4_1, Q.Q4_K) and not blocks)
     embd_blocks = kernel == "avx2" and (embd or qtype) in AS_STORED
     embeddings = (BlockEmbedding,) if embd_blocks else (Int4Embedding, Int4RowsEmbedding, Int8Embedding)
@@ -326,7 +326,7 @@ def test_smollm2_runs_packed_by_default(smollm2_path):
 
     llama = Llama.build(smollm2_path, max_seq_len=128, max_batch_size=1, device="cpu")
     if native.enabled():  # the file's Q4_1 blocks (tiled with AVX-512 VNNI) and its Q8_0 token_embd, mapped
-        assert isinstance(llama.model.layers[0].attention.wq, TiledQ4Linear if native.vnni() else BlockLinear)
+        assert isinstance(llama.model.layers[0].attention.wq, TiledLinear if native.vnni() else BlockLinear)
         assert isinstance(llama.model.output, BlockLinear) and llama.model.output.ggml_type == "Q8_0"
     else:  # repacked for PyTorch's kernels, q/k/v stacked
         assert isinstance(llama.model.layers[0].attention.wqkv, Int4Linear)
@@ -337,7 +337,7 @@ def test_smollm2_runs_packed_by_default(smollm2_path):
     print(f"[packed] {tok.decode(out[0])!r}")
     assert "Paris" in tok.decode(out[0])
     floats = Llama.build(smollm2_path, max_seq_len=128, max_batch_size=1, device="cpu", packed=False)
-    assert not any(isinstance(m, (Int4Linear, Int8Linear, BlockLinear, TiledQ4Linear)) for m in floats.model.modules())
+    assert not any(isinstance(m, (Int4Linear, Int8Linear, BlockLinear, TiledLinear)) for m in floats.model.modules())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ How each call multiplies (BlockLinear.forward):
 Used where llama_min's kernels run (native.enabled(): x86-64 Linux with AVX2, FMA, F16C and a C compiler);
 elsewhere runtime/packed.py repacks these types for PyTorch's kernels as before.
 
-TiledQ4Linear: on CPUs with AVX-512 VNNI (native.vnni()) Q4_0 / Q4_1 matrices are instead regrouped once at
+TiledLinear: on CPUs with AVX-512 VNNI (native.vnni()) Q4_0 / Q4_1 matrices are instead regrouped once at
 load into tiles of 8 rows (native.q4x8_repack: the same bytes, so the same size and the file's weights bit
 for bit; the file's pages are released as it goes) that one kernel multiplies for decoding and prompts alike:
 activations as int8 per block of 32 (as llama.cpp's quantized products; error <= max|x_block| / 254 per
@@ -29,6 +29,8 @@ value), each vpdpbusd instruction adding 4 code x activation products into each 
 eight lanes of a register being eight rows, no horizontal sums. Measured on the 2-core EPYC (one run each):
 5632 x 2048 x 128 rows 9.0 ms (328 GOPS) against 21.0 ms for the float GEMM on the dequantized weights; the
 1.1B-shape Q4_0 model's 512-token prompt 127-133 tok/s against 73 through float panels.
+Q8_0 stays as stored: tiled with int16 activations (vpdpwssd, to keep its perplexity the dequantized model's)
+its 512-row products ran at the float GEMM's rate (190 against 191 GOPS) and decoding was no faster.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ class BlockEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.ggml_type} blocks as stored"
 
 
-class TiledQ4Linear(nn.Module):
+class TiledLinear(nn.Module):
     """x W^T for a Q4_0 / Q4_1 matrix W (N, K) in the tiled layout (native.q4x8_repack; see the module
     docstring): tiles (tiled_bytes,) uint8. Every call, decoding or a prompt, goes to native.tiled_linear."""
 
@@ -111,7 +113,7 @@ class TiledQ4Linear(nn.Module):
         super().__init__()
         if ggml_type not in native.TILED_TYPES or tiles.numel() != native.tiled_bytes(ggml_type, out_features,
                                                                                     in_features):
-            raise ValueError(f"TiledQ4Linear: {tiles.numel()} bytes do not hold {out_features} x {in_features} "
+            raise ValueError(f"TiledLinear: {tiles.numel()} bytes do not hold {out_features} x {in_features} "
                              f"{ggml_type}")
         self.ggml_type, self.in_features, self.out_features = ggml_type, in_features, out_features
         self.register_buffer("tiles", tiles)
@@ -127,17 +129,17 @@ class TiledQ4Linear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The weights, (N, K) float32, read back from the tiles: d (q - 8) or d q + m per block."""
-        n, k, has_min = self.out_features, self.in_features, self.ggml_type == "Q4_1"
-        tb = 160 if has_min else 144
-        t = self.tiles.view(-1, k // 32, tb)  # (tiles, blocks, tile bytes)
-        d = t[..., :16].contiguous().view(torch.float16).float()  # (tiles, blocks, 8 rows)
-        m = t[..., 16:32].contiguous().view(torch.float16).float() if has_min else None
-        codes = t[..., (32 if has_min else 16):].reshape(t.shape[0], t.shape[1], 4, 8, 4)  # (.., k, row, byte)
+        n, k = self.out_features, self.in_features
+        t = self.tiles.view(-1, k // 32, native.TILED_TYPES[self.ggml_type][1] * 8)  # (tiles, blocks, tile bytes)
+        d = t[..., :16].contiguous().view(torch.float16).float().permute(0, 2, 1)[..., None]  # (tiles, 8, blocks, 1)
+        has_min = self.ggml_type == "Q4_1"
+        codes = t[..., (32 if has_min else 16):].reshape(*t.shape[:2], 4, 8, 4)  # (.., k, row, byte)
         q = torch.cat([codes & 15, codes >> 4], dim=2).float()  # (.., 8 [lo k | hi k], row, byte)
-        q = q.permute(0, 3, 1, 2, 4).reshape(t.shape[0], 8, t.shape[1], 32)  # (tiles, row, block, weight)
-        d, m = d.permute(0, 2, 1)[..., None], None if m is None else m.permute(0, 2, 1)[..., None]
-        w = d * q + m if has_min else d * (q - 8)
-        return w.reshape(-1, k)[:n]
+        q = q.permute(0, 3, 1, 2, 4).reshape(*d.shape[:3], 32)  # (tiles, row, block, weight)
+        if has_min:
+            m = t[..., 16:32].contiguous().view(torch.float16).float().permute(0, 2, 1)[..., None]
+            return (d * q + m).reshape(-1, k)[:n]
+        return (d * (q - 8)).reshape(-1, k)[:n]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

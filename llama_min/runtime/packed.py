@@ -52,7 +52,7 @@ from ..checkpoint import shapes_only
 from ..errors import LlamaMinError
 from ..model import Transformer
 from . import hugepages, native
-from .blocks import BLOCK_TYPES, TILED_TYPES, BlockEmbedding, BlockLinear, TiledQ4Linear
+from .blocks import BLOCK_TYPES, TILED_TYPES, BlockEmbedding, BlockLinear, TiledLinear
 from .memory import check_window, return_freed_memory
 from .int4_layouts import int4_layout
 from .quantize import (PLAIN_INT4, Int4Embedding, Int4Linear, Int4RowsEmbedding, Int8Embedding, Int8Linear,
@@ -261,7 +261,7 @@ def packed_linear(t: GGUFTensor, device, dtype) -> nn.Module:
     nn.Linear."""
     n, k = t.shape
     if t.held_as_stored(device) and t.type_name in TILED_TYPES and native.vnni():
-        return TiledQ4Linear(tiled_in_c(t), t.type_name, k, n)
+        return TiledLinear(tiled_in_c(t), t.type_name, k, n)
     if t.held_as_stored(device):
         return BlockLinear(t.blocks(), t.type_name, k)
     if converted_in_c(t, device) and t.type_name == "Q4_K":

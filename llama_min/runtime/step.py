@@ -61,7 +61,7 @@ from torch import nn
 
 from . import native
 from .attention import FastAttention
-from .blocks import BlockLinear, TiledQ4Linear
+from .blocks import BlockLinear, TiledLinear
 from .fusion import FusedAttention, FusedFeedForward
 from .linear import PREFILL_ROWS, NativeLinear
 from .native_decode import NativeRMSNorm
@@ -150,7 +150,7 @@ def _matrix(r: _Reads, layer: nn.Module) -> Optional[tuple]:
         blocks, ggml_type, k = r.get(layer, "blocks"), r.get(layer, "ggml_type"), r.get(layer, "in_features")
         native.check_blocks(blocks, ggml_type, k)  # (raises on a bad operand rather than pass it to C)
         return native.BLOCK_TYPES[ggml_type][0], blocks.shape[0], k, blocks.data_ptr(), 0
-    elif kind is TiledQ4Linear:
+    elif kind is TiledLinear:
         tiles, ggml_type = r.get(layer, "tiles"), r.get(layer, "ggml_type")
         n, k = r.get(layer, "out_features"), r.get(layer, "in_features")
         if (tiles.dtype == torch.uint8 and tiles.is_contiguous() and k % 32 == 0 and tiles.device.type == "cpu"
