@@ -61,6 +61,7 @@ from ..formats.common import expected_shapes, rope_override
 from ..formats.gguf.read import args_from_gguf, gguf_to_meta_name
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # (Linux 5.14; Python's mmap names it from 3.12)
 INT8_TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q2_K", "Q3_K")
 GROUP = 32  # every 4-bit type maps onto int4 groups of 32
 
@@ -171,8 +172,21 @@ class GGUFTensor:
         n, rows, blocks = self.shape[0], chunk_rows(self.shape[-1]), self.blocks()
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
+            self.populate(r0 * self.row_bytes, r1 * self.row_bytes)
             yield r0, r1, blocks[r0:r1]
             self.release(r0 * self.row_bytes, r1 * self.row_bytes)
+
+    def populate(self, start: int, end: int):
+        """Map bytes [start, end) of this tensor into the process in one call (MADV_POPULATE_READ, Linux 5.14+)
+        instead of one page fault per 4 KB page as they are read: the 8B shape's Q4_0 file regrouped in 3.3 s
+        with a fault per page. Elsewhere nothing (the pages fault in as before)."""
+        page = mmap.PAGESIZE
+        first = (self.offset + start) // page * page
+        if end > start and hasattr(self.buf, "madvise"):
+            try:
+                self.buf.madvise(MADV_POPULATE_READ, first, self.offset + end - first)
+            except OSError:  # an older kernel: EINVAL
+                pass
 
     def chunks(self):
         """(row0, bytes) for consecutive chunks of rows (a multiple of 256, ~1M weights each); each chunk's

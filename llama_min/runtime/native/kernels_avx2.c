@@ -628,15 +628,25 @@ void q4x8_repack(const uint8_t *w, int64_t N, int64_t K, int64_t kind, uint8_t *
     for (int64_t t = 0; t < tiles; t++)
         for (int64_t g = 0; g < G; g++) {
             uint8_t *o = out + (t * G + g) * TB;
+            const uint8_t *b[8];
             for (int r = 0; r < 8; r++) {
-                const int64_t row = 8 * t + r < N ? 8 * t + r : N - 1;
-                const uint8_t *b = w + (row * G + g) * bb;
-                memcpy(o + 2 * r, b, 2);
+                b[r] = w + ((8 * t + r < N ? 8 * t + r : N - 1) * G + g) * bb;
+                memcpy(o + 2 * r, b[r], 2);
                 if (has_min)
-                    memcpy(o + 16 + 2 * r, b + 2, 2);
-                for (int k = 0; k < 4; k++)
-                    memcpy(o + codes_at + 32 * k + 4 * r, b + q_at + 4 * k, 4);
+                    memcpy(o + 16 + 2 * r, b[r] + 2, 2);
             }
+            /* rows r and r+4 in the two halves, then a 4x4 transpose of 32-bit words in each half */
+            const __m256i a0 = _mm256_loadu2_m128i((const __m128i *)(b[4] + q_at), (const __m128i *)(b[0] + q_at));
+            const __m256i a1 = _mm256_loadu2_m128i((const __m128i *)(b[5] + q_at), (const __m128i *)(b[1] + q_at));
+            const __m256i a2 = _mm256_loadu2_m128i((const __m128i *)(b[6] + q_at), (const __m128i *)(b[2] + q_at));
+            const __m256i a3 = _mm256_loadu2_m128i((const __m128i *)(b[7] + q_at), (const __m128i *)(b[3] + q_at));
+            const __m256i t0 = _mm256_unpacklo_epi32(a0, a1), t1 = _mm256_unpackhi_epi32(a0, a1);
+            const __m256i t2 = _mm256_unpacklo_epi32(a2, a3), t3 = _mm256_unpackhi_epi32(a2, a3);
+            __m256i *p = (__m256i *)(o + codes_at);
+            _mm256_storeu_si256(p, _mm256_unpacklo_epi64(t0, t2));
+            _mm256_storeu_si256(p + 1, _mm256_unpackhi_epi64(t0, t2));
+            _mm256_storeu_si256(p + 2, _mm256_unpacklo_epi64(t1, t3));
+            _mm256_storeu_si256(p + 3, _mm256_unpackhi_epi64(t1, t3));
         }
 }
 
