@@ -192,13 +192,20 @@ def test_q4_0_with_bf16_exact_scales_is_bit_identical(tmp_path, monkeypatch):
         assert torch.equal(lin.dequantize(), torch.from_numpy(dequantize(raw.reshape(32, -1), Q.Q4_0)))
 
 
-@pytest.mark.parametrize("kernel", ["avx2", "torch"])
+@pytest.mark.parametrize("kernel", ["tiled", "avx2", "torch"])
 def test_q4_k_values_within_rounding_of_the_sub_block_scales(tmp_path, kernel, monkeypatch):
-    use_int4_kernel(monkeypatch, kernel)
+    use_int4_kernel(monkeypatch, "torch" if kernel == "torch" else "avx2")
+    if kernel == "tiled" and not native.vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI (Q4_K is not tiled here)")
+    monkeypatch.setenv("LLAMA_MIN_VNNI", "1" if kernel == "tiled" else "0")
     arr = np.zeros((32, 512), np.float32)
     t, raw, ref = one_tensor(tmp_path, Q.Q4_K, arr, np.random.default_rng(3))
     lin = packed_linear(t, "cpu", torch.float32)
-    assert isinstance(lin, Int4Linear) and lin.layout == ("avx2" if kernel == "avx2" else "cpu")
+    if kernel == "tiled":  # as Q4_1 blocks of the same fp16 scale and min as the 'avx2' layout's
+        assert isinstance(lin, TiledLinear) and lin.ggml_type == "Q4_1"
+        kernel = "avx2"
+    else:
+        assert isinstance(lin, Int4Linear) and lin.layout == ("avx2" if kernel == "avx2" else "cpu")
     d, dmin = fp16_field(raw, 144, 0), fp16_field(raw, 144, 2)
     if kernel == "avx2":  # scale s = d*sc <= 63 d and min = -dmin*mn rounded to fp16 (2^-11): |dw| <= (15*63 d + 63 dmin) 2^-11
         tol = torch.from_numpy((15 * 63 * d + 63 * dmin) * 2.0**-11).repeat_interleave(256, dim=1)
@@ -229,6 +236,7 @@ def test_k_quants_converted_in_c_as_in_python(tmp_path, qtype, monkeypatch):
     from llama_min.runtime.quantize import quantize_per_channel
 
     use_int4_kernel(monkeypatch, "avx2")
+    monkeypatch.setenv("LLAMA_MIN_VNNI", "0")  # the 'avx2' layout (tiled Q4_K: the test above)
     t, raw, ref = one_tensor(tmp_path, qtype, np.zeros((40, 512), np.float32), np.random.default_rng(11))
     lin = packed_linear(t, "cpu", torch.float32)
     if qtype == Q.Q6_K:
@@ -263,7 +271,7 @@ def test_packed_logits_agree_with_the_float_path(tmp_path, qtype, tied, embd, ke
     assert is_quantized_gguf(path)
     ref, packed = float_model(path), load_gguf_packed(path, "cpu")
     kinds = {type(m) for m in packed.modules()}
-    blocks = kernel == "avx2" and qtype in AS_STORED
+    blocks = kernel == "avx2" and (qtype in AS_STORED or (qtype == Q.Q4_K and native.vnni()))  # (Q4_K: tiled)
     assert bool({BlockLinear, TiledLinear} & kinds) == blocks and torch.nn.Linear not in kinds
     assert (Int4Linear in kinds) == (qtype in (Q.Q4_0, Q.Q4_1, Q.Q4_K) and not blocks)
     embd_blocks = kernel == "avx2" and (embd or qtype) in AS_STORED

@@ -4,11 +4,14 @@
 tensor by tensor; no float copy of the model exists at any time. Where llama_min's C kernels run (x86-64
 Linux with AVX2, native.enabled()):
 
-  Q4_0, Q4_1, Q8_0  held as stored (blocks.BlockLinear / BlockEmbedding): views of the mapped file, no
+  Q8_0              held as stored (blocks.BlockLinear / BlockEmbedding): views of the mapped file, no
                     conversion at load, the file's weights bit for bit; a tied output reads the embedding's
                     own blocks. Start-up costs nothing per weight and weights take the file's size in memory.
-  Q4_K              converted in C (native.q4k_to_avx2) to the 'avx2' 4-bit layout: the file's codes, scale
-                    d*sc and min -dmin*mn per group of 32 rounded to fp16 (2^-11 relative)
+  Q4_0, Q4_1        with AVX-512 VNNI: regrouped into tiles of 8 rows (blocks.TiledLinear; the same bytes,
+                    the file's weights bit for bit, file pages released as it goes); else held as stored
+  Q4_K              converted in C to the same weights per group of 32 (scale d*sc, min -dmin*mn rounded to
+                    fp16, 2^-11 relative): tiled as Q4_1 blocks with AVX-512 VNNI (native.q4k_to_q4_1), else
+                    the 'avx2' 4-bit layout (native.q4k_to_avx2)
   Q6_K              converted in C (native.q6k_to_int8) to int8 per output row: |change| <= max|w_row| / 254
   Q5_0, Q5_1, Q5_K, Q2_K, Q3_K   dequantized a chunk of rows at a time (gguf.quants) and requantized to
                     int8 per row, as Q6_K
@@ -52,7 +55,7 @@ from ..checkpoint import shapes_only
 from ..errors import LlamaMinError
 from ..model import Transformer
 from . import hugepages, native
-from .blocks import BLOCK_TYPES, TILED_TYPES, BlockEmbedding, BlockLinear, TiledLinear
+from .blocks import BLOCK_TYPES, BlockEmbedding, BlockLinear, TiledLinear
 from .memory import check_window, return_freed_memory
 from .int4_layouts import int4_layout
 from .quantize import (PLAIN_INT4, Int4Embedding, Int4Linear, Int4RowsEmbedding, Int8Embedding, Int8Linear,
@@ -250,15 +253,27 @@ def q4_k_in_c(t: GGUFTensor) -> tuple:
     return codes, dc
 
 
-def tiled_in_c(t: GGUFTensor) -> torch.Tensor:
-    """A Q4_0 / Q4_1 matrix regrouped into tiles of 8 rows (native.q4x8_repack), chunk by chunk from the
-    mapped file, each chunk's file pages released once regrouped: resident memory holds one copy."""
+def tiled_in_c(t: GGUFTensor) -> tuple:
+    """(tiles, type) of a Q4_0 / Q4_1 matrix regrouped into tiles of 8 rows (native.q4x8_repack), chunk by
+    chunk from the mapped file, each chunk's file pages released once regrouped: resident memory holds one
+    copy. A Q4_K matrix is tiled as the Q4_1 blocks of the same weights (native.q4k_to_q4_1: its sub-block
+    scale and min per 32 weights, rounded to fp16)."""
     n, k = t.shape
-    out = hugepages.empty((native.tiled_bytes(t.type_name, n, k),), torch.uint8)
+    kind = "Q4_1" if t.type_name == "Q4_K" else t.type_name
+    out = hugepages.empty((native.tiled_bytes(kind, n, k),), torch.uint8)
     for r0, r1, blocks in t.block_chunks():  # chunks of a multiple of 256 rows: whole tiles
-        start = native.tiled_bytes(t.type_name, r0, k)
-        native.q4x8_repack(blocks, t.type_name, k, out[start : start + native.tiled_bytes(t.type_name, r1 - r0, k)])
-    return out
+        if t.type_name == "Q4_K":
+            blocks = native.q4k_to_q4_1(blocks, k)
+        start = native.tiled_bytes(kind, r0, k)
+        native.q4x8_repack(blocks, kind, k, out[start : start + native.tiled_bytes(kind, r1 - r0, k)])
+    return out, kind
+
+
+def tiled(t: GGUFTensor, device) -> bool:
+    """Whether a matrix of this type is tiled (blocks.TiledLinear): Q4_0, Q4_1 and Q4_K on a CPU with AVX-512
+    VNNI where llama_min's kernels run."""
+    return (t.type_name in ("Q4_0", "Q4_1", "Q4_K") and torch.device(device).type == "cpu" and native.enabled()
+            and native.vnni())
 
 
 def q6_k_in_c(t: GGUFTensor) -> tuple:
@@ -274,8 +289,9 @@ def packed_linear(t: GGUFTensor, device, dtype) -> nn.Module:
     """The layer computing x W^T for file tensor W (N, K): BlockLinear, Int4Linear, Int8Linear or a float
     nn.Linear."""
     n, k = t.shape
-    if t.held_as_stored(device) and t.type_name in TILED_TYPES and native.vnni():
-        return TiledLinear(tiled_in_c(t), t.type_name, k, n)
+    if tiled(t, device):
+        tiles, kind = tiled_in_c(t)
+        return TiledLinear(tiles, kind, k, n)
     if t.held_as_stored(device):
         return BlockLinear(t.blocks(), t.type_name, k)
     if converted_in_c(t, device) and t.type_name == "Q4_K":

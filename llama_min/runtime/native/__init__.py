@@ -160,6 +160,8 @@ def _library():
     lib.q4x8_repack.restype = None
     lib.q4k_to_avx2.argtypes = [p, i64, i64, p, p, ctypes.c_int]
     lib.q4k_to_avx2.restype = None
+    lib.q4k_to_q4_1.argtypes = [p, i64, i64, p, ctypes.c_int]
+    lib.q4k_to_q4_1.restype = None
     lib.q6k_to_int8.argtypes = [p, i64, i64, p, p, ctypes.c_int]
     lib.q6k_to_int8.restype = ctypes.c_int
     lib.rms_norm.argtypes = [p, i64, i64, p, ctypes.c_float, p]
@@ -361,6 +363,15 @@ def q4k_to_avx2(src: torch.Tensor, k: int, codes: torch.Tensor, dc: torch.Tensor
             or dc.dtype != torch.float16 or tuple(dc.shape) != (n, 2, k // 32) or not dc.is_contiguous()):
         raise ValueError(f"q4k_to_avx2: outputs {tuple(codes.shape)} {tuple(dc.shape)} do not fit {n} x {k}")
     _library().q4k_to_avx2(src.data_ptr(), n, k, codes.data_ptr(), dc.data_ptr(), torch.get_num_threads())
+
+
+def q4k_to_q4_1(src: torch.Tensor, k: int) -> torch.Tensor:
+    """Q4_K rows (n, K/256 * 144) uint8 -> the same weights as Q4_1 blocks (n, K/32 * 20) uint8: d = d*sc and
+    m = -dmin*mn per block of 32, rounded to fp16 (as q4k_to_avx2), for q4x8_repack to tile."""
+    n = _k_quant_rows(src, k, 144, "q4k_to_q4_1")
+    out = torch.empty(n, k // 32 * 20, dtype=torch.uint8)
+    _library().q4k_to_q4_1(src.data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def q6k_to_int8(src: torch.Tensor, k: int, q: torch.Tensor, scales: torch.Tensor) -> None:

@@ -761,6 +761,31 @@ void q4k_to_avx2(const uint8_t *src, int64_t n, int64_t K, uint8_t *codes, uint1
     }
 }
 
+/* Q4_K rows -> Q4_1 blocks (20 bytes each: d = d sc, m = -dmin mn, each rounded to fp16, and the codes in Q4_0's
+ * byte order): the same weights as q4k_to_avx2 gives, in a form q4x8_repack tiles (AVX-512 VNNI). out: n rows
+ * of K/32 blocks. */
+void q4k_to_q4_1(const uint8_t *src, int64_t n, int64_t K, uint8_t *out, int nthreads) {
+    const int64_t S = K / 256, G = K / 32;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t sb = 0; sb < S; sb++) {
+            const uint8_t *b = src + (r * S + sb) * 144, *s = b + 4, *qs = b + 16;
+            const float d = fp16_at(b), dmin = fp16_at(b + 2);
+            for (int j = 0; j < 8; j++) {
+                const int sc = j < 4 ? s[j] & 63 : (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
+                const int mn = j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+                uint8_t *o = out + (r * G + sb * 8 + j) * Q4_1_BYTES;
+                const uint16_t dh = _cvtss_sh(d * (float)sc, 0), mh = _cvtss_sh(-dmin * (float)mn, 0);
+                memcpy(o, &dh, 2);
+                memcpy(o + 2, &mh, 2);
+                const uint8_t *chunk = qs + 32 * (j / 2);
+                const int shift = 4 * (j & 1);
+                for (int i = 0; i < 16; i++)
+                    o[4 + i] = (uint8_t)(((chunk[i] >> shift) & 15) | (((chunk[i + 16] >> shift) & 15) << 4));
+            }
+        }
+}
+
 /* Q6_K, 210 bytes: 128 bytes ql (low 4 bits), 64 bytes qh (high 2 bits), 16 int8 scales (one per 16
  * weights), fp16 d; w = d sc (q - 32). Each half of 128 weights: for l = 0..31, with ql, qh and the scales
  * of that half,
