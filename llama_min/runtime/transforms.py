@@ -9,8 +9,10 @@ on the logits of prompts and of one-token steps through the KV cache.
   quantize="int8"            quantize.py       nn.Linear -> Int8Linear (per channel)  int8 rounding (test_quantize)
   quantize="int4[-64|-128]"  quantize.py       nn.Linear -> Int4Linear (per group),   int4 rounding (test_quantize)
                                                one Int4Layout chosen per layer
-  (packed GGUF)              packed.py         built from the file's blocks as        fp16 / bf16 rounding of scales
-                                               Int4Linear / Int8Linear                (test_gguf_packed)
+  (packed GGUF)              packed.py         built from the file's blocks: mapped   none for Q8_0 / Q4_0 / Q4_1
+                                               (BlockLinear), tiled (TiledLinear),    (the file's weights); fp16 /
+                                               Int4Linear / Int8Linear (blocks.py)    bf16 scales, int8 rows else
+                                                                                      (test_gguf_packed, test_blocks)
   fuse_projections           fusion.py         q/k/v in one product, w1/w3 in one     float: <= 1e-4; quantized: the
                                                (float or quantized; built at load)    same stored values (test_fast)
   FastAttention              attention.py      decode GQA without cache copies,       float rounding, <= 1e-5
