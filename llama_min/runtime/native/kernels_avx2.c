@@ -564,28 +564,34 @@ void block_dequantize(int64_t kind, const uint8_t *w, int64_t K, int64_t r0, con
     }
 }
 
-/* ---- prompts from Q4_0 / Q4_1 blocks: an integer GEMM with AVX-512 VNNI ----
+/* ---- Q4_0 / Q4_1 tiles: integer products with AVX-512 VNNI, for decoding and prompts alike ----
  *
  * A prompt multiplies many activation rows by each matrix, so it is bound by arithmetic, not by memory.
  * The float route (dequantize a panel of W, then PyTorch's float32 GEMM) does one multiply-add per weight
- * and row in float32. Here the activations are rounded to int8 per block of 32 (as llama.cpp does for its
- * quantized products: xq = round(x / s), s = max|x| / 127, error <= s/2 per value) and each instruction
- * vpdpbusd multiplies 32 unsigned 4-bit codes by 32 int8 activations and adds them, four at a time, into
- * eight int32 sums:
- *     y[m, n] = sum_g d s (sum_j q_j xq_j)  -  8 d s (sum_j xq_j)  [Q4_0]     + m s (sum_j xq_j)  [Q4_1]
+ * and row in float32. Here each activation is written as two int8 digits per block of 32 (quantize_rows_int8:
+ * as precise as int16) and each instruction vpdpbusd multiplies 32 unsigned 4-bit codes by 32 int8 digits
+ * and adds them, four at a time, into eight int32 sums, two passes per block:
+ *     y[m, n] = sum_g d s (sum_j q_j x_j)  -  8 d s (sum_j x_j)  [Q4_0]     + m s (sum_j x_j)  [Q4_1]
+ * with x_j = 254 x1_j + x2_j the integer activations and s their scale.
  *
- * The eight lanes of a register hold eight rows n of W: a tile of 8 rows' blocks g is read once and turned
- * so that lane r holds four codes of row r (a 4x4 transpose of 32-bit words in each 128-bit half), and then
- * serves J activation rows, each adding its 32 values by eight vpdpbusd with four of its int8 values broadcast
- * to every lane. The sums of a tile are the outputs y[m, n..n+7] directly: no horizontal additions.
+ * The eight lanes of a register hold eight rows n of W: a tile of 8 rows' blocks g (the tiled layout below) is
+ * read once and serves J activation rows, each adding its 32 values by vpdpbusd with four of its digits
+ * broadcast to every lane. The sums of a tile are the outputs y[m, n..n+7] directly: no horizontal additions.
  * Compiled for AVX-512 VNNI (the 256-bit forms, with AVX512VL) as a target of its own; Python calls it only
  * where /proc/cpuinfo lists avx512_vnni, avx512vl and avx512bw.
  */
 #define VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 #define GEMM_ROWS 16  /* activation rows per pass over a tile of 8 weight rows */
 
-/* x (M, K) float32 -> xq (M, K) int8, s (M, G) the scale and xsum (M, G) the int sum of each block of 32 */
-VNNI static void quantize_rows_int8(const float *x, int64_t M, int64_t K, int8_t *xq, float *s, int32_t *xsum) {
+/* x (M, K) float32 -> each value as two int8 digits: x ~ s1 x1 + s2 x2 per block of 32, with
+ *     s1 = max|x| / 127,  x1 = round(x / s1),  s2 = s1 / 254,  x2 = round((x - s1 x1) / s2)
+ * (|x - s1 x1| <= s1 / 2, so |x2| <= 127), so x = s2 (254 x1 + x2) within s2 / 2 = max|x| / 64516: as precise as
+ * the int16 activations of the other kernels (max|x| / 65534), and a product is 254 (q . x1) + (q . x2), two
+ * vpdpbusd passes. One pass (int8 activations, llama.cpp's way) was 1.9x faster but changed the default model's
+ * answers: a 512-row prompt rounded so moved SmolLM2 off "The capital of France is Paris." (measured).
+ * x1 and x2: (M, K) each; s (M, G) = s2; xsum (M, G) = sum over the block of 254 x1 + x2. */
+VNNI static void quantize_rows_int8(const float *x, int64_t M, int64_t K, int8_t *x1, int8_t *x2, float *s,
+                                    int32_t *xsum) {
     const int64_t G = K / 32;
     const __m256 sign = _mm256_set1_ps(-0.f);
     #pragma omp for schedule(static)
@@ -595,22 +601,43 @@ VNNI static void quantize_rows_int8(const float *x, int64_t M, int64_t K, int8_t
         for (int r = 0; r < 4; r++)
             top = _mm256_max_ps(top, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + 8 * r)));
         float amax = max8(top);
-        const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-        __m256i q[4];
-        for (int r = 0; r < 4; r++)
-            q[r] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + 8 * r), inv));
-        const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-        const __m128i lo = _mm_packs_epi32(_mm256_castsi256_si128(q[0]), _mm256_extracti128_si256(q[0], 1));
-        const __m128i l1 = _mm_packs_epi32(_mm256_castsi256_si128(q[1]), _mm256_extracti128_si256(q[1], 1));
-        const __m128i h0 = _mm_packs_epi32(_mm256_castsi256_si128(q[2]), _mm256_extracti128_si256(q[2], 1));
-        const __m128i h1 = _mm_packs_epi32(_mm256_castsi256_si128(q[3]), _mm256_extracti128_si256(q[3], 1));
-        _mm_storeu_si128((__m128i *)(xq + i * 32), _mm_packs_epi16(lo, l1));
-        _mm_storeu_si128((__m128i *)(xq + i * 32 + 16), _mm_packs_epi16(h0, h1));
-        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
-        xsum[i] = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1)));
-        s[i] = amax / 127.f;
+        if (!isfinite(amax))  /* inf or nan: let it reach the output */
+            amax = NAN;
+        const float s1 = amax / 127.f;
+        const __m256 inv1 = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+        const __m256 inv2 = _mm256_set1_ps(amax > 0.f ? 254.f * 127.f / amax : 0.f);
+        __m256i q1[4], q2[4];
+        for (int r = 0; r < 4; r++) {
+            const __m256 xv = _mm256_loadu_ps(v + 8 * r);
+            q1[r] = _mm256_cvtps_epi32(_mm256_mul_ps(xv, inv1));
+            const __m256 rest = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(q1[r]), _mm256_set1_ps(s1), xv);
+            q2[r] = _mm256_cvtps_epi32(_mm256_mul_ps(rest, inv2));
+        }
+        int32_t total = 0;
+        for (int pass = 0; pass < 2; pass++) {
+            const __m256i *q = pass ? q2 : q1;
+            int8_t *out = (pass ? x2 : x1) + i * 32;
+            const __m128i a = _mm_packs_epi32(_mm256_castsi256_si128(q[0]), _mm256_extracti128_si256(q[0], 1));
+            const __m128i b = _mm_packs_epi32(_mm256_castsi256_si128(q[1]), _mm256_extracti128_si256(q[1], 1));
+            const __m128i c = _mm_packs_epi32(_mm256_castsi256_si128(q[2]), _mm256_extracti128_si256(q[2], 1));
+            const __m128i d = _mm_packs_epi32(_mm256_castsi256_si128(q[3]), _mm256_extracti128_si256(q[3], 1));
+            _mm_storeu_si128((__m128i *)out, _mm_packs_epi16(a, b));
+            _mm_storeu_si128((__m128i *)(out + 16), _mm_packs_epi16(c, d));
+            const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            __m128i t = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+            t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+            total += (pass ? 1 : 254) * _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1)));
+        }
+        xsum[i] = total;
+        s[i] = s1 / 254.f;
     }
+}
+
+/* acc + the products of w's unsigned bytes with the 4 signed bytes at p, broadcast to every lane (vpdpbusd with an
+ * embedded broadcast: one instruction; the intrinsics' form compiled to a separate broadcast before each) */
+VNNI static inline __m256i dpbusd_broadcast(__m256i acc, __m256i w, const int32_t *p) {
+    __asm__("vpdpbusd %2%{1to8%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*p));
+    return acc;
 }
 
 /* The tiled layout: a Q4_0 / Q4_1 matrix regrouped at load (q4x8_repack) so that the eight lanes of a register
@@ -653,10 +680,10 @@ void q4x8_repack(const uint8_t *w, int64_t N, int64_t K, int64_t kind, uint8_t *
         }
 }
 
-/* Tile row t (all its blocks) times J activation rows m0 .. m0+J-1 (int8, quantize_rows_int8) -> y[m, 8t ..
+/* Tile row t (all its blocks) times J activation rows m0 .. m0+J-1 (quantize_rows_int8's digits) -> y[m, 8t ..
  * 8t+7] (only `valid` stored) */
 VNNI static inline void q4x8_tile(const uint8_t *tile, int has_min, int64_t G, const int8_t *xq, const float *s,
-                                  const int32_t *xsum, int64_t K, int64_t m0, int J, float *y, int64_t ldy,
+                                  const int32_t *xsum, int64_t M, int64_t K, int64_t m0, int J, float *y, int64_t ldy,
                                   int64_t n, int valid) {
     const int64_t TB = has_min ? 160 : 144;
     const int codes_at = has_min ? 32 : 16;
@@ -679,13 +706,17 @@ VNNI static inline void q4x8_tile(const uint8_t *tile, int has_min, int64_t G, c
         }
         for (int j = 0; j < J; j++) {
             const int64_t m = m0 + j;
-            const int32_t *x4 = (const int32_t *)(xq + m * K + 32 * g);
+            const int32_t *a = (const int32_t *)(xq + m * K + 32 * g), *b = (const int32_t *)(xq + (M + m) * K + 32 * g);
             const int32_t total = xsum[m * G + g];
-            __m256i dot = _mm256_set1_epi32(has_min ? 0 : -8 * total);  /* Q4_0: q - 8 */
+            __m256i d1 = _mm256_setzero_si256(), d2 = _mm256_set1_epi32(has_min ? 0 : -8 * total);  /* Q4_0: q - 8 */
             for (int k = 0; k < 4; k++) {
-                dot = _mm256_dpbusd_epi32(dot, lo[k], _mm256_set1_epi32(x4[k]));
-                dot = _mm256_dpbusd_epi32(dot, hi[k], _mm256_set1_epi32(x4[4 + k]));
+                d1 = dpbusd_broadcast(d1, lo[k], a + k);
+                d1 = dpbusd_broadcast(d1, hi[k], a + 4 + k);
+                d2 = dpbusd_broadcast(d2, lo[k], b + k);
+                d2 = dpbusd_broadcast(d2, hi[k], b + 4 + k);
             }
+            /* 254 (q . x1) + (q . x2) */
+            const __m256i dot = _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(d1, 8), _mm256_slli_epi32(d1, 1)), d2);
             const __m256 sg = _mm256_set1_ps(s[m * G + g]);
             acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, sg), acc[j]);
             if (has_min)  /* Q4_1: + m s (sum_j xq_j) */
@@ -715,17 +746,17 @@ VNNI static void q4x8_rows(const int8_t *xq, const float *s, const int32_t *xsum
         const uint8_t *tile = w + t * G * TB;
         int64_t m0 = 0;
         for (; m0 + GEMM_ROWS <= M; m0 += GEMM_ROWS)
-            q4x8_tile(tile, has_min, G, xq, s, xsum, K, m0, GEMM_ROWS, y, ldy, 8 * t, valid);
+            q4x8_tile(tile, has_min, G, xq, s, xsum, M, K, m0, GEMM_ROWS, y, ldy, 8 * t, valid);
         for (; m0 + 4 <= M; m0 += 4)
-            q4x8_tile(tile, has_min, G, xq, s, xsum, K, m0, 4, y, ldy, 8 * t, valid);
+            q4x8_tile(tile, has_min, G, xq, s, xsum, M, K, m0, 4, y, ldy, 8 * t, valid);
         for (; m0 < M; m0++)
-            q4x8_tile(tile, has_min, G, xq, s, xsum, K, m0, 1, y, ldy, 8 * t, valid);
+            q4x8_tile(tile, has_min, G, xq, s, xsum, M, K, m0, 1, y, ldy, 8 * t, valid);
     }
 }
 
-/* The int8 activations of M rows in one buffer of QUANTIZED_BYTES(M, K): xq (M, K), then s (M, K/32) float and
- * xsum (M, K/32) int32 */
-#define INT8_PARTS(buf, M, K) int8_t *xq8 = (int8_t *)(buf); float *s8 = (float *)(xq8 + (M) * (K)); \
+/* The two int8 digits of M rows in one buffer of QUANTIZED_BYTES(M, K): x1 (M, K) then x2 (M, K) (xq8), then
+ * s (M, K/32) float and xsum (M, K/32) int32 */
+#define INT8_PARTS(buf, M, K) int8_t *xq8 = (int8_t *)(buf); float *s8 = (float *)(xq8 + 2 * (M) * (K)); \
     int32_t *xsum8 = (int32_t *)(s8 + (M) * ((K) / 32))
 
 /* ---- K-quant rows converted at load: Q4_K into the 'avx2' 4-bit layout, Q6_K into int8 per row ----
@@ -862,7 +893,7 @@ static void products(const matrix *ms, int64_t n, const float *x, int64_t M, flo
         } else {
             if (quantized != order && order == INT8) {  /* work-sharing, in the tiled kernels' int8 form */
                 INT8_PARTS(xq, M, m->K);
-                quantize_rows_int8(x, M, m->K, xq8, s8, xsum8);
+                quantize_rows_int8(x, M, m->K, xq8, xq8 + M * m->K, s8, xsum8);
                 quantized = order;
             } else if (quantized != order) {
                 #pragma omp single
