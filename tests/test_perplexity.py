@@ -82,7 +82,8 @@ def test_cli_on_the_default_model_packed_and_dequantized(smollm2_path, tmp_path,
                      "--no-progress", *mode]) == 0
         results[bool(mode)] = json.loads(capsys.readouterr().out)
     packed, floats = results[False], results[True]
-    assert "Int4Linear" in packed["layers"] and not any(n.startswith("Int") for n in floats["layers"])
+    quantized = ("Int4Linear", "BlockLinear", "TiledLinear")  # (the file's blocks: runtime/blocks.py)
+    assert set(quantized) & set(packed["layers"]) and not set(quantized) & set(floats["layers"])
     # independently: the float model, a plain forward per window, F.cross_entropy
     llama = Llama.build(smollm2_path, max_seq_len=64, device="cpu", dtype=torch.float32)
     tok = llama.tokenizer

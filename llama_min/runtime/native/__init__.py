@@ -25,9 +25,9 @@ speed. Measured on this project's 2-core AVX2 machine, in one script:
   - a GGUF file's own blocks (runtime/blocks.py): `block_linear` multiplies Q4_0 / Q4_1 / Q8_0 rows where the
     mapped file holds them (int16 activations, 25-27 GB/s for one row times a 5632 x 2048 Q4_0 matrix, near
     the machine's bandwidth), and, on CPUs with AVX-512 VNNI, Q4_0 / Q4_1 regrouped into tiles of 8 rows
-    (`q4x8_repack`) with int8 activations and vpdpbusd, one kernel for decoding and prompts: 328 GOPS on 128
-    rows times 5632 x 2048 against 141 for PyTorch's float32 GEMM on the dequantized weights; the 1.1B-shape
-    Q4_0 model decoded at 50 tok/s (45 from the mapped blocks).
+    (`q4x8_repack`) with activations as two int8 digits and vpdpbusd, one kernel for decoding and prompts:
+    the 1.1B-shape Q4_0 model's 512-token prompt at 96 tok/s (73-77 through PyTorch's float32 GEMM on
+    dequantized panels), decoding at 57-61 tok/s (45 from the mapped blocks).
 
 On a CPU with AVX-512 (an AMD EPYC of the same 2-core kind, 2026-12-03), where PyTorch takes its AVX-512
 paths, the AVX2 code is still the faster one (one script, 2 threads). One row times a matrix, PyTorch's
@@ -318,7 +318,7 @@ def q4x8_repack(blocks: torch.Tensor, ggml_type: str, k: int, out: torch.Tensor)
 
 def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, ggml_type: str, n: int) -> torch.Tensor:
     """x (M, K) float32 times W^T, W (n, K) a Q4_0 / Q4_1 matrix in the tiled layout, any number of rows M:
-    activations as int8 per block of 32, AVX-512 VNNI integer products (only where vnni())."""
+    activations as two int8 digits per block of 32, AVX-512 VNNI integer products (only where vnni())."""
     x = x.contiguous()
     m, k = x.shape
     if (x.dtype != torch.float32 or x.device.type != "cpu" or k % 32 or tiles.dtype != torch.uint8
@@ -327,7 +327,7 @@ def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, ggml_type: str, n: int) -
     y = torch.empty(m, n, dtype=torch.float32)
     if _library().block_linear(x.data_ptr(), m, k, TILED_TYPES[ggml_type][0], tiles.data_ptr(), n, y.data_ptr(),
                                torch.get_num_threads()) != 0:
-        raise MemoryError(f"tiled_linear: no memory for the int8 activations of {m} x {k}")
+        raise MemoryError(f"tiled_linear: no memory for the quantized activations of {m} x {k}")
     return y
 
 
