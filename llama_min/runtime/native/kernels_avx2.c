@@ -772,6 +772,15 @@ VNNI static void q4x8_rows(const int8_t *xq, const float *s, const int32_t *xsum
  * Pairs j = 0-3: sc = s[j] & 63, mn = s[j+4] & 63; j = 4-7: the low 4 bits from byte j+4 (low nibble: sc,
  * high: mn), the top 2 bits from the top bits of byte j-4 (sc) and byte j (mn).
  */
+/* the 6-bit scale and min of sub-block j from a Q4_K block's 12 bytes s (as described above) */
+static inline int q4k_scale(const uint8_t *s, int j) {
+    return j < 4 ? s[j] & 63 : (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
+}
+
+static inline int q4k_min(const uint8_t *s, int j) {
+    return j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+}
+
 void q4k_to_avx2(const uint8_t *src, int64_t n, int64_t K, uint8_t *codes, uint16_t *dc, int nthreads) {
     const int64_t S = K / 256, G = K / 32;
     #pragma omp parallel for num_threads(nthreads) schedule(static)
@@ -780,8 +789,7 @@ void q4k_to_avx2(const uint8_t *src, int64_t n, int64_t K, uint8_t *codes, uint1
             const uint8_t *b = src + (r * S + sb) * 144, *s = b + 4, *qs = b + 16;
             const float d = fp16_at(b), dmin = fp16_at(b + 2);
             for (int j = 0; j < 8; j++) {
-                const int sc = j < 4 ? s[j] & 63 : (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
-                const int mn = j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+                const int sc = q4k_scale(s, j), mn = q4k_min(s, j);
                 const int64_t g = sb * 8 + j;
                 dc[r * 2 * G + g] = _cvtss_sh(d * (float)sc, 0);
                 dc[r * 2 * G + G + g] = _cvtss_sh(-dmin * (float)mn, 0);
@@ -806,8 +814,7 @@ void q4k_to_q4_1(const uint8_t *src, int64_t n, int64_t K, uint8_t *out, int nth
             const uint8_t *b = src + (r * S + sb) * 144, *s = b + 4, *qs = b + 16;
             const float d = fp16_at(b), dmin = fp16_at(b + 2);
             for (int j = 0; j < 8; j++) {
-                const int sc = j < 4 ? s[j] & 63 : (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
-                const int mn = j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+                const int sc = q4k_scale(s, j), mn = q4k_min(s, j);
                 uint8_t *o = out + (r * G + sb * 8 + j) * Q4_1_BYTES;
                 const uint16_t dh = _cvtss_sh(d * (float)sc, 0), mh = _cvtss_sh(-dmin * (float)mn, 0);
                 memcpy(o, &dh, 2);
