@@ -67,29 +67,11 @@ def _parse_kv(buf, prefix: str | None, skip: str | None = None):
     for _ in range(n_kv):
         key, pos = _read_str(buf, pos)
         (vtype,) = struct.unpack_from("<I", buf, pos)
-        if (prefix is not None and not key.startswith(prefix)) or (skip is not None and key.startswith(skip)):
-            pos = _skip_value(buf, pos + 4, vtype)
-        else:
-            out[key], pos = _read_value(buf, pos + 4, vtype)
+        keep = (prefix is None or key.startswith(prefix)) and (skip is None or not key.startswith(skip))
+        value, pos = _read_value(buf, pos + 4, vtype, keep)
+        if keep:
+            out[key] = value
     return out, pos
-
-
-def _skip_value(buf, pos: int, vtype: int) -> int:
-    """The position after a value, without decoding it."""
-    if vtype == 8:
-        (n,) = struct.unpack_from("<Q", buf, pos)
-        return pos + 8 + n
-    if vtype != 9:
-        return pos + struct.calcsize("<" + _SCALAR[vtype])
-    item_type, count = struct.unpack_from("<IQ", buf, pos)
-    pos += 12
-    if item_type in _SCALAR:
-        return pos + count * struct.calcsize("<" + _SCALAR[item_type])
-    for _ in range(count):
-        pos = _skip_value(buf, pos, item_type)
-    if pos > len(buf):
-        raise IndexError("array runs past the end of the file")
-    return pos
 
 
 def _parse_tensor_infos(buf, pos: int, meta: dict) -> list:
@@ -115,19 +97,26 @@ def _read_str(buf, pos: int):
     return buf[pos + 8:pos + 8 + n].decode("utf-8"), pos + 8 + n
 
 
-def _read_value(buf, pos: int, vtype: int):
+def _read_value(buf, pos: int, vtype: int, keep: bool = True):
+    """(value, position after it); keep=False: (None, position after it), nothing decoded."""
     if vtype == 8:
-        return _read_str(buf, pos)
+        if keep:
+            return _read_str(buf, pos)
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        if pos + 8 + n > len(buf):
+            raise IndexError("string runs past the end of the file")
+        return None, pos + 8 + n
     if vtype != 9:
         fmt = "<" + _SCALAR[vtype]
-        return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
+        return (struct.unpack_from(fmt, buf, pos)[0] if keep else None), pos + struct.calcsize(fmt)
     item_type, count = struct.unpack_from("<IQ", buf, pos)
     pos += 12
     if item_type in _SCALAR:                          # numbers: one unpack for the whole array
         fmt = f"<{count}{_SCALAR[item_type]}"
-        return list(struct.unpack_from(fmt, buf, pos)), pos + struct.calcsize(fmt)
+        return (list(struct.unpack_from(fmt, buf, pos)) if keep else None), pos + struct.calcsize(fmt)
     items = []
     for _ in range(count):
-        item, pos = _read_value(buf, pos, item_type)
-        items.append(item)
-    return items, pos
+        item, pos = _read_value(buf, pos, item_type, keep)
+        if keep:
+            items.append(item)
+    return (items if keep else None), pos
