@@ -116,10 +116,7 @@ class TiledLinear(nn.Module):
 
     def __init__(self, tiles: torch.Tensor, ggml_type: str, in_features: int, out_features: int):
         super().__init__()
-        if ggml_type not in native.TILED_TYPES or tiles.numel() != native.tiled_bytes(ggml_type, out_features,
-                                                                                    in_features):
-            raise ValueError(f"TiledLinear: {tiles.numel()} bytes do not hold {out_features} x {in_features} "
-                             f"{ggml_type}")
+        native.check_tiles(tiles, ggml_type, out_features, in_features)
         self.ggml_type, self.in_features, self.out_features = ggml_type, in_features, out_features
         self.register_buffer("tiles", tiles)
 

@@ -272,8 +272,7 @@ def tiled_in_c(t: GGUFTensor) -> tuple:
 def tiled(t: GGUFTensor, device) -> bool:
     """Whether a matrix of this type is tiled (blocks.TiledLinear): Q4_0, Q4_1 and Q4_K on a CPU with AVX-512
     VNNI where llama_min's kernels run."""
-    return (t.type_name in ("Q4_0", "Q4_1", "Q4_K") and torch.device(device).type == "cpu" and native.enabled()
-            and native.vnni())
+    return t.type_name in ("Q4_0", "Q4_1", "Q4_K") and torch.device(device).type == "cpu" and native.vnni()
 
 
 def q6_k_in_c(t: GGUFTensor) -> tuple:
@@ -411,10 +410,9 @@ def _tensors(path: Path, buf, infos, args) -> dict:
 
 
 def _holds_mapped_blocks(model: Transformer, meta_name: str) -> bool:
-    """Whether the module built from tensor `meta_name` (or a tied output) reads the mapped file's blocks."""
-    owner = model.get_submodule(meta_name.rsplit(".", 1)[0])
-    tied = meta_name == "tok_embeddings.weight" and isinstance(getattr(model, "output", None), BlockLinear)
-    return isinstance(owner, (BlockLinear, BlockEmbedding)) or tied
+    """Whether the module built from tensor `meta_name` reads the mapped file's blocks (a tied output reads
+    them exactly when the embedding does: tied_output)."""
+    return isinstance(model.get_submodule(meta_name.rsplit(".", 1)[0]), (BlockLinear, BlockEmbedding))
 
 
 def gguf_header_args(path):

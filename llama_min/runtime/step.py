@@ -153,9 +153,7 @@ def _matrix(r: _Reads, layer: nn.Module) -> Optional[tuple]:
     elif kind is TiledLinear:
         tiles, ggml_type = r.get(layer, "tiles"), r.get(layer, "ggml_type")
         n, k = r.get(layer, "out_features"), r.get(layer, "in_features")
-        if (tiles.dtype == torch.uint8 and tiles.is_contiguous() and k % 32 == 0 and tiles.device.type == "cpu"
-                and tiles.numel() == native.tiled_bytes(ggml_type, n, k)):
-            return native.TILED_TYPES[ggml_type][0], n, k, tiles.data_ptr(), 0
+        return native.check_tiles(tiles, ggml_type, n, k), n, k, tiles.data_ptr(), 0  # (raises rather than pass)
     elif kind is Int8Linear and r.get(layer, "native"):
         w, s = r.get(layer, "weight"), r.get(layer, "scales")
         n, k = w.shape

@@ -272,28 +272,38 @@ _q8_linear_op.register_fake(lambda x, w, scales: x.new_empty(x.shape[0], w.shape
 BLOCK_TYPES = {"Q4_0": (3, 18), "Q4_1": (4, 20), "Q8_0": (5, 34)}
 
 
+def _block_rows(src: torch.Tensor, k: int, per_block: int, block_bytes: int, name: str) -> int:
+    """The number of rows of `src`, rows of K / per_block blocks of block_bytes (uint8, contiguous, CPU), checked."""
+    if (src.dtype != torch.uint8 or src.dim() != 2 or k % per_block or src.shape[1] != k // per_block * block_bytes
+            or not src.is_contiguous() or src.device.type != "cpu"):
+        raise ValueError(f"{name}: bad operand {src.dtype} {tuple(src.shape)} for K = {k}")
+    return src.shape[0]
+
+
 def check_blocks(blocks: torch.Tensor, ggml_type: str, k: int) -> int:
     """The matrix kind of `blocks` (N, K/32 * block bytes) uint8 rows of `ggml_type`, checked."""
     kind, size = BLOCK_TYPES[ggml_type]
-    if (blocks.dtype != torch.uint8 or blocks.dim() != 2 or k % 32 or blocks.shape[1] != k // 32 * size
-            or not blocks.is_contiguous() or blocks.device.type != "cpu"):
-        raise ValueError(f"{ggml_type} blocks: bad operand {blocks.dtype} {tuple(blocks.shape)} for K = {k}")
+    _block_rows(blocks, k, 32, size, f"{ggml_type} blocks")
     return kind
+
+
+def _block_product(x: torch.Tensor, kind: int, w: torch.Tensor, n: int, name: str) -> torch.Tensor:
+    """y (M, n) = x (M, K) W^T through kernels_avx2.c's block_linear, W of matrix kind `kind` (checked)."""
+    (m, k) = x.shape
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(f"{name}: bad activations {x.dtype} {tuple(x.shape)}")
+    y = torch.empty(m, n, dtype=torch.float32)
+    if _library().block_linear(x.data_ptr(), m, k, kind, w.data_ptr(), n, y.data_ptr(), torch.get_num_threads()):
+        raise MemoryError(f"{name}: no memory for the quantized activations of {m} x {k}")
+    return y
 
 
 def block_linear(x: torch.Tensor, blocks: torch.Tensor, ggml_type: str) -> torch.Tensor:
     """x (M, K) float32 times W^T, W held as ggml blocks (N, K/32 * block bytes) uint8 of `ggml_type` (Q4_0,
     Q4_1 or Q8_0: kernels_avx2.c reads them in place) -> (M, N) float32; for a few rows M."""
     x = x.contiguous()
-    (m, k), n = x.shape, blocks.shape[0]
-    kind = check_blocks(blocks, ggml_type, k)
-    if x.dtype != torch.float32 or x.device.type != "cpu":
-        raise ValueError(f"block_linear: bad activations {x.dtype} {tuple(x.shape)}")
-    y = torch.empty(m, n, dtype=torch.float32)
-    if _library().block_linear(x.data_ptr(), m, k, kind, blocks.data_ptr(), n, y.data_ptr(),
-                               torch.get_num_threads()) != 0:
-        raise MemoryError(f"block_linear: no memory for the int16 activations of {m} x {k}")
-    return y
+    kind = check_blocks(blocks, ggml_type, x.shape[1])
+    return _block_product(x, kind, blocks, blocks.shape[0], "block_linear")
 
 
 TILED_TYPES = {"Q4_0": (6, 18), "Q4_1": (7, 20)}  # type -> (matrix kind, bytes per block) of the tiled layout
@@ -316,19 +326,19 @@ def q4x8_repack(blocks: torch.Tensor, ggml_type: str, k: int, out: torch.Tensor)
     return out
 
 
+def check_tiles(tiles: torch.Tensor, ggml_type: str, n: int, k: int) -> int:
+    """The matrix kind of an (n, k) matrix of `ggml_type` in the tiled layout held by `tiles`, checked."""
+    if (ggml_type not in TILED_TYPES or k % 32 or tiles.dtype != torch.uint8 or not tiles.is_contiguous()
+            or tiles.device.type != "cpu" or tiles.numel() != tiled_bytes(ggml_type, n, k)):
+        raise ValueError(f"{ggml_type} tiles: {tiles.numel()} bytes ({tiles.dtype}) do not hold {n} x {k}")
+    return TILED_TYPES[ggml_type][0]
+
+
 def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, ggml_type: str, n: int) -> torch.Tensor:
     """x (M, K) float32 times W^T, W (n, K) a Q4_0 / Q4_1 matrix in the tiled layout, any number of rows M:
     activations as two int8 digits per block of 32, AVX-512 VNNI integer products (only where vnni())."""
     x = x.contiguous()
-    m, k = x.shape
-    if (x.dtype != torch.float32 or x.device.type != "cpu" or k % 32 or tiles.dtype != torch.uint8
-            or tiles.numel() != tiled_bytes(ggml_type, n, k) or not tiles.is_contiguous()):
-        raise ValueError(f"tiled_linear: bad operands {x.dtype} {tuple(x.shape)}, {tuple(tiles.shape)} {ggml_type}")
-    y = torch.empty(m, n, dtype=torch.float32)
-    if _library().block_linear(x.data_ptr(), m, k, TILED_TYPES[ggml_type][0], tiles.data_ptr(), n, y.data_ptr(),
-                               torch.get_num_threads()) != 0:
-        raise MemoryError(f"tiled_linear: no memory for the quantized activations of {m} x {k}")
-    return y
+    return _block_product(x, check_tiles(tiles, ggml_type, n, x.shape[1]), tiles, n, "tiled_linear")
 
 
 def block_dequantize(blocks: torch.Tensor, ggml_type: str, k: int, rows: Optional[torch.Tensor] = None,
@@ -355,18 +365,10 @@ def block_dequantize(blocks: torch.Tensor, ggml_type: str, k: int, rows: Optiona
     return out
 
 
-def _k_quant_rows(src: torch.Tensor, k: int, block_bytes: int, name: str) -> int:
-    """The number of rows of K-quant blocks `src` (n, K/256 * block_bytes) uint8, checked."""
-    if (src.dtype != torch.uint8 or src.dim() != 2 or k % 256 or src.shape[1] != k // 256 * block_bytes
-            or not src.is_contiguous() or src.device.type != "cpu"):
-        raise ValueError(f"{name}: bad blocks {src.dtype} {tuple(src.shape)} for K = {k}")
-    return src.shape[0]
-
-
 def q4k_to_avx2(src: torch.Tensor, k: int, codes: torch.Tensor, dc: torch.Tensor) -> None:
     """Q4_K rows (n, K/256 * 144) uint8 -> the 'avx2' 4-bit layout, written into codes (n, K/2) uint8 and dc
     (n, 2, K/32) fp16 (scales d*sc, then mins -dmin*mn, each rounded to fp16; kernels_avx2.c)."""
-    n = _k_quant_rows(src, k, 144, "q4k_to_avx2")
+    n = _block_rows(src, k, 256, 144, "q4k_to_avx2")
     if (codes.dtype != torch.uint8 or tuple(codes.shape) != (n, k // 2) or not codes.is_contiguous()
             or dc.dtype != torch.float16 or tuple(dc.shape) != (n, 2, k // 32) or not dc.is_contiguous()):
         raise ValueError(f"q4k_to_avx2: outputs {tuple(codes.shape)} {tuple(dc.shape)} do not fit {n} x {k}")
@@ -376,7 +378,7 @@ def q4k_to_avx2(src: torch.Tensor, k: int, codes: torch.Tensor, dc: torch.Tensor
 def q4k_to_q4_1(src: torch.Tensor, k: int) -> torch.Tensor:
     """Q4_K rows (n, K/256 * 144) uint8 -> the same weights as Q4_1 blocks (n, K/32 * 20) uint8: d = d*sc and
     m = -dmin*mn per block of 32, rounded to fp16 (as q4k_to_avx2), for q4x8_repack to tile."""
-    n = _k_quant_rows(src, k, 144, "q4k_to_q4_1")
+    n = _block_rows(src, k, 256, 144, "q4k_to_q4_1")
     out = torch.empty(n, k // 32 * 20, dtype=torch.uint8)
     _library().q4k_to_q4_1(src.data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
     return out
@@ -385,7 +387,7 @@ def q4k_to_q4_1(src: torch.Tensor, k: int) -> torch.Tensor:
 def q6k_to_int8(src: torch.Tensor, k: int, q: torch.Tensor, scales: torch.Tensor) -> None:
     """Q6_K rows (n, K/256 * 210) uint8 -> int8 per row, written into q (n, K) int8 and scales (n,) float32:
     each row dequantized, then quantized as quantize.quantize_per_channel does (kernels_avx2.c)."""
-    n = _k_quant_rows(src, k, 210, "q6k_to_int8")
+    n = _block_rows(src, k, 256, 210, "q6k_to_int8")
     if (q.dtype != torch.int8 or tuple(q.shape) != (n, k) or not q.is_contiguous() or scales.dtype != torch.float32
             or tuple(scales.shape) != (n,) or not scales.is_contiguous()):
         raise ValueError(f"q6k_to_int8: outputs {tuple(q.shape)} {tuple(scales.shape)} do not fit {n} x {k}")
