@@ -42,6 +42,7 @@ looked-up row), an `Int4RowsEmbedding` (Q4_K) or an `Int8Embedding`.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import sys
 from pathlib import Path
@@ -346,13 +347,27 @@ def packed_embedding(t: GGUFTensor, device, dtype) -> nn.Module:
     return emb
 
 
+def model_header(path) -> tuple:
+    """(metadata without the tokenizer's keys, tensor infos) of a GGUF file, read once per version of the file:
+    use_packed and load_gguf_packed both ask for it (walking Llama 3's vocabulary to skip it takes ~0.2 s).
+    Keyed by the file's path, size and modification time, so a changed file is read again. Read-only."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return _model_header(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _model_header(path: Path, size: int, mtime_ns: int) -> tuple:
+    from ..files.gguf import read_gguf_tensor_infos
+
+    return read_gguf_tensor_infos(path, skip="tokenizer.")
+
+
 def is_quantized_gguf(path) -> bool:
     """True for a GGUF file holding any quantized matrix (so the packed path applies)."""
     from gguf.constants import GGMLQuantizationType
 
-    from ..files.gguf import read_gguf_tensor_infos
-
-    _, infos = read_gguf_tensor_infos(path, skip="tokenizer.")
+    _, infos = model_header(path)
     return any(len(dims) == 2 and GGMLQuantizationType(t).name not in FLOAT_TYPES for _, dims, t, _ in infos)
 
 
@@ -418,9 +433,7 @@ def _holds_mapped_blocks(model: Transformer, meta_name: str) -> bool:
 def gguf_header_args(path):
     """(ModelArgs, tensor infos) of a GGUF file from its header alone (no weight is read): tied embeddings
     when there is no output.weight, the vocabulary size from token_embd when the metadata has none."""
-    from ..files.gguf import read_gguf_tensor_infos
-
-    meta, infos = read_gguf_tensor_infos(path, skip="tokenizer.")
+    meta, infos = model_header(path)
     args = args_from_gguf(meta)
     names = {name for name, *_ in infos}
     args.tie_word_embeddings = "output.weight" not in names
