@@ -225,7 +225,7 @@ def _nbytes(qt, dims) -> int:
 def random_gguf(shape: str, qtype: str, path=None, n_layers: Optional[int] = None, seed: int = 0,
                 progress: Optional[bool] = None, quiet: bool = False) -> Path:
     """The random-weight GGUF file of `shape` in `qtype`: `path` (default: the asset cache's random/ folder),
-    written only if missing (atomically: a temporary name in the same folder, then os.replace).
+    written only if missing (atomically: llama_min.files.atomic_write).
 
     n_layers: fewer layers than the shape has (tests); the default file name then says how many.
     progress: tqdm bar per tensor (None: when stderr is a terminal)."""
@@ -238,14 +238,10 @@ def random_gguf(shape: str, qtype: str, path=None, n_layers: Optional[int] = Non
         if not quiet:
             print(f"reusing {path} ({path.stat().st_size / 2**30:.2f} GiB)")
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    from llama_min.files import atomic_write
+
     t0 = time.perf_counter()
-    try:
-        write_random_gguf(tmp, shape, qtype, n_layers, seed, progress)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: write_random_gguf(Path(tmp), shape, qtype, n_layers, seed, progress))
     if not quiet:
         print(f"wrote {path} ({path.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t0:.1f} s")
     return path
