@@ -225,8 +225,10 @@ static void quantize_row(const float *x, int64_t K, int16_t *xq, float *s, float
 }
 
 /* The activations of M rows as int16 per group of 32 (quantize_row), in one buffer of
- * QUANTIZED_BYTES(M, K): xq (M, K), then s and xsum (M, K/32) each. */
-#define QUANTIZED_BYTES(M, K) (sizeof(int16_t) * (M) * (K) + 2 * sizeof(float) * (M) * ((K) / 32))
+ * QUANTIZED_BYTES(M, K): xq (M, K), then s and xsum (M, K/32) each. (The tiled kernels' two int8 digits take
+ * the same room, with M rounded up to whole panels of 16 rows: PANEL_ROWS.) */
+#define PANEL_ROWS(M) (((M) + 15) / 16 * 16)
+#define QUANTIZED_BYTES(M, K) (sizeof(int16_t) * PANEL_ROWS(M) * (K) + 3 * sizeof(float) * (M) * ((K) / 32))
 
 static void quantize_rows(const float *x, int64_t M, int64_t K, int16_t *xq, int order) {
     float *s = (float *)(xq + M * K), *xsum = s + M * (K / 32);
@@ -583,15 +585,22 @@ void block_dequantize(int64_t kind, const uint8_t *w, int64_t K, int64_t r0, con
 #define VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 #define GEMM_ROWS 16  /* activation rows per pass over a tile of 8 weight rows */
 
+/* Where the two digits of row m, block g start in the digits buffer: panels of 16 rows, each panel block by
+ * block, each block the 16 rows' 32 bytes of x1 then 32 of x2. The kernel reads a panel front to back, one
+ * stream of memory for 16 rows (the rows' own (M, K) arrays were 32 streams, more than the prefetchers
+ * follow: 10% slower, measured). */
+static inline int64_t digits_at(int64_t m, int64_t g, int64_t G) { return ((m >> 4) * G + g) * 1024 + (m & 15) * 64; }
+
 /* x (M, K) float32 -> each value as two int8 digits: x ~ s1 x1 + s2 x2 per block of 32, with
  *     s1 = max|x| / 127,  x1 = round(x / s1),  s2 = s1 / 254,  x2 = round((x - s1 x1) / s2)
  * (|x - s1 x1| <= s1 / 2, so |x2| <= 127), so x = s2 (254 x1 + x2) within s2 / 2 = max|x| / 64516: as precise as
  * the int16 activations of the other kernels (max|x| / 65534), and a product is 254 (q . x1) + (q . x2), two
  * vpdpbusd passes. One pass (int8 activations, llama.cpp's way) was 1.9x faster but changed the default model's
  * answers: a 512-row prompt rounded so moved SmolLM2 off "The capital of France is Paris." (measured).
- * x1 and x2: (M, K) each; s (M, G) = s2; xsum (M, G) = sum over the block of 254 x1 + x2. */
-VNNI static void quantize_rows_int8(const float *x, int64_t M, int64_t K, int8_t *x1, int8_t *x2, float *s,
-                                    int32_t *xsum) {
+ * digits: x1 and x2 of each block where digits_at says; s (M, G) = s2; xsum (M, G) = sum over the block of
+ * 254 x1 + x2; ssum (M, G) = s2 xsum (Q4_1's minimum term, m s2 xsum, then costs one multiply-add). */
+VNNI static void quantize_rows_int8(const float *x, int64_t M, int64_t K, int8_t *digits, float *s, int32_t *xsum,
+                                    float *ssum) {
     const int64_t G = K / 32;
     const __m256 sign = _mm256_set1_ps(-0.f);
     #pragma omp for schedule(static)
@@ -616,7 +625,7 @@ VNNI static void quantize_rows_int8(const float *x, int64_t M, int64_t K, int8_t
         int32_t total = 0;
         for (int pass = 0; pass < 2; pass++) {
             const __m256i *q = pass ? q2 : q1;
-            int8_t *out = (pass ? x2 : x1) + i * 32;
+            int8_t *out = digits + digits_at(i / G, i % G, G) + 32 * pass;
             const __m128i a = _mm_packs_epi32(_mm256_castsi256_si128(q[0]), _mm256_extracti128_si256(q[0], 1));
             const __m128i b = _mm_packs_epi32(_mm256_castsi256_si128(q[1]), _mm256_extracti128_si256(q[1], 1));
             const __m128i c = _mm_packs_epi32(_mm256_castsi256_si128(q[2]), _mm256_extracti128_si256(q[2], 1));
@@ -630,6 +639,7 @@ VNNI static void quantize_rows_int8(const float *x, int64_t M, int64_t K, int8_t
         }
         xsum[i] = total;
         s[i] = s1 / 254.f;
+        ssum[i] = s[i] * (float)total;
     }
 }
 
@@ -683,7 +693,7 @@ void q4x8_repack(const uint8_t *w, int64_t N, int64_t K, int64_t kind, uint8_t *
 /* Tile row t (all its blocks) times J activation rows m0 .. m0+J-1 (quantize_rows_int8's digits) -> y[m, 8t ..
  * 8t+7] (only `valid` stored) */
 VNNI static inline void q4x8_tile(const uint8_t *tile, int has_min, int64_t G, const int8_t *xq, const float *s,
-                                  const int32_t *xsum, int64_t M, int64_t K, int64_t m0, int J, float *y, int64_t ldy,
+                                  const int32_t *xsum, const float *ssum, int64_t M, int64_t K, int64_t m0, int J, float *y, int64_t ldy,
                                   int64_t n, int valid) {
     const int64_t TB = has_min ? 160 : 144;
     const int codes_at = has_min ? 32 : 16;
@@ -706,21 +716,26 @@ VNNI static inline void q4x8_tile(const uint8_t *tile, int has_min, int64_t G, c
         }
         for (int j = 0; j < J; j++) {
             const int64_t m = m0 + j;
-            const int32_t *a = (const int32_t *)(xq + m * K + 32 * g), *b = (const int32_t *)(xq + (M + m) * K + 32 * g);
+            const int32_t *a = (const int32_t *)(xq + digits_at(m, g, G)), *b = a + 8;  /* x1, x2 */
             const int32_t total = xsum[m * G + g];
-            __m256i d1 = _mm256_setzero_si256(), d2 = _mm256_set1_epi32(has_min ? 0 : -8 * total);  /* Q4_0: q - 8 */
+            /* four sums of four products each, not two of eight: each vpdpbusd waits for the one before it in
+             * its sum (4 cycles), and four independent sums keep both of a core's VNNI units busy */
+            __m256i d1 = _mm256_setzero_si256(), e1 = _mm256_setzero_si256(), e2 = _mm256_setzero_si256();
+            __m256i d2 = _mm256_set1_epi32(has_min ? 0 : -8 * total);  /* Q4_0: q - 8 */
             for (int k = 0; k < 4; k++) {
                 d1 = dpbusd_broadcast(d1, lo[k], a + k);
-                d1 = dpbusd_broadcast(d1, hi[k], a + 4 + k);
+                e1 = dpbusd_broadcast(e1, hi[k], a + 4 + k);
                 d2 = dpbusd_broadcast(d2, lo[k], b + k);
-                d2 = dpbusd_broadcast(d2, hi[k], b + 4 + k);
+                e2 = dpbusd_broadcast(e2, hi[k], b + 4 + k);
             }
+            d1 = _mm256_add_epi32(d1, e1);
+            d2 = _mm256_add_epi32(d2, e2);
             /* 254 (q . x1) + (q . x2) */
             const __m256i dot = _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(d1, 8), _mm256_slli_epi32(d1, 1)), d2);
             const __m256 sg = _mm256_set1_ps(s[m * G + g]);
             acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, sg), acc[j]);
             if (has_min)  /* Q4_1: + m s (sum_j xq_j) */
-                acc[j] = _mm256_fmadd_ps(c, _mm256_mul_ps(sg, _mm256_set1_ps((float)total)), acc[j]);
+                acc[j] = _mm256_fmadd_ps(c, _mm256_set1_ps(ssum[m * G + g]), acc[j]);
         }
     }
     for (int j = 0; j < J; j++) {
@@ -737,7 +752,7 @@ VNNI static inline void q4x8_tile(const uint8_t *tile, int has_min, int64_t G, c
 
 /* The tiled matrix (N, K) times M activation rows already in xq (quantize_rows_int8) -> y (M, N), rows ldy
  * apart; work-sharing over the tiles. Kinds 6 (Q4_0) and 7 (Q4_1) of `matrix`. */
-VNNI static void q4x8_rows(const int8_t *xq, const float *s, const int32_t *xsum, int64_t M, int64_t K,
+VNNI static void q4x8_rows(const int8_t *xq, const float *s, const int32_t *xsum, const float *ssum, int64_t M, int64_t K,
                            const uint8_t *w, int has_min, int64_t N, float *y, int64_t ldy) {
     const int64_t G = K / 32, TB = has_min ? 160 : 144, tiles = (N + 7) / 8;
     #pragma omp for schedule(static)
@@ -746,18 +761,18 @@ VNNI static void q4x8_rows(const int8_t *xq, const float *s, const int32_t *xsum
         const uint8_t *tile = w + t * G * TB;
         int64_t m0 = 0;
         for (; m0 + GEMM_ROWS <= M; m0 += GEMM_ROWS)
-            q4x8_tile(tile, has_min, G, xq, s, xsum, M, K, m0, GEMM_ROWS, y, ldy, 8 * t, valid);
+            q4x8_tile(tile, has_min, G, xq, s, xsum, ssum, M, K, m0, GEMM_ROWS, y, ldy, 8 * t, valid);
         for (; m0 + 4 <= M; m0 += 4)
-            q4x8_tile(tile, has_min, G, xq, s, xsum, M, K, m0, 4, y, ldy, 8 * t, valid);
+            q4x8_tile(tile, has_min, G, xq, s, xsum, ssum, M, K, m0, 4, y, ldy, 8 * t, valid);
         for (; m0 < M; m0++)
-            q4x8_tile(tile, has_min, G, xq, s, xsum, M, K, m0, 1, y, ldy, 8 * t, valid);
+            q4x8_tile(tile, has_min, G, xq, s, xsum, ssum, M, K, m0, 1, y, ldy, 8 * t, valid);
     }
 }
 
-/* The two int8 digits of M rows in one buffer of QUANTIZED_BYTES(M, K): x1 (M, K) then x2 (M, K) (xq8), then
- * s (M, K/32) float and xsum (M, K/32) int32 */
-#define INT8_PARTS(buf, M, K) int8_t *xq8 = (int8_t *)(buf); float *s8 = (float *)(xq8 + 2 * (M) * (K)); \
-    int32_t *xsum8 = (int32_t *)(s8 + (M) * ((K) / 32))
+/* The two int8 digits of M rows in one buffer of QUANTIZED_BYTES(M, K): the digits (PANEL_ROWS(M), 2 K) as
+ * digits_at lays them out (xq8), then s (M, K/32) float, xsum (M, K/32) int32 and ssum (M, K/32) float */
+#define INT8_PARTS(buf, M, K) int8_t *xq8 = (int8_t *)(buf); float *s8 = (float *)(xq8 + 2 * PANEL_ROWS(M) * (K)); \
+    int32_t *xsum8 = (int32_t *)(s8 + (M) * ((K) / 32)); float *ssum8 = (float *)(xsum8 + (M) * ((K) / 32))
 
 /* ---- K-quant rows converted at load: Q4_K into the 'avx2' 4-bit layout, Q6_K into int8 per row ----
  *
@@ -900,7 +915,7 @@ static void products(const matrix *ms, int64_t n, const float *x, int64_t M, flo
         } else {
             if (quantized != order && order == INT8) {  /* work-sharing, in the tiled kernels' int8 form */
                 INT8_PARTS(xq, M, m->K);
-                quantize_rows_int8(x, M, m->K, xq8, xq8 + M * m->K, s8, xsum8);
+                quantize_rows_int8(x, M, m->K, xq8, s8, xsum8, ssum8);
                 quantized = order;
             } else if (quantized != order) {
                 #pragma omp single
@@ -915,7 +930,7 @@ static void products(const matrix *ms, int64_t n, const float *x, int64_t M, flo
                 q8_block_rows(xq, M, m->K, m->w, m->N, y, ldy);
             else if (m->kind >= 6) {
                 INT8_PARTS(xq, M, m->K);
-                q4x8_rows(xq8, s8, xsum8, M, m->K, m->w, m->kind == 7, m->N, y, ldy);
+                q4x8_rows(xq8, s8, xsum8, ssum8, M, m->K, m->w, m->kind == 7, m->N, y, ldy);
             }
             else
                 q4_block_rows(xq, M, m->K, m->w, m->kind == 3 ? Q4_0_BYTES : Q4_1_BYTES, m->N, y, ldy);
