@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType as Q
 
 from conftest import CallCounter, use_int4_kernel
 from llama_min.runtime import layout_cache, native
-from llama_min.runtime.packed import load_gguf_packed
+from llama_min.runtime import packed
 from test_gguf_packed import write_tiny
 
 # what each type's conversion calls (the C functions that make the layout)
@@ -31,6 +31,13 @@ def cache_on(tmp_path, monkeypatch):
     monkeypatch.setenv("LLAMA_MIN_LAYOUT_CACHE", "1")
     monkeypatch.setenv("LLAMA_MIN_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache" / "layouts"
+
+
+def load_gguf_packed(path, **kw):
+    """The loader, then a wait for the layout it writes in the background (layout_cache.wait_for_writes)."""
+    model = packed.load_gguf_packed(path, **kw)
+    layout_cache.wait_for_writes()
+    return model
 
 
 def conversion_of(qtype) -> str:
@@ -148,5 +155,45 @@ def test_layouts_of_deleted_files_are_pruned_when_a_layout_is_written(tmp_path, 
     load_gguf_packed(gone)
     assert layout_cache.layout_path(gone).exists()
     gone.unlink()
+    old_tmp, new_tmp = cache_on / ".tmp-killed-writer.tmp", cache_on / ".tmp-writing-now.tmp"
+    old_tmp.write_bytes(b"x"), new_tmp.write_bytes(b"x")
+    os.utime(old_tmp, (1, 1))
     load_gguf_packed(kept)
     assert not layout_cache.layout_path(gone).exists() and layout_cache.layout_path(kept).exists()
+    assert not old_tmp.exists() and new_tmp.exists()  # a temp file over an hour old is a killed writer's
+
+
+def test_a_cancelled_write_leaves_neither_a_layout_nor_a_temp_file(tmp_path, cache_on, monkeypatch):
+    """What a Ctrl-C does to a layout still being written (cli/common.py run_main: cancel_writes)."""
+    path = write_tiny(tmp_path / "m.gguf", Q.Q4_0)
+    monkeypatch.setattr(layout_cache, "CANCEL", __import__("threading").Event())
+    layout_cache.CANCEL.set()
+    model = load_gguf_packed(path)
+    assert list(cache_on.iterdir()) == []
+    assert torch.isfinite(logits(model)).all()
+    layout_cache.CANCEL.clear()
+    load_gguf_packed(path)
+    assert [p.name for p in cache_on.iterdir()] == [layout_cache.layout_path(path).name]
+
+
+def test_the_command_line_says_it_finishes_the_layout_and_does(tmp_path, cache_on, monkeypatch, capsys):
+    """At the end of a command, a layout still being written is waited for, with one line saying why
+    (cli/common.py run_main calls finish_layout_writes)."""
+    import threading
+
+    from llama_min.cli.common import finish_layout_writes
+
+    go, real = threading.Event(), layout_cache.write_layout
+
+    def held_write(*args):  # the writer waits until the command has asked whether it is still writing
+        go.wait(30)
+        real(*args)
+
+    monkeypatch.setattr(layout_cache, "write_layout", held_write)
+    path = write_tiny(tmp_path / "m.gguf", Q.Q4_0)
+    packed.load_gguf_packed(path)  # no wait here
+    threading.Timer(0.2, go.set).start()
+    finish_layout_writes(quiet=False)
+    err = capsys.readouterr().err
+    assert err.startswith("caching the converted layout (") and len(err.strip().splitlines()) == 1
+    assert layout_cache.layout_path(path).exists() and not layout_cache.writing()

@@ -67,11 +67,15 @@ def run_main(body: Callable[[list], Optional[int]], argv: Optional[Sequence[str]
     try:
         code = body(argv)
         sys.stdout.flush()  # a closed pipe shows up here at the latest
+        finish_layout_writes(quiet="--quiet" in argv)
         return 0 if code is None else int(code)
     except SystemExit as e:  # --help, --version, or a library calling sys.exit
         return _system_exit_code(e)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
+        layouts = sys.modules.get("llama_min.runtime.layout_cache")
+        if layouts is not None:
+            layouts.cancel_writes()
         return INTERRUPTED
     except BrokenPipeError:
         _silence_stdout()
@@ -82,6 +86,18 @@ def run_main(body: Callable[[list], Optional[int]], argv: Optional[Sequence[str]
             traceback.print_exc()
         print(f"error: {message}", file=sys.stderr)
         return code
+
+
+def finish_layout_writes(quiet: bool) -> None:
+    """Wait for the converted layout a packed GGUF load is still writing to the cache (runtime/layout_cache.py),
+    saying why on stderr: the next start maps it instead of converting. Nothing when no load wrote one."""
+    layouts = sys.modules.get("llama_min.runtime.layout_cache")
+    if layouts is None or not layouts.writing():
+        return
+    if not quiet:
+        print(f"caching the converted layout ({layouts.writing() / 1e9:.2f} GB, once) so the next start maps it; "
+              "Ctrl-C skips it, --no-layout-cache never writes it", file=sys.stderr, flush=True)
+    layouts.wait_for_writes()
 
 
 def classify(e: BaseException, debug: bool = False) -> tuple:

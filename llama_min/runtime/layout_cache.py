@@ -24,17 +24,22 @@ Key:       LAYOUT_VERSION, the GGUF file's path, size and modification time (ns)
 Off:       Llama.build(layout_cache=False), `--no-layout-cache` on the command line, or the environment
            variable LLAMA_MIN_LAYOUT_CACHE=0. Errors writing it (a read-only or full disk) cost only the
            cache: one warning line, and the model runs from memory.
-Pruned:    when a layout is written, layouts of GGUF files that no longer exist are deleted.
+Written:   in a thread of its own once the model is built (the model runs meanwhile; the process waits for it at
+           exit, and the command line says so; a Ctrl-C gives it up). When a layout is written, layouts of GGUF files that no longer exist are deleted, and so
+           are temp files a killed writer left behind an hour or more ago.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import mmap
 import os
 import struct
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
@@ -116,19 +121,71 @@ class LayoutCache:
             self.made[which] = make()
         return self.found.get(which) or self.made[which]
 
-    def save(self):
+    def save(self) -> Optional[threading.Thread]:
         """Write the layout file when this load converted anything (the found parts too, so that the file is
-        whole); a failure costs only the cache (one warning line)."""
+        whole), in a thread of its own: the model runs meanwhile. Writing 4.2 GB (the 8B shape's Q4_0 tiles)
+        takes the OS ~8-16 s once its page cache holds more unwritten data than it allows; the thread keeps
+        that out of the start. Python waits for it at exit (wait_for_writes waits sooner). A failure costs
+        only the cache (one warning line)."""
         if not self.made:
-            return
+            return None
+        everything = {**self.found, **self.made}
+        writer = threading.Thread(target=self._write, args=(everything,), name="llama_min layout writer",
+                                  daemon=True)
+        writer.nbytes = sum(t.numel() * t.element_size() for parts in everything.values() for t in parts.values())
+        if not WRITERS:
+            atexit.register(wait_for_writes, at_exit=True)
+        WRITERS.append(writer)
+        writer.start()
+        return writer
+
+    def _write(self, everything: Dict[str, Parts]):
         from ..files import atomic_write
 
         try:
-            atomic_write(self.path, lambda tmp: write_layout(tmp, {**self.found, **self.made}, self.key))
+            atomic_write(self.path, lambda tmp: write_layout(tmp, everything, self.key, CANCEL))
             prune()
+        except Cancelled:  # atomic_write removed the temp file
+            pass
         except OSError as e:
             print(f"warning: could not cache the converted layout in {self.path.parent} ({e.strerror or e}); "
                   "the next load converts again", file=sys.stderr, flush=True)
+
+
+WRITERS: list = []  # the writer threads started by this process
+CANCEL = threading.Event()
+
+
+class Cancelled(Exception):
+    """A layout write given up (cancel_writes): its temp file is removed, nothing is cached."""
+
+
+def writing() -> int:
+    """Bytes of the layouts this process is still writing (0: none)."""
+    return sum(w.nbytes for w in WRITERS if w.is_alive())
+
+
+def wait_for_writes(at_exit: bool = False):
+    """Wait until every layout this process started writing is written (or has failed). Registered to run
+    at exit (the writer threads are daemons: without this, a short script would end before its layout is
+    whole); there a Ctrl-C gives the write up instead of printing a traceback."""
+    try:
+        while WRITERS:
+            WRITERS[-1].join()
+            WRITERS.pop()
+    except KeyboardInterrupt:
+        if not at_exit:
+            raise
+        cancel_writes()
+
+
+def cancel_writes():
+    """Give up the layouts still being written (after a Ctrl-C): each writer stops at its next tensor and
+    removes its temp file; the next load converts again."""
+    CANCEL.set()
+    while WRITERS:
+        WRITERS.pop().join()
+    CANCEL.clear()
 
 
 def _populate(buf: mmap.mmap):
@@ -156,8 +213,9 @@ def read_header(buf) -> tuple:
     return header, 8 + n
 
 
-def write_layout(path, tensors: Dict[str, Parts], meta: dict):
-    """A safetensors file of every part, as "<tensor>/<part>", written straight from the tensors' memory."""
+def write_layout(path, tensors: Dict[str, Parts], meta: dict, cancel: Optional[threading.Event] = None):
+    """A safetensors file of every part, as "<tensor>@<how>/<part>", written straight from the tensors' memory.
+    cancel: checked before each tensor; when set, Cancelled is raised."""
     entries, offset, order = {}, 0, []
     for name in sorted(tensors):
         for part in sorted(tensors[name]):
@@ -174,11 +232,21 @@ def write_layout(path, tensors: Dict[str, Parts], meta: dict):
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(header)) + header)
         for t in order:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
             f.write(memoryview(t.contiguous().view(torch.uint8).numpy()) if t.numel() else b"")
 
 
 def prune():
-    """Delete layouts whose GGUF file is gone (or unreadable headers)."""
+    """Delete layouts whose GGUF file is gone, and temp files over an hour old (a writer killed mid-way)."""
+    from ..files import TEMP_PREFIX
+
+    for p in folder().glob(f"{TEMP_PREFIX}*.tmp"):
+        try:
+            if time.time() - p.stat().st_mtime > 3600:
+                p.unlink()
+        except OSError:
+            pass
     for p in folder().glob("*.safetensors"):
         try:
             with open(p, "rb") as f:
