@@ -8,7 +8,6 @@ with the cache folder in tmp_path.
 """
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
