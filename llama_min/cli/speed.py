@@ -262,11 +262,22 @@ def load_weights(opts):
             from ..assets import default_model_path
 
             path = default_model_path()
-        args, sd = load_checkpoint(path, dtype=torch.float32)
-        args.gguf_path, label = path, str(path)  # (the packed row reads the file itself)
+        if packed_only(opts):  # the packed row reads the file itself: no float copy of the model at all
+            from ..runtime.packed import gguf_header_args
+
+            (args, _), sd = gguf_header_args(path), None
+        else:
+            args, sd = load_checkpoint(path, dtype=torch.float32)
+        args.gguf_path, label = path, str(path)
         args.gguf_types = gguf_tensor_types(path)
     args.max_seq_len = max(opts.prefill_len, opts.prompt_len + opts.new_tokens) + 8
     return args, sd, label
+
+
+def packed_only(opts) -> bool:
+    """Whether nothing measured needs the float weights: `--dtypes packed --no-load`, no transformers peer, no
+    draft (then an 8B-class GGUF is measured in the memory its packed model takes, not 8B x 4 bytes more)."""
+    return opts.dtypes == ["packed"] and opts.no_load and not opts.vs_transformers and opts.draft_quantize is None
 
 
 def gguf_tensor_types(path) -> str:
