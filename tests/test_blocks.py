@@ -172,17 +172,20 @@ def tiled_layer(qtype, n=61, k=320, seed=0):
     """A TiledLinear of random weights (61 rows: a last tile of 5), and the float32 weights the file means."""
     lin, w = block_layer(qtype, n, k, seed)
     tiles = torch.empty(native.tiled_bytes(qtype.name, n, k), dtype=torch.uint8)
+    if qtype == Q.Q8_0:
+        return TiledLinear(native.q8x8_repack(lin.blocks, k, tiles), "Q8_0", k, n), w
     return TiledLinear(native.q4x8_repack(lin.blocks, qtype.name, k, tiles), qtype.name, k, n), w
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
 def test_tiles_hold_the_files_weights_exactly(qtype, vnni):
     lin, w = tiled_layer(qtype)
-    assert lin.tiles.numel() == 64 * 10 * (18 if qtype == Q.Q4_0 else 20)  # the file's bytes, 3 rows repeated
+    block = {Q.Q4_0: 18, Q.Q4_1: 20, Q.Q8_0: 34}[qtype]
+    assert lin.tiles.numel() == 64 * 10 * block  # the file's bytes, 3 rows repeated
     assert torch.equal(lin.dequantize(), w)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
 @pytest.mark.parametrize("rows", [1, 3, 5, 16, 21, 77])
 def test_tiled_products_within_the_rounding_of_the_activations(qtype, rows, vnni):
     """Decoding and prompts alike: x written as two int8 digits per block of 32, x ~ s2 (254 x1 + x2) with

@@ -219,12 +219,31 @@ def test_q4_k_values_within_rounding_of_the_sub_block_scales(tmp_path, kernel, m
 def test_8bit_types_requantized_per_row_within_half_a_step(tmp_path, qtype, monkeypatch):
     if qtype == Q.Q8_0:  # held as stored where the AVX2 kernels run: requantized only for PyTorch's kernels
         use_int4_kernel(monkeypatch, "torch")
+    monkeypatch.setenv("LLAMA_MIN_VNNI", "0")  # (with AVX-512 VNNI, Q6_K is tiled as Q8_0: the test below)
     arr = (0.1 * np.random.default_rng(4).standard_normal((48, 256))).astype(np.float32)
     t, _, ref = one_tensor(tmp_path, qtype, arr, np.random.default_rng(5))
     lin = packed_linear(t, "cpu", torch.float32)
     assert isinstance(lin, Int8Linear)
     step = ref.abs().amax(dim=1, keepdim=True) / 127  # int8 per-row grid of the file's own values
     assert torch.all((lin.dequantize() - ref).abs() <= step / 2 * (1 + 1e-5))
+
+
+def test_q6_k_tiled_as_q8_0_within_half_a_step_of_each_group(tmp_path, monkeypatch):
+    """With AVX-512 VNNI a Q6_K matrix is converted to Q8_0 blocks (native.q6k_to_q8_0) and tiled: each weight
+    within half a step of its group of 32's own int8 grid, step = max|w_group| / 127 rounded to fp16 (finer
+    than the row's grid of the int8-per-row conversion)."""
+    use_int4_kernel(monkeypatch, "avx2")
+    if not native.vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI (Q6_K is not tiled here)")
+    t, _, ref = one_tensor(tmp_path, Q.Q6_K, np.zeros((40, 512), np.float32), np.random.default_rng(11))
+    lin = packed_linear(t, "cpu", torch.float32)
+    assert isinstance(lin, TiledLinear) and lin.ggml_type == "Q8_0"
+    groups = ref.reshape(40, 16, 32)
+    step = (groups.abs().amax(-1, keepdim=True) / 127).half().float()
+    err = (lin.dequantize().reshape(40, 16, 32) - groups).abs()
+    assert torch.all(err <= step / 2 * (1 + 1e-3) + 1e-12), (err / step).max()
+    assert err.max() > 0  # requantized, not copied
+    assert (err <= ref.abs().amax(1)[:, None, None] / 254).all()  # never worse than the per-row conversion
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K])
@@ -271,7 +290,7 @@ def test_packed_logits_agree_with_the_float_path(tmp_path, qtype, tied, embd, ke
     assert is_quantized_gguf(path)
     ref, packed = float_model(path), load_gguf_packed(path, "cpu")
     kinds = {type(m) for m in packed.modules()}
-    blocks = kernel == "avx2" and (qtype in AS_STORED or (qtype == Q.Q4_K and native.vnni()))  # (Q4_K: tiled)
+    blocks = kernel == "avx2" and (qtype in AS_STORED or (qtype in (Q.Q4_K, Q.Q6_K) and native.vnni()))  # tiled
     assert bool({BlockLinear, TiledLinear} & kinds) == blocks and torch.nn.Linear not in kinds
     assert (Int4Linear in kinds) == (qtype in (Q.Q4_0, Q.Q4_1, Q.Q4_K) and not blocks)
     embd_blocks = kernel == "avx2" and (embd or qtype) in AS_STORED

@@ -47,7 +47,7 @@ from . import native
 from .linear import PREFILL_ROWS, prompt_by_panels
 
 BLOCK_TYPES = tuple(native.BLOCK_TYPES)  # "Q4_0", "Q4_1", "Q8_0"
-TILED_TYPES = tuple(native.TILED_TYPES)  # "Q4_0", "Q4_1": tiled at load where the CPU has AVX-512 VNNI
+TILED_TYPES = tuple(native.TILED_TYPES)  # "Q4_0", "Q4_1", "Q8_0": tiled at load where the CPU has AVX-512 VNNI
 
 
 class BlockLinear(nn.Module):
@@ -111,8 +111,9 @@ class BlockEmbedding(nn.Module):
 
 
 class TiledLinear(nn.Module):
-    """x W^T for a Q4_0 / Q4_1 matrix W (N, K) in the tiled layout (native.q4x8_repack; see the module
-    docstring): tiles (tiled_bytes,) uint8. Every call, decoding or a prompt, goes to native.tiled_linear."""
+    """x W^T for a Q4_0 / Q4_1 / Q8_0 matrix W (N, K) in the tiled layout (native.q4x8_repack, q8x8_repack; see
+    the module docstring): tiles (tiled_bytes,) uint8. Every call, decoding or a prompt, goes to
+    native.tiled_linear."""
 
     def __init__(self, tiles: torch.Tensor, ggml_type: str, in_features: int, out_features: int):
         super().__init__()
@@ -130,10 +131,14 @@ class TiledLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
-        """The weights, (N, K) float32, read back from the tiles: d (q - 8) or d q + m per block."""
+        """The weights, (N, K) float32, read back from the tiles: d (q - 8), d q + m or d q per block."""
         n, k = self.out_features, self.in_features
         t = self.tiles.view(-1, k // 32, native.TILED_TYPES[self.ggml_type][1] * 8)  # (tiles, blocks, tile bytes)
         d = t[..., :16].contiguous().view(torch.float16).float().permute(0, 2, 1)[..., None]  # (tiles, 8, blocks, 1)
+        if self.ggml_type == "Q8_0":  # P_k: (k, row, 4 bytes), each code plus 128
+            codes = (t[..., 16:].reshape(*t.shape[:2], 8, 8, 4) ^ 0x80).view(torch.int8).float()
+            q = codes.permute(0, 3, 1, 2, 4).reshape(*d.shape[:3], 32)  # (tiles, row, block, weight)
+            return (d * q).reshape(-1, k)[:n]
         has_min = self.ggml_type == "Q4_1"
         codes = t[..., (32 if has_min else 16):].reshape(*t.shape[:2], 4, 8, 4)  # (.., k, row, byte)
         q = torch.cat([codes & 15, codes >> 4], dim=2).float()  # (.., 8 [lo k | hi k], row, byte)

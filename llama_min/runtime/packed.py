@@ -256,30 +256,37 @@ def q4_k_in_c(t: GGUFTensor) -> dict:
 
 
 def tiled_kind(t: GGUFTensor) -> str:
-    """The block type a tiled matrix holds: its own, or Q4_1 for Q4_K (tiled_in_c)."""
-    return "Q4_1" if t.type_name == "Q4_K" else t.type_name
+    """The block type a tiled matrix holds: its own, Q4_1 for Q4_K or Q8_0 for Q6_K (tiled_in_c)."""
+    return {"Q4_K": "Q4_1", "Q6_K": "Q8_0"}.get(t.type_name, t.type_name)
 
 
 def tiled_in_c(t: GGUFTensor) -> dict:
     """{"tiles": bytes} of a Q4_0 / Q4_1 matrix regrouped into tiles of 8 rows (native.q4x8_repack), chunk by
     chunk from the mapped file, each chunk's file pages released once regrouped: resident memory holds one
     copy. A Q4_K matrix is tiled as the Q4_1 blocks of the same weights (native.q4k_to_q4_1: its sub-block
-    scale and min per 32 weights, rounded to fp16)."""
+    scale and min per 32 weights, rounded to fp16); Q8_0 in its own tiles (native.q8x8_repack), and Q6_K as
+    Q8_0 blocks (native.q6k_to_q8_0: int8 per group of 32 with an fp16 scale)."""
     n, k = t.shape
     kind = tiled_kind(t)
     out = hugepages.empty((native.tiled_bytes(kind, n, k),), torch.uint8)
     for r0, r1, blocks in t.block_chunks():  # chunks of a multiple of 256 rows: whole tiles
         if t.type_name == "Q4_K":
             blocks = native.q4k_to_q4_1(blocks, k)
-        start = native.tiled_bytes(kind, r0, k)
-        native.q4x8_repack(blocks, kind, k, out[start : start + native.tiled_bytes(kind, r1 - r0, k)])
+        elif t.type_name == "Q6_K":
+            blocks = native.q6k_to_q8_0(blocks, k)
+        part = out[native.tiled_bytes(kind, r0, k) : native.tiled_bytes(kind, r1, k)]
+        if kind == "Q8_0":
+            native.q8x8_repack(blocks, k, part)
+        else:
+            native.q4x8_repack(blocks, kind, k, part)
     return {"tiles": out}
 
 
 def tiled(t: GGUFTensor, device) -> bool:
-    """Whether a matrix of this type is tiled (blocks.TiledLinear): Q4_0, Q4_1 and Q4_K on a CPU with AVX-512
-    VNNI where llama_min's kernels run."""
-    return t.type_name in ("Q4_0", "Q4_1", "Q4_K") and torch.device(device).type == "cpu" and native.vnni()
+    """Whether a matrix of this type is tiled (blocks.TiledLinear): Q4_0, Q4_1, Q4_K, Q8_0 and Q6_K on a CPU with
+    AVX-512 VNNI where llama_min's kernels run."""
+    return (t.type_name in ("Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q6_K") and torch.device(device).type == "cpu"
+            and native.vnni())
 
 
 def q6_k_in_c(t: GGUFTensor) -> dict:

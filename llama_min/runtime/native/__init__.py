@@ -166,6 +166,9 @@ def _library():
     lib.block_dequantize.restype = None
     lib.q4x8_repack.argtypes = [p, i64, i64, i64, p, ctypes.c_int]
     lib.q4x8_repack.restype = None
+    lib.q8x8_repack.argtypes = [p, i64, i64, p, ctypes.c_int]
+    lib.q8x8_repack.restype = None
+    lib.q6k_to_q8_0.argtypes = [p, i64, i64, p, ctypes.c_int]
     lib.q4k_to_avx2.argtypes = [p, i64, i64, p, p, ctypes.c_int]
     lib.q4k_to_avx2.restype = None
     lib.q4k_to_q4_1.argtypes = [p, i64, i64, p, ctypes.c_int]
@@ -306,7 +309,7 @@ def block_linear(x: torch.Tensor, blocks: torch.Tensor, ggml_type: str) -> torch
     return _block_product(x, kind, blocks, blocks.shape[0], "block_linear")
 
 
-TILED_TYPES = {"Q4_0": (6, 18), "Q4_1": (7, 20)}  # type -> (matrix kind, bytes per block) of the tiled layout
+TILED_TYPES = {"Q4_0": (6, 18), "Q4_1": (7, 20), "Q8_0": (8, 34)}  # type -> (matrix kind, bytes per block)
 
 
 def tiled_bytes(ggml_type: str, n: int, k: int) -> int:
@@ -315,14 +318,27 @@ def tiled_bytes(ggml_type: str, n: int, k: int) -> int:
     return (n + 7) // 8 * 8 * (k // 32) * TILED_TYPES[ggml_type][1]
 
 
-def q4x8_repack(blocks: torch.Tensor, ggml_type: str, k: int, out: torch.Tensor) -> torch.Tensor:
-    """Q4_0 / Q4_1 rows (n, K/32 * block bytes) -> the tiled layout (kernels_avx2.c, q4x8_repack) in `out`, a
-    uint8 tensor of tiled_bytes(ggml_type, n, k). n a multiple of 8 unless these are the matrix's last rows."""
+def _tiles_out(blocks: torch.Tensor, ggml_type: str, k: int, out: torch.Tensor, name: str) -> int:
+    """The number of rows of `blocks`, checked, and `out` checked to hold them tiled."""
     check_blocks(blocks, ggml_type, k)
     n = blocks.shape[0]
     if out.dtype != torch.uint8 or out.numel() != tiled_bytes(ggml_type, n, k) or not out.is_contiguous():
-        raise ValueError(f"q4x8_repack: out {out.dtype} {tuple(out.shape)} does not hold {n} x {k} {ggml_type}")
+        raise ValueError(f"{name}: out {out.dtype} {tuple(out.shape)} does not hold {n} x {k} {ggml_type}")
+    return n
+
+
+def q4x8_repack(blocks: torch.Tensor, ggml_type: str, k: int, out: torch.Tensor) -> torch.Tensor:
+    """Q4_0 / Q4_1 rows (n, K/32 * block bytes) -> the tiled layout (kernels_avx2.c, q4x8_repack) in `out`, a
+    uint8 tensor of tiled_bytes(ggml_type, n, k). n a multiple of 8 unless these are the matrix's last rows."""
+    n = _tiles_out(blocks, ggml_type, k, out, "q4x8_repack")
     _library().q4x8_repack(blocks.data_ptr(), n, k, TILED_TYPES[ggml_type][0], out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def q8x8_repack(blocks: torch.Tensor, k: int, out: torch.Tensor) -> torch.Tensor:
+    """Q8_0 rows (n, K/32 * 34) -> Q8_0's tiled layout (kernels_avx2.c, q8x8_repack) in `out`, as q4x8_repack."""
+    n = _tiles_out(blocks, "Q8_0", k, out, "q8x8_repack")
+    _library().q8x8_repack(blocks.data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
     return out
 
 
@@ -335,7 +351,7 @@ def check_tiles(tiles: torch.Tensor, ggml_type: str, n: int, k: int) -> int:
 
 
 def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, ggml_type: str, n: int) -> torch.Tensor:
-    """x (M, K) float32 times W^T, W (n, K) a Q4_0 / Q4_1 matrix in the tiled layout, any number of rows M:
+    """x (M, K) float32 times W^T, W (n, K) a Q4_0 / Q4_1 / Q8_0 matrix in the tiled layout, any number of rows M:
     activations as two int8 digits per block of 32, AVX-512 VNNI integer products (only where vnni())."""
     x = x.contiguous()
     return _block_product(x, check_tiles(tiles, ggml_type, n, x.shape[1]), tiles, n, "tiled_linear")
@@ -381,6 +397,16 @@ def q4k_to_q4_1(src: torch.Tensor, k: int) -> torch.Tensor:
     n = _block_rows(src, k, 256, 144, "q4k_to_q4_1")
     out = torch.empty(n, k // 32 * 20, dtype=torch.uint8)
     _library().q4k_to_q4_1(src.data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def q6k_to_q8_0(src: torch.Tensor, k: int) -> torch.Tensor:
+    """Q6_K rows (n, K/256 * 210) uint8 -> Q8_0 blocks (n, K/32 * 34) uint8: each group of 32 weights with its own
+    fp16 scale max|w| / 127 (kernels_avx2.c), for q8x8_repack to tile."""
+    n = _block_rows(src, k, 256, 210, "q6k_to_q8_0")
+    out = torch.empty(n, k // 32 * 34, dtype=torch.uint8)
+    if _library().q6k_to_q8_0(src.data_ptr(), n, k, out.data_ptr(), torch.get_num_threads()):
+        raise MemoryError(f"q6k_to_q8_0: no memory for a row of {k} floats per thread")
     return out
 
 

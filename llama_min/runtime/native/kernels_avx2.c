@@ -769,6 +769,90 @@ VNNI static void q4x8_rows(const int8_t *xq, const float *s, const int32_t *xsum
     }
 }
 
+/* ---- Q8_0 tiles (and Q6_K converted to Q8_0 blocks): the same two-digit products on 8-bit weights ----
+ *
+ * Tile (t, g) = rows 8t .. 8t+7, block g, 272 bytes (eight 34-byte Q8_0 blocks): 8 fp16 d (row 8t+r at r), then
+ * P_0 .. P_7, 32 bytes each: word r of P_k = codes 4k .. 4k+3 of row 8t+r, each plus 128 (stored as q ^ 0x80):
+ * vpdpbusd multiplies unsigned bytes by signed ones, so the weights are made unsigned and the activations keep
+ * their sign; sum_j (q_j + 128) x_j - 128 sum_j x_j = sum_j q_j x_j, the correction from the block's xsum as
+ * Q4_0's q - 8. Weights d q exactly as the file's; t-major like the 4-bit tiles. */
+#define Q8X8_TILE 272
+
+void q8x8_repack(const uint8_t *w, int64_t N, int64_t K, uint8_t *out, int nthreads) {
+    const int64_t G = K / 32, tiles = (N + 7) / 8;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t t = 0; t < tiles; t++)
+        for (int64_t g = 0; g < G; g++) {
+            uint8_t *o = out + (t * G + g) * Q8X8_TILE;
+            for (int r = 0; r < 8; r++) {
+                const uint8_t *b = w + ((8 * t + r < N ? 8 * t + r : N - 1) * G + g) * Q8_0_BYTES;
+                memcpy(o + 2 * r, b, 2);
+                for (int k = 0; k < 8; k++)
+                    for (int i = 0; i < 4; i++)
+                        o[16 + 32 * k + 4 * r + i] = b[2 + 4 * k + i] ^ 0x80;
+            }
+        }
+}
+
+/* Tile row t of a Q8_0 tiled matrix times J activation rows m0 .. m0+J-1 -> y[m, 8t .. 8t+7], as q4x8_tile */
+VNNI static inline void q8x8_tile(const uint8_t *tile, int64_t G, const int8_t *xq, const float *s,
+                                  const int32_t *xsum, int64_t m0, int J, float *y, int64_t ldy, int64_t n,
+                                  int valid) {
+    __m256 acc[GEMM_ROWS];
+    for (int j = 0; j < J; j++)
+        acc[j] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        const uint8_t *b = tile + g * Q8X8_TILE;
+        if (J == 1)
+            for (int i = 0; i < 5; i++)
+                _mm_prefetch((const char *)b + AHEAD + 64 * i, _MM_HINT_T0);
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b));
+        __m256i p[8];  /* codes 4k .. 4k+3 of each row, plus 128 */
+        for (int k = 0; k < 8; k++)
+            p[k] = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * k));
+        for (int j = 0; j < J; j++) {
+            const int64_t m = m0 + j;
+            const int32_t *a = (const int32_t *)(xq + digits_at(m, g, G)), *a2 = a + 8;  /* x1, x2 */
+            __m256i d1 = _mm256_setzero_si256(), e1 = _mm256_setzero_si256(), e2 = _mm256_setzero_si256();
+            __m256i d2 = _mm256_set1_epi32(-128 * xsum[m * G + g]);  /* (q + 128) - 128 */
+            for (int k = 0; k < 4; k++) {
+                d1 = dpbusd_broadcast(d1, p[k], a + k);
+                e1 = dpbusd_broadcast(e1, p[k + 4], a + 4 + k);
+                d2 = dpbusd_broadcast(d2, p[k], a2 + k);
+                e2 = dpbusd_broadcast(e2, p[k + 4], a2 + 4 + k);
+            }
+            d1 = _mm256_add_epi32(d1, e1);
+            d2 = _mm256_add_epi32(d2, e2);
+            const __m256i dot = _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(d1, 8), _mm256_slli_epi32(d1, 1)), d2);
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(s[m * G + g])), acc[j]);
+        }
+    }
+    for (int j = 0; j < J; j++) {
+        float out[8];
+        _mm256_storeu_ps(out, acc[j]);
+        for (int r = 0; r < valid; r++)
+            y[(m0 + j) * ldy + n + r] = out[r];
+    }
+}
+
+/* The Q8_0 tiled matrix (N, K) times M activation rows in xq -> y (M, N); work-sharing over the tiles (kind 8) */
+VNNI static void q8x8_rows(const int8_t *xq, const float *s, const int32_t *xsum, int64_t M, int64_t K,
+                           const uint8_t *w, int64_t N, float *y, int64_t ldy) {
+    const int64_t G = K / 32, tiles = (N + 7) / 8;
+    #pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        const int valid = N - 8 * t < 8 ? (int)(N - 8 * t) : 8;
+        const uint8_t *tile = w + t * G * Q8X8_TILE;
+        int64_t m0 = 0;
+        for (; m0 + GEMM_ROWS <= M; m0 += GEMM_ROWS)
+            q8x8_tile(tile, G, xq, s, xsum, m0, GEMM_ROWS, y, ldy, 8 * t, valid);
+        for (; m0 + 4 <= M; m0 += 4)
+            q8x8_tile(tile, G, xq, s, xsum, m0, 4, y, ldy, 8 * t, valid);
+        for (; m0 < M; m0++)
+            q8x8_tile(tile, G, xq, s, xsum, m0, 1, y, ldy, 8 * t, valid);
+    }
+}
+
 /* The two int8 digits of M rows in one buffer of QUANTIZED_BYTES(M, K): the digits (PANEL_ROWS(M), 2 K) as
  * digits_at lays them out (xq8), then s (M, K/32) float, xsum (M, K/32) int32 and ssum (M, K/32) float */
 #define INT8_PARTS(buf, M, K) int8_t *xq8 = (int8_t *)(buf); float *s8 = (float *)(xq8 + 2 * PANEL_ROWS(M) * (K)); \
@@ -869,6 +953,38 @@ static void q6k_row(const uint8_t *b, int64_t S, float *w) {
     }
 }
 
+/* Q6_K rows -> Q8_0 blocks (n rows of K/32 blocks of 34 bytes) for q8x8_repack to tile: each group of 32 weights
+ * (two of Q6_K's sub-blocks of 16) dequantized, then d = max |w| / 127 rounded to fp16 and q = round(w / d)
+ * (ties to even), |q| <= 127: |change| <= d / 2 per weight, within max |w of the group| / 254 (up to fp16's
+ * rounding of d) -- a group's own scale, not the row's as q6k_to_int8. */
+int q6k_to_q8_0(const uint8_t *src, int64_t n, int64_t K, uint8_t *out, int nthreads) {
+    const int64_t S = K / 256, G = K / 32;
+    float *tmp = malloc(sizeof(float) * K * nthreads);
+    if (!tmp)
+        return 1;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < n; r++) {
+        float *w = tmp + omp_get_thread_num() * K;
+        q6k_row(src + r * S * 210, S, w);
+        for (int64_t g = 0; g < G; g++) {
+            const float *v = w + 32 * g;
+            uint8_t *o = out + (r * G + g) * Q8_0_BYTES;
+            float top = 0.f;
+            for (int i = 0; i < 32; i++)
+                top = fabsf(v[i]) > top ? fabsf(v[i]) : top;
+            const uint16_t dh = _cvtss_sh(top / 127.f, 0);
+            const float d = _cvtsh_ss(dh);
+            memcpy(o, &dh, 2);
+            for (int i = 0; i < 32; i++) {
+                const float q = d > 0.f ? nearbyintf(v[i] / d) : 0.f;
+                o[2 + i] = (uint8_t)(int8_t)(q > 127.f ? 127.f : q < -127.f ? -127.f : q);
+            }
+        }
+    }
+    free(tmp);
+    return 0;
+}
+
 int q6k_to_int8(const uint8_t *src, int64_t n, int64_t K, int8_t *q, float *scales, int nthreads) {
     const int64_t S = K / 256;
     float *tmp = malloc(sizeof(float) * K * nthreads);
@@ -897,7 +1013,8 @@ int q6k_to_int8(const uint8_t *src, int64_t n, int64_t K, int8_t *q, float *scal
 typedef struct {
     int64_t kind;        /* 0: float32 W (N, K); 1: 4-bit codes (N, K/2) + fp16 dc (N, 2, K/32); 2: int8 W (N, K) + float32
                           * scales (N,); 3, 4, 5: ggml Q4_0, Q4_1, Q8_0 blocks, N rows of K/32 blocks (scales unused);
-                          * 6, 7: Q4_0, Q4_1 in the tiled layout (q4x8_repack; AVX-512 VNNI only) */
+                          * 6, 7: Q4_0, Q4_1 in the tiled layout (q4x8_repack; AVX-512 VNNI only); 8: Q8_0 in
+                          * its tiled layout (q8x8_repack; AVX-512 VNNI only) */
     int64_t N, K;
     const void *w;       /* the float32 W, the 4-bit codes or the int8 W */
     const void *scales;  /* dc (4-bit), scales (int8), unused for float32 */
@@ -928,6 +1045,10 @@ static void products(const matrix *ms, int64_t n, const float *x, int64_t M, flo
                 q8_rows(xq, M, m->K, m->w, m->scales, m->N, y, ldy);
             else if (m->kind == 5)
                 q8_block_rows(xq, M, m->K, m->w, m->N, y, ldy);
+            else if (m->kind == 8) {
+                INT8_PARTS(xq, M, m->K);
+                q8x8_rows(xq8, s8, xsum8, M, m->K, m->w, m->N, y, ldy);
+            }
             else if (m->kind >= 6) {
                 INT8_PARTS(xq, M, m->K);
                 q4x8_rows(xq8, s8, xsum8, ssum8, M, m->K, m->w, m->kind == 7, m->N, y, ldy);
