@@ -22,20 +22,18 @@ How each call multiplies (BlockLinear.forward):
 Used where llama_min's kernels run (native.enabled(): x86-64 Linux with AVX2, FMA, F16C and a C compiler);
 elsewhere runtime/packed.py repacks these types for PyTorch's kernels as before.
 
-TiledLinear: on CPUs with AVX-512 VNNI (native.vnni()) Q4_0 / Q4_1 matrices are instead regrouped once at
-load into tiles of 8 rows (native.q4x8_repack: the same bytes, so the same size and the file's weights bit
-for bit; the file's pages are released as it goes) that one kernel multiplies for decoding and prompts alike:
-activations as two int8 digits per block of 32 (x ~ s2 (254 x1 + x2): error <= max|x_block| / 64516, as the
-int16 activations of the other kernels), each vpdpbusd instruction adding 4 code x digit products into each of
-8 rows' sums, and the eight lanes of a register being eight rows, no horizontal sums. Measured on the 2-core
-EPYC: the 1.1B-shape Q4_0 model's 512-token prompt at 96 tok/s against 73-77 through float panels, decoding
-at 57-61 tok/s against 45 from the mapped blocks. One digit (int8 activations, as llama.cpp's quantized
-products) ran the prompt at 141-154 tok/s, but changed the default model's answers (a 512-token prompt so
-rounded moved SmolLM2 off "The capital of France is Paris.").
-Q8_0 stays as stored, its prompts float: tiled with one int8 digit its 512-row products ran 2.3x the float
-GEMM (426 against 188 GOPS) but moved the default model's perplexity by +0.64% (README text, 8 windows of
-256; llama.cpp's int8 activations: +0.52%), where a Q8_0 file should score as its dequantized weights; with
-int16 activations (vpdpwssd) they ran at the float GEMM's rate (190 against 191 GOPS).
+TiledLinear: on CPUs with AVX-512 VNNI (native.vnni()) Q4_0 / Q4_1 / Q8_0 matrices are instead regrouped once
+at load into tiles of 8 rows (native.q4x8_repack, q8x8_repack: the same bytes, so the same size and the file's
+weights bit for bit; the file's pages are released as it goes) that one kernel multiplies for decoding and
+prompts alike: activations as two int8 digits per block of 32 (x ~ s2 (254 x1 + x2): error <= max|x_block| /
+64516, as the int16 activations of the other kernels), each vpdpbusd instruction adding 4 code x digit products
+into each of 8 rows' sums, and the eight lanes of a register being eight rows, no horizontal sums. Measured on
+the 2-core EPYC, 512-row products of a 5632 x 2048 matrix: Q4_0 140-153 GMAC/s, Q8_0 167 against 94 through
+float panels. One digit (int8 activations, as llama.cpp's quantized products) is about twice as fast again, but
+it changed the default model's answers: emulated per layer, rounding the prompt's activations to int8 in the
+FFN's gate and up projections alone moved SmolLM2 off "The capital of France is Paris." (perplexity moved by
+0.005%: the quick start's question sits on a near-tie). A Q8_0 model so tiled scores its dequantized weights'
+perplexity (51.1681 against 51.1682 on the default model written as Q8_0).
 """
 
 from __future__ import annotations
@@ -151,3 +149,4 @@ class TiledLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"{self.ggml_type} in tiles of 8 rows")
+

@@ -7,8 +7,8 @@
  *   q4_dequantize  that 4-bit W as float32, for prompts of many rows
  *   q8_linear      int8 W (N, K) with a scale per row (quantize.Int8Linear, packed Q5 / Q6_K files)
  *   block_linear   a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks where the file is mapped (blocks.BlockLinear), or
- *                  Q4_0 / Q4_1 regrouped in tiles of 8 rows (q4x8_repack; blocks.TiledLinear, AVX-512 VNNI)
- *   block_dequantize, q4k_to_avx2, q4k_to_q4_1, q6k_to_int8   conversions at load and for prompts
+ *                  regrouped in tiles of 8 rows (q4x8_repack, q8x8_repack; blocks.TiledLinear, AVX-512 VNNI)
+ *   block_dequantize, q4k_to_avx2, q4k_to_q4_1, q6k_to_int8, q6k_to_q8_0   conversions at load and for prompts
  *   rms_norm, decode_attention   the small operations between the products of a one-token step
  *   swiglu         silu(gate) * up between the FFN's products, for any number of rows
  *
