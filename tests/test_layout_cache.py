@@ -201,3 +201,24 @@ def test_the_command_line_says_it_finishes_the_layout_and_does(tmp_path, cache_o
     err = capsys.readouterr().err
     assert err.startswith("caching the converted layout (") and len(err.strip().splitlines()) == 1
     assert layout_cache.layout_path(path).exists() and not layout_cache.writing()
+
+
+def test_a_layout_holds_only_what_the_load_used(tmp_path, cache_on, monkeypatch):
+    """A layout written under another conversion (here: Q6_K as int8 rows, without VNNI, then tiled with it) is
+    rewritten without the parts no longer used: the whole layout is mapped, so stale parts would count in
+    resident memory."""
+    if not native.vnni():
+        pytest.skip("needs AVX-512 VNNI to load Q6_K two ways")
+    path = write_tiny(tmp_path / "m.gguf", Q.Q6_K)
+    monkeypatch.setenv("LLAMA_MIN_VNNI", "0")
+    load_gguf_packed(path)
+    monkeypatch.setenv("LLAMA_MIN_VNNI", "1")
+    model = load_gguf_packed(path)
+    from safetensors import safe_open
+
+    with safe_open(str(layout_cache.layout_path(path)), framework="pt") as f:
+        names = list(f.keys())
+    assert names and all("@tiles Q8_0/" in n for n in names if n.startswith("blk.")), names
+    calls = CallCounter(monkeypatch, "q6k_to_q8_0")
+    torch.testing.assert_close(logits(load_gguf_packed(path)), logits(model), rtol=0, atol=0)
+    assert calls.calls == 0

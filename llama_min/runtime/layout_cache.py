@@ -93,6 +93,7 @@ class LayoutCache:
         self.path, self.key = layout_path(gguf_path), key
         self.found: Dict[str, Parts] = {}  # "<tensor>@<how>" -> parts, views of the mapped layout file
         self.made: Dict[str, Parts] = {}
+        self.used: Dict[str, Parts] = {}  # what this load asked for, found or made: what save() writes
         self._read()
 
     def _read(self):
@@ -119,17 +120,19 @@ class LayoutCache:
         which = f"{name}@{how}"
         if which not in self.found:
             self.made[which] = make()
-        return self.found.get(which) or self.made[which]
+        self.used[which] = self.found.get(which) or self.made[which]
+        return self.used[which]
 
     def save(self) -> Optional[threading.Thread]:
-        """Write the layout file when this load converted anything (the found parts too, so that the file is
-        whole), in a thread of its own: the model runs meanwhile. Writing 4.2 GB (the 8B shape's Q4_0 tiles)
+        """Write the layout file when this load converted anything or left some of it unused (exactly what this
+        load used, found or made: a layout holds nothing that is not mapped into the model, since mapping it
+        all counts in resident memory), in a thread of its own: the model runs meanwhile. Writing 4.2 GB (the 8B shape's Q4_0 tiles)
         takes the OS ~8-16 s once its page cache holds more unwritten data than it allows; the thread keeps
         that out of the start. Python waits for it at exit (wait_for_writes waits sooner). A failure costs
         only the cache (one warning line)."""
-        if not self.made:
+        if not self.made and self.found.keys() == self.used.keys():
             return None
-        everything = {**self.found, **self.made}
+        everything = dict(self.used)
         writer = threading.Thread(target=self._write, args=(everything,), name="llama_min layout writer",
                                   daemon=True)
         writer.nbytes = sum(t.numel() * t.element_size() for parts in everything.values() for t in parts.values())
