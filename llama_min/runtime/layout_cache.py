@@ -48,6 +48,7 @@ import torch
 LAYOUT_VERSION = 1  # bump when a conversion or a tiled layout changes: older layouts are then never read
 SAMPLE = 4096  # bytes hashed at each end of every tensor
 ALIGN = 64  # the data section starts at a multiple of this (the header is padded with spaces)
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # (Linux 5.14; Python's mmap names it from 3.12)
 DTYPES = {torch.uint8: "U8", torch.int8: "I8", torch.float16: "F16", torch.float32: "F32", torch.int32: "I32"}
 TORCH_DTYPES = {name: dtype for dtype, name in DTYPES.items()}
 Parts = Dict[str, torch.Tensor]
@@ -193,8 +194,6 @@ def cancel_writes():
 
 def _populate(buf: mmap.mmap):
     """Map the whole layout in one call (MADV_POPULATE_READ, Linux 5.14+) rather than a fault per 4 KB page."""
-    from .packed import MADV_POPULATE_READ
-
     try:
         buf.madvise(MADV_POPULATE_READ)
     except (OSError, AttributeError):

@@ -60,7 +60,7 @@ from ..errors import LlamaMinError
 from ..model import Transformer
 from . import hugepages, native
 from .blocks import BLOCK_TYPES, BlockEmbedding, BlockLinear, TiledLinear
-from .layout_cache import LayoutCache, open_cache
+from .layout_cache import MADV_POPULATE_READ, LayoutCache, open_cache
 from .memory import check_window, return_freed_memory
 from .int4_layouts import int4_layout
 from .quantize import (PLAIN_INT4, Int4Embedding, Int4Linear, Int4RowsEmbedding, Int8Embedding, Int8Linear,
@@ -69,7 +69,6 @@ from ..formats.common import expected_shapes, rope_override
 from ..formats.gguf.read import args_from_gguf, gguf_to_meta_name
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
-MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # (Linux 5.14; Python's mmap names it from 3.12)
 INT8_TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q2_K", "Q3_K")
 GROUP = 32  # every 4-bit type maps onto int4 groups of 32
 
