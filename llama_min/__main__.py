@@ -1,8 +1,6 @@
 """`python -m llama_min <command> ...`: the same program as the installed `llama-min` command."""
 
-import sys
-
-from .cli import main
+from .cli import main, run_as_program
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m llama_min"))
+    run_as_program(lambda: main(prog="python -m llama_min"))

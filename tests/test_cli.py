@@ -11,6 +11,7 @@ import io
 import os
 import shutil
 import subprocess
+import textwrap
 import sys
 from pathlib import Path
 
@@ -312,3 +313,26 @@ def test_broken_pipe_in_process(capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdout", ClosedPipe())
     assert common.run_main(body, []) == common.BROKEN_PIPE
     assert capsys.readouterr().err == ""
+
+
+def test_run_as_program_keeps_the_exit_code_the_output_and_the_atexit_handlers(tmp_path):
+    """The program exits through os._exit, skipping the interpreter's teardown (common.run_as_program): its exit
+    code, everything it printed (100 kB to a pipe, not newline-terminated) and the atexit handlers registered
+    while it ran (how a layout still being written is finished) all survive."""
+    marker = tmp_path / "handler-ran"
+    code = textwrap.dedent(f"""
+        import atexit, sys
+        from llama_min.cli.common import run_as_program
+
+        def main():
+            atexit.register(lambda: open({str(marker)!r}, "w").write("yes"))
+            sys.stdout.write("x" * 100000)
+            sys.stderr.write("to stderr")
+            return 3
+
+        run_as_program(main)
+        print("never here")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 3 and r.stdout == "x" * 100000 and r.stderr == "to stderr"
+    assert marker.read_text() == "yes"

@@ -83,7 +83,7 @@ def test_install_has_the_package_configs_and_console_script(installed):
     assert (target / "llama_min" / "formats" / "__init__.py").is_file()
     assert (target / "llama_min" / "runtime" / "native" / "kernels_avx2.c").is_file()  # compiled on first use
     script = target / "bin" / "llama-min"
-    assert script.is_file() and "from llama_min.cli import main" in script.read_text()
+    assert script.is_file() and "from llama_min.cli import program" in script.read_text()
     r = run(installed, sys.executable, "-c", "import llama_min, llama_min.train.config as t; "
             "print(llama_min.__file__); print(t.resolve_model_config('tiny'))")
     assert r.returncode == 0, r.stderr

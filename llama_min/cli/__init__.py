@@ -23,7 +23,7 @@ import signal
 import sys
 from typing import Optional
 
-from .common import quit_on_ctrl_c
+from .common import quit_on_ctrl_c, run_as_program
 
 signal.signal(signal.SIGINT, quit_on_ctrl_c)  # until a command runs (run_main): Ctrl-C = one line, exit 130
 
@@ -55,6 +55,11 @@ def usage(prog: str) -> str:
               f"  {prog} chat --system \"You answer in one sentence.\"\n"
               f"  {prog} train --config tiny --data notes.txt --out runs/tiny"]
     return "\n".join(lines)
+
+
+def program() -> None:
+    """The installed `llama-min` command: main() as the whole process (common.run_as_program)."""
+    run_as_program(main)
 
 
 def main(argv: Optional[list] = None, prog: str = "llama-min") -> int:

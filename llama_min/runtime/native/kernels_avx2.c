@@ -953,6 +953,21 @@ static void q6k_row(const uint8_t *b, int64_t S, float *w) {
     }
 }
 
+static float abs_max(const float *v, int64_t n) {
+    float top = 0.f;
+    for (int64_t i = 0; i < n; i++)
+        top = fabsf(v[i]) > top ? fabsf(v[i]) : top;
+    return top;
+}
+
+/* q = round(v / s) (ties to even), clamped to +-127; all 0 when s is 0 */
+static void round_int8(const float *v, int64_t n, float s, int8_t *q) {
+    for (int64_t i = 0; i < n; i++) {
+        const float x = s > 0.f ? nearbyintf(v[i] / s) : 0.f;
+        q[i] = (int8_t)(x > 127.f ? 127.f : x < -127.f ? -127.f : x);
+    }
+}
+
 /* Q6_K rows -> Q8_0 blocks (n rows of K/32 blocks of 34 bytes) for q8x8_repack to tile: each group of 32 weights
  * (two of Q6_K's sub-blocks of 16) dequantized, then d = max |w| / 127 rounded to fp16 and q = round(w / d)
  * (ties to even), |q| <= 127: |change| <= d / 2 per weight, within max |w of the group| / 254 (up to fp16's
@@ -967,18 +982,10 @@ int q6k_to_q8_0(const uint8_t *src, int64_t n, int64_t K, uint8_t *out, int nthr
         float *w = tmp + omp_get_thread_num() * K;
         q6k_row(src + r * S * 210, S, w);
         for (int64_t g = 0; g < G; g++) {
-            const float *v = w + 32 * g;
             uint8_t *o = out + (r * G + g) * Q8_0_BYTES;
-            float top = 0.f;
-            for (int i = 0; i < 32; i++)
-                top = fabsf(v[i]) > top ? fabsf(v[i]) : top;
-            const uint16_t dh = _cvtss_sh(top / 127.f, 0);
-            const float d = _cvtsh_ss(dh);
+            const uint16_t dh = _cvtss_sh(abs_max(w + 32 * g, 32) / 127.f, 0);
             memcpy(o, &dh, 2);
-            for (int i = 0; i < 32; i++) {
-                const float q = d > 0.f ? nearbyintf(v[i] / d) : 0.f;
-                o[2 + i] = (uint8_t)(int8_t)(q > 127.f ? 127.f : q < -127.f ? -127.f : q);
-            }
+            round_int8(w + 32 * g, 32, _cvtsh_ss(dh), (int8_t *)(o + 2));
         }
     }
     free(tmp);
@@ -994,14 +1001,8 @@ int q6k_to_int8(const uint8_t *src, int64_t n, int64_t K, int8_t *q, float *scal
     for (int64_t r = 0; r < n; r++) {
         float *w = tmp + omp_get_thread_num() * K;
         q6k_row(src + r * S * 210, S, w);
-        float top = 0.f;
-        for (int64_t k = 0; k < K; k++)
-            top = fabsf(w[k]) > top ? fabsf(w[k]) : top;
-        const float s = (top > 1e-12f ? top : 1e-12f) / 127.f;
-        for (int64_t k = 0; k < K; k++) {
-            const float v = nearbyintf(w[k] / s);
-            q[r * K + k] = (int8_t)(v > 127.f ? 127.f : v < -127.f ? -127.f : v);
-        }
+        const float top = abs_max(w, K), s = (top > 1e-12f ? top : 1e-12f) / 127.f;
+        round_int8(w, K, s, q + r * K);
         scales[r] = s;
     }
     free(tmp);
