@@ -714,9 +714,10 @@ VNNI static inline void q4x8_tile(const uint8_t *tile, int has_min, int64_t G, c
             lo[k] = _mm256_and_si256(p, low4);
             hi[k] = _mm256_and_si256(_mm256_srli_epi16(p, 4), low4);
         }
+        const int8_t *panel = xq + digits_at(m0, g, G);  /* rows m0 .. m0+J-1 lie in one panel, 64 bytes apart */
         for (int j = 0; j < J; j++) {
             const int64_t m = m0 + j;
-            const int32_t *a = (const int32_t *)(xq + digits_at(m, g, G)), *b = a + 8;  /* x1, x2 */
+            const int32_t *a = (const int32_t *)(panel + 64 * j), *b = a + 8;  /* x1, x2 */
             const int32_t total = xsum[m * G + g];
             /* four sums of four products each, not two of eight: each vpdpbusd waits for the one before it in
              * its sum (4 cycles), and four independent sums keep both of a core's VNNI units busy */
@@ -810,9 +811,10 @@ VNNI static inline void q8x8_tile(const uint8_t *tile, int64_t G, const int8_t *
         __m256i p[8];  /* codes 4k .. 4k+3 of each row, plus 128 */
         for (int k = 0; k < 8; k++)
             p[k] = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * k));
+        const int8_t *panel = xq + digits_at(m0, g, G);
         for (int j = 0; j < J; j++) {
             const int64_t m = m0 + j;
-            const int32_t *a = (const int32_t *)(xq + digits_at(m, g, G)), *a2 = a + 8;  /* x1, x2 */
+            const int32_t *a = (const int32_t *)(panel + 64 * j), *a2 = a + 8;  /* x1, x2 */
             __m256i d1 = _mm256_setzero_si256(), e1 = _mm256_setzero_si256(), e2 = _mm256_setzero_si256();
             __m256i d2 = _mm256_set1_epi32(-128 * xsum[m * G + g]);  /* (q + 128) - 128 */
             for (int k = 0; k < 4; k++) {
