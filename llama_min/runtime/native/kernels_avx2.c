@@ -693,7 +693,7 @@ void q4x8_repack(const uint8_t *w, int64_t N, int64_t K, int64_t kind, uint8_t *
 /* Tile row t (all its blocks) times J activation rows m0 .. m0+J-1 (quantize_rows_int8's digits) -> y[m, 8t ..
  * 8t+7] (only `valid` stored) */
 VNNI static inline void q4x8_tile(const uint8_t *tile, int has_min, int64_t G, const int8_t *xq, const float *s,
-                                  const int32_t *xsum, const float *ssum, int64_t M, int64_t K, int64_t m0, int J, float *y, int64_t ldy,
+                                  const int32_t *xsum, const float *ssum, int64_t m0, int J, float *y, int64_t ldy,
                                   int64_t n, int valid) {
     const int64_t TB = has_min ? 160 : 144;
     const int codes_at = has_min ? 32 : 16;
@@ -748,25 +748,6 @@ VNNI static inline void q4x8_tile(const uint8_t *tile, int has_min, int64_t G, c
         _mm256_storeu_ps(out, acc[j]);
         for (int r = 0; r < valid; r++)
             y[(m0 + j) * ldy + n + r] = out[r];
-    }
-}
-
-/* The tiled matrix (N, K) times M activation rows already in xq (quantize_rows_int8) -> y (M, N), rows ldy
- * apart; work-sharing over the tiles. Kinds 6 (Q4_0) and 7 (Q4_1) of `matrix`. */
-VNNI static void q4x8_rows(const int8_t *xq, const float *s, const int32_t *xsum, const float *ssum, int64_t M, int64_t K,
-                           const uint8_t *w, int has_min, int64_t N, float *y, int64_t ldy) {
-    const int64_t G = K / 32, TB = has_min ? 160 : 144, tiles = (N + 7) / 8;
-    #pragma omp for schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
-        const int valid = N - 8 * t < 8 ? (int)(N - 8 * t) : 8;
-        const uint8_t *tile = w + t * G * TB;
-        int64_t m0 = 0;
-        for (; m0 + GEMM_ROWS <= M; m0 += GEMM_ROWS)
-            q4x8_tile(tile, has_min, G, xq, s, xsum, ssum, M, K, m0, GEMM_ROWS, y, ldy, 8 * t, valid);
-        for (; m0 + 4 <= M; m0 += 4)
-            q4x8_tile(tile, has_min, G, xq, s, xsum, ssum, M, K, m0, 4, y, ldy, 8 * t, valid);
-        for (; m0 < M; m0++)
-            q4x8_tile(tile, has_min, G, xq, s, xsum, ssum, M, K, m0, 1, y, ldy, 8 * t, valid);
     }
 }
 
@@ -837,21 +818,32 @@ VNNI static inline void q8x8_tile(const uint8_t *tile, int64_t G, const int8_t *
     }
 }
 
-/* The Q8_0 tiled matrix (N, K) times M activation rows in xq -> y (M, N); work-sharing over the tiles (kind 8) */
-VNNI static void q8x8_rows(const int8_t *xq, const float *s, const int32_t *xsum, int64_t M, int64_t K,
-                           const uint8_t *w, int64_t N, float *y, int64_t ldy) {
-    const int64_t G = K / 32, tiles = (N + 7) / 8;
+/* One pass of J activation rows over a tile row, in the kernel of the matrix's kind (6, 7: Q4_0, Q4_1; 8: Q8_0) */
+VNNI static inline void tile_pass(int kind, const uint8_t *tile, int64_t G, const int8_t *xq, const float *s,
+                                  const int32_t *xsum, const float *ssum, int64_t m0, int J, float *y, int64_t ldy,
+                                  int64_t n, int valid) {
+    if (kind == 8)
+        q8x8_tile(tile, G, xq, s, xsum, m0, J, y, ldy, n, valid);
+    else
+        q4x8_tile(tile, kind == 7, G, xq, s, xsum, ssum, m0, J, y, ldy, n, valid);
+}
+
+/* A tiled matrix (N, K) of kind 6, 7 or 8 times M activation rows already in xq (quantize_rows_int8) -> y (M, N),
+ * rows ldy apart; work-sharing over the tiles, each tile row taking the rows in passes of 16, 4 and 1. */
+VNNI static void tiled_rows(int kind, const int8_t *xq, const float *s, const int32_t *xsum, const float *ssum,
+                            int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y, int64_t ldy) {
+    const int64_t G = K / 32, TB = kind == 8 ? Q8X8_TILE : kind == 7 ? 160 : 144, tiles = (N + 7) / 8;
     #pragma omp for schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
         const int valid = N - 8 * t < 8 ? (int)(N - 8 * t) : 8;
-        const uint8_t *tile = w + t * G * Q8X8_TILE;
+        const uint8_t *tile = w + t * G * TB;
         int64_t m0 = 0;
         for (; m0 + GEMM_ROWS <= M; m0 += GEMM_ROWS)
-            q8x8_tile(tile, G, xq, s, xsum, m0, GEMM_ROWS, y, ldy, 8 * t, valid);
+            tile_pass(kind, tile, G, xq, s, xsum, ssum, m0, GEMM_ROWS, y, ldy, 8 * t, valid);
         for (; m0 + 4 <= M; m0 += 4)
-            q8x8_tile(tile, G, xq, s, xsum, m0, 4, y, ldy, 8 * t, valid);
+            tile_pass(kind, tile, G, xq, s, xsum, ssum, m0, 4, y, ldy, 8 * t, valid);
         for (; m0 < M; m0++)
-            q8x8_tile(tile, G, xq, s, xsum, m0, 1, y, ldy, 8 * t, valid);
+            tile_pass(kind, tile, G, xq, s, xsum, ssum, m0, 1, y, ldy, 8 * t, valid);
     }
 }
 
@@ -970,31 +962,11 @@ static void round_int8(const float *v, int64_t n, float s, int8_t *q) {
     }
 }
 
-/* Q6_K rows -> Q8_0 blocks (n rows of K/32 blocks of 34 bytes) for q8x8_repack to tile: each group of 32 weights
- * (two of Q6_K's sub-blocks of 16) dequantized, then d = max |w| / 127 rounded to fp16 and q = round(w / d)
- * (ties to even), |q| <= 127: |change| <= d / 2 per weight, within max |w of the group| / 254 (up to fp16's
- * rounding of d) -- a group's own scale, not the row's as q6k_to_int8. */
-int q6k_to_q8_0(const uint8_t *src, int64_t n, int64_t K, uint8_t *out, int nthreads) {
-    const int64_t S = K / 256, G = K / 32;
-    float *tmp = malloc(sizeof(float) * K * nthreads);
-    if (!tmp)
-        return 1;
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t r = 0; r < n; r++) {
-        float *w = tmp + omp_get_thread_num() * K;
-        q6k_row(src + r * S * 210, S, w);
-        for (int64_t g = 0; g < G; g++) {
-            uint8_t *o = out + (r * G + g) * Q8_0_BYTES;
-            const uint16_t dh = _cvtss_sh(abs_max(w + 32 * g, 32) / 127.f, 0);
-            memcpy(o, &dh, 2);
-            round_int8(w + 32 * g, 32, _cvtsh_ss(dh), (int8_t *)(o + 2));
-        }
-    }
-    free(tmp);
-    return 0;
-}
+/* Each Q6_K row dequantized into a row of K floats per thread (q6k_row), then handed to `emit` with its index:
+ * the loop both conversions below share. Returns 0, or 1 when the rows' memory could not be had. */
+typedef void (*row_sink)(const float *w, int64_t r, int64_t K, void *out);
 
-int q6k_to_int8(const uint8_t *src, int64_t n, int64_t K, int8_t *q, float *scales, int nthreads) {
+static int q6k_each_row(const uint8_t *src, int64_t n, int64_t K, row_sink emit, void *out, int nthreads) {
     const int64_t S = K / 256;
     float *tmp = malloc(sizeof(float) * K * nthreads);
     if (!tmp)
@@ -1003,12 +975,42 @@ int q6k_to_int8(const uint8_t *src, int64_t n, int64_t K, int8_t *q, float *scal
     for (int64_t r = 0; r < n; r++) {
         float *w = tmp + omp_get_thread_num() * K;
         q6k_row(src + r * S * 210, S, w);
-        const float top = abs_max(w, K), s = (top > 1e-12f ? top : 1e-12f) / 127.f;
-        round_int8(w, K, s, q + r * K);
-        scales[r] = s;
+        emit(w, r, K, out);
     }
     free(tmp);
     return 0;
+}
+
+/* Q6_K rows -> Q8_0 blocks (n rows of K/32 blocks of 34 bytes) for q8x8_repack to tile: each group of 32 weights
+ * (two of Q6_K's sub-blocks of 16) dequantized, then d = max |w| / 127 rounded to fp16 and q = round(w / d)
+ * (ties to even), |q| <= 127: |change| <= d / 2 per weight, within max |w of the group| / 254 (up to fp16's
+ * rounding of d) -- a group's own scale, not the row's as q6k_to_int8. */
+static void q8_0_row(const float *w, int64_t r, int64_t K, void *out) {
+    const int64_t G = K / 32;
+    for (int64_t g = 0; g < G; g++) {
+        uint8_t *o = (uint8_t *)out + (r * G + g) * Q8_0_BYTES;
+        const uint16_t dh = _cvtss_sh(abs_max(w + 32 * g, 32) / 127.f, 0);
+        memcpy(o, &dh, 2);
+        round_int8(w + 32 * g, 32, _cvtsh_ss(dh), (int8_t *)(o + 2));
+    }
+}
+
+int q6k_to_q8_0(const uint8_t *src, int64_t n, int64_t K, uint8_t *out, int nthreads) {
+    return q6k_each_row(src, n, K, q8_0_row, out, nthreads);
+}
+
+typedef struct { int8_t *q; float *scales; } int8_rows;
+
+static void int8_row(const float *w, int64_t r, int64_t K, void *out) {
+    const int8_rows *o = out;
+    const float top = abs_max(w, K), s = (top > 1e-12f ? top : 1e-12f) / 127.f;
+    round_int8(w, K, s, o->q + r * K);
+    o->scales[r] = s;
+}
+
+int q6k_to_int8(const uint8_t *src, int64_t n, int64_t K, int8_t *q, float *scales, int nthreads) {
+    int8_rows out = {q, scales};
+    return q6k_each_row(src, n, K, int8_row, &out, nthreads);
 }
 
 /* ---- one matrix in any of the three formats, and the exported products ---- */
@@ -1048,13 +1050,9 @@ static void products(const matrix *ms, int64_t n, const float *x, int64_t M, flo
                 q8_rows(xq, M, m->K, m->w, m->scales, m->N, y, ldy);
             else if (m->kind == 5)
                 q8_block_rows(xq, M, m->K, m->w, m->N, y, ldy);
-            else if (m->kind == 8) {
-                INT8_PARTS(xq, M, m->K);
-                q8x8_rows(xq8, s8, xsum8, M, m->K, m->w, m->N, y, ldy);
-            }
             else if (m->kind >= 6) {
                 INT8_PARTS(xq, M, m->K);
-                q4x8_rows(xq8, s8, xsum8, ssum8, M, m->K, m->w, m->kind == 7, m->N, y, ldy);
+                tiled_rows((int)m->kind, xq8, s8, xsum8, ssum8, M, m->K, m->w, m->N, y, ldy);
             }
             else
                 q4_block_rows(xq, M, m->K, m->w, m->kind == 3 ? Q4_0_BYTES : Q4_1_BYTES, m->N, y, ldy);
