@@ -172,9 +172,7 @@ def tiled_layer(qtype, n=61, k=320, seed=0):
     """A TiledLinear of random weights (61 rows: a last tile of 5), and the float32 weights the file means."""
     lin, w = block_layer(qtype, n, k, seed)
     tiles = torch.empty(native.tiled_bytes(qtype.name, n, k), dtype=torch.uint8)
-    if qtype == Q.Q8_0:
-        return TiledLinear(native.q8x8_repack(lin.blocks, k, tiles), "Q8_0", k, n), w
-    return TiledLinear(native.q4x8_repack(lin.blocks, qtype.name, k, tiles), qtype.name, k, n), w
+    return TiledLinear(native.tile_blocks(lin.blocks, qtype.name, k, tiles), qtype.name, k, n), w
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])

@@ -276,11 +276,7 @@ def tiled_in_c(t: GGUFTensor) -> dict:
             blocks = native.q4k_to_q4_1(blocks, k)
         elif t.type_name == "Q6_K":
             blocks = native.q6k_to_q8_0(blocks, k)
-        part = out[native.tiled_bytes(kind, r0, k) : native.tiled_bytes(kind, r1, k)]
-        if kind == "Q8_0":
-            native.q8x8_repack(blocks, k, part)
-        else:
-            native.q4x8_repack(blocks, kind, k, part)
+        native.tile_blocks(blocks, kind, k, out[native.tiled_bytes(kind, r0, k) : native.tiled_bytes(kind, r1, k)])
     return {"tiles": out}
 
 
@@ -306,6 +302,14 @@ def converted(t: GGUFTensor, how: str, make, cache: Optional[LayoutCache]) -> di
     return make() if cache is None else cache.parts(t.name, how, make)
 
 
+def k_quant_in_c(t: GGUFTensor, cache: Optional[LayoutCache]) -> dict:
+    """A Q4_K matrix in the 'avx2' 4-bit layout (q4_k_in_c), or a Q6_K one as int8 rows (q6_k_in_c), through the
+    layout cache: what a linear layer and an embedding table alike are built from where converted_in_c."""
+    if t.type_name == "Q4_K":
+        return converted(t, "avx2 int4", lambda: q4_k_in_c(t), cache)
+    return converted(t, "int8 rows", lambda: q6_k_in_c(t), cache)
+
+
 def packed_linear(t: GGUFTensor, device, dtype, cache: Optional[LayoutCache] = None) -> nn.Module:
     """The layer computing x W^T for file tensor W (N, K): TiledLinear, BlockLinear, Int4Linear, Int8Linear or
     a float nn.Linear. cache: where converted layouts are read from and kept (None: made every load)."""
@@ -315,11 +319,10 @@ def packed_linear(t: GGUFTensor, device, dtype, cache: Optional[LayoutCache] = N
         return TiledLinear(converted(t, f"tiles {kind}", lambda: tiled_in_c(t), cache)["tiles"], kind, k, n)
     if t.held_as_stored(device):
         return BlockLinear(t.blocks(), t.type_name, k)
-    if converted_in_c(t, device) and t.type_name == "Q4_K":
-        p = converted(t, "avx2 int4", lambda: q4_k_in_c(t), cache)
-        return Int4Linear(p["codes"], p["dc"], k, GROUP, int4_layout(device, n, k, GROUP))
     if converted_in_c(t, device):
-        p = converted(t, "int8 rows", lambda: q6_k_in_c(t), cache)
+        p = k_quant_in_c(t, cache)
+        if t.type_name == "Q4_K":
+            return Int4Linear(p["codes"], p["dc"], k, GROUP, int4_layout(device, n, k, GROUP))
         return Int8Linear(p["q"], p["scales"])
     if t.type_name in INT4_DECODERS:
         return int4_from_rows(n, k, GROUP, t.int4_rows(), device)
@@ -346,12 +349,9 @@ def packed_embedding(t: GGUFTensor, device, dtype, cache: Optional[LayoutCache] 
     v, dim = t.shape
     if t.held_as_stored(device):
         return BlockEmbedding(t.blocks(), t.type_name, dim)
-    if converted_in_c(t, device) and t.type_name == "Q4_K":
-        p = converted(t, "avx2 int4", lambda: q4_k_in_c(t), cache)
-        return Int4RowsEmbedding(p["codes"], p["dc"])
     if converted_in_c(t, device):
-        p = converted(t, "int8 rows", lambda: q6_k_in_c(t), cache)
-        return Int8Embedding(p["q"], p["scales"])
+        p = k_quant_in_c(t, cache)
+        return Int4RowsEmbedding(p["codes"], p["dc"]) if t.type_name == "Q4_K" else Int8Embedding(p["q"], p["scales"])
     if t.type_name in INT4_DECODERS:
         packed = hugepages.empty((v, dim // 2), torch.uint8, device)
         sz = torch.empty(v, dim // GROUP, 2, dtype=torch.bfloat16, device=device)

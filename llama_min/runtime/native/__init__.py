@@ -342,6 +342,11 @@ def q8x8_repack(blocks: torch.Tensor, k: int, out: torch.Tensor) -> torch.Tensor
     return out
 
 
+def tile_blocks(blocks: torch.Tensor, ggml_type: str, k: int, out: torch.Tensor) -> torch.Tensor:
+    """Rows of blocks of any TILED_TYPES type -> its tiled layout in `out`: q8x8_repack for Q8_0, else q4x8_repack."""
+    return q8x8_repack(blocks, k, out) if ggml_type == "Q8_0" else q4x8_repack(blocks, ggml_type, k, out)
+
+
 def check_tiles(tiles: torch.Tensor, ggml_type: str, n: int, k: int) -> int:
     """The matrix kind of an (n, k) matrix of `ggml_type` in the tiled layout held by `tiles`, checked."""
     if (ggml_type not in TILED_TYPES or k % 32 or tiles.dtype != torch.uint8 or not tiles.is_contiguous()
