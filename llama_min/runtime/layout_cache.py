@@ -4,7 +4,7 @@ A packed load regroups Q4_0 / Q4_1 matrices into tiles and converts Q4_K / Q6_K 
 conversion is quick; what costs is the fresh memory it writes into: the kernel zeroes every new page, and on
 this project's 2-core machine building the 1.1B-shape Q4_0 model's 590 MiB of tiles took ~0.4 s, against
 ~0.04 s to map the same bytes from a file the OS already holds in its page cache. An 8B Q4_K_M file converted
-for 9.5-11 s. So after converting, the loader writes what it made to one file, and the next load of the same
+for 10-13 s. So after converting, the loader writes what it made to one file, and the next load of the same
 GGUF file maps that file instead (copy-on-write: the model's tensors are views of it, as Q8_0 blocks are views
 of the GGUF file).
 
@@ -88,12 +88,11 @@ def file_key(gguf_path, tensors) -> dict:
 class LayoutCache:
     """The cached layouts of one GGUF file for one load: `parts(name, how, make)` returns the tensors make()
     converts tensor `name` into (`how` names the conversion), from the layout file when it holds them under
-    the same key, else from make() (and remembered); `save()` writes the layout file if anything was made."""
+    the same key, else from make() (and remembered); `save()` writes the layout file if anything was made or left unused."""
 
     def __init__(self, gguf_path, key: dict):
         self.path, self.key = layout_path(gguf_path), key
         self.found: Dict[str, Parts] = {}  # "<tensor>@<how>" -> parts, views of the mapped layout file
-        self.made: Dict[str, Parts] = {}
         self.used: Dict[str, Parts] = {}  # what this load asked for, found or made: what save() writes
         self._read()
 
@@ -119,9 +118,7 @@ class LayoutCache:
 
     def parts(self, name: str, how: str, make: Callable[[], Parts]) -> Parts:
         which = f"{name}@{how}"
-        if which not in self.found:
-            self.made[which] = make()
-        self.used[which] = self.found.get(which) or self.made[which]
+        self.used[which] = self.found[which] if which in self.found else make()
         return self.used[which]
 
     def save(self) -> Optional[threading.Thread]:
@@ -131,7 +128,7 @@ class LayoutCache:
         takes the OS ~8-16 s once its page cache holds more unwritten data than it allows; the thread keeps
         that out of the start. Python waits for it at exit (wait_for_writes waits sooner). A failure costs
         only the cache (one warning line)."""
-        if not self.made and self.found.keys() == self.used.keys():
+        if self.used.keys() == self.found.keys():  # nothing made, nothing left unused: the file is this load's
             return None
         everything = dict(self.used)
         writer = threading.Thread(target=self._write, args=(everything,), name="llama_min layout writer",
