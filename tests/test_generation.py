@@ -57,6 +57,38 @@ def draw(probs, p, n=4000):
     return torch.bincount(sample_top_p(batch, p, g), minlength=len(probs)) / n
 
 
+def metas_top_p(probs, p, g):
+    """Meta's sample_top_p, re-typed from its description: the full sort, as the oracle."""
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    probs_sort[probs_sum - probs_sort > p] = 0.0
+    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    return torch.gather(probs_idx, -1, torch.multinomial(probs_sort, num_samples=1, generator=g)).squeeze(-1)
+
+
+@pytest.mark.parametrize("vocab", [49152, 5000])
+def test_top_p_without_the_full_sort_draws_metas_tokens_and_random_stream(vocab):
+    """sorted_for_top_p sorts only the k largest: the token drawn and the generator's state after the draw
+    equal the full sort's, with ties in the nucleus (then it sorts everything), batches, flat and peaked rows."""
+    from llama_min.decoding.sampling import sorted_for_top_p
+
+    torch.manual_seed(0)
+    shortcut = 0
+    for trial in range(120):
+        logits = torch.randn(1 + trial % 3, vocab) * 4
+        if trial % 4 == 0:
+            logits[:, ::3] = logits[:, :1]  # the top value repeated: ties inside the nucleus
+        if trial % 5 == 0:
+            logits = logits.round()
+        probs = torch.softmax(logits / (0.3, 0.6, 1.0, 2.0)[trial % 4], dim=-1)
+        p = (0.5, 0.9, 0.95)[trial % 3]
+        g_meta, g_ours = torch.Generator().manual_seed(trial), torch.Generator().manual_seed(trial)
+        assert torch.equal(sample_top_p(probs, p, g_ours), metas_top_p(probs.clone(), p, g_meta)), trial
+        assert torch.equal(g_ours.get_state(), g_meta.get_state()), trial
+        shortcut += bool((sorted_for_top_p(probs, p)[0][:, 1024:] == 0).all())
+    assert 20 < shortcut < 120  # both the shortcut and the full sort were exercised
+
+
 def test_top_p_keeps_the_token_that_crosses_p():
     # probs 0.5, 0.3, 0.15, 0.05; mass before each: 0, 0.5, 0.8, 0.95. With p = 0.9 the first three are
     # kept (0.8 <= 0.9: the token crossing 0.9 stays), renormalised to 0.5/0.95, 0.3/0.95, 0.15/0.95.
