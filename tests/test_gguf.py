@@ -142,3 +142,16 @@ def test_truncated_gguf_is_a_clear_error(tiny, tmp_path):
     cut.write_bytes(data[:100])
     with pytest.raises(ValueError, match="cut.gguf"):
         load_checkpoint(cut)
+
+
+def test_ggml_type_table_matches_the_gguf_package():
+    """llama_min.files.gguf keeps its own (name, block, bytes) table so a load does not import gguf (~0.1 s):
+    each entry equals the gguf package's, and the types llama_min reads are all there."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    from llama_min.files.gguf import GGML_TYPES
+
+    for type_id, (name, block, nbytes) in GGML_TYPES.items():
+        assert Q(type_id).name == name and GGML_QUANT_SIZES[Q(type_id)] == (block, nbytes), type_id
+    assert {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"} <= {n for n, _, _ in GGML_TYPES.values()}
+

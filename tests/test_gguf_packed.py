@@ -468,3 +468,17 @@ def test_smollm2_q4_1_runs_a_512_token_prompt_near_the_files_size(smollm2_path):
     size = smollm2_path.stat().st_size
     added = report("SmolLM2 Q4_1", size, peak_rss_of_packed_run(smollm2_path, 512))
     assert added <= 1.15 * size + 48 * 2**20
+
+
+def test_loading_a_quantized_gguf_does_not_import_the_gguf_package(tmp_path):
+    """A fresh process builds a packed Q4_0 model (F32 norms included) and runs it without importing gguf,
+    nor the yaml and sentencepiece that gguf's own import pulls in (~0.1 s of a small model's start)."""
+    write_random_q4_0(tmp_path / "m.gguf", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=128, vocab=96)
+    script = ("import sys; from llama_min.runtime.packed import load_gguf_packed; "
+              "m = load_gguf_packed(sys.argv[1], 'cpu', max_seq_len=16); import torch; m(torch.tensor([[1, 2]]), 0); "
+              "print(sorted(n for n in ('gguf', 'yaml', 'sentencepiece') if n in sys.modules))")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "m.gguf")], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "[]"

@@ -27,6 +27,27 @@ from ..errors import LlamaMinError
 _SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 
 
+# The ggml tensor types: id -> (name, weights per block, bytes per block). The gguf package has the same
+# table (tests/test_gguf.py checks this one against it), but importing it costs ~0.1 s (it imports
+# sentencepiece and yaml), a tenth of a small model's whole start.
+GGML_TYPES = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98), 19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66),
+}
+
+
+def ggml_type_info(type_id: int, tensor: str) -> tuple:
+    """(name, weights per block, bytes per block) of a ggml type id; a one-line error for an unknown id."""
+    if type_id not in GGML_TYPES:
+        raise LlamaMinError(f"tensor '{tensor}': unknown ggml type {type_id}")
+    return GGML_TYPES[type_id]
+
+
 def read_gguf_metadata(path: str | Path, prefix: str | None = None) -> dict:
     """All metadata key/values of a GGUF file, or those whose key starts with ``prefix``.
 

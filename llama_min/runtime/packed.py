@@ -66,6 +66,7 @@ from .int4_layouts import int4_layout
 from .quantize import (PLAIN_INT4, Int4Embedding, Int4Linear, Int4RowsEmbedding, Int8Embedding, Int8Linear,
                        chunk_rows, int4_from_rows, int8_from_rows, quantize_per_channel)
 from ..formats.common import expected_shapes, rope_override
+from ..files.gguf import GGML_TYPES, ggml_type_info
 from ..formats.gguf.read import args_from_gguf, gguf_to_meta_name
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -128,23 +129,13 @@ class GGUFTensor:
     """One tensor of the memory-mapped file: its name, ggml type, shape (rows, cols) and bytes, by rows."""
 
     def __init__(self, buf: mmap.mmap, name: str, dims, ggml_type: int, offset: int):
-        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
-        self.buf, self.name, self.offset = buf, name, offset
-        try:
-            self.qtype = GGMLQuantizationType(ggml_type)
-        except ValueError:
-            raise LlamaMinError(f"tensor '{name}': unknown ggml type {ggml_type}") from None
+        self.buf, self.name, self.offset, self.type_id = buf, name, offset, ggml_type
+        self.type_name, self.block, self.block_bytes = ggml_type_info(ggml_type, name)
         self.shape = tuple(int(s) for s in reversed(dims))  # ggml lists dims innermost-first
-        self.block, self.block_bytes = GGML_QUANT_SIZES[self.qtype]
         self.row_bytes = self.shape[-1] // self.block * self.block_bytes
         self.nbytes = int(np.prod(self.shape[:-1], dtype=np.int64)) * self.row_bytes
         if offset + self.nbytes > len(buf):
             raise LlamaMinError(f"tensor '{name}' runs past the end of the file (truncated download?)")
-
-    @property
-    def type_name(self) -> str:
-        return self.qtype.name
 
     def blocks(self) -> torch.Tensor:
         """The tensor's bytes where the file is mapped, (rows, row_bytes) uint8: a view, not a copy (the loader
@@ -205,12 +196,20 @@ class GGUFTensor:
             self.release(r0 * self.row_bytes, r1 * self.row_bytes)
             yield r0, raw
 
-    def float_rows(self):
-        """(row0, float32 (r, K)) chunks, dequantized by the gguf package."""
+    def dequantize(self, raw: np.ndarray) -> np.ndarray:
+        """Raw bytes (rows, row_bytes) of this tensor -> float32 values: F32 and F16 read as they are, the
+        other types by the gguf package's dequantize."""
+        if self.type_name in ("F32", "F16"):
+            return raw.view(np.float32 if self.type_name == "F32" else np.float16).astype(np.float32, copy=False)
+        from gguf.constants import GGMLQuantizationType
         from gguf.quants import dequantize
 
+        return np.asarray(dequantize(raw, GGMLQuantizationType(self.type_id)), dtype=np.float32)
+
+    def float_rows(self):
+        """(row0, float32 (r, K)) chunks, dequantized by the gguf package."""
         for r0, raw in self.chunks():
-            yield r0, torch.from_numpy(np.asarray(dequantize(raw, self.qtype), dtype=np.float32))
+            yield r0, torch.from_numpy(self.dequantize(raw))
 
     def int4_rows(self):
         """(row0, codes, scales, zeros) chunks of a Q4_0 / Q4_1 / Q4_K tensor (groups of 32)."""
@@ -221,10 +220,8 @@ class GGUFTensor:
 
     def to_float(self, dtype=torch.float32) -> torch.Tensor:
         if len(self.shape) == 1:
-            from gguf.quants import dequantize
-
             raw = np.frombuffer(self.buf, np.uint8, self.nbytes, self.offset)
-            return torch.from_numpy(np.asarray(dequantize(raw, self.qtype), dtype=np.float32).copy()).to(dtype)
+            return torch.from_numpy(self.dequantize(raw).copy()).to(dtype)
         out = torch.empty(self.shape, dtype=dtype)
         for r0, w in self.float_rows():
             out[r0 : r0 + len(w)] = w
@@ -391,10 +388,8 @@ def _model_header(path: Path, size: int, mtime_ns: int) -> tuple:
 
 def is_quantized_gguf(path) -> bool:
     """True for a GGUF file holding any quantized matrix (so the packed path applies)."""
-    from gguf.constants import GGMLQuantizationType
-
     _, infos = model_header(path)
-    return any(len(dims) == 2 and GGMLQuantizationType(t).name not in FLOAT_TYPES for _, dims, t, _ in infos)
+    return any(len(dims) == 2 and GGML_TYPES.get(t, ("?",))[0] not in FLOAT_TYPES for _, dims, t, _ in infos)
 
 
 def use_packed(path, packed, dtype, quantize) -> bool:
