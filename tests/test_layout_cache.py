@@ -19,7 +19,7 @@ from llama_min.runtime import packed
 from test_gguf_packed import write_tiny
 
 # what each type's conversion calls (the C functions that make the layout)
-CONVERSIONS = {Q.Q4_0: "q4x8_repack", Q.Q4_1: "q4x8_repack", Q.Q4_K: "q4k_to_q4_1", Q.Q6_K: "q6k_to_q8_0",
+CONVERSIONS = {Q.Q4_0: "q4x8_repack", Q.Q4_1: "q4x8_repack", Q.Q4_K: "q4kx8_repack", Q.Q6_K: "q6k_to_q8_0",
                Q.Q8_0: "q8x8_repack"}
 TOKENS = torch.tensor([[1, 5, 9, 77, 3, 100, 42, 8]])
 

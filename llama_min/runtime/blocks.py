@@ -45,7 +45,7 @@ from . import native
 from .linear import PREFILL_ROWS, prompt_by_panels
 
 BLOCK_TYPES = tuple(native.BLOCK_TYPES)  # "Q4_0", "Q4_1", "Q8_0"
-TILED_TYPES = tuple(native.TILED_TYPES)  # "Q4_0", "Q4_1", "Q8_0": tiled at load where the CPU has AVX-512 VNNI
+TILED_TYPES = tuple(native.TILED_TYPES)  # "Q4_0", "Q4_1", "Q8_0", "Q4_K": tiled at load where the CPU has AVX-512 VNNI
 
 
 class BlockLinear(nn.Module):
@@ -109,7 +109,7 @@ class BlockEmbedding(nn.Module):
 
 
 class TiledLinear(nn.Module):
-    """x W^T for a Q4_0 / Q4_1 / Q8_0 matrix W (N, K) in the tiled layout (native.q4x8_repack, q8x8_repack; see
+    """x W^T for a Q4_0 / Q4_1 / Q8_0 / Q4_K matrix W (N, K) in the tiled layout (native.tile_blocks; see
     the module docstring): tiles (tiled_bytes,) uint8. Every call, decoding or a prompt, goes to
     native.tiled_linear."""
 
@@ -129,9 +129,12 @@ class TiledLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
-        """The weights, (N, K) float32, read back from the tiles: d (q - 8), d q + m or d q per block."""
+        """The weights, (N, K) float32, read back from the tiles: d (q - 8), d q + m or d q per block; Q4_K:
+        d sc q - dmin mn per sub-block of 32."""
         n, k = self.out_features, self.in_features
-        t = self.tiles.view(-1, k // 32, native.TILED_TYPES[self.ggml_type][1] * 8)  # (tiles, blocks, tile bytes)
+        if self.ggml_type == "Q4_K":
+            return self._dequantize_q4_k()
+        t = self.tiles.view(-1, k // 32, native.TILED_TYPES[self.ggml_type][1])  # (tiles, blocks, tile bytes)
         d = t[..., :16].contiguous().view(torch.float16).float().permute(0, 2, 1)[..., None]  # (tiles, 8, blocks, 1)
         if self.ggml_type == "Q8_0":  # P_k: (k, row, 4 bytes), each code plus 128
             codes = (t[..., 16:].reshape(*t.shape[:2], 8, 8, 4) ^ 0x80).view(torch.int8).float()
@@ -145,6 +148,22 @@ class TiledLinear(nn.Module):
             m = t[..., 16:32].contiguous().view(torch.float16).float().permute(0, 2, 1)[..., None]
             return (d * q + m).reshape(-1, k)[:n]
         return (d * (q - 8)).reshape(-1, k)[:n]
+
+    def _dequantize_q4_k(self) -> torch.Tensor:
+        """Q4_K tiles (q4kx8_repack): per super-block 8 fp16 d, 8 fp16 dmin, then 8 sub-blocks of (8 sc, 8 mn,
+        128 code bytes laid out as the Q4_1 tiles')."""
+        n, k = self.out_features, self.in_features
+        t = self.tiles.view(-1, k // 256, 1184)  # (tiles, super-blocks, bytes)
+        d, dmin = (t[..., a:a + 16].contiguous().view(torch.float16).float() for a in (0, 16))  # (tiles, S, 8 rows)
+        sub = t[..., 32:].reshape(*t.shape[:2], 8, 144)  # (tiles, S, j, bytes)
+        sc, mn = sub[..., 0:8].float(), sub[..., 8:16].float()  # (tiles, S, j, 8 rows)
+        codes = sub[..., 16:].reshape(*sub.shape[:3], 4, 8, 4)  # (.., j, k, row, byte)
+        q = torch.cat([codes & 15, codes >> 4], dim=3).float()  # (.., j, 8 [lo k | hi k], row, byte)
+        q = q.permute(0, 1, 4, 2, 3, 5).reshape(*t.shape[:2], 8, 8, 32)  # (tiles, S, row, j, weight)
+        scale = (d[..., None] * sc.transpose(2, 3))[..., None]  # (tiles, S, row, j, 1)
+        low = (dmin[..., None] * mn.transpose(2, 3))[..., None]
+        w = scale * q - low  # (tiles, S, row, j, weight)
+        return w.permute(0, 2, 1, 3, 4).reshape(-1, k)[:n]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -8,9 +8,10 @@ Linux with AVX2, native.enabled()):
                     the file's weights bit for bit, file pages released as it goes); else held as stored
                     (blocks.BlockLinear): views of the mapped file, no conversion at load. An embedding table
                     is always held as stored (BlockEmbedding), and a tied output then reads its blocks.
-  Q4_K              converted in C to the same weights per group of 32 (scale d*sc, min -dmin*mn rounded to
-                    fp16, 2^-11 relative): tiled as Q4_1 blocks with AVX-512 VNNI (native.q4k_to_q4_1), else
-                    the 'avx2' 4-bit layout (native.q4k_to_avx2)
+  Q4_K              with AVX-512 VNNI: tiles of 8 rows of its own (native.q4kx8_repack: the file's weights
+                    exactly, the 6-bit sub-block scales and mins a byte each, 148/144 of the file's bytes); else
+                    converted in C to the 'avx2' 4-bit layout (native.q4k_to_avx2: scale d*sc, min -dmin*mn
+                    per group of 32 rounded to fp16, 2^-11 relative)
   Q6_K              with AVX-512 VNNI converted in C to Q8_0 blocks (native.q6k_to_q8_0: int8 per group of 32,
                     |change| <= max|w_group| / 254) and tiled; else to int8 per output row (native.q6k_to_int8:
                     |change| <= max|w_row| / 254)
@@ -255,23 +256,20 @@ def q4_k_in_c(t: GGUFTensor) -> dict:
 
 
 def tiled_kind(t: GGUFTensor) -> str:
-    """The block type a tiled matrix holds: its own, Q4_1 for Q4_K or Q8_0 for Q6_K (tiled_in_c)."""
-    return {"Q4_K": "Q4_1", "Q6_K": "Q8_0"}.get(t.type_name, t.type_name)
+    """The block type a tiled matrix holds: its own, or Q8_0 for Q6_K (tiled_in_c)."""
+    return "Q8_0" if t.type_name == "Q6_K" else t.type_name
 
 
 def tiled_in_c(t: GGUFTensor) -> dict:
-    """{"tiles": bytes} of a Q4_0 / Q4_1 matrix regrouped into tiles of 8 rows (native.q4x8_repack), chunk by
-    chunk from the mapped file, each chunk's file pages released once regrouped: resident memory holds one
-    copy. A Q4_K matrix is tiled as the Q4_1 blocks of the same weights (native.q4k_to_q4_1: its sub-block
-    scale and min per 32 weights, rounded to fp16); Q8_0 in its own tiles (native.q8x8_repack), and Q6_K as
-    Q8_0 blocks (native.q6k_to_q8_0: int8 per group of 32 with an fp16 scale)."""
+    """{"tiles": bytes} of a Q4_0 / Q4_1 / Q4_K / Q8_0 matrix regrouped into tiles of 8 rows (native.tile_blocks),
+    chunk by chunk from the mapped file, each chunk's file pages released once regrouped: resident memory holds
+    one copy, the file's weights exactly. Q6_K is tiled as Q8_0 blocks (native.q6k_to_q8_0: int8 per group of
+    32 with an fp16 scale)."""
     n, k = t.shape
     kind = tiled_kind(t)
     out = hugepages.empty((native.tiled_bytes(kind, n, k),), torch.uint8)
     for r0, r1, blocks in t.block_chunks():  # chunks of a multiple of 256 rows: whole tiles
-        if t.type_name == "Q4_K":
-            blocks = native.q4k_to_q4_1(blocks, k)
-        elif t.type_name == "Q6_K":
+        if t.type_name == "Q6_K":
             blocks = native.q6k_to_q8_0(blocks, k)
         native.tile_blocks(blocks, kind, k, out[native.tiled_bytes(kind, r0, k) : native.tiled_bytes(kind, r1, k)])
     return {"tiles": out}

@@ -24,7 +24,7 @@ speed. Measured on this project's 2-core AVX2 machine, in one script:
     model's Q8_0 output layer took 1.6 ms a token against 3.6 ms through PyTorch's int8 kernel (one profile).
   - a GGUF file's own blocks (runtime/blocks.py): `block_linear` multiplies Q4_0 / Q4_1 / Q8_0 rows where the
     mapped file holds them (int16 activations, 25-27 GB/s for one row times a 5632 x 2048 Q4_0 matrix, near
-    the machine's bandwidth), and, on CPUs with AVX-512 VNNI, Q4_0 / Q4_1 regrouped into tiles of 8 rows
+    the machine's bandwidth), and, on CPUs with AVX-512 VNNI, Q4_0 / Q4_1 / Q8_0 / Q4_K regrouped into tiles of 8 rows
     (`q4x8_repack`) with activations as two int8 digits and vpdpbusd, one kernel for decoding and prompts:
     the 1.1B-shape Q4_0 model's 512-token prompt at 96 tok/s (73-77 through PyTorch's float32 GEMM on
     dequantized panels), decoding at 57-61 tok/s (45 from the mapped blocks).
@@ -168,11 +168,11 @@ def _library():
     lib.q4x8_repack.restype = None
     lib.q8x8_repack.argtypes = [p, i64, i64, p, ctypes.c_int]
     lib.q8x8_repack.restype = None
+    lib.q4kx8_repack.argtypes = [p, i64, i64, p, ctypes.c_int]
+    lib.q4kx8_repack.restype = None
     lib.q6k_to_q8_0.argtypes = [p, i64, i64, p, ctypes.c_int]
     lib.q4k_to_avx2.argtypes = [p, i64, i64, p, p, ctypes.c_int]
     lib.q4k_to_avx2.restype = None
-    lib.q4k_to_q4_1.argtypes = [p, i64, i64, p, ctypes.c_int]
-    lib.q4k_to_q4_1.restype = None
     lib.q6k_to_int8.argtypes = [p, i64, i64, p, p, ctypes.c_int]
     lib.q6k_to_int8.restype = ctypes.c_int
     lib.rms_norm.argtypes = [p, i64, i64, p, ctypes.c_float, p]
@@ -309,18 +309,23 @@ def block_linear(x: torch.Tensor, blocks: torch.Tensor, ggml_type: str) -> torch
     return _block_product(x, kind, blocks, blocks.shape[0], "block_linear")
 
 
-TILED_TYPES = {"Q4_0": (6, 18), "Q4_1": (7, 20), "Q8_0": (8, 34)}  # type -> (matrix kind, bytes per block)
+# type -> (matrix kind, bytes a tile of 8 rows takes per 32 weights of K): the file's bytes for 8 rows, and for
+# Q4_K 148 against the file's 144 (its 6-bit sub-block scales and mins laid out one byte each)
+TILED_TYPES = {"Q4_0": (6, 144), "Q4_1": (7, 160), "Q8_0": (8, 272), "Q4_K": (9, 148)}
 
 
 def tiled_bytes(ggml_type: str, n: int, k: int) -> int:
     """Bytes of an (n, k) matrix of `ggml_type` in the tiled layout: whole tiles of 8 rows, the file's size when
-    8 divides n."""
-    return (n + 7) // 8 * 8 * (k // 32) * TILED_TYPES[ggml_type][1]
+    8 divides n (Q4_K: 148/144 of it)."""
+    return (n + 7) // 8 * (k // 32) * TILED_TYPES[ggml_type][1]
 
 
 def _tiles_out(blocks: torch.Tensor, ggml_type: str, k: int, out: torch.Tensor, name: str) -> int:
     """The number of rows of `blocks`, checked, and `out` checked to hold them tiled."""
-    check_blocks(blocks, ggml_type, k)
+    if ggml_type == "Q4_K":
+        _block_rows(blocks, k, 256, 144, "Q4_K blocks")
+    else:
+        check_blocks(blocks, ggml_type, k)
     n = blocks.shape[0]
     if out.dtype != torch.uint8 or out.numel() != tiled_bytes(ggml_type, n, k) or not out.is_contiguous():
         raise ValueError(f"{name}: out {out.dtype} {tuple(out.shape)} does not hold {n} x {k} {ggml_type}")
@@ -342,21 +347,31 @@ def q8x8_repack(blocks: torch.Tensor, k: int, out: torch.Tensor) -> torch.Tensor
     return out
 
 
+def q4kx8_repack(blocks: torch.Tensor, k: int, out: torch.Tensor) -> torch.Tensor:
+    """Q4_K rows (n, K/256 * 144) -> Q4_K's tiled layout (kernels_avx2.c, q4kx8_repack) in `out`, as q4x8_repack."""
+    n = _tiles_out(blocks, "Q4_K", k, out, "q4kx8_repack")
+    _library().q4kx8_repack(blocks.data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
 def tile_blocks(blocks: torch.Tensor, ggml_type: str, k: int, out: torch.Tensor) -> torch.Tensor:
-    """Rows of blocks of any TILED_TYPES type -> its tiled layout in `out`: q8x8_repack for Q8_0, else q4x8_repack."""
-    return q8x8_repack(blocks, k, out) if ggml_type == "Q8_0" else q4x8_repack(blocks, ggml_type, k, out)
+    """Rows of blocks of any TILED_TYPES type -> its tiled layout in `out`: q8x8_repack for Q8_0, q4kx8_repack for
+    Q4_K, else q4x8_repack."""
+    if ggml_type == "Q8_0":
+        return q8x8_repack(blocks, k, out)
+    return q4kx8_repack(blocks, k, out) if ggml_type == "Q4_K" else q4x8_repack(blocks, ggml_type, k, out)
 
 
 def check_tiles(tiles: torch.Tensor, ggml_type: str, n: int, k: int) -> int:
     """The matrix kind of an (n, k) matrix of `ggml_type` in the tiled layout held by `tiles`, checked."""
-    if (ggml_type not in TILED_TYPES or k % 32 or tiles.dtype != torch.uint8 or not tiles.is_contiguous()
+    if (ggml_type not in TILED_TYPES or k % (256 if ggml_type == "Q4_K" else 32) or tiles.dtype != torch.uint8 or not tiles.is_contiguous()
             or tiles.device.type != "cpu" or tiles.numel() != tiled_bytes(ggml_type, n, k)):
         raise ValueError(f"{ggml_type} tiles: {tiles.numel()} bytes ({tiles.dtype}) do not hold {n} x {k}")
     return TILED_TYPES[ggml_type][0]
 
 
 def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, ggml_type: str, n: int) -> torch.Tensor:
-    """x (M, K) float32 times W^T, W (n, K) a Q4_0 / Q4_1 / Q8_0 matrix in the tiled layout, any number of rows M:
+    """x (M, K) float32 times W^T, W (n, K) a Q4_0 / Q4_1 / Q8_0 / Q4_K matrix in the tiled layout, any number of rows M:
     activations as two int8 digits per block of 32, AVX-512 VNNI integer products (only where vnni())."""
     x = x.contiguous()
     return _block_product(x, check_tiles(tiles, ggml_type, n, x.shape[1]), tiles, n, "tiled_linear")
@@ -394,15 +409,6 @@ def q4k_to_avx2(src: torch.Tensor, k: int, codes: torch.Tensor, dc: torch.Tensor
             or dc.dtype != torch.float16 or tuple(dc.shape) != (n, 2, k // 32) or not dc.is_contiguous()):
         raise ValueError(f"q4k_to_avx2: outputs {tuple(codes.shape)} {tuple(dc.shape)} do not fit {n} x {k}")
     _library().q4k_to_avx2(src.data_ptr(), n, k, codes.data_ptr(), dc.data_ptr(), torch.get_num_threads())
-
-
-def q4k_to_q4_1(src: torch.Tensor, k: int) -> torch.Tensor:
-    """Q4_K rows (n, K/256 * 144) uint8 -> the same weights as Q4_1 blocks (n, K/32 * 20) uint8: d = d*sc and
-    m = -dmin*mn per block of 32, rounded to fp16 (as q4k_to_avx2), for q4x8_repack to tile."""
-    n = _block_rows(src, k, 256, 144, "q4k_to_q4_1")
-    out = torch.empty(n, k // 32 * 20, dtype=torch.uint8)
-    _library().q4k_to_q4_1(src.data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
-    return out
 
 
 def q6k_to_q8_0(src: torch.Tensor, k: int) -> torch.Tensor:

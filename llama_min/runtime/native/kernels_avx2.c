@@ -7,8 +7,9 @@
  *   q4_dequantize  that 4-bit W as float32, for prompts of many rows
  *   q8_linear      int8 W (N, K) with a scale per row (quantize.Int8Linear, packed Q5 / Q6_K files)
  *   block_linear   a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks where the file is mapped (blocks.BlockLinear), or
- *                  regrouped in tiles of 8 rows (q4x8_repack, q8x8_repack; blocks.TiledLinear, AVX-512 VNNI)
- *   block_dequantize, q4k_to_avx2, q4k_to_q4_1, q6k_to_int8, q6k_to_q8_0   conversions at load and for prompts
+ *                  regrouped in tiles of 8 rows (q4x8_repack, q8x8_repack, q4kx8_repack for Q4_K;
+ *                  blocks.TiledLinear, AVX-512 VNNI)
+ *   block_dequantize, q4k_to_avx2, q6k_to_int8, q6k_to_q8_0   conversions at load and for prompts
  *   rms_norm, decode_attention   the small operations between the products of a one-token step
  *   swiglu         silu(gate) * up between the FFN's products, for any number of rows
  *
@@ -690,55 +691,46 @@ void q4x8_repack(const uint8_t *w, int64_t N, int64_t K, int64_t kind, uint8_t *
         }
 }
 
-/* Tile row t (all its blocks) times J activation rows m0 .. m0+J-1 (quantize_rows_int8's digits) -> y[m, 8t ..
- * 8t+7] (only `valid` stored) */
-VNNI static inline void q4x8_tile(const uint8_t *tile, int has_min, int64_t G, const int8_t *xq, const float *s,
-                                  const int32_t *xsum, const float *ssum, int64_t m0, int J, float *y, int64_t ldy,
-                                  int64_t n, int valid) {
-    const int64_t TB = has_min ? 160 : 144;
-    const int codes_at = has_min ? 32 : 16;
+/* One block of 32 weights of a 4-bit tile (8 rows: codes P_0 .. P_3 at `codes`, per-row scale d and, with
+ * has_min, minimum c) times J activation rows m0 .. m0+J-1 of block g: acc[j] += the 8 rows' products */
+VNNI static inline void q4x8_block(const uint8_t *codes, __m256 d, __m256 c, int has_min, int64_t g, int64_t G,
+                                   const int8_t *xq, const float *s, const int32_t *xsum, const float *ssum,
+                                   int64_t m0, int J, __m256 *acc) {
     const __m256i low4 = _mm256_set1_epi8(15);
-    __m256 acc[GEMM_ROWS];
-    for (int j = 0; j < J; j++)
-        acc[j] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < G; g++) {
-        const uint8_t *b = tile + g * TB;
-        if (J == 1)  /* decoding: the tiles stream from memory, AHEAD bytes on */
-            for (int i = 0; i < 3; i++)
-                _mm_prefetch((const char *)b + AHEAD + 64 * i, _MM_HINT_T0);
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b));
-        const __m256 c = has_min ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + 16))) : _mm256_setzero_ps();
-        __m256i lo[4], hi[4];  /* codes of weights 4k .. 4k+3 and 16+4k .. 16+4k+3 of each row */
-        for (int k = 0; k < 4; k++) {
-            const __m256i p = _mm256_loadu_si256((const __m256i *)(b + codes_at + 32 * k));
-            lo[k] = _mm256_and_si256(p, low4);
-            hi[k] = _mm256_and_si256(_mm256_srli_epi16(p, 4), low4);
-        }
-        const int8_t *panel = xq + digits_at(m0, g, G);  /* rows m0 .. m0+J-1 lie in one panel, 64 bytes apart */
-        for (int j = 0; j < J; j++) {
-            const int64_t m = m0 + j;
-            const int32_t *a = (const int32_t *)(panel + 64 * j), *b = a + 8;  /* x1, x2 */
-            const int32_t total = xsum[m * G + g];
-            /* four sums of four products each, not two of eight: each vpdpbusd waits for the one before it in
-             * its sum (4 cycles), and four independent sums keep both of a core's VNNI units busy */
-            __m256i d1 = _mm256_setzero_si256(), e1 = _mm256_setzero_si256(), e2 = _mm256_setzero_si256();
-            __m256i d2 = _mm256_set1_epi32(has_min ? 0 : -8 * total);  /* Q4_0: q - 8 */
-            for (int k = 0; k < 4; k++) {
-                d1 = dpbusd_broadcast(d1, lo[k], a + k);
-                e1 = dpbusd_broadcast(e1, hi[k], a + 4 + k);
-                d2 = dpbusd_broadcast(d2, lo[k], b + k);
-                e2 = dpbusd_broadcast(e2, hi[k], b + 4 + k);
-            }
-            d1 = _mm256_add_epi32(d1, e1);
-            d2 = _mm256_add_epi32(d2, e2);
-            /* 254 (q . x1) + (q . x2) */
-            const __m256i dot = _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(d1, 8), _mm256_slli_epi32(d1, 1)), d2);
-            const __m256 sg = _mm256_set1_ps(s[m * G + g]);
-            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, sg), acc[j]);
-            if (has_min)  /* Q4_1: + m s (sum_j xq_j) */
-                acc[j] = _mm256_fmadd_ps(c, _mm256_set1_ps(ssum[m * G + g]), acc[j]);
-        }
+    __m256i lo[4], hi[4];  /* codes of weights 4k .. 4k+3 and 16+4k .. 16+4k+3 of each row */
+    for (int k = 0; k < 4; k++) {
+        const __m256i p = _mm256_loadu_si256((const __m256i *)(codes + 32 * k));
+        lo[k] = _mm256_and_si256(p, low4);
+        hi[k] = _mm256_and_si256(_mm256_srli_epi16(p, 4), low4);
     }
+    const int8_t *panel = xq + digits_at(m0, g, G);  /* rows m0 .. m0+J-1 lie in one panel, 64 bytes apart */
+    for (int j = 0; j < J; j++) {
+        const int64_t m = m0 + j;
+        const int32_t *a = (const int32_t *)(panel + 64 * j), *b = a + 8;  /* x1, x2 */
+        const int32_t total = xsum[m * G + g];
+        /* four sums of four products each, not two of eight: each vpdpbusd waits for the one before it in
+         * its sum (4 cycles), and four independent sums keep both of a core's VNNI units busy */
+        __m256i d1 = _mm256_setzero_si256(), e1 = _mm256_setzero_si256(), e2 = _mm256_setzero_si256();
+        __m256i d2 = _mm256_set1_epi32(has_min ? 0 : -8 * total);  /* Q4_0: q - 8 */
+        for (int k = 0; k < 4; k++) {
+            d1 = dpbusd_broadcast(d1, lo[k], a + k);
+            e1 = dpbusd_broadcast(e1, hi[k], a + 4 + k);
+            d2 = dpbusd_broadcast(d2, lo[k], b + k);
+            e2 = dpbusd_broadcast(e2, hi[k], b + 4 + k);
+        }
+        d1 = _mm256_add_epi32(d1, e1);
+        d2 = _mm256_add_epi32(d2, e2);
+        /* 254 (q . x1) + (q . x2) */
+        const __m256i dot = _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(d1, 8), _mm256_slli_epi32(d1, 1)), d2);
+        const __m256 sg = _mm256_set1_ps(s[m * G + g]);
+        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, sg), acc[j]);
+        if (has_min)  /* Q4_1, Q4_K: + m s (sum_j xq_j) */
+            acc[j] = _mm256_fmadd_ps(c, _mm256_set1_ps(ssum[m * G + g]), acc[j]);
+    }
+}
+
+/* acc[j] (the 8 rows' sums) -> y[m0 + j, n .. n+valid-1] */
+static inline void store_tile_rows(const __m256 *acc, int J, float *y, int64_t ldy, int64_t m0, int64_t n, int valid) {
     for (int j = 0; j < J; j++) {
         if (valid == 8) {
             _mm256_storeu_ps(y + (m0 + j) * ldy + n, acc[j]);
@@ -749,6 +741,87 @@ VNNI static inline void q4x8_tile(const uint8_t *tile, int has_min, int64_t G, c
         for (int r = 0; r < valid; r++)
             y[(m0 + j) * ldy + n + r] = out[r];
     }
+}
+
+/* Tile row t (all its blocks) times J activation rows m0 .. m0+J-1 (quantize_rows_int8's digits) -> y[m, 8t ..
+ * 8t+7] (only `valid` stored) */
+VNNI static inline void q4x8_tile(const uint8_t *tile, int has_min, int64_t G, const int8_t *xq, const float *s,
+                                  const int32_t *xsum, const float *ssum, int64_t m0, int J, float *y, int64_t ldy,
+                                  int64_t n, int valid) {
+    const int64_t TB = has_min ? 160 : 144;
+    __m256 acc[GEMM_ROWS];
+    for (int j = 0; j < J; j++)
+        acc[j] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        const uint8_t *b = tile + g * TB;
+        if (J == 1)  /* decoding: the tiles stream from memory, AHEAD bytes on */
+            for (int i = 0; i < 3; i++)
+                _mm_prefetch((const char *)b + AHEAD + 64 * i, _MM_HINT_T0);
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b));
+        const __m256 c = has_min ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + 16))) : _mm256_setzero_ps();
+        q4x8_block(b + (has_min ? 32 : 16), d, c, has_min, g, G, xq, s, xsum, ssum, m0, J, acc);
+    }
+    store_tile_rows(acc, J, y, ldy, m0, n, valid);
+}
+
+/* ---- Q4_K tiles: the file's super-blocks of 256 weights, 8 rows side by side ----
+ *
+ * Tile (t, S) = rows 8t .. 8t+7, super-block S, 1184 bytes (the file's eight 144-byte blocks take 1152):
+ *     8 fp16 d, 8 fp16 dmin (row 8t+r at r), then for each sub-block j = 0..7 of 32 weights, 144 bytes:
+ *     8 bytes sc (row r at r), 8 bytes mn, then P_0 .. P_3 as in the Q4_1 tiles (low nibbles weights 4k .. 4k+3,
+ *     high nibbles 16+4k .. 16+4k+3 of the sub-block)
+ * so a sub-block is a Q4_1 block with d = d sc and m = -dmin mn, both exact in float32 (an 11-bit d times a
+ * 6-bit sc): w = d sc q - dmin mn, the file's weights exactly. */
+#define Q4KX8_TILE 1184
+
+static inline int q4k_scale(const uint8_t *s, int j);  /* (below, with the other Q4_K conversions) */
+static inline int q4k_min(const uint8_t *s, int j);
+static inline uint8_t q4k_codes(const uint8_t *qs, int j, int i);
+
+void q4kx8_repack(const uint8_t *w, int64_t N, int64_t K, uint8_t *out, int nthreads) {
+    const int64_t S = K / 256, tiles = (N + 7) / 8;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t t = 0; t < tiles; t++)
+        for (int64_t sb = 0; sb < S; sb++) {
+            uint8_t *o = out + (t * S + sb) * Q4KX8_TILE;
+            for (int r = 0; r < 8; r++) {
+                const uint8_t *b = w + ((8 * t + r < N ? 8 * t + r : N - 1) * S + sb) * 144;
+                memcpy(o + 2 * r, b, 2);
+                memcpy(o + 16 + 2 * r, b + 2, 2);
+                for (int j = 0; j < 8; j++) {
+                    uint8_t *sub = o + 32 + 144 * j;
+                    sub[r] = (uint8_t)q4k_scale(b + 4, j);
+                    sub[8 + r] = (uint8_t)q4k_min(b + 4, j);
+                    for (int i = 0; i < 16; i++)
+                        sub[16 + 32 * (i / 4) + 4 * r + i % 4] = q4k_codes(b + 16, j, i);
+                }
+            }
+        }
+}
+
+/* Tile row t of a Q4_K tiled matrix times J activation rows m0 .. m0+J-1 -> y[m, 8t .. 8t+7], as q4x8_tile */
+VNNI static inline void q4kx8_tile(const uint8_t *tile, int64_t G, const int8_t *xq, const float *s,
+                                   const int32_t *xsum, const float *ssum, int64_t m0, int J, float *y, int64_t ldy,
+                                   int64_t n, int valid) {
+    __m256 acc[GEMM_ROWS];
+    for (int j = 0; j < J; j++)
+        acc[j] = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < G / 8; sb++) {
+        const uint8_t *b = tile + sb * Q4KX8_TILE;
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b));
+        const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + 16)));
+        for (int j = 0; j < 8; j++) {
+            const uint8_t *sub = b + 32 + 144 * j;
+            if (J == 1)
+                for (int i = 0; i < 3; i++)
+                    _mm_prefetch((const char *)sub + AHEAD + 64 * i, _MM_HINT_T0);
+            const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)sub)));
+            const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sub + 8))));
+            q4x8_block(sub + 16, _mm256_mul_ps(d, sc), _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), dmin), mn),
+                       1, 8 * sb + j, G, xq, s, xsum, ssum, m0, J, acc);
+        }
+    }
+    store_tile_rows(acc, J, y, ldy, m0, n, valid);
 }
 
 /* ---- Q8_0 tiles (and Q6_K converted to Q8_0 blocks): the same two-digit products on 8-bit weights ----
@@ -810,29 +883,28 @@ VNNI static inline void q8x8_tile(const uint8_t *tile, int64_t G, const int8_t *
             acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(s[m * G + g])), acc[j]);
         }
     }
-    for (int j = 0; j < J; j++) {
-        float out[8];
-        _mm256_storeu_ps(out, acc[j]);
-        for (int r = 0; r < valid; r++)
-            y[(m0 + j) * ldy + n + r] = out[r];
-    }
+    store_tile_rows(acc, J, y, ldy, m0, n, valid);
 }
 
-/* One pass of J activation rows over a tile row, in the kernel of the matrix's kind (6, 7: Q4_0, Q4_1; 8: Q8_0) */
+/* One pass of J activation rows over a tile row, in the kernel of the matrix's kind (6, 7: Q4_0, Q4_1; 8: Q8_0;
+ * 9: Q4_K) */
 VNNI static inline void tile_pass(int kind, const uint8_t *tile, int64_t G, const int8_t *xq, const float *s,
                                   const int32_t *xsum, const float *ssum, int64_t m0, int J, float *y, int64_t ldy,
                                   int64_t n, int valid) {
     if (kind == 8)
         q8x8_tile(tile, G, xq, s, xsum, m0, J, y, ldy, n, valid);
+    else if (kind == 9)
+        q4kx8_tile(tile, G, xq, s, xsum, ssum, m0, J, y, ldy, n, valid);
     else
         q4x8_tile(tile, kind == 7, G, xq, s, xsum, ssum, m0, J, y, ldy, n, valid);
 }
 
-/* A tiled matrix (N, K) of kind 6, 7 or 8 times M activation rows already in xq (quantize_rows_int8) -> y (M, N),
+/* A tiled matrix (N, K) of kind 6, 7, 8 or 9 times M activation rows already in xq (quantize_rows_int8) -> y (M, N),
  * rows ldy apart; work-sharing over the tiles, each tile row taking the rows in passes of 16, 4 and 1. */
 VNNI static void tiled_rows(int kind, const int8_t *xq, const float *s, const int32_t *xsum, const float *ssum,
                             int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y, int64_t ldy) {
-    const int64_t G = K / 32, TB = kind == 8 ? Q8X8_TILE : kind == 7 ? 160 : 144, tiles = (N + 7) / 8;
+    const int64_t G = K / 32, TB = kind == 9 ? Q4KX8_TILE / 8 : kind == 8 ? Q8X8_TILE : kind == 7 ? 160 : 144;
+    const int64_t tiles = (N + 7) / 8;
     #pragma omp for schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
         const int valid = N - 8 * t < 8 ? (int)(N - 8 * t) : 8;
@@ -874,6 +946,14 @@ static inline int q4k_min(const uint8_t *s, int j) {
     return j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
 }
 
+/* Byte i (0..15) of sub-block j in the 4-bit layouts' order, from a Q4_K block's 128 code bytes qs: weight i in the
+ * low nibble, weight i+16 in the high one (sub-block j lies in chunk j/2, in its low nibbles when j is even) */
+static inline uint8_t q4k_codes(const uint8_t *qs, int j, int i) {
+    const uint8_t *chunk = qs + 32 * (j / 2);
+    const int shift = 4 * (j & 1);
+    return (uint8_t)(((chunk[i] >> shift) & 15) | (((chunk[i + 16] >> shift) & 15) << 4));
+}
+
 void q4k_to_avx2(const uint8_t *src, int64_t n, int64_t K, uint8_t *codes, uint16_t *dc, int nthreads) {
     const int64_t S = K / 256, G = K / 32;
     #pragma omp parallel for num_threads(nthreads) schedule(static)
@@ -886,38 +966,12 @@ void q4k_to_avx2(const uint8_t *src, int64_t n, int64_t K, uint8_t *codes, uint1
                 const int64_t g = sb * 8 + j;
                 dc[r * 2 * G + g] = _cvtss_sh(d * (float)sc, 0);
                 dc[r * 2 * G + G + g] = _cvtss_sh(-dmin * (float)mn, 0);
-                const uint8_t *chunk = qs + 32 * (j / 2);
-                const int shift = 4 * (j & 1);
                 uint8_t *out = codes + r * (K / 2) + 16 * g;
                 for (int i = 0; i < 16; i++)
-                    out[i] = (uint8_t)(((chunk[i] >> shift) & 15) | (((chunk[i + 16] >> shift) & 15) << 4));
+                    out[i] = q4k_codes(qs, j, i);
             }
         }
     }
-}
-
-/* Q4_K rows -> Q4_1 blocks (20 bytes each: d = d sc, m = -dmin mn, each rounded to fp16, and the codes in Q4_0's
- * byte order): the same weights as q4k_to_avx2 gives, in a form q4x8_repack tiles (AVX-512 VNNI). out: n rows
- * of K/32 blocks. */
-void q4k_to_q4_1(const uint8_t *src, int64_t n, int64_t K, uint8_t *out, int nthreads) {
-    const int64_t S = K / 256, G = K / 32;
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t r = 0; r < n; r++)
-        for (int64_t sb = 0; sb < S; sb++) {
-            const uint8_t *b = src + (r * S + sb) * 144, *s = b + 4, *qs = b + 16;
-            const float d = fp16_at(b), dmin = fp16_at(b + 2);
-            for (int j = 0; j < 8; j++) {
-                const int sc = q4k_scale(s, j), mn = q4k_min(s, j);
-                uint8_t *o = out + (r * G + sb * 8 + j) * Q4_1_BYTES;
-                const uint16_t dh = _cvtss_sh(d * (float)sc, 0), mh = _cvtss_sh(-dmin * (float)mn, 0);
-                memcpy(o, &dh, 2);
-                memcpy(o + 2, &mh, 2);
-                const uint8_t *chunk = qs + 32 * (j / 2);
-                const int shift = 4 * (j & 1);
-                for (int i = 0; i < 16; i++)
-                    o[4 + i] = (uint8_t)(((chunk[i] >> shift) & 15) | (((chunk[i + 16] >> shift) & 15) << 4));
-            }
-        }
 }
 
 /* Q6_K, 210 bytes: 128 bytes ql (low 4 bits), 64 bytes qh (high 2 bits), 16 int8 scales (one per 16
@@ -1019,7 +1073,8 @@ typedef struct {
     int64_t kind;        /* 0: float32 W (N, K); 1: 4-bit codes (N, K/2) + fp16 dc (N, 2, K/32); 2: int8 W (N, K) + float32
                           * scales (N,); 3, 4, 5: ggml Q4_0, Q4_1, Q8_0 blocks, N rows of K/32 blocks (scales unused);
                           * 6, 7: Q4_0, Q4_1 in the tiled layout (q4x8_repack; AVX-512 VNNI only); 8: Q8_0 in
-                          * its tiled layout (q8x8_repack; AVX-512 VNNI only) */
+                          * its tiled layout (q8x8_repack; AVX-512 VNNI only); 9: Q4_K in its tiled layout
+                          * (q4kx8_repack; AVX-512 VNNI only) */
     int64_t N, K;
     const void *w;       /* the float32 W, the 4-bit codes or the int8 W */
     const void *scales;  /* dc (4-bit), scales (int8), unused for float32 */
