@@ -93,7 +93,9 @@ class LayoutCache:
     def __init__(self, gguf_path, key: dict):
         self.path, self.key = layout_path(gguf_path), key
         self.found: Dict[str, Parts] = {}  # "<tensor>@<how>" -> parts, views of the mapped layout file
+        self.spans: Dict[str, list] = {}  # "<tensor>@<how>" -> [(byte offset, length)] of its parts in the mapping
         self.used: Dict[str, Parts] = {}  # what this load asked for, found or made: what save() writes
+        self.buf = None
         self._read()
 
     def _read(self):
@@ -114,11 +116,19 @@ class LayoutCache:
                 return
             t = torch.frombuffer(buf, dtype=dtype, count=(hi - lo) // dtype.itemsize, offset=start + lo)
             self.found.setdefault(which, {})[part] = t.view(info["shape"])
-        _populate(buf)
+            self.spans.setdefault(which, []).append((start + lo, hi - lo))
+        self.buf = buf
 
     def parts(self, name: str, how: str, make: Callable[[], Parts]) -> Parts:
+        """The parts of tensor `name` converted as `how`: mapped from the layout (only what is used is read in:
+        a layout of another conversion, e.g. of an older llama_min, costs no memory), else made now."""
         which = f"{name}@{how}"
-        self.used[which] = self.found[which] if which in self.found else make()
+        if which in self.found:
+            for offset, length in self.spans[which]:
+                _populate(self.buf, offset, length)
+            self.used[which] = self.found[which]
+        else:
+            self.used[which] = make()
         return self.used[which]
 
     def save(self) -> Optional[threading.Thread]:
@@ -189,11 +199,13 @@ def cancel_writes():
     CANCEL.clear()
 
 
-def _populate(buf: mmap.mmap):
-    """Map the whole layout in one call (MADV_POPULATE_READ, Linux 5.14+) rather than a fault per 4 KB page."""
+def _populate(buf: mmap.mmap, offset: int, length: int):
+    """Map bytes offset .. offset+length of the layout in one call (MADV_POPULATE_READ, Linux 5.14+) rather than
+    a fault per 4 KB page."""
+    start = offset - offset % mmap.PAGESIZE
     try:
-        buf.madvise(MADV_POPULATE_READ)
-    except (OSError, AttributeError):
+        buf.madvise(MADV_POPULATE_READ, start, offset + length - start)
+    except (OSError, AttributeError, ValueError):
         pass
 
 
