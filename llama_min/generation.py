@@ -27,7 +27,7 @@ from .errors import LlamaMinError
 from .model import Transformer
 from .parallel.group import broadcast_from_rank0
 from .runtime.memory import check_memory, check_window, kv_cache_bytes
-from .runtime.step import choose_step
+from .runtime.step import choose_step, unchanged_model
 
 
 def default_device() -> str:
@@ -225,21 +225,22 @@ class Llama:
         start, prev_pos = time.perf_counter(), 0
         self._setup_cache(bsz, total_len)
         try:
-            for cur_pos in range(min(lens), total_len):
-                logits = self.step(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
-                history = tokens[:, :cur_pos] if repetition_penalty != 1.0 else None
-                next_token = sample_next(self.known_tokens(logits[:, -1]), s, history, generator)
-                next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
-                next_token = broadcast_from_rank0(next_token) if self.tensor_parallel else next_token
-                tokens[:, cur_pos] = next_token
-                if logprobs:  # log p(token t+1 | tokens <= t): position t's logits score the token after it
-                    scored = slice(prev_pos + 1, cur_pos + 1)
-                    token_logprobs[:, scored] = logprobs_of(logits, tokens[:, scored])
-                if cur_pos == min(lens):
-                    self.stats.prefill_s = elapsed(start, self.device)
-                prev_pos = cur_pos
-                if rows.step(cur_pos, next_token, ~is_prompt[:, cur_pos], self._asker(on_token, next_token)):
-                    break  # every row has ended
+            with unchanged_model(self.step):  # the C step checks the model once, not every token
+                for cur_pos in range(min(lens), total_len):
+                    logits = self.step(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
+                    history = tokens[:, :cur_pos] if repetition_penalty != 1.0 else None
+                    next_token = sample_next(self.known_tokens(logits[:, -1]), s, history, generator)
+                    next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
+                    next_token = broadcast_from_rank0(next_token) if self.tensor_parallel else next_token
+                    tokens[:, cur_pos] = next_token
+                    if logprobs:  # log p(token t+1 | tokens <= t): position t's logits score the token after it
+                        scored = slice(prev_pos + 1, cur_pos + 1)
+                        token_logprobs[:, scored] = logprobs_of(logits, tokens[:, scored])
+                    if cur_pos == min(lens):
+                        self.stats.prefill_s = elapsed(start, self.device)
+                    prev_pos = cur_pos
+                    if rows.step(cur_pos, next_token, ~is_prompt[:, cur_pos], self._asker(on_token, next_token)):
+                        break  # every row has ended
         finally:
             self.model.clear_cache()
         self.stats.decode_s = elapsed(start, self.device) - self.stats.prefill_s

@@ -75,18 +75,19 @@ def use_int4_kernel(monkeypatch, which: str):
 
 
 class CallCounter:
-    """Wraps llama_min.runtime.native.<name> so a test can count the calls that took that C path."""
+    """Wraps llama_min.runtime.native.<name> (or owner.<name>) so a test can count the calls that took that path."""
 
-    def __init__(self, monkeypatch, name: str):
+    def __init__(self, monkeypatch, name: str, owner=None):
         from llama_min.runtime import native
 
-        self.calls, real = 0, getattr(native, name)
+        owner = native if owner is None else owner
+        self.calls, real = 0, getattr(owner, name)
 
         def counted(*args):
             self.calls += 1
             return real(*args)
 
-        monkeypatch.setattr(native, name, counted)
+        monkeypatch.setattr(owner, name, counted)
 
 
 def python_without_torch(code: str, root: Path):

@@ -230,6 +230,33 @@ def test_a_weight_changed_after_a_step_is_read_by_the_next(counter):
         assert counter.calls == 3 * calls
 
 
+def test_inside_unchanged_model_the_model_is_checked_at_the_first_step_only(counter, monkeypatch):
+    """Llama.generate runs its loop inside step.unchanged_model(): the walk over the layers (_Reads.unchanged) runs
+    once for the whole generation, not once per token; the tokens are those of the model's own forward; and
+    after the block a replaced module is seen again at the next call."""
+    from llama_min import Llama
+    from llama_min.runtime import step as step_module
+    from llama_min.runtime.step import ReferenceStep
+    from llama_min.runtime.transforms import apply_transforms
+
+    fast = apply_transforms(model())
+    llama = Llama(fast, None, max_seq_len=64, max_batch_size=1)
+    checks = CallCounter(monkeypatch, "unchanged", owner=step_module._Reads)
+    with torch.no_grad():
+        out, _ = llama.generate([[1, 5, 9]], max_gen_len=12, temperature=0, stop_ids=set())
+        want, _ = Llama(fast, None, max_seq_len=64, max_batch_size=1, step=ReferenceStep(fast)).generate(
+            [[1, 5, 9]], max_gen_len=12, temperature=0, stop_ids=set())
+    assert out == want and counter.calls >= 11
+    assert checks.calls <= 1  # (none when the first C call rebuilt the description: new caches)
+    tokens = rand_tokens(1, 12, seed=6)
+    with torch.no_grad():
+        steps(fast, tokens, 8, llama.step)
+        calls = counter.calls
+        fast.layers[1].attention.wo = Doubled(fast.layers[1].attention.wo)  # outside the block: noticed
+        steps(fast, tokens, 8, llama.step)
+    assert counter.calls == calls
+
+
 @pytest.mark.assets
 def test_llama_names_the_step_it_chose(smollm2, smollm2_path, monkeypatch):
     """SmolLM2 float32 on this CPU: the C step; the packed GGUF (the default way to run it): the C step;

@@ -18,6 +18,7 @@ from ..errors import LlamaMinError
 from ..files import atomic_write
 from ..model import KVCache
 from ..parallel.group import broadcast_from_rank0
+from ..runtime.step import unchanged_model
 from .sampling import Sampling, Stats, elapsed, sample_next
 
 
@@ -108,20 +109,22 @@ class ChatSession:
         llama.stats, start, reply = Stats(), time.perf_counter(), []
         llama.stats.stop_reasons = ["max-new-tokens" if len(ids) + max_gen_len <= total else "window full"]
         try:
-            logits = self._prefill(ids)
-            llama.stats.prefill_s = elapsed(start, llama.device)
-            while len(self.cached) < total:
-                history = torch.tensor([self.cached], device=llama.device) if self.sampling.repetition_penalty != 1 else None
-                nxt = sample_next(llama.known_tokens(logits[:, -1]), self.sampling, history, self.generator)
-                nxt = int((broadcast_from_rank0(nxt) if llama.tensor_parallel else nxt)[0])  # rank 0 decides
-                if nxt in tok.stop_ids:
-                    llama.stats.stop_reasons = ["end of turn"]
-                    break
-                reply.append(nxt)
-                if on_token is not None:
-                    on_token(nxt)
-                logits = llama.step(torch.tensor([[nxt]], device=llama.device), len(self.cached), last_only=True)
-                self.cached.append(nxt)
+            with unchanged_model(llama.step):  # the C step checks the model once, not every token
+                logits = self._prefill(ids)
+                llama.stats.prefill_s = elapsed(start, llama.device)
+                while len(self.cached) < total:
+                    penalised = self.sampling.repetition_penalty != 1
+                    history = torch.tensor([self.cached], device=llama.device) if penalised else None
+                    nxt = sample_next(llama.known_tokens(logits[:, -1]), self.sampling, history, self.generator)
+                    nxt = int((broadcast_from_rank0(nxt) if llama.tensor_parallel else nxt)[0])  # rank 0 decides
+                    if nxt in tok.stop_ids:
+                        llama.stats.stop_reasons = ["end of turn"]
+                        break
+                    reply.append(nxt)
+                    if on_token is not None:
+                        on_token(nxt)
+                    logits = llama.step(torch.tensor([[nxt]], device=llama.device), len(self.cached), last_only=True)
+                    self.cached.append(nxt)
         finally:  # also on Ctrl-C: keep what was said
             llama.stats.new_tokens = len(reply)
             llama.stats.decode_s = elapsed(start, llama.device) - llama.stats.prefill_s

@@ -32,6 +32,7 @@ from typing import Callable, Optional
 import torch
 
 from ..errors import LlamaMinError
+from ..runtime.step import unchanged_model
 from .sampling import Sampling, Stats, apply_repetition_penalty, elapsed, logprobs_of, tempered_probs
 
 
@@ -139,8 +140,9 @@ def speculative_generate(target, draft, prompt_tokens: list, max_gen_len: int, s
                 prompt_lps += logprobs_of(logits, torch.tensor([prompt[1:]], device=target.device))[0].tolist()
             draft.step(torch.tensor([prompt[:-1]], device=draft.device), 0, last_only=True)
         stats.prefill_s = elapsed(start, target.device)
-        tokens, lps, reason = _rounds(target, draft, prompt, total_len, draft_tokens, choose, generator,
-                                      stop, on_token, logprobs, stats)
+        with unchanged_model(target.step), unchanged_model(draft.step):  # checked once, not every step
+            tokens, lps, reason = _rounds(target, draft, prompt, total_len, draft_tokens, choose, generator,
+                                          stop, on_token, logprobs, stats)
     finally:
         target.model.clear_cache()
         draft.model.clear_cache()

@@ -51,7 +51,7 @@ def rope_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     return torch.stack([even * c - odd * s, even * s + odd * c], dim=-1).flatten(-2).type_as(x)
 
 
-class CompiledStep:
+class CompiledStep(ReferenceStep):
     """One-token steps through a compiled graph; every other call (prompts, scoring, no cache) goes to
     `fallback` (the step it was chosen over: step.NativeStep or step.ReferenceStep), and so do batches of
     several rows when the model's float weights are in oneDNN's layout (it multiplies 8 rows in about the
@@ -75,6 +75,10 @@ class CompiledStep:
         on_cpu = mode is None and backend == "inductor" and model.norm.weight.device.type == "cpu"
         self.compiled = torch.compile(self.step, mode=mode, backend=backend, fullgraph=True,
                                       options=CPU_OPTIONS if on_cpu else None)
+
+    def unchanged_model(self):
+        """The step it was chosen over's (a native step checks the model at the block's first call only)."""
+        return self.fallback.unchanged_model()
 
     def __call__(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
         if isinstance(self.fallback, NativeStep):  # the C step, where it takes the call: faster than the graph
