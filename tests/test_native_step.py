@@ -257,6 +257,34 @@ def test_inside_unchanged_model_the_model_is_checked_at_the_first_step_only(coun
     assert counter.calls == calls
 
 
+@pytest.mark.parametrize("last_only", [False, True])
+def test_a_long_prompt_goes_in_by_parts_with_the_same_logits(counter, last_only):
+    """A prompt longer than PROMPT_CHUNK into a KV cache is fed in parts of at most PROMPT_CHUNK tokens (no pass
+    holds a longer prompt's activations) and gives the one-pass forward's logits; the decode steps after it too."""
+    from llama_min.runtime.step import PROMPT_CHUNK, choose_step
+    from llama_min.runtime.transforms import apply_transforms
+
+    fast = apply_transforms(tiny_model(scale=0.2, max_seq_len=1024))
+    step = choose_step(fast)
+    T = 2 * PROMPT_CHUNK + 37
+    tokens = rand_tokens(2, T + 3, seed=12)
+    seen = []
+    fast.layers[0].register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        fast.setup_cache(2, T + 3)
+        want = fast(tokens[:, :T], 0, last_only=last_only)
+        want_next = [fast(tokens[:, t:t + 1], t) for t in range(T, T + 3)]
+        seen.clear()
+        fast.setup_cache(2, T + 3)
+        got = step(tokens[:, :T], 0, last_only=last_only)
+        got_next = [step(tokens[:, t:t + 1], t) for t in range(T, T + 3)]
+        fast.clear_cache()
+    assert seen == [PROMPT_CHUNK, PROMPT_CHUNK, 37]  # (the decode steps took the C path: no hook there)
+    assert got.shape == want.shape == (2, 1 if last_only else T, fast.params.vocab_size)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(got_next, 1), torch.cat(want_next, 1), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.assets
 def test_llama_names_the_step_it_chose(smollm2, smollm2_path, monkeypatch):
     """SmolLM2 float32 on this CPU: the C step; the packed GGUF (the default way to run it): the C step;
