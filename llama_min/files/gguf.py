@@ -135,9 +135,29 @@ def _read_value(buf, pos: int, vtype: int, keep: bool = True):
     if item_type in _SCALAR:                          # numbers: one unpack for the whole array
         fmt = f"<{count}{_SCALAR[item_type]}"
         return (list(struct.unpack_from(fmt, buf, pos)) if keep else None), pos + struct.calcsize(fmt)
+    if item_type == 8:  # strings (a vocabulary: 50k-130k of them): one tight loop
+        return _read_strings(buf, pos, count, keep)
     items = []
     for _ in range(count):
         item, pos = _read_value(buf, pos, item_type, keep)
         if keep:
             items.append(item)
     return (items if keep else None), pos
+
+
+_U64 = struct.Struct("<Q").unpack_from
+
+
+def _read_strings(buf, pos: int, count: int, keep: bool):
+    """An array of `count` strings from `pos` -> (list or None, position after it). The same as `count` calls of
+    _read_str, in one loop (Llama 3's 128,256 tokens and 280,147 merges: 0.14 s, 0.22 s item by item)."""
+    items, end = ([None] * count if keep else None), len(buf)
+    for i in range(count):
+        (n,) = _U64(buf, pos)
+        pos += 8
+        if pos + n > end:
+            raise IndexError("string runs past the end of the file")
+        if keep:
+            items[i] = buf[pos:pos + n].decode("utf-8")
+        pos += n
+    return items, pos
