@@ -660,6 +660,13 @@ VNNI static inline __m256i dpbusd_broadcast(__m256i acc, __m256i w, const int32_
  * 8 rows repeats the matrix's last row. */
 static inline int64_t q4x8_tile_bytes(int64_t bb) { return 8 * bb; }
 
+/* The file block that row r of tile t takes in block column g (G columns of bb bytes a row): a last tile of fewer
+ * than 8 rows repeats the matrix's last row, so every tile is whole */
+static inline const uint8_t *tile_source(const uint8_t *w, int64_t N, int64_t t, int r, int64_t G, int64_t g,
+                                         int64_t bb) {
+    return w + ((8 * t + r < N ? 8 * t + r : N - 1) * G + g) * bb;
+}
+
 /* kind: 6 (Q4_0) or 7 (Q4_1), the kinds of the tiled matrix it makes */
 void q4x8_repack(const uint8_t *w, int64_t N, int64_t K, int64_t kind, uint8_t *out, int nthreads) {
     const int has_min = kind == 7, q_at = has_min ? 4 : 2, codes_at = has_min ? 32 : 16;
@@ -671,7 +678,7 @@ void q4x8_repack(const uint8_t *w, int64_t N, int64_t K, int64_t kind, uint8_t *
             uint8_t *o = out + (t * G + g) * TB;
             const uint8_t *b[8];
             for (int r = 0; r < 8; r++) {
-                b[r] = w + ((8 * t + r < N ? 8 * t + r : N - 1) * G + g) * bb;
+                b[r] = tile_source(w, N, t, r, G, g, bb);
                 memcpy(o + 2 * r, b[r], 2);
                 if (has_min)
                     memcpy(o + 16 + 2 * r, b[r] + 2, 2);
@@ -785,7 +792,7 @@ void q4kx8_repack(const uint8_t *w, int64_t N, int64_t K, uint8_t *out, int nthr
         for (int64_t sb = 0; sb < S; sb++) {
             uint8_t *o = out + (t * S + sb) * Q4KX8_TILE;
             for (int r = 0; r < 8; r++) {
-                const uint8_t *b = w + ((8 * t + r < N ? 8 * t + r : N - 1) * S + sb) * 144;
+                const uint8_t *b = tile_source(w, N, t, r, S, sb, 144);
                 memcpy(o + 2 * r, b, 2);
                 memcpy(o + 16 + 2 * r, b + 2, 2);
                 for (int j = 0; j < 8; j++) {
@@ -840,7 +847,7 @@ void q8x8_repack(const uint8_t *w, int64_t N, int64_t K, uint8_t *out, int nthre
         for (int64_t g = 0; g < G; g++) {
             uint8_t *o = out + (t * G + g) * Q8X8_TILE;
             for (int r = 0; r < 8; r++) {
-                const uint8_t *b = w + ((8 * t + r < N ? 8 * t + r : N - 1) * G + g) * Q8_0_BYTES;
+                const uint8_t *b = tile_source(w, N, t, r, G, g, Q8_0_BYTES);
                 memcpy(o + 2 * r, b, 2);
                 for (int k = 0; k < 8; k++)
                     for (int i = 0; i < 4; i++)
