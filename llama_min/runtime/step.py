@@ -8,8 +8,8 @@
              the step it was chosen over (native or reference)
 
 Every step feeds a long prompt into a KV cache PROMPT_CHUNK tokens at a time (each part attending to the cached
-positions before it, as the next decode steps do): the same logits to the bit (tests/test_native_step.py), the
-same speed (a 512-token prompt of the 1.1B shape: 124-134 tok/s in chunks of 256 or 128, 124-129 whole),
+positions before it, as the next decode steps do): the same logits (bit for bit on the 1.1B shape's 512-token
+prompt; tests/test_native_step.py), the same speed (that prompt: 124-134 tok/s in chunks of 256 or 128, 124-129 whole),
 and the activations of 256 rows at most, however long the prompt (llama.cpp's `n_ubatch` is 512).
 
 `choose_step(model)` picks native where the C code can multiply by every layer the model holds (float32
