@@ -168,22 +168,25 @@ def vnni(monkeypatch):
         pytest.skip("this CPU has no AVX-512 VNNI (the tiled layout is not used here)")
 
 
-def q4_k_blocks(n, k, seed=0):
-    """Random Q4_K rows (n, K/256 * 144): random codes and 6-bit scales and mins under fp16 d = 0.003 and
-    dmin = 0.01 (gguf cannot quantize to Q4_K), and the float32 weights the file means (gguf's dequantize)."""
-    raw = np.random.default_rng(seed).integers(0, 256, (n, k // 256, 144), dtype=np.uint8)
-    raw[..., 0:2] = np.frombuffer(np.float16(0.003).tobytes(), np.uint8)
-    raw[..., 2:4] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+def k_quant_blocks(qtype, n, k, seed=0):
+    """Random Q4_K or Q6_K rows (n, K/256 * block bytes): random codes and sub-block scales (and mins) under fp16
+    d = 0.003 (Q4_K: dmin = 0.01), as gguf cannot quantize to these types, and the float32 weights the file
+    means (gguf's dequantize)."""
+    size, d_at = {Q.Q4_K: (144, 0), Q.Q6_K: (210, 208)}[qtype]
+    raw = np.random.default_rng(seed).integers(0, 256, (n, k // 256, size), dtype=np.uint8)
+    raw[..., d_at:d_at + 2] = np.frombuffer(np.float16(0.003).tobytes(), np.uint8)
+    if qtype == Q.Q4_K:
+        raw[..., 2:4] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
     raw = raw.reshape(n, -1)
-    return torch.from_numpy(raw), torch.from_numpy(dequantize(raw, Q.Q4_K).astype(np.float32))
+    return torch.from_numpy(raw), torch.from_numpy(dequantize(raw, qtype).astype(np.float32))
 
 
 def tiled_layer(qtype, n=61, k=320, seed=0):
     """A TiledLinear of random weights (61 rows: a last tile of 5), and the float32 weights the file means.
-    (Q4_K: K = 512, two super-blocks.)"""
-    if qtype == Q.Q4_K:
+    (Q4_K, Q6_K: K = 512, two super-blocks.)"""
+    if qtype in (Q.Q4_K, Q.Q6_K):
         k = 512
-        blocks, w = q4_k_blocks(n, k, seed)
+        blocks, w = k_quant_blocks(qtype, n, k, seed)
     else:
         lin, w = block_layer(qtype, n, k, seed)
         blocks = lin.blocks
@@ -191,18 +194,20 @@ def tiled_layer(qtype, n=61, k=320, seed=0):
     return TiledLinear(native.tile_blocks(blocks, qtype.name, k, tiles), qtype.name, k, n), w
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K])
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K])
 def test_tiles_hold_the_files_weights_exactly(qtype, vnni):
     lin, w = tiled_layer(qtype)
     if qtype == Q.Q4_K:  # 8 rows x 2 super-blocks: 1184 bytes each, the file's 1152 + 8 rows' 8 sc and 8 mn bytes
         assert lin.tiles.numel() == 8 * 2 * 1184
+    elif qtype == Q.Q6_K:  # 8 tiles x 2 super-blocks x 8 rows of the file's 210 bytes
+        assert lin.tiles.numel() == 8 * 2 * 8 * 210
     else:
         block = {Q.Q4_0: 18, Q.Q4_1: 20, Q.Q8_0: 34}[qtype]
         assert lin.tiles.numel() == 64 * 10 * block  # the file's bytes, 3 rows repeated
     assert torch.equal(lin.dequantize(), w)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K])
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K])
 @pytest.mark.parametrize("rows", [1, 3, 5, 16, 21, 77])
 def test_tiled_products_within_the_rounding_of_the_activations(qtype, rows, vnni):
     """Decoding and prompts alike: x written as two int8 digits per block of 32, x ~ s2 (254 x1 + x2) with

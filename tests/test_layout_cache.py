@@ -19,7 +19,7 @@ from llama_min.runtime import packed
 from test_gguf_packed import write_tiny
 
 # what each type's conversion calls (the C functions that make the layout)
-CONVERSIONS = {Q.Q4_0: "q4x8_repack", Q.Q4_1: "q4x8_repack", Q.Q4_K: "q4kx8_repack", Q.Q6_K: "q6k_to_q8_0",
+CONVERSIONS = {Q.Q4_0: "q4x8_repack", Q.Q4_1: "q4x8_repack", Q.Q4_K: "q4kx8_repack", Q.Q6_K: "q6kx8_repack",
                Q.Q8_0: "q8x8_repack"}
 TOKENS = torch.tensor([[1, 5, 9, 77, 3, 100, 42, 8]])
 
@@ -232,8 +232,8 @@ def test_the_command_line_says_it_finishes_the_layout_and_does(tmp_path, cache_o
 
 def test_a_layout_holds_only_what_the_load_used(tmp_path, cache_on, monkeypatch):
     """A layout written under another conversion (here: Q6_K as int8 rows, without VNNI, then tiled with it) is
-    rewritten without the parts no longer used: the whole layout is mapped, so stale parts would count in
-    resident memory."""
+    rewritten without the parts no longer used (a layout's parts are read in as they are used, but the file would
+    keep growing)."""
     if not native.vnni():
         pytest.skip("needs AVX-512 VNNI to load Q6_K two ways")
     path = write_tiny(tmp_path / "m.gguf", Q.Q6_K)
@@ -245,7 +245,7 @@ def test_a_layout_holds_only_what_the_load_used(tmp_path, cache_on, monkeypatch)
 
     with safe_open(str(layout_cache.layout_path(path)), framework="pt") as f:
         names = list(f.keys())
-    assert names and all("@tiles Q8_0/" in n for n in names if n.startswith("blk.")), names
-    calls = CallCounter(monkeypatch, "q6k_to_q8_0")
+    assert names and all("@tiles Q6_K/" in n for n in names if n.startswith("blk.")), names
+    calls = CallCounter(monkeypatch, "q6kx8_repack")
     torch.testing.assert_close(logits(load_gguf_packed(path)), logits(model), rtol=0, atol=0)
     assert calls.calls == 0

@@ -134,6 +134,8 @@ class TiledLinear(nn.Module):
         n, k = self.out_features, self.in_features
         if self.ggml_type == "Q4_K":
             return self._dequantize_q4_k()
+        if self.ggml_type == "Q6_K":
+            return self._dequantize_q6_k()
         t = self.tiles.view(-1, k // 32, native.TILED_TYPES[self.ggml_type][1])  # (tiles, blocks, tile bytes)
         d = t[..., :16].contiguous().view(torch.float16).float().permute(0, 2, 1)[..., None]  # (tiles, 8, blocks, 1)
         if self.ggml_type == "Q8_0":  # P_k: (k, row, 4 bytes), each code plus 128
@@ -164,6 +166,25 @@ class TiledLinear(nn.Module):
         low = (dmin[..., None] * mn.transpose(2, 3))[..., None]
         w = scale * q - low  # (tiles, S, row, j, weight)
         return w.permute(0, 2, 1, 3, 4).reshape(-1, k)[:n]
+
+    def _dequantize_q6_k(self) -> torch.Tensor:
+        """Q6_K tiles (q6kx8_repack): per super-block 8 fp16 d, then 8 sub-blocks of (8 + 8 int8 scales for their
+        weights 0-15 and 16-31, the codes' low 4 bits as the Q4 tiles', their top 2 bits in H_01 and H_23)."""
+        n, k = self.out_features, self.in_features
+        t = self.tiles.view(-1, k // 256, 1680)  # (tiles, super-blocks, bytes)
+        d = t[..., :16].contiguous().view(torch.float16).float()  # (tiles, S, 8 rows)
+        sub = t[..., 16:].reshape(*t.shape[:2], 8, 208)  # (tiles, S, j, bytes)
+        sc = sub[..., :16].contiguous().view(torch.int8).float().reshape(*sub.shape[:3], 2, 8)  # (.., j, half, row)
+        low = sub[..., 16:144].reshape(*sub.shape[:3], 4, 8, 4).long()  # (.., j, k, row, byte)
+        high = sub[..., 144:208].reshape(*sub.shape[:3], 2, 8, 4).long()  # (.., j, k // 2, row, byte)
+        top = torch.stack([high[..., kk // 2, :, :] >> (4 * (kk % 2)) for kk in range(4)], dim=3)  # (.., j, k, row, byte)
+        q_lo = (low & 15) | ((top & 3) << 4)  # weights 4k + i
+        q_hi = (low >> 4) | (((top >> 2) & 3) << 4)  # weights 16 + 4k + i
+        q = torch.cat([q_lo, q_hi], dim=3).float() - 32  # (.., j, 8 [lo k | hi k], row, byte)
+        q = q.permute(0, 1, 4, 2, 3, 5).reshape(*t.shape[:2], 8, 8, 2, 16)  # (tiles, S, row, j, half, weight)
+        scale = d[..., None, None, None] * sc.permute(0, 1, 4, 2, 3)[..., None]  # (tiles, S, row, j, half, 1)
+        w = (scale * q).reshape(*t.shape[:2], 8, 256)  # (tiles, S, row, weight)
+        return w.permute(0, 2, 1, 3).reshape(-1, k)[:n]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

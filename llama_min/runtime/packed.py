@@ -12,8 +12,8 @@ Linux with AVX2, native.enabled()):
                     exactly, the 6-bit sub-block scales and mins a byte each, 148/144 of the file's bytes); else
                     converted in C to the 'avx2' 4-bit layout (native.q4k_to_avx2: scale d*sc, min -dmin*mn
                     per group of 32 rounded to fp16, 2^-11 relative)
-  Q6_K              with AVX-512 VNNI converted in C to Q8_0 blocks (native.q6k_to_q8_0: int8 per group of 32,
-                    |change| <= max|w_group| / 254) and tiled; else to int8 per output row (native.q6k_to_int8:
+  Q6_K              with AVX-512 VNNI: tiles of 8 rows of its own (native.q6kx8_repack: the file's bytes and
+                    weights exactly); else converted in C to int8 per output row (native.q6k_to_int8:
                     |change| <= max|w_row| / 254)
   Q5_0, Q5_1, Q5_K, Q2_K, Q3_K   dequantized a chunk of rows at a time (gguf.quants) and requantized to
                     int8 per row, as Q6_K
@@ -255,22 +255,14 @@ def q4_k_in_c(t: GGUFTensor) -> dict:
     return {"codes": codes, "dc": dc}
 
 
-def tiled_kind(t: GGUFTensor) -> str:
-    """The block type a tiled matrix holds: its own, or Q8_0 for Q6_K (tiled_in_c)."""
-    return "Q8_0" if t.type_name == "Q6_K" else t.type_name
-
-
 def tiled_in_c(t: GGUFTensor) -> dict:
-    """{"tiles": bytes} of a Q4_0 / Q4_1 / Q4_K / Q8_0 matrix regrouped into tiles of 8 rows (native.tile_blocks),
-    chunk by chunk from the mapped file, each chunk's file pages released once regrouped: resident memory holds
-    one copy, the file's weights exactly. Q6_K is tiled as Q8_0 blocks (native.q6k_to_q8_0: int8 per group of
-    32 with an fp16 scale)."""
+    """{"tiles": bytes} of a Q4_0 / Q4_1 / Q4_K / Q6_K / Q8_0 matrix regrouped into tiles of 8 rows
+    (native.tile_blocks), chunk by chunk from the mapped file, each chunk's file pages released once regrouped:
+    resident memory holds one copy, the file's weights exactly."""
     n, k = t.shape
-    kind = tiled_kind(t)
+    kind = t.type_name
     out = hugepages.empty((native.tiled_bytes(kind, n, k),), torch.uint8)
     for r0, r1, blocks in t.block_chunks():  # chunks of a multiple of 256 rows: whole tiles
-        if t.type_name == "Q6_K":
-            blocks = native.q6k_to_q8_0(blocks, k)
         native.tile_blocks(blocks, kind, k, out[native.tiled_bytes(kind, r0, k) : native.tiled_bytes(kind, r1, k)])
     return {"tiles": out}
 
@@ -310,8 +302,8 @@ def packed_linear(t: GGUFTensor, device, dtype, cache: Optional[LayoutCache] = N
     a float nn.Linear. cache: where converted layouts are read from and kept (None: made every load)."""
     n, k = t.shape
     if tiled(t, device):
-        kind = tiled_kind(t)
-        return TiledLinear(converted(t, f"tiles {kind}", lambda: tiled_in_c(t), cache)["tiles"], kind, k, n)
+        tiles = converted(t, f"tiles {t.type_name}", lambda: tiled_in_c(t), cache)["tiles"]
+        return TiledLinear(tiles, t.type_name, k, n)
     if t.held_as_stored(device):
         return BlockLinear(t.blocks(), t.type_name, k)
     if converted_in_c(t, device):

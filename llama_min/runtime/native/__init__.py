@@ -170,7 +170,8 @@ def _library():
     lib.q8x8_repack.restype = None
     lib.q4kx8_repack.argtypes = [p, i64, i64, p, ctypes.c_int]
     lib.q4kx8_repack.restype = None
-    lib.q6k_to_q8_0.argtypes = [p, i64, i64, p, ctypes.c_int]
+    lib.q6kx8_repack.argtypes = [p, i64, i64, p, ctypes.c_int]
+    lib.q6kx8_repack.restype = None
     lib.q4k_to_avx2.argtypes = [p, i64, i64, p, p, ctypes.c_int]
     lib.q4k_to_avx2.restype = None
     lib.q6k_to_int8.argtypes = [p, i64, i64, p, p, ctypes.c_int]
@@ -311,7 +312,7 @@ def block_linear(x: torch.Tensor, blocks: torch.Tensor, ggml_type: str) -> torch
 
 # type -> (matrix kind, bytes a tile of 8 rows takes per 32 weights of K): the file's bytes for 8 rows, and for
 # Q4_K 148 against the file's 144 (its 6-bit sub-block scales and mins laid out one byte each)
-TILED_TYPES = {"Q4_0": (6, 144), "Q4_1": (7, 160), "Q8_0": (8, 272), "Q4_K": (9, 148)}
+TILED_TYPES = {"Q4_0": (6, 144), "Q4_1": (7, 160), "Q8_0": (8, 272), "Q4_K": (9, 148), "Q6_K": (10, 210)}
 
 
 def tiled_bytes(ggml_type: str, n: int, k: int) -> int:
@@ -322,8 +323,8 @@ def tiled_bytes(ggml_type: str, n: int, k: int) -> int:
 
 def _tiles_out(blocks: torch.Tensor, ggml_type: str, k: int, out: torch.Tensor, name: str) -> int:
     """The number of rows of `blocks`, checked, and `out` checked to hold them tiled."""
-    if ggml_type == "Q4_K":
-        _block_rows(blocks, k, 256, 144, "Q4_K blocks")
+    if ggml_type in ("Q4_K", "Q6_K"):
+        _block_rows(blocks, k, 256, 144 if ggml_type == "Q4_K" else 210, f"{ggml_type} blocks")
     else:
         check_blocks(blocks, ggml_type, k)
     n = blocks.shape[0]
@@ -354,24 +355,30 @@ def q4kx8_repack(blocks: torch.Tensor, k: int, out: torch.Tensor) -> torch.Tenso
     return out
 
 
+def q6kx8_repack(blocks: torch.Tensor, k: int, out: torch.Tensor) -> torch.Tensor:
+    """Q6_K rows (n, K/256 * 210) -> Q6_K's tiled layout (kernels_avx2.c, q6kx8_repack) in `out`, as q4x8_repack."""
+    n = _tiles_out(blocks, "Q6_K", k, out, "q6kx8_repack")
+    _library().q6kx8_repack(blocks.data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
 def tile_blocks(blocks: torch.Tensor, ggml_type: str, k: int, out: torch.Tensor) -> torch.Tensor:
     """Rows of blocks of any TILED_TYPES type -> its tiled layout in `out`: q8x8_repack for Q8_0, q4kx8_repack for
-    Q4_K, else q4x8_repack."""
-    if ggml_type == "Q8_0":
-        return q8x8_repack(blocks, k, out)
-    return q4kx8_repack(blocks, k, out) if ggml_type == "Q4_K" else q4x8_repack(blocks, ggml_type, k, out)
+    Q4_K, q6kx8_repack for Q6_K, else q4x8_repack."""
+    repack = {"Q8_0": q8x8_repack, "Q4_K": q4kx8_repack, "Q6_K": q6kx8_repack}.get(ggml_type)
+    return repack(blocks, k, out) if repack is not None else q4x8_repack(blocks, ggml_type, k, out)
 
 
 def check_tiles(tiles: torch.Tensor, ggml_type: str, n: int, k: int) -> int:
     """The matrix kind of an (n, k) matrix of `ggml_type` in the tiled layout held by `tiles`, checked."""
-    if (ggml_type not in TILED_TYPES or k % (256 if ggml_type == "Q4_K" else 32) or tiles.dtype != torch.uint8 or not tiles.is_contiguous()
+    if (ggml_type not in TILED_TYPES or k % (256 if ggml_type in ("Q4_K", "Q6_K") else 32) or tiles.dtype != torch.uint8 or not tiles.is_contiguous()
             or tiles.device.type != "cpu" or tiles.numel() != tiled_bytes(ggml_type, n, k)):
         raise ValueError(f"{ggml_type} tiles: {tiles.numel()} bytes ({tiles.dtype}) do not hold {n} x {k}")
     return TILED_TYPES[ggml_type][0]
 
 
 def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, ggml_type: str, n: int) -> torch.Tensor:
-    """x (M, K) float32 times W^T, W (n, K) a Q4_0 / Q4_1 / Q8_0 / Q4_K matrix in the tiled layout, any number of rows M:
+    """x (M, K) float32 times W^T, W (n, K) a Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K matrix in the tiled layout, any number of rows M:
     activations as two int8 digits per block of 32, AVX-512 VNNI integer products (only where vnni())."""
     x = x.contiguous()
     return _block_product(x, check_tiles(tiles, ggml_type, n, x.shape[1]), tiles, n, "tiled_linear")
@@ -409,16 +416,6 @@ def q4k_to_avx2(src: torch.Tensor, k: int, codes: torch.Tensor, dc: torch.Tensor
             or dc.dtype != torch.float16 or tuple(dc.shape) != (n, 2, k // 32) or not dc.is_contiguous()):
         raise ValueError(f"q4k_to_avx2: outputs {tuple(codes.shape)} {tuple(dc.shape)} do not fit {n} x {k}")
     _library().q4k_to_avx2(src.data_ptr(), n, k, codes.data_ptr(), dc.data_ptr(), torch.get_num_threads())
-
-
-def q6k_to_q8_0(src: torch.Tensor, k: int) -> torch.Tensor:
-    """Q6_K rows (n, K/256 * 210) uint8 -> Q8_0 blocks (n, K/32 * 34) uint8: each group of 32 weights with its own
-    fp16 scale max|w| / 127 (kernels_avx2.c), for q8x8_repack to tile."""
-    n = _block_rows(src, k, 256, 210, "q6k_to_q8_0")
-    out = torch.empty(n, k // 32 * 34, dtype=torch.uint8)
-    if _library().q6k_to_q8_0(src.data_ptr(), n, k, out.data_ptr(), torch.get_num_threads()):
-        raise MemoryError(f"q6k_to_q8_0: no memory for a row of {k} floats per thread")
-    return out
 
 
 def q6k_to_int8(src: torch.Tensor, k: int, q: torch.Tensor, scales: torch.Tensor) -> None:

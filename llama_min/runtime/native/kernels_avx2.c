@@ -7,9 +7,9 @@
  *   q4_dequantize  that 4-bit W as float32, for prompts of many rows
  *   q8_linear      int8 W (N, K) with a scale per row (quantize.Int8Linear, packed Q5 / Q6_K files)
  *   block_linear   a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks where the file is mapped (blocks.BlockLinear), or
- *                  regrouped in tiles of 8 rows (q4x8_repack, q8x8_repack, q4kx8_repack for Q4_K;
+ *                  regrouped in tiles of 8 rows (q4x8_repack, q8x8_repack, q4kx8_repack, q6kx8_repack;
  *                  blocks.TiledLinear, AVX-512 VNNI)
- *   block_dequantize, q4k_to_avx2, q6k_to_int8, q6k_to_q8_0   conversions at load and for prompts
+ *   block_dequantize, q4k_to_avx2, q6k_to_int8   conversions at load and for prompts
  *   rms_norm, decode_attention   the small operations between the products of a one-token step
  *   swiglu         silu(gate) * up between the FFN's products, for any number of rows
  *
@@ -227,9 +227,9 @@ static void quantize_row(const float *x, int64_t K, int16_t *xq, float *s, float
 
 /* The activations of M rows as int16 per group of 32 (quantize_row), in one buffer of
  * QUANTIZED_BYTES(M, K): xq (M, K), then s and xsum (M, K/32) each. (The tiled kernels' two int8 digits take
- * the same room, with M rounded up to whole panels of 16 rows: PANEL_ROWS.) */
+ * the same room, with M rounded up to whole panels of 16 rows: PANEL_ROWS, and four numbers per block.) */
 #define PANEL_ROWS(M) (((M) + 15) / 16 * 16)
-#define QUANTIZED_BYTES(M, K) (sizeof(int16_t) * PANEL_ROWS(M) * (K) + 3 * sizeof(float) * (M) * ((K) / 32))
+#define QUANTIZED_BYTES(M, K) (sizeof(int16_t) * PANEL_ROWS(M) * (K) + 4 * sizeof(float) * (M) * ((K) / 32))
 
 static void quantize_rows(const float *x, int64_t M, int64_t K, int16_t *xq, int order) {
     float *s = (float *)(xq + M * K), *xsum = s + M * (K / 32);
@@ -592,6 +592,22 @@ void block_dequantize(int64_t kind, const uint8_t *w, int64_t K, int64_t r0, con
  * follow: 10% slower, measured). */
 static inline int64_t digits_at(int64_t m, int64_t g, int64_t G) { return ((m >> 4) * G + g) * 1024 + (m & 15) * 64; }
 
+/* Activation rows as two int8 digits (quantize_rows_int8): where each part lies in one buffer (int8_parts_of) */
+typedef struct {
+    int8_t *xq;      /* the digits, panels of 16 rows (digits_at) */
+    float *s;        /* (M, K/32) s2 */
+    int32_t *xsum;   /* (M, K/32) the block's sum of 254 x1 + x2 */
+    float *ssum;     /* (M, K/32) s2 xsum */
+    int32_t *xhalf;  /* (M, K/32) the part of xsum from the block's first 16 values */
+} int8_parts;
+
+/* the sum of a register's eight int32 lanes */
+static inline int32_t sum8i(__m256i v) {
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+    return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1)));
+}
+
 /* x (M, K) float32 -> each value as two int8 digits: x ~ s1 x1 + s2 x2 per block of 32, with
  *     s1 = max|x| / 127,  x1 = round(x / s1),  s2 = s1 / 254,  x2 = round((x - s1 x1) / s2)
  * (|x - s1 x1| <= s1 / 2, so |x2| <= 127), so x = s2 (254 x1 + x2) within s2 / 2 = max|x| / 64516: as precise as
@@ -599,10 +615,13 @@ static inline int64_t digits_at(int64_t m, int64_t g, int64_t G) { return ((m >>
  * vpdpbusd passes. One pass (int8 activations, llama.cpp's way) was 1.9x faster but changed the default model's
  * answers: a 512-row prompt rounded so moved SmolLM2 off "The capital of France is Paris." (measured).
  * digits: x1 and x2 of each block where digits_at says; s (M, G) = s2; xsum (M, G) = sum over the block of
- * 254 x1 + x2; ssum (M, G) = s2 xsum (Q4_1's minimum term, m s2 xsum, then costs one multiply-add). */
-VNNI static void quantize_rows_int8(const float *x, int64_t M, int64_t K, int8_t *digits, float *s, int32_t *xsum,
-                                    float *ssum) {
+ * 254 x1 + x2; ssum (M, G) = s2 xsum (Q4_1's minimum term, m s2 xsum, then costs one multiply-add); xhalf (M, G) =
+ * the part of xsum from the block's first 16 values (Q6_K's scales cover 16 weights each). */
+VNNI static void quantize_rows_int8(const float *x, int64_t M, int64_t K, const int8_parts *a) {
     const int64_t G = K / 32;
+    int8_t *digits = a->xq;
+    float *s = a->s, *ssum = a->ssum;
+    int32_t *xsum = a->xsum, *xhalf = a->xhalf;
     const __m256 sign = _mm256_set1_ps(-0.f);
     #pragma omp for schedule(static)
     for (int64_t i = 0; i < M * G; i++) {
@@ -623,7 +642,7 @@ VNNI static void quantize_rows_int8(const float *x, int64_t M, int64_t K, int8_t
             const __m256 rest = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(q1[r]), _mm256_set1_ps(s1), xv);
             q2[r] = _mm256_cvtps_epi32(_mm256_mul_ps(rest, inv2));
         }
-        int32_t total = 0;
+        int32_t total = 0, half = 0;
         for (int pass = 0; pass < 2; pass++) {
             const __m256i *q = pass ? q2 : q1;
             int8_t *out = digits + digits_at(i / G, i % G, G) + 32 * pass;
@@ -633,12 +652,12 @@ VNNI static void quantize_rows_int8(const float *x, int64_t M, int64_t K, int8_t
             const __m128i d = _mm_packs_epi32(_mm256_castsi256_si128(q[3]), _mm256_extracti128_si256(q[3], 1));
             _mm_storeu_si128((__m128i *)out, _mm_packs_epi16(a, b));
             _mm_storeu_si128((__m128i *)(out + 16), _mm_packs_epi16(c, d));
-            const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-            __m128i t = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-            t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
-            total += (pass ? 1 : 254) * _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1)));
+            const __m256i first = _mm256_add_epi32(q[0], q[1]);  /* the block's first 16 values */
+            total += (pass ? 1 : 254) * sum8i(_mm256_add_epi32(first, _mm256_add_epi32(q[2], q[3])));
+            half += (pass ? 1 : 254) * sum8i(first);
         }
         xsum[i] = total;
+        xhalf[i] = half;
         s[i] = s1 / 254.f;
         ssum[i] = s[i] * (float)total;
     }
@@ -701,8 +720,9 @@ void q4x8_repack(const uint8_t *w, int64_t N, int64_t K, int64_t kind, uint8_t *
 /* One block of 32 weights of a 4-bit tile (8 rows: codes P_0 .. P_3 at `codes`, per-row scale d and, with
  * has_min, minimum c) times J activation rows m0 .. m0+J-1 of block g: acc[j] += the 8 rows' products */
 VNNI static inline void q4x8_block(const uint8_t *codes, __m256 d, __m256 c, int has_min, int64_t g, int64_t G,
-                                   const int8_t *xq, const float *s, const int32_t *xsum, const float *ssum,
-                                   int64_t m0, int J, __m256 *acc) {
+                                   const int8_parts *a, int64_t m0, int J, __m256 *acc) {
+    const float *s = a->s, *ssum = a->ssum;
+    const int32_t *xsum = a->xsum;
     const __m256i low4 = _mm256_set1_epi8(15);
     __m256i lo[4], hi[4];  /* codes of weights 4k .. 4k+3 and 16+4k .. 16+4k+3 of each row */
     for (int k = 0; k < 4; k++) {
@@ -710,20 +730,20 @@ VNNI static inline void q4x8_block(const uint8_t *codes, __m256 d, __m256 c, int
         lo[k] = _mm256_and_si256(p, low4);
         hi[k] = _mm256_and_si256(_mm256_srli_epi16(p, 4), low4);
     }
-    const int8_t *panel = xq + digits_at(m0, g, G);  /* rows m0 .. m0+J-1 lie in one panel, 64 bytes apart */
+    const int8_t *panel = a->xq + digits_at(m0, g, G);  /* rows m0 .. m0+J-1 lie in one panel, 64 bytes apart */
     for (int j = 0; j < J; j++) {
         const int64_t m = m0 + j;
-        const int32_t *a = (const int32_t *)(panel + 64 * j), *b = a + 8;  /* x1, x2 */
+        const int32_t *x1 = (const int32_t *)(panel + 64 * j), *x2 = x1 + 8;
         const int32_t total = xsum[m * G + g];
         /* four sums of four products each, not two of eight: each vpdpbusd waits for the one before it in
          * its sum (4 cycles), and four independent sums keep both of a core's VNNI units busy */
         __m256i d1 = _mm256_setzero_si256(), e1 = _mm256_setzero_si256(), e2 = _mm256_setzero_si256();
         __m256i d2 = _mm256_set1_epi32(has_min ? 0 : -8 * total);  /* Q4_0: q - 8 */
         for (int k = 0; k < 4; k++) {
-            d1 = dpbusd_broadcast(d1, lo[k], a + k);
-            e1 = dpbusd_broadcast(e1, hi[k], a + 4 + k);
-            d2 = dpbusd_broadcast(d2, lo[k], b + k);
-            e2 = dpbusd_broadcast(e2, hi[k], b + 4 + k);
+            d1 = dpbusd_broadcast(d1, lo[k], x1 + k);
+            e1 = dpbusd_broadcast(e1, hi[k], x1 + 4 + k);
+            d2 = dpbusd_broadcast(d2, lo[k], x2 + k);
+            e2 = dpbusd_broadcast(e2, hi[k], x2 + 4 + k);
         }
         d1 = _mm256_add_epi32(d1, e1);
         d2 = _mm256_add_epi32(d2, e2);
@@ -752,9 +772,8 @@ static inline void store_tile_rows(const __m256 *acc, int J, float *y, int64_t l
 
 /* Tile row t (all its blocks) times J activation rows m0 .. m0+J-1 (quantize_rows_int8's digits) -> y[m, 8t ..
  * 8t+7] (only `valid` stored) */
-VNNI static inline void q4x8_tile(const uint8_t *tile, int has_min, int64_t G, const int8_t *xq, const float *s,
-                                  const int32_t *xsum, const float *ssum, int64_t m0, int J, float *y, int64_t ldy,
-                                  int64_t n, int valid) {
+VNNI static inline void q4x8_tile(const uint8_t *tile, int has_min, int64_t G, const int8_parts *a, int64_t m0, int J,
+                                  float *y, int64_t ldy, int64_t n, int valid) {
     const int64_t TB = has_min ? 160 : 144;
     __m256 acc[GEMM_ROWS];
     for (int j = 0; j < J; j++)
@@ -766,7 +785,7 @@ VNNI static inline void q4x8_tile(const uint8_t *tile, int has_min, int64_t G, c
                 _mm_prefetch((const char *)b + AHEAD + 64 * i, _MM_HINT_T0);
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b));
         const __m256 c = has_min ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + 16))) : _mm256_setzero_ps();
-        q4x8_block(b + (has_min ? 32 : 16), d, c, has_min, g, G, xq, s, xsum, ssum, m0, J, acc);
+        q4x8_block(b + (has_min ? 32 : 16), d, c, has_min, g, G, a, m0, J, acc);
     }
     store_tile_rows(acc, J, y, ldy, m0, n, valid);
 }
@@ -807,9 +826,8 @@ void q4kx8_repack(const uint8_t *w, int64_t N, int64_t K, uint8_t *out, int nthr
 }
 
 /* Tile row t of a Q4_K tiled matrix times J activation rows m0 .. m0+J-1 -> y[m, 8t .. 8t+7], as q4x8_tile */
-VNNI static inline void q4kx8_tile(const uint8_t *tile, int64_t G, const int8_t *xq, const float *s,
-                                   const int32_t *xsum, const float *ssum, int64_t m0, int J, float *y, int64_t ldy,
-                                   int64_t n, int valid) {
+VNNI static inline void q4kx8_tile(const uint8_t *tile, int64_t G, const int8_parts *a, int64_t m0, int J, float *y,
+                                   int64_t ldy, int64_t n, int valid) {
     __m256 acc[GEMM_ROWS];
     for (int j = 0; j < J; j++)
         acc[j] = _mm256_setzero_ps();
@@ -825,13 +843,13 @@ VNNI static inline void q4kx8_tile(const uint8_t *tile, int64_t G, const int8_t 
             const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)sub)));
             const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sub + 8))));
             q4x8_block(sub + 16, _mm256_mul_ps(d, sc), _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), dmin), mn),
-                       1, 8 * sb + j, G, xq, s, xsum, ssum, m0, J, acc);
+                       1, 8 * sb + j, G, a, m0, J, acc);
         }
     }
     store_tile_rows(acc, J, y, ldy, m0, n, valid);
 }
 
-/* ---- Q8_0 tiles (and Q6_K converted to Q8_0 blocks): the same two-digit products on 8-bit weights ----
+/* ---- Q8_0 tiles: the same two-digit products on 8-bit weights ----
  *
  * Tile (t, g) = rows 8t .. 8t+7, block g, 272 bytes (eight 34-byte Q8_0 blocks): 8 fp16 d (row 8t+r at r), then
  * P_0 .. P_7, 32 bytes each: word r of P_k = codes 4k .. 4k+3 of row 8t+r, each plus 128 (stored as q ^ 0x80):
@@ -857,9 +875,10 @@ void q8x8_repack(const uint8_t *w, int64_t N, int64_t K, uint8_t *out, int nthre
 }
 
 /* Tile row t of a Q8_0 tiled matrix times J activation rows m0 .. m0+J-1 -> y[m, 8t .. 8t+7], as q4x8_tile */
-VNNI static inline void q8x8_tile(const uint8_t *tile, int64_t G, const int8_t *xq, const float *s,
-                                  const int32_t *xsum, int64_t m0, int J, float *y, int64_t ldy, int64_t n,
-                                  int valid) {
+VNNI static inline void q8x8_tile(const uint8_t *tile, int64_t G, const int8_parts *a, int64_t m0, int J, float *y,
+                                  int64_t ldy, int64_t n, int valid) {
+    const float *s = a->s;
+    const int32_t *xsum = a->xsum;
     __m256 acc[GEMM_ROWS];
     for (int j = 0; j < J; j++)
         acc[j] = _mm256_setzero_ps();
@@ -872,17 +891,17 @@ VNNI static inline void q8x8_tile(const uint8_t *tile, int64_t G, const int8_t *
         __m256i p[8];  /* codes 4k .. 4k+3 of each row, plus 128 */
         for (int k = 0; k < 8; k++)
             p[k] = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * k));
-        const int8_t *panel = xq + digits_at(m0, g, G);
+        const int8_t *panel = a->xq + digits_at(m0, g, G);
         for (int j = 0; j < J; j++) {
             const int64_t m = m0 + j;
-            const int32_t *a = (const int32_t *)(panel + 64 * j), *a2 = a + 8;  /* x1, x2 */
+            const int32_t *x1 = (const int32_t *)(panel + 64 * j), *x2 = x1 + 8;
             __m256i d1 = _mm256_setzero_si256(), e1 = _mm256_setzero_si256(), e2 = _mm256_setzero_si256();
             __m256i d2 = _mm256_set1_epi32(-128 * xsum[m * G + g]);  /* (q + 128) - 128 */
             for (int k = 0; k < 4; k++) {
-                d1 = dpbusd_broadcast(d1, p[k], a + k);
-                e1 = dpbusd_broadcast(e1, p[k + 4], a + 4 + k);
-                d2 = dpbusd_broadcast(d2, p[k], a2 + k);
-                e2 = dpbusd_broadcast(e2, p[k + 4], a2 + 4 + k);
+                d1 = dpbusd_broadcast(d1, p[k], x1 + k);
+                e1 = dpbusd_broadcast(e1, p[k + 4], x1 + 4 + k);
+                d2 = dpbusd_broadcast(d2, p[k], x2 + k);
+                e2 = dpbusd_broadcast(e2, p[k + 4], x2 + 4 + k);
             }
             d1 = _mm256_add_epi32(d1, e1);
             d2 = _mm256_add_epi32(d2, e2);
@@ -893,24 +912,122 @@ VNNI static inline void q8x8_tile(const uint8_t *tile, int64_t G, const int8_t *
     store_tile_rows(acc, J, y, ldy, m0, n, valid);
 }
 
-/* One pass of J activation rows over a tile row, in the kernel of the matrix's kind (6, 7: Q4_0, Q4_1; 8: Q8_0;
- * 9: Q4_K) */
-VNNI static inline void tile_pass(int kind, const uint8_t *tile, int64_t G, const int8_t *xq, const float *s,
-                                  const int32_t *xsum, const float *ssum, int64_t m0, int J, float *y, int64_t ldy,
-                                  int64_t n, int valid) {
-    if (kind == 8)
-        q8x8_tile(tile, G, xq, s, xsum, m0, J, y, ldy, n, valid);
-    else if (kind == 9)
-        q4kx8_tile(tile, G, xq, s, xsum, ssum, m0, J, y, ldy, n, valid);
-    else
-        q4x8_tile(tile, kind == 7, G, xq, s, xsum, ssum, m0, J, y, ldy, n, valid);
+/* ---- Q6_K tiles: the file's super-blocks of 256 weights, 8 rows side by side, at the file's size ----
+ *
+ * Q6_K (210 bytes per 256 weights, described with q6k_row below): 6-bit codes q (0..63), an int8 scale per 16
+ * weights, one fp16 d; w = d sc (q - 32). Tile (t, S) = rows 8t .. 8t+7, super-block S, 1680 bytes (8 x 210):
+ *     8 fp16 d (row 8t+r at r), then for each sub-block j = 0..7 of 32 weights, 208 bytes:
+ *     8 int8 sc of its weights 0-15 (row r at r), 8 of its weights 16-31, P_0 .. P_3 as in the Q4 tiles (the codes'
+ *     low 4 bits: weights 4k .. 4k+3 in the low nibbles, 16+4k .. 16+4k+3 in the high ones), then H_01 and H_23,
+ *     32 bytes each: byte i of word r of H_01 = the top 2 bits of weights i, 16+i, 4+i, 20+i (2 bits each, from
+ *     bit 0 up); H_23 the same for 8+i, 24+i, 12+i, 28+i
+ * The kernel puts each code together (4 + 2 bits, 0..63, unsigned as vpdpbusd wants) and takes the 32 from the
+ * digits' sums of the block's two halves (xhalf): sum (q - 32) x = sum q x - 32 sum x. The file's weights exactly. */
+#define Q6KX8_TILE 1680
+#define Q6K_SUB 208
+
+/* code q (0..63) of weight w (0..255) of a Q6_K block b */
+static inline int q6k_code(const uint8_t *b, int w) {
+    const int h = w / 128, m = (w % 128) / 32, l = w % 32;
+    const uint8_t low = b[64 * h + l + 32 * (m & 1)];
+    return (m >= 2 ? low >> 4 : low & 15) | (((b[128 + 32 * h + l] >> (2 * m)) & 3) << 4);
 }
 
-/* A tiled matrix (N, K) of kind 6, 7, 8 or 9 times M activation rows already in xq (quantize_rows_int8) -> y (M, N),
+void q6kx8_repack(const uint8_t *w, int64_t N, int64_t K, uint8_t *out, int nthreads) {
+    const int64_t S = K / 256, tiles = (N + 7) / 8;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t t = 0; t < tiles; t++)
+        for (int64_t sb = 0; sb < S; sb++) {
+            uint8_t *o = out + (t * S + sb) * Q6KX8_TILE;
+            memset(o, 0, Q6KX8_TILE);
+            for (int r = 0; r < 8; r++) {
+                const uint8_t *b = tile_source(w, N, t, r, S, sb, 210);
+                memcpy(o + 2 * r, b + 208, 2);
+                for (int j = 0; j < 8; j++) {
+                    uint8_t *sub = o + 16 + Q6K_SUB * j;
+                    sub[r] = b[192 + 2 * j];
+                    sub[8 + r] = b[192 + 2 * j + 1];
+                    for (int i = 0; i < 16; i++) {
+                        const int qa = q6k_code(b, 32 * j + i), qb = q6k_code(b, 32 * j + 16 + i), k = i / 4;
+                        sub[16 + 32 * k + 4 * r + i % 4] = (uint8_t)((qa & 15) | (qb & 15) << 4);
+                        sub[144 + 32 * (k / 2) + 4 * r + i % 4] |= (uint8_t)(((qa >> 4) | (qb >> 4) << 2) << (4 * (k & 1)));
+                    }
+                }
+            }
+        }
+}
+
+/* Tile row t of a Q6_K tiled matrix times J activation rows m0 .. m0+J-1 -> y[m, 8t .. 8t+7], as q4x8_tile */
+VNNI static inline void q6kx8_tile(const uint8_t *tile, int64_t G, const int8_parts *a, int64_t m0, int J, float *y,
+                                   int64_t ldy, int64_t n, int valid) {
+    const __m256i low4 = _mm256_set1_epi8(15), two = _mm256_set1_epi8(3), twoup = _mm256_set1_epi8(12);
+    __m256 acc[GEMM_ROWS];
+    for (int j = 0; j < J; j++)
+        acc[j] = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < G / 8; sb++) {
+        const uint8_t *b = tile + sb * Q6KX8_TILE;
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b));
+        for (int jb = 0; jb < 8; jb++) {
+            const uint8_t *sub = b + 16 + Q6K_SUB * jb;
+            if (J == 1)
+                for (int i = 0; i < 4; i++)
+                    _mm_prefetch((const char *)sub + AHEAD + 64 * i, _MM_HINT_T0);
+            const __m256 da = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)sub))));
+            const __m256 db = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(sub + 8)))));
+            __m256i lo[4], hi[4];  /* codes (0..63) of weights 4k .. 4k+3 and 16+4k .. 16+4k+3 of each row */
+            for (int k = 0; k < 4; k++) {
+                const __m256i p = _mm256_loadu_si256((const __m256i *)(sub + 16 + 32 * k));
+                const __m256i h = _mm256_srli_epi16(_mm256_loadu_si256((const __m256i *)(sub + 144 + 32 * (k / 2))),
+                                                    4 * (k & 1));
+                lo[k] = _mm256_or_si256(_mm256_and_si256(p, low4), _mm256_slli_epi16(_mm256_and_si256(h, two), 4));
+                hi[k] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(p, 4), low4),
+                                        _mm256_slli_epi16(_mm256_and_si256(h, twoup), 2));
+            }
+            const int64_t g = 8 * sb + jb;
+            const int8_t *panel = a->xq + digits_at(m0, g, G);
+            for (int j = 0; j < J; j++) {
+                const int64_t m = m0 + j;
+                const int32_t *x1 = (const int32_t *)(panel + 64 * j), *x2 = x1 + 8;
+                const int32_t first = a->xhalf[m * G + g], second = a->xsum[m * G + g] - first;
+                __m256i d1 = _mm256_setzero_si256(), e1 = _mm256_setzero_si256();
+                __m256i d2 = _mm256_set1_epi32(-32 * first), e2 = _mm256_set1_epi32(-32 * second);  /* q - 32 */
+                for (int k = 0; k < 4; k++) {
+                    d1 = dpbusd_broadcast(d1, lo[k], x1 + k);
+                    e1 = dpbusd_broadcast(e1, hi[k], x1 + 4 + k);
+                    d2 = dpbusd_broadcast(d2, lo[k], x2 + k);
+                    e2 = dpbusd_broadcast(e2, hi[k], x2 + 4 + k);
+                }
+                /* 254 (q . x1) + (q . x2) for each half, each with its own scale */
+                const __m256i A = _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(d1, 8), _mm256_slli_epi32(d1, 1)), d2);
+                const __m256i B = _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(e1, 8), _mm256_slli_epi32(e1, 1)), e2);
+                const __m256 halves = _mm256_fmadd_ps(_mm256_cvtepi32_ps(B), db, _mm256_mul_ps(_mm256_cvtepi32_ps(A), da));
+                acc[j] = _mm256_fmadd_ps(halves, _mm256_set1_ps(a->s[m * G + g]), acc[j]);
+            }
+        }
+    }
+    store_tile_rows(acc, J, y, ldy, m0, n, valid);
+}
+
+/* One pass of J activation rows over a tile row, in the kernel of the matrix's kind (6, 7: Q4_0, Q4_1; 8: Q8_0;
+ * 9: Q4_K; 10: Q6_K) */
+VNNI static inline void tile_pass(int kind, const uint8_t *tile, int64_t G, const int8_parts *a, int64_t m0, int J,
+                                  float *y, int64_t ldy, int64_t n, int valid) {
+    if (kind == 8)
+        q8x8_tile(tile, G, a, m0, J, y, ldy, n, valid);
+    else if (kind == 9)
+        q4kx8_tile(tile, G, a, m0, J, y, ldy, n, valid);
+    else if (kind == 10)
+        q6kx8_tile(tile, G, a, m0, J, y, ldy, n, valid);
+    else
+        q4x8_tile(tile, kind == 7, G, a, m0, J, y, ldy, n, valid);
+}
+
+/* A tiled matrix (N, K) of kind 6 to 10 times M activation rows already in `a` (quantize_rows_int8) -> y (M, N),
  * rows ldy apart; work-sharing over the tiles, each tile row taking the rows in passes of 16, 4 and 1. */
-VNNI static void tiled_rows(int kind, const int8_t *xq, const float *s, const int32_t *xsum, const float *ssum,
-                            int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y, int64_t ldy) {
-    const int64_t G = K / 32, TB = kind == 9 ? Q4KX8_TILE / 8 : kind == 8 ? Q8X8_TILE : kind == 7 ? 160 : 144;
+VNNI static void tiled_rows(int kind, const int8_parts *a, int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y,
+                            int64_t ldy) {
+    static const int64_t tile_bytes[] = {144, 160, Q8X8_TILE, Q4KX8_TILE / 8, Q6KX8_TILE / 8};  /* per 32 of K */
+    const int64_t G = K / 32, TB = tile_bytes[kind - 6];
     const int64_t tiles = (N + 7) / 8;
     #pragma omp for schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
@@ -918,18 +1035,25 @@ VNNI static void tiled_rows(int kind, const int8_t *xq, const float *s, const in
         const uint8_t *tile = w + t * G * TB;
         int64_t m0 = 0;
         for (; m0 + GEMM_ROWS <= M; m0 += GEMM_ROWS)
-            tile_pass(kind, tile, G, xq, s, xsum, ssum, m0, GEMM_ROWS, y, ldy, 8 * t, valid);
+            tile_pass(kind, tile, G, a, m0, GEMM_ROWS, y, ldy, 8 * t, valid);
         for (; m0 + 4 <= M; m0 += 4)
-            tile_pass(kind, tile, G, xq, s, xsum, ssum, m0, 4, y, ldy, 8 * t, valid);
+            tile_pass(kind, tile, G, a, m0, 4, y, ldy, 8 * t, valid);
         for (; m0 < M; m0++)
-            tile_pass(kind, tile, G, xq, s, xsum, ssum, m0, 1, y, ldy, 8 * t, valid);
+            tile_pass(kind, tile, G, a, m0, 1, y, ldy, 8 * t, valid);
     }
 }
 
 /* The two int8 digits of M rows in one buffer of QUANTIZED_BYTES(M, K): the digits (PANEL_ROWS(M), 2 K) as
- * digits_at lays them out (xq8), then s (M, K/32) float, xsum (M, K/32) int32 and ssum (M, K/32) float */
-#define INT8_PARTS(buf, M, K) int8_t *xq8 = (int8_t *)(buf); float *s8 = (float *)(xq8 + 2 * PANEL_ROWS(M) * (K)); \
-    int32_t *xsum8 = (int32_t *)(s8 + (M) * ((K) / 32)); float *ssum8 = (float *)(xsum8 + (M) * ((K) / 32))
+ * digits_at lays them out, then s, xsum, ssum and xhalf, (M, K/32) each */
+static inline int8_parts int8_parts_of(void *buf, int64_t M, int64_t K) {
+    int8_parts a;
+    a.xq = (int8_t *)buf;
+    a.s = (float *)(a.xq + 2 * PANEL_ROWS(M) * K);
+    a.xsum = (int32_t *)(a.s + M * (K / 32));
+    a.ssum = (float *)(a.xsum + M * (K / 32));
+    a.xhalf = (int32_t *)(a.ssum + M * (K / 32));
+    return a;
+}
 
 /* ---- K-quant rows converted at load: Q4_K into the 'avx2' 4-bit layout, Q6_K into int8 per row ----
  *
@@ -1023,8 +1147,8 @@ static void round_int8(const float *v, int64_t n, float s, int8_t *q) {
     }
 }
 
-/* Each Q6_K row dequantized into a row of K floats per thread (q6k_row), then handed to `emit` with its index:
- * the loop both conversions below share. Returns 0, or 1 when the rows' memory could not be had. */
+/* Each Q6_K row dequantized into a row of K floats per thread (q6k_row), then handed to `emit` with its index (the
+ * conversion to int8 rows below). Returns 0, or 1 when the rows' memory could not be had. */
 typedef void (*row_sink)(const float *w, int64_t r, int64_t K, void *out);
 
 static int q6k_each_row(const uint8_t *src, int64_t n, int64_t K, row_sink emit, void *out, int nthreads) {
@@ -1040,24 +1164,6 @@ static int q6k_each_row(const uint8_t *src, int64_t n, int64_t K, row_sink emit,
     }
     free(tmp);
     return 0;
-}
-
-/* Q6_K rows -> Q8_0 blocks (n rows of K/32 blocks of 34 bytes) for q8x8_repack to tile: each group of 32 weights
- * (two of Q6_K's sub-blocks of 16) dequantized, then d = max |w| / 127 rounded to fp16 and q = round(w / d)
- * (ties to even), |q| <= 127: |change| <= d / 2 per weight, within max |w of the group| / 254 (up to fp16's
- * rounding of d) -- a group's own scale, not the row's as q6k_to_int8. */
-static void q8_0_row(const float *w, int64_t r, int64_t K, void *out) {
-    const int64_t G = K / 32;
-    for (int64_t g = 0; g < G; g++) {
-        uint8_t *o = (uint8_t *)out + (r * G + g) * Q8_0_BYTES;
-        const uint16_t dh = _cvtss_sh(abs_max(w + 32 * g, 32) / 127.f, 0);
-        memcpy(o, &dh, 2);
-        round_int8(w + 32 * g, 32, _cvtsh_ss(dh), (int8_t *)(o + 2));
-    }
-}
-
-int q6k_to_q8_0(const uint8_t *src, int64_t n, int64_t K, uint8_t *out, int nthreads) {
-    return q6k_each_row(src, n, K, q8_0_row, out, nthreads);
 }
 
 typedef struct { int8_t *q; float *scales; } int8_rows;
@@ -1098,8 +1204,8 @@ static void products(const matrix *ms, int64_t n, const float *x, int64_t M, flo
             f32_rows(x, M, m->K, m->w, m->N, y, ldy);
         } else {
             if (quantized != order && order == INT8) {  /* work-sharing, in the tiled kernels' int8 form */
-                INT8_PARTS(xq, M, m->K);
-                quantize_rows_int8(x, M, m->K, xq8, s8, xsum8, ssum8);
+                const int8_parts a = int8_parts_of(xq, M, m->K);
+                quantize_rows_int8(x, M, m->K, &a);
                 quantized = order;
             } else if (quantized != order) {
                 #pragma omp single
@@ -1113,8 +1219,8 @@ static void products(const matrix *ms, int64_t n, const float *x, int64_t M, flo
             else if (m->kind == 5)
                 q8_block_rows(xq, M, m->K, m->w, m->N, y, ldy);
             else if (m->kind >= 6) {
-                INT8_PARTS(xq, M, m->K);
-                tiled_rows((int)m->kind, xq8, s8, xsum8, ssum8, M, m->K, m->w, m->N, y, ldy);
+                const int8_parts a = int8_parts_of(xq, M, m->K);
+                tiled_rows((int)m->kind, &a, M, m->K, m->w, m->N, y, ldy);
             }
             else
                 q4_block_rows(xq, M, m->K, m->w, m->kind == 3 ? Q4_0_BYTES : Q4_1_BYTES, m->N, y, ldy);
