@@ -227,9 +227,9 @@ static void quantize_row(const float *x, int64_t K, int16_t *xq, float *s, float
 
 /* The activations of M rows as int16 per group of 32 (quantize_row), in one buffer of
  * QUANTIZED_BYTES(M, K): xq (M, K), then s and xsum (M, K/32) each. (The tiled kernels' two int8 digits take
- * the same room, with M rounded up to whole panels of 16 rows: PANEL_ROWS, and four numbers per block.) */
+ * the same room, with M rounded up to whole panels of 16 rows: PANEL_ROWS, and five numbers per block.) */
 #define PANEL_ROWS(M) (((M) + 15) / 16 * 16)
-#define QUANTIZED_BYTES(M, K) (sizeof(int16_t) * PANEL_ROWS(M) * (K) + 4 * sizeof(float) * (M) * ((K) / 32))
+#define QUANTIZED_BYTES(M, K) (sizeof(int16_t) * PANEL_ROWS(M) * (K) + 5 * sizeof(float) * (M) * ((K) / 32))
 
 static void quantize_rows(const float *x, int64_t M, int64_t K, int16_t *xq, int order) {
     float *s = (float *)(xq + M * K), *xsum = s + M * (K / 32);
@@ -598,7 +598,7 @@ typedef struct {
     float *s;        /* (M, K/32) s2 */
     int32_t *xsum;   /* (M, K/32) the block's sum of 254 x1 + x2 */
     float *ssum;     /* (M, K/32) s2 xsum */
-    int32_t *xhalf;  /* (M, K/32) the part of xsum from the block's first 16 values */
+    int32_t *xoff;   /* (M, K/32, 2) -32 times the block's sums of its first and last 16 values (for Q6_K) */
 } int8_parts;
 
 /* the sum of a register's eight int32 lanes */
@@ -615,13 +615,13 @@ static inline int32_t sum8i(__m256i v) {
  * vpdpbusd passes. One pass (int8 activations, llama.cpp's way) was 1.9x faster but changed the default model's
  * answers: a 512-row prompt rounded so moved SmolLM2 off "The capital of France is Paris." (measured).
  * digits: x1 and x2 of each block where digits_at says; s (M, G) = s2; xsum (M, G) = sum over the block of
- * 254 x1 + x2; ssum (M, G) = s2 xsum (Q4_1's minimum term, m s2 xsum, then costs one multiply-add); xhalf (M, G) =
- * the part of xsum from the block's first 16 values (Q6_K's scales cover 16 weights each). */
+ * 254 x1 + x2; ssum (M, G) = s2 xsum (Q4_1's minimum term, m s2 xsum, then costs one multiply-add); xoff (M, G, 2) =
+ * -32 times the sums of the block's first and last 16 values (Q6_K: 16 weights a scale, codes offset by 32). */
 VNNI static void quantize_rows_int8(const float *x, int64_t M, int64_t K, const int8_parts *a) {
     const int64_t G = K / 32;
     int8_t *digits = a->xq;
     float *s = a->s, *ssum = a->ssum;
-    int32_t *xsum = a->xsum, *xhalf = a->xhalf;
+    int32_t *xsum = a->xsum, *xoff = a->xoff;
     const __m256 sign = _mm256_set1_ps(-0.f);
     #pragma omp for schedule(static)
     for (int64_t i = 0; i < M * G; i++) {
@@ -657,7 +657,8 @@ VNNI static void quantize_rows_int8(const float *x, int64_t M, int64_t K, const 
             half += (pass ? 1 : 254) * sum8i(first);
         }
         xsum[i] = total;
-        xhalf[i] = half;
+        xoff[2 * i] = -32 * half;
+        xoff[2 * i + 1] = -32 * (total - half);
         s[i] = s1 / 254.f;
         ssum[i] = s[i] * (float)total;
     }
@@ -922,7 +923,7 @@ VNNI static inline void q8x8_tile(const uint8_t *tile, int64_t G, const int8_par
  *     32 bytes each: byte i of word r of H_01 = the top 2 bits of weights i, 16+i, 4+i, 20+i (2 bits each, from
  *     bit 0 up); H_23 the same for 8+i, 24+i, 12+i, 28+i
  * The kernel puts each code together (4 + 2 bits, 0..63, unsigned as vpdpbusd wants) and takes the 32 from the
- * digits' sums of the block's two halves (xhalf): sum (q - 32) x = sum q x - 32 sum x. The file's weights exactly. */
+ * digits' sums of the block's two halves (xoff): sum (q - 32) x = sum q x - 32 sum x. The file's weights exactly. */
 #define Q6KX8_TILE 1680
 #define Q6K_SUB 208
 
@@ -988,9 +989,9 @@ VNNI static inline void q6kx8_tile(const uint8_t *tile, int64_t G, const int8_pa
             for (int j = 0; j < J; j++) {
                 const int64_t m = m0 + j;
                 const int32_t *x1 = (const int32_t *)(panel + 64 * j), *x2 = x1 + 8;
-                const int32_t first = a->xhalf[m * G + g], second = a->xsum[m * G + g] - first;
+                const int32_t *off = a->xoff + 2 * (m * G + g);  /* q - 32 */
                 __m256i d1 = _mm256_setzero_si256(), e1 = _mm256_setzero_si256();
-                __m256i d2 = _mm256_set1_epi32(-32 * first), e2 = _mm256_set1_epi32(-32 * second);  /* q - 32 */
+                __m256i d2 = _mm256_set1_epi32(off[0]), e2 = _mm256_set1_epi32(off[1]);
                 for (int k = 0; k < 4; k++) {
                     d1 = dpbusd_broadcast(d1, lo[k], x1 + k);
                     e1 = dpbusd_broadcast(e1, hi[k], x1 + 4 + k);
@@ -1044,14 +1045,14 @@ VNNI static void tiled_rows(int kind, const int8_parts *a, int64_t M, int64_t K,
 }
 
 /* The two int8 digits of M rows in one buffer of QUANTIZED_BYTES(M, K): the digits (PANEL_ROWS(M), 2 K) as
- * digits_at lays them out, then s, xsum, ssum and xhalf, (M, K/32) each */
+ * digits_at lays them out, then s, xsum and ssum, (M, K/32) each, and xoff, (M, K/32, 2) */
 static inline int8_parts int8_parts_of(void *buf, int64_t M, int64_t K) {
     int8_parts a;
     a.xq = (int8_t *)buf;
     a.s = (float *)(a.xq + 2 * PANEL_ROWS(M) * K);
     a.xsum = (int32_t *)(a.s + M * (K / 32));
     a.ssum = (float *)(a.xsum + M * (K / 32));
-    a.xhalf = (int32_t *)(a.ssum + M * (K / 32));
+    a.xoff = (int32_t *)(a.ssum + M * (K / 32));
     return a;
 }
 
