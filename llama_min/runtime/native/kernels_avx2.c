@@ -915,7 +915,7 @@ VNNI static inline void q8x8_tile(const uint8_t *tile, int64_t G, const int8_par
 
 /* ---- Q6_K tiles: the file's super-blocks of 256 weights, 8 rows side by side, at the file's size ----
  *
- * Q6_K (210 bytes per 256 weights, described with q6k_row below): 6-bit codes q (0..63), an int8 scale per 16
+ * Q6_K (210 bytes per 256 weights, described at q6k_code): 6-bit codes q (0..63), an int8 scale per 16
  * weights, one fp16 d; w = d sc (q - 32). Tile (t, S) = rows 8t .. 8t+7, super-block S, 1680 bytes (8 x 210):
  *     8 fp16 d (row 8t+r at r), then for each sub-block j = 0..7 of 32 weights, 208 bytes:
  *     8 int8 sc of its weights 0-15 (row r at r), 8 of its weights 16-31, P_0 .. P_3 as in the Q4 tiles (the codes'
@@ -927,7 +927,13 @@ VNNI static inline void q8x8_tile(const uint8_t *tile, int64_t G, const int8_par
 #define Q6KX8_TILE 1680
 #define Q6K_SUB 208
 
-/* code q (0..63) of weight w (0..255) of a Q6_K block b */
+/* Code q (0..63) of weight w (0..255) of a Q6_K block b. The block, 210 bytes: 128 bytes ql (low 4 bits), 64 bytes
+ * qh (high 2 bits), 16 int8 scales (one per 16 weights: sc[w / 16]), fp16 d; w = d sc (q - 32). Each half h of 128
+ * weights: for l = 0..31, with ql + 64 h and qh + 32 h,
+ *     weight l      low nibble of ql[l],      bits 0-1 of qh[l]
+ *     weight l+32   low nibble of ql[l+32],   bits 2-3
+ *     weight l+64   high nibble of ql[l],     bits 4-5
+ *     weight l+96   high nibble of ql[l+32],  bits 6-7 */
 static inline int q6k_code(const uint8_t *b, int w) {
     const int h = w / 128, m = (w % 128) / 32, l = w % 32;
     const uint8_t low = b[64 * h + l + 32 * (m & 1)];
@@ -1106,30 +1112,15 @@ void q4k_to_avx2(const uint8_t *src, int64_t n, int64_t K, uint8_t *codes, uint1
     }
 }
 
-/* Q6_K, 210 bytes: 128 bytes ql (low 4 bits), 64 bytes qh (high 2 bits), 16 int8 scales (one per 16
- * weights), fp16 d; w = d sc (q - 32). Each half of 128 weights: for l = 0..31, with ql, qh and the scales
- * of that half,
- *     weight l      low nibble of ql[l],      bits 0-1 of qh[l], scale sc[l/16]
- *     weight l+32   low nibble of ql[l+32],   bits 2-3,          sc[l/16 + 2]
- *     weight l+64   high nibble of ql[l],     bits 4-5,          sc[l/16 + 4]
- *     weight l+96   high nibble of ql[l+32],  bits 6-7,          sc[l/16 + 6]
- * A row is dequantized into `tmp` (K floats per thread), then quantized to int8 with its own scale as
- * quantize.quantize_per_channel does: s = max |w| / 127, q = round(w / s) (ties to even). */
+/* A Q6_K row (S blocks, q6k_code has the layout) dequantized into w (K floats: a row per thread), then quantized to
+ * int8 with its own scale as quantize.quantize_per_channel does: s = max |w| / 127, q = round(w / s) (ties to
+ * even). */
 static void q6k_row(const uint8_t *b, int64_t S, float *w) {
     for (int64_t sb = 0; sb < S; sb++, b += 210, w += 256) {
         const float d = fp16_at(b + 208);
-        for (int half = 0; half < 2; half++) {
-            const uint8_t *ql = b + 64 * half, *qh = b + 128 + 32 * half;
-            const int8_t *sc = (const int8_t *)(b + 192) + 8 * half;
-            float *y = w + 128 * half;
-            for (int l = 0; l < 32; l++) {
-                const int is = l / 16;
-                y[l] = d * sc[is] * (float)(((ql[l] & 15) | ((qh[l] & 3) << 4)) - 32);
-                y[l + 32] = d * sc[is + 2] * (float)(((ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4)) - 32);
-                y[l + 64] = d * sc[is + 4] * (float)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
-                y[l + 96] = d * sc[is + 6] * (float)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
-            }
-        }
+        const int8_t *sc = (const int8_t *)(b + 192);
+        for (int i = 0; i < 256; i++)
+            w[i] = d * sc[i / 16] * (float)(q6k_code(b, i) - 32);
     }
 }
 
