@@ -687,6 +687,24 @@ static inline const uint8_t *tile_source(const uint8_t *w, int64_t N, int64_t t,
     return w + ((8 * t + r < N ? 8 * t + r : N - 1) * G + g) * bb;
 }
 
+/* Writes row r's share of one tile from that row's file block */
+typedef void (*tile_filler)(uint8_t *tile, const uint8_t *block, int r);
+
+/* The repack loop of the tiles built row by row (Q8_0, Q4_K, Q6_K): for every tile t and block column g (G columns
+ * of bb-byte file blocks a row), the tile of TB bytes at (t G + g) TB, zeroed, then each of its 8 rows filled in */
+static void tiles_by_rows(const uint8_t *w, int64_t N, int64_t G, int64_t bb, int64_t TB, tile_filler fill,
+                          uint8_t *out, int nthreads) {
+    const int64_t tiles = (N + 7) / 8;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t t = 0; t < tiles; t++)
+        for (int64_t g = 0; g < G; g++) {
+            uint8_t *o = out + (t * G + g) * TB;
+            memset(o, 0, TB);
+            for (int r = 0; r < 8; r++)
+                fill(o, tile_source(w, N, t, r, G, g, bb), r);
+        }
+}
+
 /* kind: 6 (Q4_0) or 7 (Q4_1), the kinds of the tiled matrix it makes */
 void q4x8_repack(const uint8_t *w, int64_t N, int64_t K, int64_t kind, uint8_t *out, int nthreads) {
     const int has_min = kind == 7, q_at = has_min ? 4 : 2, codes_at = has_min ? 32 : 16;
@@ -805,25 +823,20 @@ static inline int q4k_scale(const uint8_t *s, int j);  /* (below, with the other
 static inline int q4k_min(const uint8_t *s, int j);
 static inline uint8_t q4k_codes(const uint8_t *qs, int j, int i);
 
+static void q4kx8_fill(uint8_t *o, const uint8_t *b, int r) {
+    memcpy(o + 2 * r, b, 2);
+    memcpy(o + 16 + 2 * r, b + 2, 2);
+    for (int j = 0; j < 8; j++) {
+        uint8_t *sub = o + 32 + 144 * j;
+        sub[r] = (uint8_t)q4k_scale(b + 4, j);
+        sub[8 + r] = (uint8_t)q4k_min(b + 4, j);
+        for (int i = 0; i < 16; i++)
+            sub[16 + 32 * (i / 4) + 4 * r + i % 4] = q4k_codes(b + 16, j, i);
+    }
+}
+
 void q4kx8_repack(const uint8_t *w, int64_t N, int64_t K, uint8_t *out, int nthreads) {
-    const int64_t S = K / 256, tiles = (N + 7) / 8;
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t t = 0; t < tiles; t++)
-        for (int64_t sb = 0; sb < S; sb++) {
-            uint8_t *o = out + (t * S + sb) * Q4KX8_TILE;
-            for (int r = 0; r < 8; r++) {
-                const uint8_t *b = tile_source(w, N, t, r, S, sb, 144);
-                memcpy(o + 2 * r, b, 2);
-                memcpy(o + 16 + 2 * r, b + 2, 2);
-                for (int j = 0; j < 8; j++) {
-                    uint8_t *sub = o + 32 + 144 * j;
-                    sub[r] = (uint8_t)q4k_scale(b + 4, j);
-                    sub[8 + r] = (uint8_t)q4k_min(b + 4, j);
-                    for (int i = 0; i < 16; i++)
-                        sub[16 + 32 * (i / 4) + 4 * r + i % 4] = q4k_codes(b + 16, j, i);
-                }
-            }
-        }
+    tiles_by_rows(w, N, K / 256, 144, Q4KX8_TILE, q4kx8_fill, out, nthreads);
 }
 
 /* Tile row t of a Q4_K tiled matrix times J activation rows m0 .. m0+J-1 -> y[m, 8t .. 8t+7], as q4x8_tile */
@@ -859,20 +872,15 @@ VNNI static inline void q4kx8_tile(const uint8_t *tile, int64_t G, const int8_pa
  * Q4_0's q - 8. Weights d q exactly as the file's; t-major like the 4-bit tiles. */
 #define Q8X8_TILE 272
 
+static void q8x8_fill(uint8_t *o, const uint8_t *b, int r) {
+    memcpy(o + 2 * r, b, 2);
+    for (int k = 0; k < 8; k++)
+        for (int i = 0; i < 4; i++)
+            o[16 + 32 * k + 4 * r + i] = b[2 + 4 * k + i] ^ 0x80;
+}
+
 void q8x8_repack(const uint8_t *w, int64_t N, int64_t K, uint8_t *out, int nthreads) {
-    const int64_t G = K / 32, tiles = (N + 7) / 8;
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t t = 0; t < tiles; t++)
-        for (int64_t g = 0; g < G; g++) {
-            uint8_t *o = out + (t * G + g) * Q8X8_TILE;
-            for (int r = 0; r < 8; r++) {
-                const uint8_t *b = tile_source(w, N, t, r, G, g, Q8_0_BYTES);
-                memcpy(o + 2 * r, b, 2);
-                for (int k = 0; k < 8; k++)
-                    for (int i = 0; i < 4; i++)
-                        o[16 + 32 * k + 4 * r + i] = b[2 + 4 * k + i] ^ 0x80;
-            }
-        }
+    tiles_by_rows(w, N, K / 32, Q8_0_BYTES, Q8X8_TILE, q8x8_fill, out, nthreads);
 }
 
 /* Tile row t of a Q8_0 tiled matrix times J activation rows m0 .. m0+J-1 -> y[m, 8t .. 8t+7], as q4x8_tile */
@@ -940,28 +948,22 @@ static inline int q6k_code(const uint8_t *b, int w) {
     return (m >= 2 ? low >> 4 : low & 15) | (((b[128 + 32 * h + l] >> (2 * m)) & 3) << 4);
 }
 
-void q6kx8_repack(const uint8_t *w, int64_t N, int64_t K, uint8_t *out, int nthreads) {
-    const int64_t S = K / 256, tiles = (N + 7) / 8;
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t t = 0; t < tiles; t++)
-        for (int64_t sb = 0; sb < S; sb++) {
-            uint8_t *o = out + (t * S + sb) * Q6KX8_TILE;
-            memset(o, 0, Q6KX8_TILE);
-            for (int r = 0; r < 8; r++) {
-                const uint8_t *b = tile_source(w, N, t, r, S, sb, 210);
-                memcpy(o + 2 * r, b + 208, 2);
-                for (int j = 0; j < 8; j++) {
-                    uint8_t *sub = o + 16 + Q6K_SUB * j;
-                    sub[r] = b[192 + 2 * j];
-                    sub[8 + r] = b[192 + 2 * j + 1];
-                    for (int i = 0; i < 16; i++) {
-                        const int qa = q6k_code(b, 32 * j + i), qb = q6k_code(b, 32 * j + 16 + i), k = i / 4;
-                        sub[16 + 32 * k + 4 * r + i % 4] = (uint8_t)((qa & 15) | (qb & 15) << 4);
-                        sub[144 + 32 * (k / 2) + 4 * r + i % 4] |= (uint8_t)(((qa >> 4) | (qb >> 4) << 2) << (4 * (k & 1)));
-                    }
-                }
-            }
+static void q6kx8_fill(uint8_t *o, const uint8_t *b, int r) {
+    memcpy(o + 2 * r, b + 208, 2);
+    for (int j = 0; j < 8; j++) {
+        uint8_t *sub = o + 16 + Q6K_SUB * j;
+        sub[r] = b[192 + 2 * j];
+        sub[8 + r] = b[192 + 2 * j + 1];
+        for (int i = 0; i < 16; i++) {
+            const int qa = q6k_code(b, 32 * j + i), qb = q6k_code(b, 32 * j + 16 + i), k = i / 4;
+            sub[16 + 32 * k + 4 * r + i % 4] = (uint8_t)((qa & 15) | (qb & 15) << 4);
+            sub[144 + 32 * (k / 2) + 4 * r + i % 4] |= (uint8_t)(((qa >> 4) | (qb >> 4) << 2) << (4 * (k & 1)));
         }
+    }
+}
+
+void q6kx8_repack(const uint8_t *w, int64_t N, int64_t K, uint8_t *out, int nthreads) {
+    tiles_by_rows(w, N, K / 256, 210, Q6KX8_TILE, q6kx8_fill, out, nthreads);
 }
 
 /* Tile row t of a Q6_K tiled matrix times J activation rows m0 .. m0+J-1 -> y[m, 8t .. 8t+7], as q4x8_tile */
