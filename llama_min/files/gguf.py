@@ -41,6 +41,9 @@ GGML_TYPES = {
 }
 
 
+GGML_BLOCKS = {name: (block, nbytes) for name, block, nbytes in GGML_TYPES.values()}  # name -> (weights, bytes)
+
+
 def ggml_type_info(type_id: int, tensor: str) -> tuple:
     """(name, weights per block, bytes per block) of a ggml type id; a one-line error for an unknown id."""
     if type_id not in GGML_TYPES:

@@ -39,7 +39,7 @@ zero are rounded to bf16, a relative change of at most 2^-8 (0.4%) of each: a we
 Repacked or converted matrices release their file pages as they go (resident memory holds the model,
 not the file as well); matrices held as stored keep theirs mapped (they are the model). What a load
 converts is written once to the layout cache, and the next load of the same file maps it from there
-(layout_cache.py: 0.3-0.4 s instead of 6-17 s for the 8B shape's files).
+(layout_cache.py: 0.3-0.44 s instead of 6-9.4 s for the 8B shape's files, measured).
 A quantized token_embd becomes a BlockEmbedding, an `Int4Embedding` (same 4-bit codes, unpacked per
 looked-up row), an `Int4RowsEmbedding` (Q4_K) or an `Int8Embedding`.
 """
@@ -270,8 +270,7 @@ def tiled_in_c(t: GGUFTensor) -> dict:
 def tiled(t: GGUFTensor, device) -> bool:
     """Whether a matrix of this type is tiled (blocks.TiledLinear): Q4_0, Q4_1, Q4_K, Q8_0 and Q6_K on a CPU with
     AVX-512 VNNI where llama_min's kernels run."""
-    return (t.type_name in ("Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q6_K") and torch.device(device).type == "cpu"
-            and native.vnni())
+    return t.type_name in native.TILED_TYPES and torch.device(device).type == "cpu" and native.vnni()
 
 
 def q6_k_in_c(t: GGUFTensor) -> dict:

@@ -79,6 +79,8 @@ from typing import Optional
 
 import torch
 
+from ...files.gguf import GGML_BLOCKS
+
 SOURCE = Path(__file__).with_name("kernels_avx2.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 CPU_FLAGS = {"avx2", "fma", "f16c"}
@@ -284,11 +286,15 @@ def _block_rows(src: torch.Tensor, k: int, per_block: int, block_bytes: int, nam
     return src.shape[0]
 
 
+def ggml_rows(src: torch.Tensor, ggml_type: str, k: int, name: str) -> int:
+    """The number of rows of `src`, rows of K weights in `ggml_type`'s blocks (files.gguf.GGML_BLOCKS), checked."""
+    return _block_rows(src, k, *GGML_BLOCKS[ggml_type], name)
+
+
 def check_blocks(blocks: torch.Tensor, ggml_type: str, k: int) -> int:
     """The matrix kind of `blocks` (N, K/32 * block bytes) uint8 rows of `ggml_type`, checked."""
-    kind, size = BLOCK_TYPES[ggml_type]
-    _block_rows(blocks, k, 32, size, f"{ggml_type} blocks")
-    return kind
+    ggml_rows(blocks, ggml_type, k, f"{ggml_type} blocks")
+    return BLOCK_TYPES[ggml_type][0]
 
 
 def _block_product(x: torch.Tensor, kind: int, w: torch.Tensor, n: int, name: str) -> torch.Tensor:
@@ -323,11 +329,7 @@ def tiled_bytes(ggml_type: str, n: int, k: int) -> int:
 
 def _tiles_out(blocks: torch.Tensor, ggml_type: str, k: int, out: torch.Tensor, name: str) -> int:
     """The number of rows of `blocks`, checked, and `out` checked to hold them tiled."""
-    if ggml_type in ("Q4_K", "Q6_K"):
-        _block_rows(blocks, k, 256, 144 if ggml_type == "Q4_K" else 210, f"{ggml_type} blocks")
-    else:
-        check_blocks(blocks, ggml_type, k)
-    n = blocks.shape[0]
+    n = ggml_rows(blocks, ggml_type, k, f"{ggml_type} blocks")
     if out.dtype != torch.uint8 or out.numel() != tiled_bytes(ggml_type, n, k) or not out.is_contiguous():
         raise ValueError(f"{name}: out {out.dtype} {tuple(out.shape)} does not hold {n} x {k} {ggml_type}")
     return n
@@ -371,7 +373,7 @@ def tile_blocks(blocks: torch.Tensor, ggml_type: str, k: int, out: torch.Tensor)
 
 def check_tiles(tiles: torch.Tensor, ggml_type: str, n: int, k: int) -> int:
     """The matrix kind of an (n, k) matrix of `ggml_type` in the tiled layout held by `tiles`, checked."""
-    if (ggml_type not in TILED_TYPES or k % (256 if ggml_type in ("Q4_K", "Q6_K") else 32) or tiles.dtype != torch.uint8 or not tiles.is_contiguous()
+    if (ggml_type not in TILED_TYPES or k % GGML_BLOCKS[ggml_type][0] or tiles.dtype != torch.uint8 or not tiles.is_contiguous()
             or tiles.device.type != "cpu" or tiles.numel() != tiled_bytes(ggml_type, n, k)):
         raise ValueError(f"{ggml_type} tiles: {tiles.numel()} bytes ({tiles.dtype}) do not hold {n} x {k}")
     return TILED_TYPES[ggml_type][0]
@@ -411,7 +413,7 @@ def block_dequantize(blocks: torch.Tensor, ggml_type: str, k: int, rows: Optiona
 def q4k_to_avx2(src: torch.Tensor, k: int, codes: torch.Tensor, dc: torch.Tensor) -> None:
     """Q4_K rows (n, K/256 * 144) uint8 -> the 'avx2' 4-bit layout, written into codes (n, K/2) uint8 and dc
     (n, 2, K/32) fp16 (scales d*sc, then mins -dmin*mn, each rounded to fp16; kernels_avx2.c)."""
-    n = _block_rows(src, k, 256, 144, "q4k_to_avx2")
+    n = ggml_rows(src, "Q4_K", k, "q4k_to_avx2")
     if (codes.dtype != torch.uint8 or tuple(codes.shape) != (n, k // 2) or not codes.is_contiguous()
             or dc.dtype != torch.float16 or tuple(dc.shape) != (n, 2, k // 32) or not dc.is_contiguous()):
         raise ValueError(f"q4k_to_avx2: outputs {tuple(codes.shape)} {tuple(dc.shape)} do not fit {n} x {k}")
@@ -421,7 +423,7 @@ def q4k_to_avx2(src: torch.Tensor, k: int, codes: torch.Tensor, dc: torch.Tensor
 def q6k_to_int8(src: torch.Tensor, k: int, q: torch.Tensor, scales: torch.Tensor) -> None:
     """Q6_K rows (n, K/256 * 210) uint8 -> int8 per row, written into q (n, K) int8 and scales (n,) float32:
     each row dequantized, then quantized as quantize.quantize_per_channel does (kernels_avx2.c)."""
-    n = _block_rows(src, k, 256, 210, "q6k_to_int8")
+    n = ggml_rows(src, "Q6_K", k, "q6k_to_int8")
     if (q.dtype != torch.int8 or tuple(q.shape) != (n, k) or not q.is_contiguous() or scales.dtype != torch.float32
             or tuple(scales.shape) != (n,) or not scales.is_contiguous()):
         raise ValueError(f"q6k_to_int8: outputs {tuple(q.shape)} {tuple(scales.shape)} do not fit {n} x {k}")
