@@ -1,7 +1,8 @@
 """Converted layouts of a GGUF file's matrices kept on disk, so that the next load maps them instead of converting.
 
-A packed load regroups Q4_0 / Q4_1 matrices into tiles and converts Q4_K / Q6_K ones (runtime/packed.py). The
-conversion is quick; what costs is the fresh memory it writes into: the kernel zeroes every new page, and on
+A packed load regroups Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K matrices into tiles (AVX-512 VNNI; without it, the
+K-quants are converted; runtime/packed.py). The conversion is quick; what costs is the fresh memory it writes
+into: the kernel zeroes every new page, and on
 this project's 2-core machine building the 1.1B-shape Q4_0 model's 590 MiB of tiles took ~0.4 s, against
 ~0.04 s to map the same bytes from a file the OS already holds in its page cache. An 8B Q4_K_M file converted
 for 10-13 s. So after converting, the loader writes what it made to one file, and the next load of the same
